@@ -1,0 +1,279 @@
+"""The ``potluck`` command: run, resume, list and show runs; describe federations.
+
+Example (shell):
+    potluck run                                 # the default experiment
+    potluck run exp.toml --set client.lr=0.1    # a TOML experiment with an override
+    potluck runs; potluck show RUN; potluck resume RUN
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from potluck.config import ConfigError, ExperimentConfig, default_store
+
+if TYPE_CHECKING:
+    from potluck.orchestrator import Experiment, RunResult
+    from potluck.store.sqlite import RunStore
+
+app = typer.Typer(
+    name="potluck",
+    help="Federated learning: simulate, deploy and inspect federated runs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect datasets and federations.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+ExpArg = Annotated[
+    Path | None, typer.Argument(help="experiment TOML file (default: the built-in experiment)")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a field, e.g. --set client.lr=0.1 (repeatable)"),
+]
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="run store directory (default: run.store)")
+]
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _load_config(exp: Path | None, overrides: list[str] | None) -> ExperimentConfig:
+    try:
+        if exp is None:
+            return ExperimentConfig.from_dict({}, overrides or [])
+        return ExperimentConfig.from_toml(exp, overrides or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise AssertionError from exc  # unreachable: _fail exits
+
+
+def _build(cfg: ExperimentConfig) -> Experiment:
+    try:
+        return cfg.build()
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        raise AssertionError from exc
+
+
+def _store(path: Path | str) -> RunStore:
+    from potluck.store.sqlite import RunStore
+
+    return RunStore(path)
+
+
+@app.command()
+def run(exp: ExpArg = None, set_: SetOpt = None, store: StoreOpt = None) -> None:
+    """Run an experiment (the default one when no file is given) and store it."""
+    cfg = _load_config(exp, set_)
+    if store is not None:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"store": str(store)})})
+    experiment = _build(cfg)
+    from potluck.orchestrator import run_experiment
+
+    _describe_start(cfg, experiment)
+    with _progress(experiment.rounds, 0) as on_round:
+        result = run_experiment(experiment, _store(cfg.run.store), on_round=on_round)
+    _describe_end(result)
+
+
+@app.command()
+def resume(run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
+           store: StoreOpt = None) -> None:
+    """Continue a stopped or killed run from its last committed checkpoint."""
+    from potluck.orchestrator import resume_experiment
+
+    st = _store(store or default_store())
+    run_id, info = _lookup(st, run_ref)
+    if info.status == "finished":
+        console.print(f"run {run_id} already finished ({info.last_round} rounds)")
+        return
+    if not info.config or "data" not in info.config:
+        _fail(f"run {run_id} was started from Python, not a config: resume it with "
+              "potluck.resume_experiment(experiment, store, run_id)")
+    cfg = _load_config_dict(info.config)
+    experiment = _build(cfg)
+    console.print(f"resuming run [bold]{run_id}[/] after round {info.last_round}")
+    with _progress(experiment.rounds, info.last_round) as on_round:
+        result = resume_experiment(experiment, st, run_id, on_round=on_round)
+    _describe_end(result)
+
+
+@app.command()
+def runs(store: StoreOpt = None) -> None:
+    """List stored runs, newest first."""
+    table = Table("run", "name", "created", "status", "rounds", "test acc")
+    for info in _store(store or default_store()).list_runs():
+        acc = info.summary.get("test_accuracy")
+        table.add_row(info.run_id, info.name or "", info.created_at, info.status,
+                      str(info.last_round), _fmt(acc) if acc is not None else "")
+    console.print(table)
+
+
+@app.command()
+def show(run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
+         store: StoreOpt = None,
+         clients: Annotated[bool, typer.Option(help="also print per-client metrics")] = False,
+         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Print a run's per-round metrics."""
+    st = _store(store or default_store())
+    run_id, info = _lookup(st, run_ref)
+    rounds = st.rounds(run_id)
+    if as_json:
+        payload = {"run": run_id, "status": info.status, "summary": info.summary,
+                   "rounds": [{"round": r.round, **r.metrics} for r in rounds]}
+        print(json.dumps(payload, indent=2, default=str))
+        return
+    keys = sorted({k for r in rounds for k in r.metrics})
+    table = Table("round", *keys, title=f"run {run_id} ({info.status})")
+    for r in rounds:
+        table.add_row(str(r.round), *(_fmt(r.metrics.get(k)) for k in keys))
+    console.print(table)
+    if clients:
+        ctable = Table("round", "client", "metrics", title="per-client metrics")
+        for rnd, cid, metrics in st.client_metrics(run_id):
+            ctable.add_row(str(rnd), str(cid), ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+        console.print(ctable)
+    console.print(f"run directory: {info.run_dir}")
+
+
+@app.command("config")
+def config_cmd(exp: ExpArg = None, set_: SetOpt = None) -> None:
+    """Print the resolved experiment configuration as TOML (a template to start from)."""
+    print(_load_config(exp, set_).to_toml(), end="")
+
+
+@data_app.command("describe")
+def data_describe(exp: ExpArg = None, set_: SetOpt = None,
+                  rows: Annotated[int, typer.Option(help="clients to list")] = 10,
+                  as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Per-client sizes and label statistics of an experiment's federation."""
+    from potluck.data.describe import describe
+
+    cfg = _load_config(exp, set_)
+    stats = describe(_build(cfg).federation, max_rows=rows)
+    if as_json:
+        print(json.dumps(stats, indent=2, default=float))
+        return
+    d = cfg.data
+    console.print(f"[bold]{d.dataset}[/], {stats['num_clients']} clients, partition "
+                  f"{d.partition.kind} {d.partition.options()}, {stats['total_train']} train examples")
+    summary = Table("statistic", "min", "mean", "max")
+    for key in ("sizes", "label_entropy", "labels_per_client"):
+        s = stats[key]
+        summary.add_row(key, _fmt(s["min"]), _fmt(s["mean"]), _fmt(s["max"]))
+    console.print(summary)
+    table = Table("client", "train", "test", "labels", "entropy (bits)", "top labels")
+    for c in stats["clients"]:
+        table.add_row(str(c["client"]), str(c["train"]), str(c["test"]), str(c["labels"]),
+                      _fmt(c["entropy"]), str(c["top_labels"]))
+    console.print(table)
+
+
+def _load_config_dict(data: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.from_dict(data)
+    except ConfigError as exc:
+        _fail(f"stored config no longer valid: {exc}")
+        raise AssertionError from exc
+
+
+def _lookup(st: RunStore, ref: str) -> tuple[str, Any]:
+    try:
+        run_id = st.resolve(ref)
+    except (KeyError, ValueError) as exc:
+        _fail(str(exc.args[0]) if exc.args else str(exc))
+        raise AssertionError from exc
+    return run_id, st.get_run(run_id)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def _describe_start(cfg: ExperimentConfig, exp: Experiment) -> None:
+    fed = exp.federation
+    console.print(
+        f"[bold]potluck[/] {cfg.algorithm.name} on {cfg.data.dataset} "
+        f"({fed.num_clients} clients, {cfg.data.partition.kind} partition), model "
+        f"{cfg.model.name}, {exp.algorithm.sampler.cohort_size(fed.num_clients)} clients/round, "
+        f"{exp.rounds} rounds, engine {exp.engine}, seed {exp.seed}"
+    )
+
+
+def _describe_end(result: RunResult) -> None:
+    final = result.final
+    parts = [f"{k}={_fmt(final[k])}" for k in
+             ("test_accuracy", "test_loss", "fed_accuracy", "train_loss") if k in final]
+    console.print(f"[bold green]done[/] run [bold]{result.run_id}[/]: " + ", ".join(parts))
+    if result.run_dir is not None:
+        console.print(f"stored in {result.run_dir} (report: {result.run_dir / 'report.html'})")
+        console.print(f"see per-round metrics with: potluck show {result.run_id}")
+
+
+class _progress:
+    """A rich progress bar fed by the orchestrator's per-round callback."""
+
+    def __init__(self, rounds: int, done: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("round {task.completed:>3.0f}/{task.total:.0f}"),
+            BarColumn(),
+            TextColumn("cohort {task.fields[cohort]}"),
+            TextColumn("train loss {task.fields[loss]}"),
+            TextColumn("test acc {task.fields[acc]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not sys.stderr.isatty() and not console.is_terminal,
+        )
+        self.task = self.bar.add_task("rounds", total=rounds, completed=done,
+                                      cohort="-", loss="-", acc="-")
+        self.quiet = self.bar.disable
+
+    def __enter__(self) -> Any:
+        self.bar.__enter__()
+        return self.update
+
+    def update(self, rnd: int, metrics: Any) -> None:
+        acc = metrics.get("test_accuracy", metrics.get("fed_accuracy"))
+        fields = {"cohort": _fmt(int(metrics["cohort_size"])), "loss": _fmt(metrics["train_loss"])}
+        if acc is not None:
+            fields["acc"] = _fmt(acc)
+        self.bar.update(self.task, completed=rnd, **fields)
+        if self.quiet:
+            line = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+            console.print(f"round {rnd}: {line}", highlight=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Messages: what crosses the client/server boundary, as named flat arrays and scalars.
+
+A client's update is a ``Message`` whose arrays hold at least ``"delta"`` (local - global,
+float32) and whose scalars hold ``num_examples``. Nothing here is ever pickled.
+
+Example:
+    >>> import torch
+    >>> m = Message(arrays={"delta": torch.zeros(3)}, scalars={"num_examples": 5})
+    >>> m.validate(expected={"delta": 3})
+    >>> m.nbytes
+    12
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+Scalar = int | float | str
+
+
+class MessageError(ValueError):
+    """A message that is malformed, of the wrong shape or dtype, or not finite."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """Named flat float32 arrays and named scalars; the unit of client/server traffic."""
+
+    arrays: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    scalars: Mapping[str, Scalar] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes of the arrays (what a transport would move)."""
+        return sum(a.numel() * a.element_size() for a in self.arrays.values())
+
+    def validate(self, expected: Mapping[str, int], source: str = "message") -> None:
+        """Check that every expected array is present, 1-D float32 of its length, finite."""
+        for name, length in expected.items():
+            if name not in self.arrays:
+                raise MessageError(f"{source}: missing array {name!r}")
+            arr = self.arrays[name]
+            if not isinstance(arr, torch.Tensor):
+                raise MessageError(f"{source}: array {name!r} is {type(arr).__name__}")
+            if arr.dtype != torch.float32:
+                raise MessageError(f"{source}: array {name!r} has dtype {arr.dtype}, not float32")
+            if arr.dim() != 1 or arr.numel() != length:
+                raise MessageError(
+                    f"{source}: array {name!r} has shape {tuple(arr.shape)}, expected ({length},)"
+                )
+            if not bool(torch.isfinite(arr).all()):
+                raise MessageError(f"{source}: array {name!r} contains NaN or Inf")
+        for key, value in self.scalars.items():
+            if isinstance(value, float) and value != value:  # NaN
+                raise MessageError(f"{source}: scalar {key!r} is NaN")
+
+    def scalar(self, key: str, source: str = "message") -> float:
+        """A numeric scalar, or a clear error."""
+        value = self.scalars.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MessageError(f"{source}: scalar {key!r} missing or not numeric: {value!r}")
+        return float(value)

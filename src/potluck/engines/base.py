@@ -1,0 +1,44 @@
+"""The engine protocol and the engine registry.
+
+An engine runs a ``ClientProgram`` for a cohort: ``train`` returns one update message per
+client, in cohort order; ``evaluate`` one ``EvalResult`` per client.
+
+Example:
+    >>> available_engines()
+    ['inline']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from potluck.client.program import ClientProgram, EvalResult
+from potluck.core.message import Message
+
+
+class Engine(Protocol):
+    """Executes client work; interchangeable by construction (same program, same seeds)."""
+
+    name: str
+
+    def train(self, cohort: Sequence[int], w: torch.Tensor, round: int) -> list[Message]: ...
+
+    def evaluate(self, clients: Sequence[int], w: torch.Tensor) -> list[EvalResult]: ...
+
+    def close(self) -> None: ...
+
+
+def available_engines() -> list[str]:
+    return ["inline"]
+
+
+def make_engine(name: str, program: ClientProgram) -> Engine:
+    """Engine ``name`` running ``program``; a clear error for unknown names."""
+    if name == "inline":
+        from potluck.engines.inline import InlineEngine
+
+        return InlineEngine(program)
+    raise ValueError(f"unknown engine {name!r}; available: {', '.join(available_engines())}")

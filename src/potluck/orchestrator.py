@@ -1,0 +1,318 @@
+"""The round loop: sample, broadcast, train locally, collect, aggregate, step, evaluate, commit.
+
+Each round is committed to the run store (metrics, per-client metrics, checkpoint with the
+algorithm state) before the next begins; ``resume_experiment`` continues a killed run from
+its last checkpoint and ends with the same metrics as an uninterrupted run.
+
+Example:
+    >>> import torch
+    >>> from potluck import Experiment, Task, run_experiment
+    >>> from potluck.algorithms import fedavg
+    >>> from potluck.data import Federation
+    >>> g = torch.Generator().manual_seed(0)
+    >>> clients = [(torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g))
+    ...            for _ in range(6)]
+    >>> exp = Experiment(
+    ...     task=Task(lambda: torch.nn.Linear(4, 3)),
+    ...     federation=Federation.from_client_data(clients, test_fraction=0.2),
+    ...     algorithm=fedavg(clients_per_round=3, lr=0.1),
+    ...     rounds=2,
+    ... )
+    >>> result = run_experiment(exp)
+    >>> sorted(result.history[-1])[:3]
+    ['bytes_down', 'bytes_up', 'cohort_size']
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from potluck.algorithms.base import Algorithm
+from potluck.client.program import ClientProgram, EvalResult
+from potluck.core.message import Message
+from potluck.core.seeding import Seeds
+from potluck.core.task import Task
+from potluck.data.federation import Federation
+from potluck.engines.base import Engine, make_engine
+from potluck.store.checkpoint import Checkpoint
+from potluck.store.sqlite import RunStore
+
+RoundCallback = Callable[[int, Mapping[str, float]], None]
+TIMING_METRICS = frozenset({"round_seconds"})
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """When and how the global model is evaluated.
+
+    ``every``: every k rounds (and always after the last). ``centralized``: on the held-out
+    test set. ``federated_clients``: how many clients' local test sets (sampled each time;
+    0 = none, -1 = all) give a weighted federated accuracy.
+    """
+
+    every: int = 1
+    centralized: bool = True
+    federated_clients: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"evaluation.every must be >= 1, got {self.every}")
+        if self.federated_clients < -1:
+            raise ValueError("evaluation.federated_clients must be >= 0, or -1 for all")
+
+    def due(self, rnd: int, rounds: int) -> bool:
+        return rnd % self.every == 0 or rnd == rounds
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything a run needs: task, federation, algorithm, schedule, seed and engine."""
+
+    task: Task
+    federation: Federation
+    algorithm: Algorithm
+    rounds: int
+    seed: int = 0
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    engine: str = "inline"
+    checkpoint_every: int = 1
+    threads: int | None = None
+    name: str | None = None
+    config: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        self.algorithm.sampler.cohort_size(self.federation.num_clients)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able record of the experiment (its config if it came from one)."""
+        if self.config is not None:
+            return dict(self.config)
+        return {
+            "name": self.name,
+            "task": self.task.name,
+            "algorithm": repr(self.algorithm),
+            "rounds": self.rounds,
+            "seed": self.seed,
+            "num_clients": self.federation.num_clients,
+            "engine": self.engine,
+        }
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run: its id, the final global weights and per-round metrics."""
+
+    run_id: str | None
+    weights: torch.Tensor
+    history: list[dict[str, float]]
+    run_dir: Path | None = None
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last round's metrics, with the latest evaluation carried forward."""
+        merged: dict[str, float] = {}
+        for metrics in self.history:
+            merged.update(metrics)
+        return merged
+
+
+@dataclass
+class _State:
+    round: int
+    w: torch.Tensor
+    server: dict[str, torch.Tensor]
+
+
+def run_experiment(
+    experiment: Experiment,
+    store: RunStore | str | Path | None = None,
+    *,
+    on_round: RoundCallback | None = None,
+) -> RunResult:
+    """Run ``experiment`` from round 1; record it in ``store`` if one is given."""
+    store = _open(store)
+    run_id = store.create_run(experiment.describe(), experiment.name) if store else None
+    return _Loop(experiment, store, run_id, on_round).run(None)
+
+
+def resume_experiment(
+    experiment: Experiment,
+    store: RunStore | str | Path,
+    run_id: str,
+    *,
+    on_round: RoundCallback | None = None,
+) -> RunResult:
+    """Continue stored run ``run_id`` from its last checkpoint to the end of ``experiment``."""
+    opened = _open(store)
+    assert opened is not None
+    run_id = opened.resolve(run_id)
+    found = opened.latest_checkpoint(run_id)
+    start = None
+    if found is not None:
+        rnd, ckpt = found
+        start = _State(rnd, ckpt.tensors["global"], _prefixed(ckpt.tensors, "server/"))
+    opened.truncate_after(run_id, start.round if start else 0)
+    opened.set_status(run_id, "running")
+    return _Loop(experiment, opened, run_id, on_round).run(start)
+
+
+def _open(store: RunStore | str | Path | None) -> RunStore | None:
+    if store is None or isinstance(store, RunStore):
+        return store
+    return RunStore(store)
+
+
+def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+class _Loop:
+    """One execution of the round loop for an experiment."""
+
+    def __init__(
+        self,
+        exp: Experiment,
+        store: RunStore | None,
+        run_id: str | None,
+        on_round: RoundCallback | None,
+    ) -> None:
+        self.exp, self.store, self.run_id, self.on_round = exp, store, run_id, on_round
+        self.seeds = Seeds(exp.seed)
+        algo = exp.algorithm
+        self.program = ClientProgram(
+            exp.task, exp.federation, algo.local, transforms=algo.transforms, seed=exp.seed
+        )
+        self.num_clients = exp.federation.num_clients
+
+    def run(self, start: _State | None) -> RunResult:
+        exp = self.exp
+        if exp.threads is not None:
+            torch.set_num_threads(exp.threads)
+        if start is None:
+            w0 = self.program.initial_weights()
+            start = _State(0, w0, exp.algorithm.server.init(w0))
+        self.program.spec.check(start.w, "checkpointed global weights")
+        history = [r.metrics for r in self.store.rounds(self.run_id)] if self._stored() else []
+        engine = make_engine(exp.engine, self.program)
+        state = start
+        try:
+            for rnd in range(start.round + 1, exp.rounds + 1):
+                state, metrics, per_client = self._round(engine, state, rnd)
+                self._commit(state, metrics, per_client)
+                history.append(metrics)
+                if self.on_round:
+                    self.on_round(rnd, metrics)
+        except BaseException:
+            if self._stored():
+                self.store.set_status(self.run_id, "failed")  # type: ignore[union-attr]
+            raise
+        finally:
+            engine.close()
+        result = RunResult(self.run_id, state.w, history)
+        if self._stored():
+            result.run_dir = self.store.get_run(self.run_id).run_dir  # type: ignore[union-attr, arg-type]
+            self.store.finish(self.run_id, "finished", _summary(result))  # type: ignore[union-attr, arg-type]
+        return result
+
+    def _stored(self) -> bool:
+        return self.store is not None and self.run_id is not None
+
+    def _round(
+        self, engine: Engine, state: _State, rnd: int
+    ) -> tuple[_State, dict[str, float], list[tuple[int, dict[str, float]]]]:
+        algo, t0 = self.exp.algorithm, time.perf_counter()
+        cohort = algo.sampler.sample(self.num_clients, self.seeds.numpy("sampling", rnd))
+        messages = engine.train(cohort, state.w, rnd)
+        deltas, weights, per_client = self._collect(cohort, messages)
+        mean_delta = algo.aggregator(deltas, weights)
+        w, server_state = algo.server.step(state.w, mean_delta, state.server)
+        metrics = {
+            "cohort_size": float(len(cohort)),
+            "train_loss": _weighted_mean(per_client, "train_loss"),
+            "bytes_up": float(sum(m.nbytes for m in messages)),
+            "bytes_down": float(len(cohort) * state.w.numel() * 4),
+        }
+        if self.exp.evaluation.due(rnd, self.exp.rounds):
+            metrics.update(self._evaluate(engine, w, rnd))
+        metrics["round_seconds"] = time.perf_counter() - t0
+        return _State(rnd, w, server_state), metrics, per_client
+
+    def _collect(
+        self, cohort: np.ndarray, messages: Sequence[Message]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, dict[str, float]]]]:
+        spec, decode = self.program.spec, self.exp.algorithm.transforms.decode
+        decoded = [decode(m) for m in messages]
+        per_client = []
+        for cid, msg in zip(cohort, decoded, strict=True):
+            msg.validate({"delta": spec.size}, source=f"update from client {cid}")
+            numeric = {k: float(v) for k, v in msg.scalars.items() if isinstance(v, int | float)}
+            per_client.append((int(cid), numeric))
+        deltas = torch.stack([m.arrays["delta"] for m in decoded])
+        weights = torch.tensor([m.scalar("num_examples") for m in decoded], dtype=torch.float64)
+        return deltas, weights, per_client
+
+    def _evaluate(self, engine: Engine, w: torch.Tensor, rnd: int) -> dict[str, float]:
+        ev, out = self.exp.evaluation, {}
+        if ev.centralized:
+            test = self.exp.federation.source.test
+            if len(test):
+                res = self.program.evaluate_arrays(w, test.x, test.y)
+                out.update(test_loss=res.loss, test_accuracy=res.accuracy)
+        if ev.federated_clients:
+            k = self.num_clients if ev.federated_clients == -1 else ev.federated_clients
+            k = min(k, self.num_clients)
+            rng = self.seeds.numpy("federated_eval", rnd)
+            clients = np.sort(rng.choice(self.num_clients, size=k, replace=False))
+            res = _sum_results(engine.evaluate(clients, w))
+            if res.n:
+                out.update(fed_loss=res.loss, fed_accuracy=res.accuracy)
+        return out
+
+    def _commit(
+        self, state: _State, metrics: dict[str, float], per_client: list[tuple[int, dict[str, float]]]
+    ) -> None:
+        if not self._stored():
+            return
+        exp = self.exp
+        ckpt = None
+        if state.round % exp.checkpoint_every == 0 or state.round == exp.rounds:
+            tensors = {"global": state.w, **{f"server/{k}": v for k, v in state.server.items()}}
+            ckpt = Checkpoint(tensors=tensors, meta={"round": state.round})
+        self.store.commit_round(  # type: ignore[union-attr]
+            self.run_id, state.round, metrics, per_client, ckpt  # type: ignore[arg-type]
+        )
+
+
+def _weighted_mean(per_client: list[tuple[int, dict[str, float]]], key: str) -> float:
+    pairs = [(m[key], m["num_examples"]) for _, m in per_client if key in m]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else math.nan
+
+
+def _sum_results(results: Sequence[EvalResult]) -> EvalResult:
+    return EvalResult(
+        sum(r.loss_sum for r in results), sum(r.correct for r in results), sum(r.n for r in results)
+    )
+
+
+def _summary(result: RunResult) -> dict[str, float]:
+    final = result.final
+    keys = ("test_accuracy", "test_loss", "fed_accuracy", "fed_loss", "train_loss")
+    summary = {k: final[k] for k in keys if k in final}
+    summary["rounds"] = float(len(result.history))
+    summary["total_round_seconds"] = sum(m.get("round_seconds", 0.0) for m in result.history)
+    return summary
