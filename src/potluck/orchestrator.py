@@ -190,7 +190,9 @@ class _Loop:
         run_id: str | None,
         on_round: RoundCallback | None,
     ) -> None:
-        self.exp, self.store, self.run_id, self.on_round = exp, store, run_id, on_round
+        self.exp, self.on_round = exp, on_round
+        self.store = store if store is not None and run_id is not None else None
+        self.run_id = run_id or ""
         self.seeds = Seeds(exp.seed)
         algo = exp.algorithm
         self.program = ClientProgram(
@@ -206,7 +208,7 @@ class _Loop:
             w0 = self.program.initial_weights()
             start = _State(0, w0, exp.algorithm.server.init(w0))
         self.program.spec.check(start.w, "checkpointed global weights")
-        history = [r.metrics for r in self.store.rounds(self.run_id)] if self._stored() else []
+        history = [r.metrics for r in self.store.rounds(self.run_id)] if self.store else []
         engine = make_engine(exp.engine, self.program)
         state = start
         try:
@@ -217,19 +219,27 @@ class _Loop:
                 if self.on_round:
                     self.on_round(rnd, metrics)
         except BaseException:
-            if self._stored():
-                self.store.set_status(self.run_id, "failed")  # type: ignore[union-attr]
+            if self.store:
+                self.store.set_status(self.run_id, "failed")
             raise
         finally:
             engine.close()
-        result = RunResult(self.run_id, state.w, history)
-        if self._stored():
-            result.run_dir = self.store.get_run(self.run_id).run_dir  # type: ignore[union-attr, arg-type]
-            self.store.finish(self.run_id, "finished", _summary(result))  # type: ignore[union-attr, arg-type]
+        result = RunResult(self.run_id or None, state.w, history)
+        if self.store:
+            result.run_dir = self._finish(result)
         return result
 
-    def _stored(self) -> bool:
-        return self.store is not None and self.run_id is not None
+    def _finish(self, result: RunResult) -> Path:
+        from potluck.report.plots import write_report
+
+        assert self.store is not None
+        summary = _summary(result)
+        self.store.finish(self.run_id, "finished", summary)
+        info = self.store.get_run(self.run_id)
+        title = f"potluck run {self.run_id}" + (f" ({info.name})" if info.name else "")
+        write_report(info.run_dir, self.store.rounds(self.run_id), title=title,
+                     summary=summary, config=info.config)
+        return info.run_dir
 
     def _round(
         self, engine: Engine, state: _State, rnd: int
@@ -285,16 +295,14 @@ class _Loop:
     def _commit(
         self, state: _State, metrics: dict[str, float], per_client: list[tuple[int, dict[str, float]]]
     ) -> None:
-        if not self._stored():
+        if self.store is None:
             return
         exp = self.exp
         ckpt = None
         if state.round % exp.checkpoint_every == 0 or state.round == exp.rounds:
             tensors = {"global": state.w, **{f"server/{k}": v for k, v in state.server.items()}}
             ckpt = Checkpoint(tensors=tensors, meta={"round": state.round})
-        self.store.commit_round(  # type: ignore[union-attr]
-            self.run_id, state.round, metrics, per_client, ckpt  # type: ignore[arg-type]
-        )
+        self.store.commit_round(self.run_id, state.round, metrics, per_client, ckpt)
 
 
 def _weighted_mean(per_client: list[tuple[int, dict[str, float]]], key: str) -> float:
