@@ -30,14 +30,18 @@ class TumourNet(nn.Module):
 
 # 2. Your data: one (x, y) pair per client. Here: 5 "hospitals", each with a slice of
 #    scikit-learn's breast-cancer set, plus a held-out centralised test set.
-def hospital_data() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
+def hospital_data() -> tuple[
+    list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
+]:
     x, y = load_breast_cancer(return_X_y=True)
     x = (x - x.mean(0)) / x.std(0)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
     to_t = lambda a, dt: torch.tensor(a, dtype=dt)  # noqa: E731
     sites = torch.arange(len(y_tr)) % 5
-    clients = [(to_t(x_tr[sites == s], torch.float32), to_t(y_tr[sites == s], torch.int64))
-               for s in range(5)]
+    clients = [
+        (to_t(x_tr[sites == s], torch.float32), to_t(y_tr[sites == s], torch.int64))
+        for s in range(5)
+    ]
     return clients, (to_t(x_te, torch.float32), to_t(y_te, torch.int64))
 
 
@@ -53,8 +57,11 @@ def main() -> None:
         evaluation=Evaluation(every=1, centralized=True, federated_clients=-1),
         name="breast-cancer-example",
     )
-    result = run_experiment(experiment, store="potluck-runs",
-                            on_round=lambda r, m: print(f"round {r}: test acc {m['test_accuracy']:.3f}"))
+    result = run_experiment(
+        experiment,
+        store="potluck-runs",
+        on_round=lambda r, m: print(f"round {r}: test acc {m['test_accuracy']:.3f}"),
+    )
     print(f"final test accuracy {result.final['test_accuracy']:.3f}, stored as run {result.run_id}")
     model = TumourNet()  # load the trained global weights back into a module
     ParamSpec.from_module(model).load_into(model, result.weights)

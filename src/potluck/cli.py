@@ -93,8 +93,10 @@ def run(exp: ExpArg = None, set_: SetOpt = None, store: StoreOpt = None) -> None
 
 
 @app.command()
-def resume(run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
-           store: StoreOpt = None) -> None:
+def resume(
+    run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
+    store: StoreOpt = None,
+) -> None:
     """Continue a stopped or killed run from its last committed checkpoint."""
     from potluck.orchestrator import resume_experiment
 
@@ -104,8 +106,10 @@ def resume(run_ref: Annotated[str, typer.Argument(help="run id, id prefix or nam
         console.print(f"run {run_id} already finished ({info.last_round} rounds)")
         return
     if not info.config or "data" not in info.config:
-        _fail(f"run {run_id} was started from Python, not a config: resume it with "
-              "potluck.resume_experiment(experiment, store, run_id)")
+        _fail(
+            f"run {run_id} was started from Python, not a config: resume it with "
+            "potluck.resume_experiment(experiment, store, run_id)"
+        )
     cfg = _load_config_dict(info.config)
     experiment = _build(cfg)
     console.print(f"resuming run [bold]{run_id}[/] after round {info.last_round}")
@@ -120,23 +124,35 @@ def runs(store: StoreOpt = None) -> None:
     table = Table("run", "name", "created", "status", "rounds", "test acc")
     for info in _store(store or default_store()).list_runs():
         acc = info.summary.get("test_accuracy")
-        table.add_row(info.run_id, info.name or "", info.created_at, info.status,
-                      str(info.last_round), _fmt(acc) if acc is not None else "")
+        table.add_row(
+            info.run_id,
+            info.name or "",
+            info.created_at,
+            info.status,
+            str(info.last_round),
+            _fmt(acc) if acc is not None else "",
+        )
     console.print(table)
 
 
 @app.command()
-def show(run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
-         store: StoreOpt = None,
-         clients: Annotated[bool, typer.Option(help="also print per-client metrics")] = False,
-         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def show(
+    run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
+    store: StoreOpt = None,
+    clients: Annotated[bool, typer.Option(help="also print per-client metrics")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
     """Print a run's per-round metrics."""
     st = _store(store or default_store())
     run_id, info = _lookup(st, run_ref)
     rounds = st.rounds(run_id)
     if as_json:
-        payload = {"run": run_id, "status": info.status, "summary": info.summary,
-                   "rounds": [{"round": r.round, **r.metrics} for r in rounds]}
+        payload = {
+            "run": run_id,
+            "status": info.status,
+            "summary": info.summary,
+            "rounds": [{"round": r.round, **r.metrics} for r in rounds],
+        }
         print(json.dumps(payload, indent=2, default=str))
         return
     keys = sorted({k for r in rounds for k in r.metrics})
@@ -147,7 +163,9 @@ def show(run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name"
     if clients:
         ctable = Table("round", "client", "metrics", title="per-client metrics")
         for rnd, cid, metrics in st.client_metrics(run_id):
-            ctable.add_row(str(rnd), str(cid), ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            ctable.add_row(
+                str(rnd), str(cid), ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+            )
         console.print(ctable)
     console.print(f"run directory: {info.run_dir}")
 
@@ -159,9 +177,12 @@ def config_cmd(exp: ExpArg = None, set_: SetOpt = None) -> None:
 
 
 @data_app.command("describe")
-def data_describe(exp: ExpArg = None, set_: SetOpt = None,
-                  rows: Annotated[int, typer.Option(help="clients to list")] = 10,
-                  as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def data_describe(
+    exp: ExpArg = None,
+    set_: SetOpt = None,
+    rows: Annotated[int, typer.Option(help="clients to list")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
     """Per-client sizes and label statistics of an experiment's federation."""
     from potluck.data.describe import describe
 
@@ -171,8 +192,10 @@ def data_describe(exp: ExpArg = None, set_: SetOpt = None,
         print(json.dumps(stats, indent=2, default=float))
         return
     d = cfg.data
-    console.print(f"[bold]{d.dataset}[/], {stats['num_clients']} clients, partition "
-                  f"{d.partition.kind} {d.partition.options()}, {stats['total_train']} train examples")
+    console.print(
+        f"[bold]{d.dataset}[/], {stats['num_clients']} clients, partition "
+        f"{d.partition.kind} {d.partition.options()}, {stats['total_train']} train examples"
+    )
     summary = Table("statistic", "min", "mean", "max")
     for key in ("sizes", "label_entropy", "labels_per_client"):
         s = stats[key]
@@ -180,8 +203,14 @@ def data_describe(exp: ExpArg = None, set_: SetOpt = None,
     console.print(summary)
     table = Table("client", "train", "test", "labels", "entropy (bits)", "top labels")
     for c in stats["clients"]:
-        table.add_row(str(c["client"]), str(c["train"]), str(c["test"]), str(c["labels"]),
-                      _fmt(c["entropy"]), str(c["top_labels"]))
+        table.add_row(
+            str(c["client"]),
+            str(c["train"]),
+            str(c["test"]),
+            str(c["labels"]),
+            _fmt(c["entropy"]),
+            str(c["top_labels"]),
+        )
     console.print(table)
 
 
@@ -224,8 +253,11 @@ def _describe_start(cfg: ExperimentConfig, exp: Experiment) -> None:
 
 def _describe_end(result: RunResult) -> None:
     final = result.final
-    parts = [f"{k}={_fmt(final[k])}" for k in
-             ("test_accuracy", "test_loss", "fed_accuracy", "train_loss") if k in final]
+    parts = [
+        f"{k}={_fmt(final[k])}"
+        for k in ("test_accuracy", "test_loss", "fed_accuracy", "train_loss")
+        if k in final
+    ]
     console.print(f"[bold green]done[/] run [bold]{result.run_id}[/]: " + ", ".join(parts))
     if result.run_dir is not None:
         console.print(f"stored in {result.run_dir} (report: {result.run_dir / 'report.html'})")
@@ -248,8 +280,9 @@ class _progress:
             console=console,
             disable=not sys.stderr.isatty() and not console.is_terminal,
         )
-        self.task = self.bar.add_task("rounds", total=rounds, completed=done,
-                                      cohort="-", loss="-", acc="-")
+        self.task = self.bar.add_task(
+            "rounds", total=rounds, completed=done, cohort="-", loss="-", acc="-"
+        )
         self.quiet = self.bar.disable
 
     def __enter__(self) -> Any:
@@ -258,7 +291,10 @@ class _progress:
 
     def update(self, rnd: int, metrics: Any) -> None:
         acc = metrics.get("test_accuracy", metrics.get("fed_accuracy"))
-        fields = {"cohort": _fmt(int(metrics["cohort_size"])), "loss": _fmt(metrics["train_loss"])}
+        fields: dict[str, Any] = {
+            "cohort": _fmt(int(metrics["cohort_size"])),
+            "loss": _fmt(metrics["train_loss"]),
+        }
         if acc is not None:
             fields["acc"] = _fmt(acc)
         self.bar.update(self.task, completed=rnd, **fields)

@@ -50,7 +50,7 @@ class PartitionConfig(_Section):
     exponent: float = Field(1.5, gt=0, description="power-law exponent (quantity)")
 
     def options(self) -> dict[str, Any]:
-        return {
+        options: dict[str, dict[str, Any]] = {
             "iid": {},
             "dirichlet": {"alpha": self.alpha, "min_size": self.min_size},
             "shards": {"shards_per_client": self.shards_per_client},
@@ -60,7 +60,8 @@ class PartitionConfig(_Section):
                 "exponent": self.exponent,
             },
             "natural": {},
-        }[self.kind]
+        }
+        return options[self.kind]
 
 
 class DataConfig(_Section):
@@ -156,9 +157,7 @@ class ExperimentConfig(_Section):
     run: RunConfig = RunConfig()
 
     @classmethod
-    def from_dict(
-        cls, data: dict[str, Any], overrides: Sequence[str] = ()
-    ) -> ExperimentConfig:
+    def from_dict(cls, data: dict[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
         """Validate ``data`` after applying ``key=value`` overrides; ConfigError if invalid."""
         merged = _apply_overrides(data, overrides)
         try:
@@ -233,15 +232,19 @@ class ExperimentConfig(_Section):
 
         s, c, sv = self.sampler, self.client, self.server
         clip = (ClipNorm(self.algorithm.clip_norm),) if self.algorithm.clip_norm else ()
-        cohort = {
-            "clients_per_round": s.clients_per_round,
-            "fraction": s.fraction,
-            "min_clients": s.min_clients,
-        }
         if self.algorithm.name == "fedsgd":
-            return fedsgd(**cohort, lr=sv.lr, server_momentum=sv.momentum, transforms=clip)
+            return fedsgd(
+                clients_per_round=s.clients_per_round,
+                fraction=s.fraction,
+                min_clients=s.min_clients,
+                lr=sv.lr,
+                server_momentum=sv.momentum,
+                transforms=clip,
+            )
         return fedavg(
-            **cohort,
+            clients_per_round=s.clients_per_round,
+            fraction=s.fraction,
+            min_clients=s.min_clients,
             epochs=c.epochs,
             batch_size=c.batch_size,
             lr=c.lr,

@@ -237,8 +237,13 @@ class _Loop:
         self.store.finish(self.run_id, "finished", summary)
         info = self.store.get_run(self.run_id)
         title = f"potluck run {self.run_id}" + (f" ({info.name})" if info.name else "")
-        write_report(info.run_dir, self.store.rounds(self.run_id), title=title,
-                     summary=summary, config=info.config)
+        write_report(
+            info.run_dir,
+            self.store.rounds(self.run_id),
+            title=title,
+            summary=summary,
+            config=info.config,
+        )
         return info.run_dir
 
     def _round(
@@ -276,7 +281,7 @@ class _Loop:
         return deltas, weights, per_client
 
     def _evaluate(self, engine: Engine, w: torch.Tensor, rnd: int) -> dict[str, float]:
-        ev, out = self.exp.evaluation, {}
+        ev, out = self.exp.evaluation, dict[str, float]()
         if ev.centralized:
             test = self.exp.federation.source.test
             if len(test):
@@ -293,7 +298,10 @@ class _Loop:
         return out
 
     def _commit(
-        self, state: _State, metrics: dict[str, float], per_client: list[tuple[int, dict[str, float]]]
+        self,
+        state: _State,
+        metrics: dict[str, float],
+        per_client: list[tuple[int, dict[str, float]]],
     ) -> None:
         if self.store is None:
             return

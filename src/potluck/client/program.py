@@ -139,4 +139,3 @@ class ClientProgram:
         """Client ``cid``'s local test metrics for global weights ``w``."""
         data = self.federation.client(cid)
         return self.evaluate_arrays(w, data.x_test, data.y_test)
-

@@ -65,7 +65,9 @@ class LocalSGD:
     def init(self, w: torch.Tensor) -> OptState:
         return {"momentum": torch.zeros_like(w)} if self.momentum else {}
 
-    def step(self, w: torch.Tensor, state: OptState, grad: torch.Tensor) -> tuple[torch.Tensor, OptState]:
+    def step(
+        self, w: torch.Tensor, state: OptState, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, OptState]:
         if self.weight_decay:
             grad = grad + self.weight_decay * w
         if self.momentum:

@@ -53,6 +53,7 @@ class Task:
                 raise ValueError(
                     f"model buffer {name!r} would change during training (e.g. batch-norm "
                     "running statistics); potluck's engines train parameters only. "
-                    "Replace BatchNorm with GroupNorm/LayerNorm or BatchNorm(track_running_stats=False)."
+                    "Replace BatchNorm with GroupNorm/LayerNorm, or pass "
+                    "track_running_stats=False."
                 )
         return model

@@ -10,9 +10,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from potluck.client.program import ClientProgram, EvalResult
@@ -24,9 +24,9 @@ class Engine(Protocol):
 
     name: str
 
-    def train(self, cohort: Sequence[int], w: torch.Tensor, round: int) -> list[Message]: ...
+    def train(self, cohort: np.ndarray, w: torch.Tensor, round: int) -> list[Message]: ...
 
-    def evaluate(self, clients: Sequence[int], w: torch.Tensor) -> list[EvalResult]: ...
+    def evaluate(self, clients: np.ndarray, w: torch.Tensor) -> list[EvalResult]: ...
 
     def close(self) -> None: ...
 

@@ -38,7 +38,9 @@ class ServerSGD:
     def init(self, w: torch.Tensor) -> State:
         return {"momentum": torch.zeros_like(w)} if self.momentum else {}
 
-    def step(self, w: torch.Tensor, mean_delta: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(
+        self, w: torch.Tensor, mean_delta: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State]:
         if not self.momentum:
             return w + self.lr * mean_delta, state
         m = self.momentum * state["momentum"] + mean_delta

@@ -1,0 +1,459 @@
+"""Dataset sources: in-memory arrays with a train set and a held-out centralised test set.
+
+Three sources ship with potluck: ``fashion_mnist`` (Xiao et al. 2017, read from local IDX
+files), ``digits`` (the UCI handwritten digits bundled with scikit-learn) and ``synthetic``
+(Synthetic(alpha, beta) of Li et al. 2020, generated on the fly).
+
+Example:
+    >>> src = load_source("digits", seed=0)
+    >>> src.train.x.shape, src.test.x.shape, src.num_classes
+    ((1437, 64), (360, 64), 10)
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.request
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEBIAN_FASHION_MNIST_DIR",
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_MD5",
+    "FASHION_MNIST_SHA256",
+    "ArrayDataset",
+    "DataSource",
+    "available_sources",
+    "download_fashion_mnist",
+    "find_fashion_mnist",
+    "load_source",
+    "verify_checksum",
+]
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Examples ``x`` (float32, ``(n, *feature_shape)``) with int64 labels ``y`` (``(n,)``).
+
+    ``groups`` optionally holds a natural client key per example (writer, user, device).
+
+    Example:
+        >>> ds = ArrayDataset(np.zeros((3, 2), np.float32), np.array([0, 1, 1]))
+        >>> len(ds), len(ds.subset(np.array([0, 2])))
+        (3, 2)
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.x, np.ndarray) or self.x.dtype != np.float32 or self.x.ndim < 1:
+            raise ValueError(f"ArrayDataset.x must be a float32 array (n, ...), got {_desc(self.x)}")
+        n = len(self.x)
+        _check_int_vector("ArrayDataset.y", self.y, n)
+        if self.groups is not None:
+            _check_int_vector("ArrayDataset.groups", self.groups, n)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> ArrayDataset:
+        """The examples at positions ``idx`` (a copy)."""
+        groups = None if self.groups is None else self.groups[idx]
+        return ArrayDataset(self.x[idx], self.y[idx], groups)
+
+
+def _desc(a: object) -> str:
+    if isinstance(a, np.ndarray):
+        return f"{a.dtype} array of shape {a.shape}"
+    return type(a).__name__
+
+
+def _check_int_vector(name: str, a: object, n: int) -> None:
+    if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D int64 array, got {_desc(a)}")
+    if len(a) != n:
+        raise ValueError(f"{name} has {len(a)} entries but x has {n} examples")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A named dataset: ``train``, a held-out centralised ``test`` and its label space.
+
+    Example:
+        >>> src = load_source("synthetic", num_clients=3)
+        >>> src.input_shape, src.num_classes
+        ((60,), 10)
+    """
+
+    name: str
+    train: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        for split in ("train", "test"):
+            ds: ArrayDataset = getattr(self, split)
+            if ds.x.shape[1:] != tuple(self.input_shape):
+                raise ValueError(
+                    f"{self.name}: {split}.x feature shape {ds.x.shape[1:]} != "
+                    f"input_shape {tuple(self.input_shape)}"
+                )
+            if len(ds) and (ds.y.min() < 0 or ds.y.max() >= self.num_classes):
+                raise ValueError(
+                    f"{self.name}: {split}.y labels must lie in [0, {self.num_classes}), "
+                    f"got [{ds.y.min()}, {ds.y.max()}]"
+                )
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+#: MD5 of the gzip archives as published by Zalando (github.com/zalandoresearch/fashion-mnist).
+FASHION_MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+#: SHA-256 of the decompressed IDX payloads. The Debian package ``dataset-fashion-mnist``
+#: re-compresses the archives, so its ``.gz`` files differ from the published MD5s while the
+#: payloads are identical; loading therefore verifies payloads, which is robust to
+#: re-compression (the decompressed MD5s, f4a8712d..., 9018921c..., 8181f547..., 15d48437...,
+#: agree with those published alongside torchvision's loader).
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+FASHION_MNIST_MEAN = 0.2860
+FASHION_MNIST_STD = 0.3530
+_IDX_UBYTE = 0x08
+
+
+def verify_checksum(path: Path, expected: str, algorithm: str = "md5") -> None:
+    """Raise ``ValueError`` unless the file at ``path`` hashes to ``expected``.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "f"
+        >>> _ = p.write_bytes(b"abc")
+        >>> verify_checksum(p, "900150983cd24fb0d6963f7d28e17f72")
+    """
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.lower():
+        raise ValueError(
+            f"checksum mismatch for {path}: {algorithm} is {digest.hexdigest()}, expected "
+            f"{expected}; the file is corrupt or incomplete, delete it and fetch it again"
+        )
+
+
+def _fashion_candidates(path: str | os.PathLike[str] | None) -> list[Path]:
+    if path is not None:
+        return [Path(path), Path(path) / "fashion-mnist"]
+    env = os.environ.get("POTLUCK_DATA")
+    roots = [Path(env), Path(env) / "fashion-mnist"] if env else []
+    return [*roots, DEBIAN_FASHION_MNIST_DIR]
+
+
+def find_fashion_mnist(path: str | os.PathLike[str] | None = None) -> Path:
+    """The directory holding the four Fashion-MNIST IDX ``.gz`` files.
+
+    Searched in order: ``path`` (or its ``fashion-mnist/`` subdirectory) when given, and
+    otherwise ``$POTLUCK_DATA`` (or ``$POTLUCK_DATA/fashion-mnist``), then the Debian package
+    location ``/usr/share/datasets/fashion-mnist``. An explicit ``path`` is authoritative:
+    nothing else is searched, so a typo is reported rather than silently ignored.
+
+    Example:
+        >>> find_fashion_mnist()  # doctest: +SKIP
+        PosixPath('/usr/share/datasets/fashion-mnist')
+    """
+    candidates = _fashion_candidates(path)
+    for cand in candidates:
+        if all((cand / f).is_file() for f in FASHION_MNIST_FILES):
+            return cand
+    searched = "\n".join(f"  - {c}" for c in candidates)
+    raise FileNotFoundError(
+        f"Fashion-MNIST files ({', '.join(FASHION_MNIST_FILES)}) not found; searched:\n"
+        f"{searched}\nFix one of: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu); "
+        "set POTLUCK_DATA to a directory holding the files; pass path=...; or download them "
+        "with potluck.data.download_fashion_mnist(dest) and set POTLUCK_DATA=dest."
+    )
+
+
+def download_fashion_mnist(dest: Path) -> Path:
+    """Download the four Fashion-MNIST archives into ``dest`` and verify their MD5s.
+
+    Files already present with the right checksum are kept. Each download goes to a temporary
+    file that is renamed into place only after verification, so ``dest`` never holds a
+    partial archive. Returns ``dest``.
+
+    Example:
+        >>> download_fashion_mnist(Path("~/data/fashion-mnist").expanduser())  # doctest: +SKIP
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_MNIST_FILES:
+        target = dest / name
+        if target.is_file():
+            try:
+                verify_checksum(target, FASHION_MNIST_MD5[name])
+                continue
+            except ValueError:
+                target.unlink()
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
+                FASHION_MNIST_URL + name, timeout=60
+            ) as resp:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(chunk)
+            verify_checksum(Path(tmp), FASHION_MNIST_MD5[name])
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return dest
+
+
+def _read_payload(path: Path) -> bytes:
+    raw = path.read_bytes()
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ValueError(f"{path}: not a complete gzip file ({exc})") from exc
+
+
+def _parse_idx(data: bytes, ndim: int, source: Path) -> np.ndarray:
+    """Parse an IDX file of unsigned bytes with ``ndim`` dimensions (LeCun's MNIST format)."""
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{source}: truncated IDX header ({len(data)} bytes)")
+    if data[0] != 0 or data[1] != 0 or data[2] != _IDX_UBYTE or data[3] != ndim:
+        raise ValueError(
+            f"{source}: bad IDX magic {data[:4].hex()}, expected 0000{_IDX_UBYTE:02x}{ndim:02x} "
+            f"(unsigned bytes, {ndim} dimensions)"
+        )
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims))
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{source}: IDX payload has {len(data) - header} bytes, dims {dims} need {expected}"
+            " (file truncated or corrupt)"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _read_idx(path: Path, ndim: int, verify: bool) -> np.ndarray:
+    data = _read_payload(path)
+    arr = _parse_idx(data, ndim, path)
+    if verify:
+        got = hashlib.sha256(data).hexdigest()
+        if got != FASHION_MNIST_SHA256[path.name]:
+            raise ValueError(
+                f"{path}: decompressed sha256 {got} does not match Fashion-MNIST "
+                f"({FASHION_MNIST_SHA256[path.name]}); the file is corrupt or not Fashion-MNIST "
+                "(pass verify=False to load it anyway)"
+            )
+    return arr
+
+
+def _file_key(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    key = []
+    for name in FASHION_MNIST_FILES:
+        real = (directory / name).resolve()
+        st = real.stat()
+        key.append((str(real), st.st_size, st.st_mtime_ns))
+    return tuple(key)
+
+
+@functools.lru_cache(maxsize=4)
+def _fashion_arrays(
+    key: tuple[tuple[str, int, int], ...], verify: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw uint8 images and labels (read-only), cached per resolved file identity."""
+    paths = [Path(p) for p, _, _ in key]
+    x_tr, y_tr, x_te, y_te = (
+        _read_idx(p, nd, verify) for p, nd in zip(paths, (3, 1, 3, 1), strict=True)
+    )
+    for x, y, p in ((x_tr, y_tr, paths[0]), (x_te, y_te, paths[2])):
+        if len(x) != len(y):
+            raise ValueError(f"{p}: {len(x)} images but {len(y)} labels")
+        if len(y) and y.max() > 9:
+            raise ValueError(f"{p}: labels must lie in 0..9, got max {y.max()}")
+    return x_tr, y_tr, x_te, y_te
+
+
+def _normalise(images: np.ndarray) -> np.ndarray:
+    scale = np.float32(1.0 / (255.0 * FASHION_MNIST_STD))
+    x = np.multiply(images, scale, dtype=np.float32)
+    x -= np.float32(FASHION_MNIST_MEAN / FASHION_MNIST_STD)
+    return x[:, None, :, :]
+
+
+def _load_fashion_mnist(path: str | None, seed: int, verify: bool = True) -> DataSource:
+    """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, arXiv:1708.07747), 10 classes of 28x28.
+
+    Pixels are scaled to [0, 1] and standardised with mean 0.2860 and std 0.3530.
+    """
+    del seed  # fixed train/test split
+    x_tr, y_tr, x_te, y_te = _fashion_arrays(_file_key(find_fashion_mnist(path)), verify)
+    train = ArrayDataset(_normalise(x_tr), y_tr.astype(np.int64))
+    test = ArrayDataset(_normalise(x_te), y_te.astype(np.int64))
+    return DataSource("fashion_mnist", train, test, 10, (1, 28, 28))
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits(path: str | None, seed: int) -> DataSource:
+    """UCI optical handwritten digits (Alpaydin & Kaynak 1998) via scikit-learn, 8x8 as 64.
+
+    Pixels are divided by 16; an 80/20 stratified train/test split uses ``seed``.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    del path  # bundled with scikit-learn
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=0.2, random_state=seed, stratify=y
+    )
+    return DataSource("digits", ArrayDataset(x_tr, y_tr), ArrayDataset(x_te, y_te), 10, (64,))
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _load_synthetic(
+    path: str | None,
+    seed: int,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    num_clients: int = 30,
+    dim: int = 60,
+    num_classes: int = 10,
+    iid: bool = False,
+) -> DataSource:
+    """Synthetic(alpha, beta) of Li et al. 2020, "Federated Optimization in Heterogeneous
+    Networks" (FedProx, MLSys), following the reference generator of FedProx/LEAF.
+
+    Client k has ``lognormal(4, 2) + 50`` samples; ``u_k ~ N(0, alpha)``, ``B_k ~ N(0, beta)``,
+    ``W_k ~ N(u_k, 1)``, ``b_k ~ N(u_k, 1)``, ``v_k ~ N(B_k, 1)``, ``x ~ N(v_k, Sigma)`` with
+    ``Sigma = diag(j^-1.2)`` and ``y = argmax(W_k^T x + b_k)``. ``alpha`` controls how much the
+    local models differ, ``beta`` how much the local inputs differ. With ``iid=True`` all
+    clients share one ``W, b ~ N(0, 1)`` and ``v_k = 0`` (the reference IID variant).
+    ``groups`` holds the client index; 20% of each client's samples form the test set.
+    """
+    del path  # generated
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+    for name, value, low in (("num_clients", num_clients, 1), ("dim", dim, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+    if int(num_classes) != num_classes or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}")
+    rng = np.random.default_rng(seed)
+    sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
+    mean_w = rng.normal(0, alpha, num_clients)
+    b_prior = rng.normal(0, beta, num_clients)
+    sd = np.arange(1, dim + 1, dtype=np.float64) ** -0.6  # sqrt of j^-1.2
+    if iid:
+        mean_x = np.zeros((num_clients, dim))
+        w_shared = rng.normal(0, 1, (dim, num_classes))
+        b_shared = rng.normal(0, 1, num_classes)
+    else:
+        mean_x = rng.normal(b_prior[:, None], 1, (num_clients, dim))
+    xs, ys = [], []
+    for k in range(num_clients):
+        if iid:
+            w, b = w_shared, b_shared
+        else:
+            w = rng.normal(mean_w[k], 1, (dim, num_classes))
+            b = rng.normal(mean_w[k], 1, num_classes)
+        x = mean_x[k] + rng.standard_normal((int(sizes[k]), dim)) * sd
+        xs.append(x.astype(np.float32))
+        ys.append(np.argmax(x @ w + b, axis=1))  # argmax of softmax == argmax of logits
+    groups = np.repeat(np.arange(num_clients, dtype=np.int64), sizes)
+    data = ArrayDataset(np.concatenate(xs), np.concatenate(ys).astype(np.int64), groups)
+    is_test = np.zeros(len(data), bool)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for k in range(num_clients):
+        n_test = int(sizes[k]) // 5
+        is_test[starts[k] + rng.permutation(int(sizes[k]))[:n_test]] = True
+    train, test = data.subset(np.flatnonzero(~is_test)), data.subset(np.flatnonzero(is_test))
+    return DataSource("synthetic", train, test, num_classes, (dim,))
+
+
+# --------------------------------------------------------------------------- registry
+
+_SOURCES: dict[str, Callable[..., DataSource]] = {
+    "digits": _load_digits,
+    "fashion_mnist": _load_fashion_mnist,
+    "synthetic": _load_synthetic,
+}
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "digits": (),
+    "fashion_mnist": ("verify",),
+    "synthetic": ("alpha", "beta", "num_clients", "dim", "num_classes", "iid"),
+}
+
+
+def available_sources() -> list[str]:
+    """Names accepted by :func:`load_source`.
+
+    Example:
+        >>> available_sources()
+        ['digits', 'fashion_mnist', 'synthetic']
+    """
+    return sorted(_SOURCES)
+
+
+def load_source(name: str, *, path: str | None = None, seed: int = 0, **options: Any) -> DataSource:
+    """Load dataset ``name`` (see :func:`available_sources`).
+
+    ``path`` points at local files (Fashion-MNIST), ``seed`` fixes any random split or
+    generation, and ``options`` are source specific: ``verify`` (fashion_mnist: check the
+    payload SHA-256, default True); ``alpha, beta, num_clients, dim, num_classes, iid``
+    (synthetic).
+
+    Example:
+        >>> src = load_source("synthetic", seed=1, alpha=0.5, beta=0.5, num_clients=5)
+        >>> int(src.train.groups.max()) + 1
+        5
+    """
+    key = name.lower().replace("-", "_")
+    if key not in _SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_sources())}")
+    unknown = sorted(set(options) - set(_OPTIONS[key]))
+    if unknown:
+        allowed = ", ".join(_OPTIONS[key]) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for dataset {key!r}; allowed: {allowed}")
+    return _SOURCES[key](path, seed, **options)
