@@ -15,10 +15,13 @@ def test_defaults_are_the_default_experiment() -> None:
 
 def test_toml_round_trip_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "exp.toml"
-    path.write_text('rounds = 4\n[data]\ndataset = "digits"\nnum_clients = 20\n'
-                    '[data.partition]\nkind = "iid"\n[client]\nlr = 0.1\n')
-    cfg = ExperimentConfig.from_toml(path, ["client.epochs=3", "sampler.fraction=0.5",
-                                            'run.name="digits-test"'])
+    path.write_text(
+        'rounds = 4\n[data]\ndataset = "digits"\nnum_clients = 20\n'
+        '[data.partition]\nkind = "iid"\n[client]\nlr = 0.1\n'
+    )
+    cfg = ExperimentConfig.from_toml(
+        path, ["client.epochs=3", "sampler.fraction=0.5", 'run.name="digits-test"']
+    )
     assert (cfg.rounds, cfg.data.dataset, cfg.client.lr, cfg.client.epochs) == (4, "digits", 0.1, 3)
     assert cfg.sampler.fraction == 0.5 and cfg.sampler.clients_per_round is None
     assert cfg.run.name == "digits-test"
@@ -30,13 +33,33 @@ def test_toml_round_trip_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "overrides", "message"),
     [
-        ({"client": {"lrr": 0.1}}, [], "client.lrr: unknown field; allowed: epochs, batch_size, lr"),
+        (
+            {"client": {"lrr": 0.1}},
+            [],
+            "client.lrr: unknown field; allowed: epochs, batch_size, lr",
+        ),
         ({}, ["client.lr=-1"], "client.lr: Input should be greater than 0"),
         ({}, ["rounds=many"], "rounds: Input should be a valid integer"),
-        ({"data": {"dataset": "cifar"}}, [], "data.dataset: Input should be 'fashion_mnist', 'digits' or 'synthetic'"),
-        ({"data": {"partition": {"kind": "zipf"}}}, [], "data.partition.kind: Input should be 'iid'"),
-        ({}, ["sampler.clients_per_round=0"], "sampler.clients_per_round: Input should be greater than or equal to 1"),
-        ({"sampler": {"clients_per_round": 5, "fraction": 0.1}}, [], "exactly one of sampler.clients_per_round"),
+        (
+            {"data": {"dataset": "cifar"}},
+            [],
+            "data.dataset: Input should be 'fashion_mnist', 'digits' or 'synthetic'",
+        ),
+        (
+            {"data": {"partition": {"kind": "zipf"}}},
+            [],
+            "data.partition.kind: Input should be 'iid'",
+        ),
+        (
+            {},
+            ["sampler.clients_per_round=0"],
+            "sampler.clients_per_round: Input should be greater than or equal to 1",
+        ),
+        (
+            {"sampler": {"clients_per_round": 5, "fraction": 0.1}},
+            [],
+            "exactly one of sampler.clients_per_round",
+        ),
         ({"bogus": 1}, [], "bogus: unknown field; allowed: seed, rounds, data"),
         ({}, ["client.lr"], "--set expects key=value"),
         ({"rounds": 3}, ["rounds.x=1"], "'rounds' is not a section"),
@@ -59,8 +82,9 @@ def test_bad_files(tmp_path: Path) -> None:
 
 
 def test_algorithm_parts_follow_the_config() -> None:
-    cfg = ExperimentConfig.from_dict({}, ["server.momentum=0.9", "client.momentum=0.5",
-                                          "algorithm.clip_norm=2.0"])
+    cfg = ExperimentConfig.from_dict(
+        {}, ["server.momentum=0.9", "client.momentum=0.5", "algorithm.clip_norm=2.0"]
+    )
     algo = cfg.algorithm_parts()
     assert algo.server.momentum == 0.9 and algo.local.momentum == 0.5
     assert len(algo.transforms.transforms) == 1

@@ -48,36 +48,49 @@ def test_same_seed_same_metrics_different_seed_different() -> None:
 
 
 def test_fedavg_learns_digits_and_records_everything(tmp_path: Path) -> None:
-    cfg = ExperimentConfig.from_dict(DIGITS)
+    cfg = ExperimentConfig.from_dict({**DIGITS, "rounds": 12})
     store = RunStore(tmp_path)
     result = run_experiment(cfg.build(), store)
-    # 6 rounds of FedAvg on digits with an MLP: well above chance (10%)
+    # 12 rounds of FedAvg on digits with an MLP reach 0.89-0.90 over seeds 0-2; chance is 0.10
     assert result.final["test_accuracy"] > 0.85
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     rounds = store.rounds(result.run_id)
-    assert [r.round for r in rounds] == list(range(1, 7))
-    assert {"cohort_size", "train_loss", "bytes_up", "bytes_down", "test_accuracy",
-            "fed_accuracy", "round_seconds"} <= set(rounds[-1].metrics)
+    assert [r.round for r in rounds] == list(range(1, 13))
+    assert {
+        "cohort_size",
+        "train_loss",
+        "bytes_up",
+        "bytes_down",
+        "test_accuracy",
+        "fed_accuracy",
+        "round_seconds",
+    } <= set(rounds[-1].metrics)
     clients = store.client_metrics(result.run_id, round=1)
     assert len(clients) == 5 and all("num_examples" in m for _, _, m in clients)
     info = store.get_run(result.run_id)
-    assert info.status == "finished" and info.last_round == 6
+    assert info.status == "finished" and info.last_round == 12
     assert info.summary["test_accuracy"] == result.final["test_accuracy"]
     assert (info.run_dir / "report.html").exists() and (info.run_dir / "curves.png").exists()
     last_round, ckpt = store.latest_checkpoint(result.run_id)
-    assert last_round == 6 and torch.equal(ckpt.tensors["global"], result.weights)
+    assert last_round == 12 and torch.equal(ckpt.tensors["global"], result.weights)
 
 
 def test_fedavg_with_full_participation_one_step_equals_fedsgd_math() -> None:
     """One local full-batch step with lr=eta and server lr 1 moves w by -eta * weighted grad."""
     g = torch.Generator().manual_seed(0)
-    clients = [(torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g))
-               for n in (10, 30)]
+    clients = [
+        (torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g)) for n in (10, 30)
+    ]
     fed = Federation.from_client_data(clients)
     task = Task(lambda: torch.nn.Linear(3, 2))
     algo = fedavg(clients_per_round=2, batch_size=None, lr=0.5)
-    exp = Experiment(task, fed, replace(algo, local=replace(algo.local, max_steps=1)), rounds=1,
-                     evaluation=Evaluation(centralized=False))
+    exp = Experiment(
+        task,
+        fed,
+        replace(algo, local=replace(algo.local, max_steps=1)),
+        rounds=1,
+        evaluation=Evaluation(centralized=False),
+    )
     result = run_experiment(exp)
     model = task.build_model()
     torch.manual_seed(0)
@@ -111,8 +124,9 @@ class PoisonClient:
 
 def test_nan_update_is_refused_naming_the_client(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
-    clients = [(torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g))
-               for _ in range(5)]
+    clients = [
+        (torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(5)
+    ]
     exp = Experiment(
         Task(lambda: torch.nn.Linear(4, 3)),
         Federation.from_client_data(clients),
@@ -144,15 +158,33 @@ def _committed_rounds(store: Path) -> int:
 
 @pytest.mark.parametrize("checkpoint_every", [1, 3])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, checkpoint_every: int) -> None:
-    sets = ["--set", "rounds=8", "--set", "data.dataset=\"digits\"", "--set",
-            "data.num_clients=20", "--set", "model.name=\"mlp\"", "--set",
-            "sampler.clients_per_round=4", "--set", "client.batch_size=8", "--set",
-            f"run.checkpoint_every={checkpoint_every}", "--set", "evaluation.federated_clients=4"]
+    sets = [
+        "--set",
+        "rounds=8",
+        "--set",
+        'data.dataset="digits"',
+        "--set",
+        "data.num_clients=20",
+        "--set",
+        'model.name="mlp"',
+        "--set",
+        "sampler.clients_per_round=4",
+        "--set",
+        "client.batch_size=8",
+        "--set",
+        f"run.checkpoint_every={checkpoint_every}",
+        "--set",
+        "evaluation.federated_clients=4",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(_cli("run", *sets, store=clean), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_cli("run", *sets, store=killed), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli("run", *sets, store=killed),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while _committed_rounds(killed) < 4 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -168,8 +200,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, checkpoint_eve
     hist_a = learning_metrics([r.metrics for r in a.rounds(ra.run_id)])
     hist_b = learning_metrics([r.metrics for r in b.rounds(rb.run_id)])
     assert hist_a == hist_b
-    assert torch.equal(a.latest_checkpoint(ra.run_id)[1].tensors["global"],
-                       b.latest_checkpoint(rb.run_id)[1].tensors["global"])
+    assert torch.equal(
+        a.latest_checkpoint(ra.run_id)[1].tensors["global"],
+        b.latest_checkpoint(rb.run_id)[1].tensors["global"],
+    )
 
 
 def test_resume_in_process_after_interruption(tmp_path: Path) -> None:

@@ -33,8 +33,11 @@ def test_fedavg_worked_example_five_clients() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(1, 16)),
-           elements=st.floats(-100, 100, width=32)),
+    arrays(
+        np.float32,
+        st.tuples(st.integers(1, 8), st.integers(1, 16)),
+        elements=st.floats(-100, 100, width=32),
+    ),
     st.data(),
 )
 def test_weighted_mean_properties(deltas: np.ndarray, data: st.DataObject) -> None:
@@ -101,7 +104,9 @@ def test_uniform_sampler() -> None:
     cohort = UniformSampler(clients_per_round=10).sample(1_000_000, rng)
     assert len(np.unique(cohort)) == 10 and cohort.max() < 1_000_000
     assert UniformSampler(fraction=0.01, min_clients=5).cohort_size(100) == 5
-    with pytest.raises(ValueError, match="cannot sample 20 clients per round from a federation of 5"):
+    with pytest.raises(
+        ValueError, match="cannot sample 20 clients per round from a federation of 5"
+    ):
         UniformSampler(clients_per_round=20).cohort_size(5)
     with pytest.raises(ValueError, match="exactly one"):
         UniformSampler(clients_per_round=3, fraction=0.2)
@@ -112,8 +117,10 @@ def test_uniform_sampler() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(arrays(np.float32, st.integers(1, 50), elements=st.floats(-1e3, 1e3, width=32)),
-       st.floats(0.01, 100))
+@given(
+    arrays(np.float32, st.integers(1, 50), elements=st.floats(-1e3, 1e3, width=32)),
+    st.floats(0.01, 100),
+)
 def test_clip_norm_bounds_norm_and_keeps_direction(delta: np.ndarray, c: float) -> None:
     t = torch.from_numpy(delta)
     m = Message(arrays={"delta": t}, scalars={"num_examples": 1})

@@ -22,7 +22,9 @@ def test_mlp_on_digits_shape() -> None:
 
 
 def test_bad_model_requests_are_refused() -> None:
-    with pytest.raises(ValueError, match="unknown model 'resnet'; available: " + ", ".join(available_models())):
+    with pytest.raises(
+        ValueError, match="unknown model 'resnet'; available: " + ", ".join(available_models())
+    ):
         build_model("resnet", input_shape=(1, 28, 28), num_classes=10)
     with pytest.raises(ValueError, match=r"needs image inputs shaped \(channels, height, width\)"):
         build_model("cnn", input_shape=(64,), num_classes=10)

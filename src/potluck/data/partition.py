@@ -69,7 +69,9 @@ class Partition:
         if isinstance(cid, bool) or not isinstance(cid, (int, np.integer)):
             raise TypeError(f"client id must be an integer, got {type(cid).__name__}")
         if not 0 <= cid < self.num_clients:
-            raise IndexError(f"client id {cid} out of range: valid ids are 0..{self.num_clients - 1}")
+            raise IndexError(
+                f"client id {cid} out of range: valid ids are 0..{self.num_clients - 1}"
+            )
         return self.indices[self.offsets[cid] : self.offsets[cid + 1]]
 
     def sizes(self) -> np.ndarray:
@@ -89,7 +91,9 @@ class Partition:
 def _readonly_int64(name: str, a: Any) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"Partition.{name} must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        raise ValueError(
+            f"Partition.{name} must be a 1-D integer array, got {arr.dtype} {arr.shape}"
+        )
     view = arr.astype(np.int64, copy=False).view()
     view.flags.writeable = False
     return view
@@ -312,7 +316,9 @@ def natural(groups: np.ndarray) -> Partition:
     """
     groups = np.asarray(groups)
     if groups.ndim != 1 or not np.issubdtype(groups.dtype, np.integer) or len(groups) == 0:
-        raise ValueError(f"groups must be a non-empty 1-D integer array, got {groups.dtype} {groups.shape}")
+        raise ValueError(
+            f"groups must be a non-empty 1-D integer array, got {groups.dtype} {groups.shape}"
+        )
     order = np.argsort(groups, kind="stable")
     counts = np.unique(groups[order], return_counts=True)[1]
     return _from_sizes(order, counts)
@@ -325,6 +331,7 @@ PARTITION_KINDS: dict[str, tuple[str, ...]] = {
     "quantity": ("distribution", "sigma", "exponent", "min_size"),
     "natural": (),
 }
+_REQUIRED = {"dirichlet": ("alpha",), "shards": ("shards_per_client",)}
 
 
 def make_partition(
@@ -354,6 +361,9 @@ def make_partition(
     if unknown:
         allowed = ", ".join(PARTITION_KINDS[kind]) or "none"
         raise ValueError(f"unknown option(s) {unknown} for partition {kind!r}; allowed: {allowed}")
+    missing = [o for o in _REQUIRED.get(kind, ()) if o not in options]
+    if missing:
+        raise ValueError(f"partition {kind!r} requires option(s) {missing}")
     if kind == "natural":
         return _natural_checked(groups, num_clients)
     if num_clients is None:

@@ -59,7 +59,9 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, np.ndarray) or self.x.dtype != np.float32 or self.x.ndim < 1:
-            raise ValueError(f"ArrayDataset.x must be a float32 array (n, ...), got {_desc(self.x)}")
+            raise ValueError(
+                f"ArrayDataset.x must be a float32 array (n, ...), got {_desc(self.x)}"
+            )
         n = len(self.x)
         _check_int_vector("ArrayDataset.y", self.y, n)
         if self.groups is not None:
@@ -143,10 +145,18 @@ FASHION_MNIST_MD5 = {
 #: re-compression (the decompressed MD5s, f4a8712d..., 9018921c..., 8181f547..., 15d48437...,
 #: agree with those published alongside torchvision's loader).
 FASHION_MNIST_SHA256 = {
-    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    "train-images-idx3-ubyte.gz": (
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"
+    ),
 }
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
@@ -228,9 +238,10 @@ def download_fashion_mnist(dest: Path) -> Path:
                 target.unlink()
         fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.")
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-                FASHION_MNIST_URL + name, timeout=60
-            ) as resp:
+            with (
+                os.fdopen(fd, "wb") as out,
+                urllib.request.urlopen(FASHION_MNIST_URL + name, timeout=60) as resp,
+            ):
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     out.write(chunk)
             verify_checksum(Path(tmp), FASHION_MNIST_MD5[name])
@@ -343,9 +354,7 @@ def _load_digits(path: str | None, seed: int) -> DataSource:
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)
     y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=0.2, random_state=seed, stratify=y
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
     return DataSource("digits", ArrayDataset(x_tr, y_tr), ArrayDataset(x_te, y_te), 10, (64,))
 
 
