@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -48,7 +50,7 @@ StoreOpt = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
 
@@ -60,7 +62,6 @@ def _load_config(exp: Path | None, overrides: list[str] | None) -> ExperimentCon
         return ExperimentConfig.from_toml(exp, overrides or [])
     except ConfigError as exc:
         _fail(str(exc))
-        raise AssertionError from exc  # unreachable: _fail exits
 
 
 def _build(cfg: ExperimentConfig) -> Experiment:
@@ -68,7 +69,6 @@ def _build(cfg: ExperimentConfig) -> Experiment:
         return cfg.build()
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-        raise AssertionError from exc
 
 
 def _store(path: Path | str) -> RunStore:
@@ -87,7 +87,7 @@ def run(exp: ExpArg = None, set_: SetOpt = None, store: StoreOpt = None) -> None
     from potluck.orchestrator import run_experiment
 
     _describe_start(cfg, experiment)
-    with _progress(experiment.rounds, 0) as on_round:
+    with _refused(), _progress(experiment.rounds, 0) as on_round:
         result = run_experiment(experiment, _store(cfg.run.store), on_round=on_round)
     _describe_end(result)
 
@@ -113,7 +113,7 @@ def resume(
     cfg = _load_config_dict(info.config)
     experiment = _build(cfg)
     console.print(f"resuming run [bold]{run_id}[/] after round {info.last_round}")
-    with _progress(experiment.rounds, info.last_round) as on_round:
+    with _refused(), _progress(experiment.rounds, info.last_round) as on_round:
         result = resume_experiment(experiment, st, run_id, on_round=on_round)
     _describe_end(result)
 
@@ -187,7 +187,11 @@ def data_describe(
     from potluck.data.describe import describe
 
     cfg = _load_config(exp, set_)
-    stats = describe(_build(cfg).federation, max_rows=rows)
+    try:
+        federation = cfg.build_federation()
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    stats = describe(federation, max_rows=rows)
     if as_json:
         print(json.dumps(stats, indent=2, default=float))
         return
@@ -214,12 +218,20 @@ def data_describe(
     console.print(table)
 
 
+@contextmanager
+def _refused() -> Iterator[None]:
+    """Report input that potluck refuses (bad data, shapes, updates) without a traceback."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+
+
 def _load_config_dict(data: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig.from_dict(data)
     except ConfigError as exc:
         _fail(f"stored config no longer valid: {exc}")
-        raise AssertionError from exc
 
 
 def _lookup(st: RunStore, ref: str) -> tuple[str, Any]:
@@ -227,7 +239,6 @@ def _lookup(st: RunStore, ref: str) -> tuple[str, Any]:
         run_id = st.resolve(ref)
     except (KeyError, ValueError) as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
-        raise AssertionError from exc
     return run_id, st.get_run(run_id)
 
 
@@ -262,6 +273,9 @@ def _describe_end(result: RunResult) -> None:
     if result.run_dir is not None:
         console.print(f"stored in {result.run_dir} (report: {result.run_dir / 'report.html'})")
         console.print(f"see per-round metrics with: potluck show {result.run_id}")
+
+
+_PROGRESS_KEYS = ("cohort_size", "train_loss", "test_accuracy", "fed_accuracy", "round_seconds")
 
 
 class _progress:
@@ -299,8 +313,9 @@ class _progress:
             fields["acc"] = _fmt(acc)
         self.bar.update(self.task, completed=rnd, **fields)
         if self.quiet:
-            line = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
-            console.print(f"round {rnd}: {line}", highlight=False)
+            shown = [k for k in _PROGRESS_KEYS if k in metrics]
+            line = " ".join(f"{k}={_fmt(metrics[k])}" for k in shown)
+            console.print(f"round {rnd} {line}", highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc: object) -> None:
         self.bar.__exit__(*exc)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 if TYPE_CHECKING:
     from potluck.algorithms.base import Algorithm
+    from potluck.data.federation import Federation
     from potluck.orchestrator import Experiment
 
 
@@ -108,9 +109,9 @@ class SamplerConfig(_Section):
 class ClientConfig(_Section):
     """Local training: epochs of mini-batch SGD."""
 
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
 
@@ -188,28 +189,17 @@ class ExperimentConfig(_Section):
     def build(self) -> Experiment:
         """The runnable ``Experiment`` (loads the dataset, builds the partition)."""
         from potluck.core.task import Task
-        from potluck.data.federation import Federation
         from potluck.models import build_model
         from potluck.orchestrator import Evaluation, Experiment
 
-        data = self.data
-        federation = Federation.from_config(
-            data.dataset,
-            num_clients=data.num_clients,
-            partition=data.partition.kind,
-            partition_options=data.partition.options(),
-            test_fraction=data.test_fraction,
-            seed=self.seed,
-            path=data.path,
-            source_options=data.source_options(),
-        )
+        federation = self.build_federation()
         source = federation.source
-        model_name = self.model.name
+        model_name, dataset = self.model.name, self.data.dataset
         task = Task(
             model_fn=lambda: build_model(
                 model_name, input_shape=source.input_shape, num_classes=source.num_classes
             ),
-            name=f"{data.dataset}/{model_name}",
+            name=f"{dataset}/{model_name}",
         )
         return Experiment(
             task=task,
@@ -223,6 +213,22 @@ class ExperimentConfig(_Section):
             threads=self.run.threads,
             name=self.run.name,
             config=self.to_dict(),
+        )
+
+    def build_federation(self) -> Federation:
+        """The federation this config describes (loads the dataset, builds the partition)."""
+        from potluck.data.federation import Federation
+
+        data = self.data
+        return Federation.from_config(
+            data.dataset,
+            num_clients=data.num_clients,
+            partition=data.partition.kind,
+            partition_options=data.partition.options(),
+            test_fraction=data.test_fraction,
+            seed=self.seed,
+            path=data.path,
+            source_options=data.source_options(),
         )
 
     def algorithm_parts(self) -> Algorithm:

@@ -144,9 +144,11 @@ def run_experiment(
     on_round: RoundCallback | None = None,
 ) -> RunResult:
     """Run ``experiment`` from round 1; record it in ``store`` if one is given."""
-    store = _open(store)
-    run_id = store.create_run(experiment.describe(), experiment.name) if store else None
-    return _Loop(experiment, store, run_id, on_round).run(None)
+    loop = _Loop(experiment, on_round)  # builds the model: bad tasks fail before storing
+    opened = _open(store)
+    if opened is not None:
+        loop.record_to(opened, opened.create_run(experiment.describe(), experiment.name))
+    return loop.run(None)
 
 
 def resume_experiment(
@@ -165,9 +167,11 @@ def resume_experiment(
     if found is not None:
         rnd, ckpt = found
         start = _State(rnd, ckpt.tensors["global"], _prefixed(ckpt.tensors, "server/"))
+    loop = _Loop(experiment, on_round)
     opened.truncate_after(run_id, start.round if start else 0)
     opened.set_status(run_id, "running")
-    return _Loop(experiment, opened, run_id, on_round).run(start)
+    loop.record_to(opened, run_id)
+    return loop.run(start)
 
 
 def _open(store: RunStore | str | Path | None) -> RunStore | None:
@@ -183,22 +187,20 @@ def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
 class _Loop:
     """One execution of the round loop for an experiment."""
 
-    def __init__(
-        self,
-        exp: Experiment,
-        store: RunStore | None,
-        run_id: str | None,
-        on_round: RoundCallback | None,
-    ) -> None:
+    def __init__(self, exp: Experiment, on_round: RoundCallback | None) -> None:
         self.exp, self.on_round = exp, on_round
-        self.store = store if store is not None and run_id is not None else None
-        self.run_id = run_id or ""
+        self.store: RunStore | None = None
+        self.run_id = ""
         self.seeds = Seeds(exp.seed)
         algo = exp.algorithm
         self.program = ClientProgram(
             exp.task, exp.federation, algo.local, transforms=algo.transforms, seed=exp.seed
         )
         self.num_clients = exp.federation.num_clients
+
+    def record_to(self, store: RunStore, run_id: str) -> None:
+        """Commit every round of this loop to ``store`` under ``run_id``."""
+        self.store, self.run_id = store, run_id
 
     def run(self, start: _State | None) -> RunResult:
         exp = self.exp
