@@ -238,7 +238,8 @@ class _Loop:
         summary = _summary(result)
         self.store.finish(self.run_id, "finished", summary)
         info = self.store.get_run(self.run_id)
-        title = f"potluck run {self.run_id}" + (f" ({info.name})" if info.name else "")
+        named = info.name and info.name != self.run_id
+        title = f"potluck run {self.run_id}" + (f" ({info.name})" if named else "")
         write_report(
             info.run_dir,
             self.store.rounds(self.run_id),
