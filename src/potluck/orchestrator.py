@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ import numpy as np
 import torch
 
 from potluck.algorithms.base import Algorithm
-from potluck.client.program import ClientProgram, EvalResult
+from potluck.client.program import ClientProgram, EvalResult, RoundInput
+from potluck.client.rules import Tensors, Uploaded
 from potluck.core.message import Message
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
@@ -132,9 +134,34 @@ class RunResult:
 
 @dataclass
 class _State:
+    """Everything the server carries from round to round (all of it checkpointed)."""
+
     round: int
     w: torch.Tensor
     server: dict[str, torch.Tensor]
+    rule: dict[str, torch.Tensor]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "global": self.w,
+            **{f"server/{k}": v for k, v in self.server.items()},
+            **{f"rule/{k}": v for k, v in self.rule.items()},
+        }
+
+    @classmethod
+    def from_checkpoint(cls, round: int, ckpt: Checkpoint) -> _State:
+        t = ckpt.tensors
+        return cls(round, t["global"], _prefixed(t, "server/"), _prefixed(t, "rule/"))
+
+
+@dataclass(frozen=True)
+class _Collected:
+    """The validated uploads of one round, stacked for aggregation."""
+
+    deltas: torch.Tensor
+    weights: torch.Tensor
+    uploads: list[Uploaded]
+    per_client: list[tuple[int, dict[str, float]]]
 
 
 def run_experiment(
@@ -143,9 +170,17 @@ def run_experiment(
     *,
     on_round: RoundCallback | None = None,
 ) -> RunResult:
-    """Run ``experiment`` from round 1; record it in ``store`` if one is given."""
+    """Run ``experiment`` from round 1; record it in ``store`` if one is given.
+
+    Algorithms whose clients keep state (SCAFFOLD) keep it in a run store; without one, a
+    temporary store is used and removed afterwards.
+    """
     loop = _Loop(experiment, on_round)  # builds the model: bad tasks fail before storing
     opened = _open(store)
+    if opened is None and experiment.algorithm.rule.client_state:
+        with tempfile.TemporaryDirectory(prefix="potluck-states-") as tmp, RunStore(tmp) as temp:
+            loop.record_to(temp, temp.create_run(experiment.describe()), keep=False)
+            return loop.run(None)
     if opened is not None:
         loop.record_to(opened, opened.create_run(experiment.describe(), experiment.name))
     return loop.run(None)
@@ -163,10 +198,7 @@ def resume_experiment(
     assert opened is not None
     run_id = opened.resolve(run_id)
     found = opened.latest_checkpoint(run_id)
-    start = None
-    if found is not None:
-        rnd, ckpt = found
-        start = _State(rnd, ckpt.tensors["global"], _prefixed(ckpt.tensors, "server/"))
+    start = _State.from_checkpoint(*found) if found is not None else None
     loop = _Loop(experiment, on_round)
     opened.truncate_after(run_id, start.round if start else 0)
     opened.set_status(run_id, "running")
@@ -190,17 +222,22 @@ class _Loop:
     def __init__(self, exp: Experiment, on_round: RoundCallback | None) -> None:
         self.exp, self.on_round = exp, on_round
         self.store: RunStore | None = None
-        self.run_id = ""
+        self.run_id, self.keep = "", True
         self.seeds = Seeds(exp.seed)
         algo = exp.algorithm
         self.program = ClientProgram(
-            exp.task, exp.federation, algo.local, transforms=algo.transforms, seed=exp.seed
+            exp.task,
+            exp.federation,
+            algo.local,
+            rule=algo.rule,
+            transforms=algo.transforms,
+            seed=exp.seed,
         )
         self.num_clients = exp.federation.num_clients
 
-    def record_to(self, store: RunStore, run_id: str) -> None:
-        """Commit every round of this loop to ``store`` under ``run_id``."""
-        self.store, self.run_id = store, run_id
+    def record_to(self, store: RunStore, run_id: str, keep: bool = True) -> None:
+        """Commit every round to ``store`` under ``run_id``; ``keep=False``: a scratch store."""
+        self.store, self.run_id, self.keep = store, run_id, keep
 
     def run(self, start: _State | None) -> RunResult:
         exp = self.exp
@@ -208,15 +245,15 @@ class _Loop:
             torch.set_num_threads(exp.threads)
         if start is None:
             w0 = self.program.initial_weights()
-            start = _State(0, w0, exp.algorithm.server.init(w0))
+            start = _State(0, w0, exp.algorithm.server.init(w0), exp.algorithm.rule.server_init(w0))
         self.program.spec.check(start.w, "checkpointed global weights")
         history = [r.metrics for r in self.store.rounds(self.run_id)] if self.store else []
         engine = make_engine(exp.engine, self.program)
         state = start
         try:
             for rnd in range(start.round + 1, exp.rounds + 1):
-                state, metrics, per_client = self._round(engine, state, rnd)
-                self._commit(state, metrics, per_client)
+                state, metrics, per_client, client_states = self._round(engine, state, rnd)
+                self._commit(state, metrics, per_client, client_states)
                 history.append(metrics)
                 if self.on_round:
                     self.on_round(rnd, metrics)
@@ -226,8 +263,8 @@ class _Loop:
             raise
         finally:
             engine.close()
-        result = RunResult(self.run_id or None, state.w, history)
-        if self.store:
+        result = RunResult(self.run_id if self.keep else None, state.w, history)
+        if self.store and self.keep:
             result.run_dir = self._finish(result)
         return result
 
@@ -251,37 +288,61 @@ class _Loop:
 
     def _round(
         self, engine: Engine, state: _State, rnd: int
-    ) -> tuple[_State, dict[str, float], list[tuple[int, dict[str, float]]]]:
+    ) -> tuple[_State, dict[str, float], list[tuple[int, dict[str, float]]], dict[int, Tensors]]:
         algo, t0 = self.exp.algorithm, time.perf_counter()
         cohort = algo.sampler.sample(self.num_clients, self.seeds.numpy("sampling", rnd))
-        messages = engine.train(cohort, state.w, rnd)
-        deltas, weights, per_client = self._collect(cohort, messages)
-        mean_delta = algo.aggregator(deltas, weights)
-        w, server_state = algo.server.step(state.w, mean_delta, state.server)
+        work, reports = algo.stragglers.plan(
+            len(cohort), algo.local.epochs, self.seeds.numpy("stragglers", rnd)
+        )
+        active = cohort[reports]
+        broadcast = algo.rule.broadcast(state.rule)
+        states = self._client_states(active)
+        job = RoundInput(rnd, state.w, active, broadcast, states, work[reports])
+        results = engine.train(job) if len(active) else []
+        new_state, up = state, self._collect(active, [r.message for r in results])
+        if results:
+            mean_delta = algo.aggregator(up.deltas, up.weights)
+            mean_delta, rule_state = algo.rule.server_update(
+                state.rule, mean_delta, up.uploads, up.weights, self.num_clients
+            )
+            w, server_state = algo.server.step(state.w, mean_delta, state.server)
+            new_state = _State(rnd, w, server_state, rule_state)
+        new_state.round = rnd
+        down = state.w.numel() + sum(v.numel() for v in broadcast.values())
         metrics = {
             "cohort_size": float(len(cohort)),
-            "train_loss": _weighted_mean(per_client, "train_loss"),
-            "bytes_up": float(sum(m.nbytes for m in messages)),
-            "bytes_down": float(len(cohort) * state.w.numel() * 4),
+            "updates": float(len(results)),
+            "train_loss": _weighted_mean(up.per_client, "train_loss"),
+            "bytes_up": float(sum(r.message.nbytes for r in results)),
+            "bytes_down": float(len(active) * down * 4),
         }
         if self.exp.evaluation.due(rnd, self.exp.rounds):
-            metrics.update(self._evaluate(engine, w, rnd))
+            metrics.update(self._evaluate(engine, new_state.w, rnd))
         metrics["round_seconds"] = time.perf_counter() - t0
-        return _State(rnd, w, server_state), metrics, per_client
+        client_states = {int(c): r.state for c, r in zip(active, results, strict=True) if r.state}
+        return new_state, metrics, up.per_client, client_states
 
-    def _collect(
-        self, cohort: np.ndarray, messages: Sequence[Message]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, dict[str, float]]]]:
-        spec, decode = self.program.spec, self.exp.algorithm.transforms.decode
-        decoded = [decode(m) for m in messages]
-        per_client = []
-        for cid, msg in zip(cohort, decoded, strict=True):
-            msg.validate({"delta": spec.size}, source=f"update from client {cid}")
+    def _client_states(self, cohort: np.ndarray) -> tuple[Tensors, ...]:
+        if not self.exp.algorithm.rule.client_state or self.store is None:
+            return tuple({} for _ in cohort)
+        return tuple(self.store.client_states(self.run_id, [int(c) for c in cohort]))
+
+    def _collect(self, cohort: np.ndarray, messages: Sequence[Message]) -> _Collected:
+        spec, algo = self.program.spec, self.exp.algorithm
+        expected = {"delta": spec.size, **{name: spec.size for name in algo.rule.uploads}}
+        uploads, per_client, weights = [], [], []
+        for cid, raw in zip(cohort, messages, strict=True):
+            msg = algo.transforms.decode(raw)
+            msg.validate(expected, source=f"update from client {cid}")
             numeric = {k: float(v) for k, v in msg.scalars.items() if isinstance(v, int | float)}
             per_client.append((int(cid), numeric))
-        deltas = torch.stack([m.arrays["delta"] for m in decoded])
-        weights = torch.tensor([m.scalar("num_examples") for m in decoded], dtype=torch.float64)
-        return deltas, weights, per_client
+            uploads.append(Uploaded(msg.arrays, msg.scalars))
+            key = "weight" if "weight" in msg.scalars else "num_examples"
+            weights.append(msg.scalar(key, source=f"update from client {cid}"))
+        if not uploads:
+            return _Collected(torch.zeros(0, spec.size), torch.zeros(0), [], [])
+        deltas = torch.stack([u.arrays["delta"] for u in uploads])
+        return _Collected(deltas, torch.tensor(weights, dtype=torch.float64), uploads, per_client)
 
     def _evaluate(self, engine: Engine, w: torch.Tensor, rnd: int) -> dict[str, float]:
         ev, out = self.exp.evaluation, dict[str, float]()
@@ -305,15 +366,17 @@ class _Loop:
         state: _State,
         metrics: dict[str, float],
         per_client: list[tuple[int, dict[str, float]]],
+        client_states: dict[int, Tensors],
     ) -> None:
         if self.store is None:
             return
         exp = self.exp
         ckpt = None
         if state.round % exp.checkpoint_every == 0 or state.round == exp.rounds:
-            tensors = {"global": state.w, **{f"server/{k}": v for k, v in state.server.items()}}
-            ckpt = Checkpoint(tensors=tensors, meta={"round": state.round})
-        self.store.commit_round(self.run_id, state.round, metrics, per_client, ckpt)
+            ckpt = Checkpoint(tensors=state.tensors(), meta={"round": state.round})
+        self.store.commit_round(
+            self.run_id, state.round, metrics, per_client, ckpt, client_states=client_states
+        )
 
 
 def _weighted_mean(per_client: list[tuple[int, dict[str, float]]], key: str) -> float:

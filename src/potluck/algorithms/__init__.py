@@ -2,6 +2,9 @@
 
 from potluck.algorithms.base import Algorithm
 from potluck.algorithms.fedavg import fedavg
+from potluck.algorithms.fednova import fednova
+from potluck.algorithms.fedprox import fedprox
 from potluck.algorithms.fedsgd import fedsgd
+from potluck.algorithms.scaffold import scaffold
 
-__all__ = ["Algorithm", "fedavg", "fedsgd"]
+__all__ = ["Algorithm", "fedavg", "fednova", "fedprox", "fedsgd", "scaffold"]

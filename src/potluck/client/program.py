@@ -3,6 +3,8 @@
 It holds one model instance (built once), the federation's data access, the local rule and
 the update transforms. ``train(cid, w, round)`` returns the client's encoded update message,
 ``evaluate(cid, w)`` its local test metrics. Every random choice derives from the run seed.
+A ``LocalRule`` (FedProx, SCAFFOLD, FedNova, ...) corrects the gradient, may read and
+return per-client state, and may add arrays and scalars to the upload.
 
 Example:
     >>> import torch
@@ -10,7 +12,7 @@ Example:
     >>> from potluck.data import Federation
     >>> fed = Federation.from_client_data([(torch.randn(20, 4), torch.arange(20) % 3)] * 2)
     >>> program = ClientProgram(Task(lambda: torch.nn.Linear(4, 3)), fed, LocalSGD(), seed=0)
-    >>> msg = program.train(0, program.initial_weights(), round=1)
+    >>> msg = program.train(0, program.initial_weights(), round=1).message
     >>> msg.arrays["delta"].shape, msg.scalars["num_examples"]
     (torch.Size([15]), 20)
 """
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from potluck.client.rules import LocalRule, PlainRule, Tensors
 from potluck.client.sgd import LocalSGD
 from potluck.core.message import Message
 from potluck.core.params import ParamSpec
@@ -35,6 +38,36 @@ if TYPE_CHECKING:
     from potluck.data.federation import Federation
 
 EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """A client's encoded upload and its new persistent state (kept on the client)."""
+
+    message: Message
+    state: Tensors
+
+
+@dataclass(frozen=True)
+class RoundInput:
+    """What the server hands an engine for one round.
+
+    ``states[k]`` is cohort member k's persistent state (empty for stateless rules);
+    ``work[k]`` in (0, 1] the share of its local steps it completes (1 = all; stragglers'
+    partial work is less).
+    """
+
+    round: int
+    w: torch.Tensor
+    cohort: np.ndarray
+    broadcast: Tensors
+    states: tuple[Tensors, ...]
+    work: np.ndarray
+
+    def __post_init__(self) -> None:
+        k = len(self.cohort)
+        if len(self.states) != k or self.work.shape != (k,):
+            raise ValueError(f"RoundInput: states and work must have one entry per client ({k})")
 
 
 @dataclass(frozen=True)
@@ -61,14 +94,16 @@ class ClientProgram:
         self,
         task: Task,
         federation: Federation,
-        rule: LocalSGD,
+        optimizer: LocalSGD,
         *,
+        rule: LocalRule | None = None,
         transforms: Chain | None = None,
         seed: int = 0,
     ) -> None:
         self.task = task
         self.federation = federation
-        self.rule = rule
+        self.optimizer = optimizer
+        self.rule: LocalRule = rule or PlainRule()
         self.transforms = transforms or Chain()
         self.seeds = Seeds(seed)
         with torch.random.fork_rng():
@@ -100,39 +135,79 @@ class ClientProgram:
         (g,) = torch.autograd.grad(loss, w)
         return g, loss.detach()
 
-    def train(self, cid: int, w_global: torch.Tensor, round: int) -> Message:
-        """Train client ``cid`` from ``w_global``; the encoded update message."""
+    def steps_for(self, cid: int, work: float = 1.0) -> int:
+        """Local steps client ``cid`` takes when it completes ``work`` of its epochs."""
+        full = self.optimizer.num_steps(self.federation.num_examples(cid))
+        return min(full, max(1, int(work * full))) if full else 0
+
+    def train(
+        self,
+        cid: int,
+        w_global: torch.Tensor,
+        round: int,
+        *,
+        broadcast: Tensors | None = None,
+        state: Tensors | None = None,
+        work: float = 1.0,
+    ) -> ClientResult:
+        """Train client ``cid`` from ``w_global``: its encoded upload and new state."""
         data = self.federation.client(cid)
         x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
         gen = self.seeds.torch("batch", round, cid)
         torch.manual_seed(self.seeds.integer("dropout", round, cid))
         self.model.train()
-        w, loss_sum, seen, steps = self._local_sgd(w_global, x, y, gen)
-        scalars: dict[str, int | float | str] = {"num_examples": len(y), "num_steps": steps}
+        rule_state = self.rule.begin(w_global, broadcast or {}, state or {})
+        total = self.steps_for(cid, work)
+        w, loss_sum, seen = self._local_steps(w_global, rule_state, x, y, total, gen)
+        out = self.rule.finish(w_global, w, rule_state, total, self.optimizer.lr)
+        scalars: dict[str, int | float | str] = {"num_examples": len(y), "num_steps": total}
         if seen:
             scalars["train_loss"] = loss_sum / seen
-        msg = Message(arrays={"delta": w - w_global}, scalars=scalars)
-        return self.transforms.encode(msg, EncodeContext(client_id=int(cid), round=round))
+        msg = Message(
+            arrays={"delta": w - w_global, **out.arrays}, scalars={**scalars, **out.scalars}
+        )
+        msg = self.transforms.encode(msg, EncodeContext(client_id=int(cid), round=round))
+        return ClientResult(msg, out.state)
 
-    def _local_sgd(
-        self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
-    ) -> tuple[torch.Tensor, float, int, int]:
-        """Run the rule's steps; (weights, summed batch loss, examples seen, steps)."""
-        n, rule = len(y), self.rule
-        total, b = rule.num_steps(n), rule.batch_len(n)
-        state, loss_sum, seen, step = rule.init(w), 0.0, 0, 0
+    def run_round(self, job: RoundInput, cids: range | None = None) -> list[ClientResult]:
+        """Train cohort members ``cids`` (default: all) of ``job`` one after another."""
+        return [
+            self.train(
+                int(job.cohort[k]),
+                job.w,
+                job.round,
+                broadcast=job.broadcast,
+                state=job.states[k],
+                work=float(job.work[k]),
+            )
+            for k in (cids if cids is not None else range(len(job.cohort)))
+        ]
+
+    def _local_steps(
+        self,
+        w: torch.Tensor,
+        rule_state: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        total: int,
+        gen: torch.Generator,
+    ) -> tuple[torch.Tensor, float, int]:
+        """``total`` mini-batch steps; (weights, summed batch loss, examples seen)."""
+        n, opt = len(y), self.optimizer
+        b = opt.batch_len(n)
+        opt_state, loss_sum, seen, step = opt.init(w), 0.0, 0, 0
         while step < total:
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, b):
                 idx = order[start : start + b]
                 g, loss = self._grad(w, x[idx], y[idx])
-                w, state = rule.step(w, state, g)
+                w, opt_state = opt.step(w, opt_state, self.rule.gradient(w, g, rule_state))
                 loss_sum += float(loss) * len(idx)
                 seen += len(idx)
                 step += 1
                 if step == total:
                     break
-        return w, loss_sum, seen, step
+        return w, loss_sum, seen
 
     @torch.no_grad()
     def evaluate_arrays(self, w: torch.Tensor, x: np.ndarray, y: np.ndarray) -> EvalResult:

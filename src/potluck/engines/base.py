@@ -1,7 +1,8 @@
 """The engine protocol and the engine registry.
 
-An engine runs a ``ClientProgram`` for a cohort: ``train`` returns one update message per
-client, in cohort order; ``evaluate`` one ``EvalResult`` per client.
+An engine runs a ``ClientProgram`` for a cohort: ``train`` returns one ``ClientResult``
+(encoded upload and new client state) per cohort member, in cohort order; ``evaluate`` one
+``EvalResult`` per client.
 
 Example:
     >>> available_engines()
@@ -15,8 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from potluck.client.program import ClientProgram, EvalResult
-from potluck.core.message import Message
+from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
 
 
 class Engine(Protocol):
@@ -24,7 +24,7 @@ class Engine(Protocol):
 
     name: str
 
-    def train(self, cohort: np.ndarray, w: torch.Tensor, round: int) -> list[Message]: ...
+    def train(self, job: RoundInput) -> list[ClientResult]: ...
 
     def evaluate(self, clients: np.ndarray, w: torch.Tensor) -> list[EvalResult]: ...
 

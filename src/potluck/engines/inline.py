@@ -7,11 +7,13 @@ Example:
     >>> import numpy as np
     >>> import torch
     >>> from potluck.client import ClientProgram, LocalSGD
+    >>> from potluck.client.program import RoundInput
     >>> from potluck.core.task import Task
     >>> from potluck.data import Federation
     >>> fed = Federation.from_client_data([(torch.randn(8, 2), torch.arange(8) % 2)] * 3)
     >>> engine = InlineEngine(ClientProgram(Task(lambda: torch.nn.Linear(2, 2)), fed, LocalSGD()))
-    >>> len(engine.train(np.array([0, 2]), torch.zeros(6), round=1))
+    >>> job = RoundInput(1, torch.zeros(6), np.array([0, 2]), {}, ({}, {}), np.ones(2))
+    >>> len(engine.train(job))
     2
 """
 
@@ -20,8 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from potluck.client.program import ClientProgram, EvalResult
-from potluck.core.message import Message
+from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
 
 
 class InlineEngine:
@@ -32,8 +33,8 @@ class InlineEngine:
     def __init__(self, program: ClientProgram) -> None:
         self.program = program
 
-    def train(self, cohort: np.ndarray, w: torch.Tensor, round: int) -> list[Message]:
-        return [self.program.train(int(cid), w, round) for cid in cohort]
+    def train(self, job: RoundInput) -> list[ClientResult]:
+        return self.program.run_round(job)
 
     def evaluate(self, clients: np.ndarray, w: torch.Tensor) -> list[EvalResult]:
         return [self.program.evaluate(int(cid), w) for cid in clients]

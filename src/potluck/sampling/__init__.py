@@ -1,5 +1,6 @@
-"""Samplers: which clients take part in a round."""
+"""Samplers and system heterogeneity: which clients take part, and how much they do."""
 
+from potluck.sampling.stragglers import Stragglers
 from potluck.sampling.uniform import UniformSampler
 
-__all__ = ["UniformSampler"]
+__all__ = ["Stragglers", "UniformSampler"]

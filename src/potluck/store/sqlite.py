@@ -38,6 +38,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import torch
+
 from potluck.store.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 STATUSES = ("running", "finished", "failed")
@@ -90,7 +92,19 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             FOREIGN KEY (run, round) REFERENCES rounds (run, round) ON DELETE CASCADE
         ) WITHOUT ROWID""",
     ),
+    (
+        """CREATE TABLE client_state (
+            run INTEGER NOT NULL,
+            round INTEGER NOT NULL,
+            client INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            data BLOB NOT NULL,
+            UNIQUE (run, client, name, round),
+            FOREIGN KEY (run, round) REFERENCES rounds (run, round) ON DELETE CASCADE
+        )""",
+    ),
 )
+_IN_CHUNK = 500
 
 
 class UnknownRunError(KeyError):
@@ -257,16 +271,20 @@ class RunStore:
         metrics: Mapping[str, float],
         client_metrics: Sequence[tuple[int, Mapping[str, float]]] = (),
         checkpoint: Checkpoint | None = None,
+        client_states: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         """Commit round ``round`` (which must be ``last_round + 1``) atomically.
 
         Writes the checkpoint file (if any) first, then one transaction with the round, its
-        metrics, the clients' metrics and the checkpoint row; then prunes old checkpoints if
-        ``keep_checkpoints`` is set. Metric values must be real numbers (``NaN`` reads back
-        as ``nan``).
+        metrics, the clients' metrics, the clients' new persistent state vectors and the
+        checkpoint row; then prunes old checkpoints if ``keep_checkpoints`` is set. Metric
+        values must be real numbers (``NaN`` reads back as ``nan``). With a checkpoint,
+        client-state versions no resume can need any more are dropped in the same
+        transaction.
         """
         round_rows = _metric_rows(metrics, f"round {round} metrics")
         client_rows = _client_rows(client_metrics, round)
+        state_rows = _state_rows(client_states or {}, round)
         self._check_next_round(self._run_key(run_id), run_id, round)
         relpath = None
         if checkpoint is not None:
@@ -276,6 +294,12 @@ class RunStore:
             key = self._run_key(run_id)
             self._check_next_round(key, run_id, round)
             self._insert_round(key, round, round_rows, client_rows, relpath)
+            self._conn.executemany(
+                "INSERT INTO client_state VALUES (?, ?, ?, ?, ?)",
+                [(key, round, *row) for row in state_rows],
+            )
+            if relpath is not None:
+                self._drop_superseded_states(key, round)
         if checkpoint is not None and self.keep_checkpoints is not None:
             self._prune(run_id, self.keep_checkpoints)
 
@@ -311,6 +335,24 @@ class RunStore:
         for rnd, client, name, value in self._conn.execute(sql + " ORDER BY round, rowid", args):
             out.setdefault((rnd, client), {})[name] = _from_sql(value)
         return [(rnd, client, m) for (rnd, client), m in out.items()]
+
+    def client_states(self, run_id: str, clients: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Each client's newest committed state vectors (an empty dict for a new client)."""
+        key = self._run_key(run_id)
+        found: dict[int, dict[str, torch.Tensor]] = {}
+        wanted = sorted({int(c) for c in clients})
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(
+                "SELECT client, name, MAX(round), data FROM client_state"
+                f" WHERE run = ? AND client IN ({marks}) GROUP BY client, name",
+                (key, *chunk),
+            )
+            for client, name, _, data in rows:
+                vec = torch.frombuffer(bytearray(data), dtype=torch.float32)
+                found.setdefault(client, {})[name] = vec
+        return [found.get(int(c), {}) for c in clients]
 
     def latest_checkpoint(self, run_id: str) -> tuple[int, Checkpoint] | None:
         """``(round, checkpoint)`` of the newest recorded checkpoint that loads, or ``None``."""
@@ -371,6 +413,16 @@ class RunStore:
         )
         if relpath is not None:
             conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?)", (key, round, relpath))
+
+    def _drop_superseded_states(self, key: int, round: int) -> None:
+        """Delete state versions older than each client's newest version at ``round``."""
+        self._conn.execute(
+            "DELETE FROM client_state WHERE run = ? AND round < ("
+            " SELECT MAX(n.round) FROM client_state AS n WHERE n.run = client_state.run"
+            " AND n.client = client_state.client AND n.name = client_state.name"
+            " AND n.round <= ?)",
+            (key, round),
+        )
 
     def _migrate(self) -> None:
         with self._transaction():
@@ -480,6 +532,24 @@ def _client_rows(
         seen.add(client)
         where = f"round {round} client {client}"
         rows += [(int(client), n, v) for n, v in _metric_rows(metrics, where)]
+    return rows
+
+
+def _state_rows(
+    states: Mapping[int, Mapping[str, torch.Tensor]], round: int
+) -> list[tuple[int, str, bytes]]:
+    """``(client, name, float32 bytes)`` rows; 1-D finite float32 vectors only."""
+    rows: list[tuple[int, str, bytes]] = []
+    for client, named in states.items():
+        if isinstance(client, bool) or not isinstance(client, numbers.Integral):
+            raise TypeError(f"round {round}: client state key must be an int, got {client!r}")
+        for name, vec in named.items():
+            where = f"round {round}: state {name!r} of client {client}"
+            if not isinstance(vec, torch.Tensor) or vec.dtype != torch.float32 or vec.dim() != 1:
+                raise TypeError(f"{where} must be a 1-D float32 tensor")
+            if not bool(torch.isfinite(vec).all()):
+                raise ValueError(f"{where} contains NaN or Inf")
+            rows.append((int(client), name, vec.detach().contiguous().numpy().tobytes()))
     return rows
 
 
