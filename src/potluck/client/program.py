@@ -154,7 +154,7 @@ class ClientProgram:
         data = self.federation.client(cid)
         x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
         gen = self.seeds.torch("batch", round, cid)
-        torch.manual_seed(self.seeds.integer("dropout", round, cid))
+        torch.default_generator.manual_seed(self.seeds.integer("dropout", round, cid))
         self.model.train()
         rule_state = self.rule.begin(w_global, broadcast or {}, state or {})
         total = self.steps_for(cid, work)
