@@ -90,3 +90,22 @@ def test_algorithm_parts_follow_the_config() -> None:
     assert len(algo.transforms.transforms) == 1
     sgd = ExperimentConfig.from_dict({"algorithm": {"name": "fedsgd"}, "server": {"lr": 0.3}})
     assert sgd.algorithm_parts().name == "fedsgd" and sgd.algorithm_parts().server.lr == 0.3
+
+
+def test_non_iid_algorithms_from_config() -> None:
+    prox = ExperimentConfig.from_dict(
+        {"algorithm": {"name": "fedprox", "mu": 1.0, "stragglers": 0.5}}
+    ).algorithm_parts()
+    assert (prox.name, prox.rule.name, prox.stragglers.fraction) == ("fedprox", "fedprox", 0.5)
+    assert prox.stragglers.mode == "partial"
+    avg = ExperimentConfig.from_dict({"algorithm": {"stragglers": 0.9}}).algorithm_parts()
+    assert avg.stragglers.mode == "drop"
+    nova = ExperimentConfig.from_dict(
+        {"algorithm": {"name": "fednova"}, "client": {"momentum": 0.9}}
+    ).algorithm_parts()
+    assert nova.rule.normaliser(1) == 1.0 and nova.rule.momentum == 0.9
+    assert ExperimentConfig.from_dict(
+        {"algorithm": {"name": "scaffold"}}
+    ).algorithm_parts().rule.client_state == ("c_i",)
+    with pytest.raises(ConfigError, match="stragglers do not apply"):
+        ExperimentConfig.from_dict({"algorithm": {"name": "fedsgd", "stragglers": 0.5}})

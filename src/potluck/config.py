@@ -125,8 +125,20 @@ class ServerConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["fedavg", "fedsgd"] = "fedavg"
+    """The named algorithm and its own hyperparameters."""
+
+    name: Literal["fedavg", "fedsgd", "fedprox", "scaffold", "fednova"] = "fedavg"
+    mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
+    stragglers: float = Field(
+        0.0, ge=0, le=1, description="share of each cohort doing 1..E epochs (FedProx: kept)"
+    )
     clip_norm: float | None = Field(None, gt=0, description="L2-clip each update (None = off)")
+
+    @model_validator(mode="after")
+    def _fedsgd_has_no_stragglers(self) -> AlgorithmConfig:
+        if self.name == "fedsgd" and self.stragglers:
+            raise ValueError("fedsgd takes one step per client: stragglers do not apply")
+        return self
 
 
 class EvaluationConfig(_Section):
@@ -233,33 +245,37 @@ class ExperimentConfig(_Section):
 
     def algorithm_parts(self) -> Algorithm:
         """The named algorithm with this config's hyperparameters."""
-        from potluck.algorithms import fedavg, fedsgd
+        from potluck import algorithms
         from potluck.updates import ClipNorm
 
-        s, c, sv = self.sampler, self.client, self.server
-        clip = (ClipNorm(self.algorithm.clip_norm),) if self.algorithm.clip_norm else ()
-        if self.algorithm.name == "fedsgd":
-            return fedsgd(
-                clients_per_round=s.clients_per_round,
-                fraction=s.fraction,
-                min_clients=s.min_clients,
-                lr=sv.lr,
-                server_momentum=sv.momentum,
-                transforms=clip,
-            )
-        return fedavg(
-            clients_per_round=s.clients_per_round,
-            fraction=s.fraction,
-            min_clients=s.min_clients,
-            epochs=c.epochs,
-            batch_size=c.batch_size,
-            lr=c.lr,
-            momentum=c.momentum,
-            weight_decay=c.weight_decay,
-            server_lr=sv.lr,
-            server_momentum=sv.momentum,
-            transforms=clip,
-        )
+        s, c, sv, a = self.sampler, self.client, self.server, self.algorithm
+        clip = (ClipNorm(a.clip_norm),) if a.clip_norm else ()
+        cohort: dict[str, Any] = {
+            "clients_per_round": s.clients_per_round,
+            "fraction": s.fraction,
+            "min_clients": s.min_clients,
+            "transforms": clip,
+        }
+        if a.name == "fedsgd":
+            return algorithms.fedsgd(**cohort, lr=sv.lr, server_momentum=sv.momentum)
+        local: dict[str, Any] = {
+            "epochs": c.epochs,
+            "batch_size": c.batch_size,
+            "lr": c.lr,
+            "momentum": c.momentum,
+            "weight_decay": c.weight_decay,
+            "server_lr": sv.lr,
+            "server_momentum": sv.momentum,
+            "stragglers": a.stragglers,
+        }
+        if a.name == "fedprox":
+            return algorithms.fedprox(mu=a.mu, **cohort, **local)
+        named = {
+            "fedavg": algorithms.fedavg,
+            "scaffold": algorithms.scaffold,
+            "fednova": algorithms.fednova,
+        }
+        return named[a.name](**cohort, **local)
 
 
 def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
