@@ -127,8 +127,9 @@ class ServerConfig(_Section):
 class AlgorithmConfig(_Section):
     """The named algorithm and its own hyperparameters."""
 
-    name: Literal["fedavg", "fedsgd", "fedprox", "scaffold", "fednova"] = "fedavg"
+    name: Literal["fedavg", "fedsgd", "fedprox", "scaffold", "fednova", "qffl"] = "fedavg"
     mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
+    q: float = Field(1.0, ge=0, description="q-FFL fairness parameter (0 = FedAvg objective)")
     stragglers: float = Field(
         0.0, ge=0, le=1, description="share of each cohort doing 1..E epochs (FedProx: kept)"
     )
@@ -270,6 +271,8 @@ class ExperimentConfig(_Section):
         }
         if a.name == "fedprox":
             return algorithms.fedprox(mu=a.mu, **cohort, **local)
+        if a.name == "qffl":
+            return algorithms.qffl(q=a.q, **cohort, **local)
         named = {
             "fedavg": algorithms.fedavg,
             "scaffold": algorithms.scaffold,

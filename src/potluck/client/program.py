@@ -155,8 +155,12 @@ class ClientProgram:
         x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
         gen = self.seeds.torch("batch", round, cid)
         torch.default_generator.manual_seed(self.seeds.integer("dropout", round, cid))
+        state = dict(state or {})
+        if self.rule.needs_global_loss:
+            at_global = self.evaluate_arrays(w_global, data.x_train, data.y_train)
+            state["global_loss"] = torch.tensor(at_global.loss)
         self.model.train()
-        rule_state = self.rule.begin(w_global, broadcast or {}, state or {})
+        rule_state = self.rule.begin(w_global, broadcast or {}, state)
         total = self.steps_for(cid, work)
         w, loss_sum, seen = self._local_steps(w_global, rule_state, x, y, total, gen)
         out = self.rule.finish(w_global, w, rule_state, total, self.optimizer.lr)

@@ -58,6 +58,12 @@ class LocalRule(Protocol):
         """Names of the extra (d,)-vectors each client sends besides ``delta``."""
         ...
 
+    @property
+    def needs_global_loss(self) -> bool:
+        """Whether ``begin`` needs the client's training loss at the global model, passed in
+        ``state["global_loss"]`` (a 0-d tensor)."""
+        ...
+
     def server_init(self, w: torch.Tensor) -> Tensors: ...
 
     def broadcast(self, server_state: Tensors) -> Tensors: ...
@@ -89,6 +95,7 @@ class PlainRule:
     name: str = "plain"
     client_state: tuple[str, ...] = ()
     uploads: tuple[str, ...] = ()
+    needs_global_loss: bool = False
 
     def server_init(self, w: torch.Tensor) -> Tensors:
         return {}
@@ -233,3 +240,38 @@ class FedNova(PlainRule):
         p = weights.to(torch.float64) / weights.sum()
         tau_eff = float((p * a).sum())
         return mean_delta * tau_eff, server_state
+
+
+@dataclass(frozen=True)
+class QFFL(PlainRule):
+    """q-FFL as q-FedAvg (Li, Sanjabi, Beirami, Smith 2020, "Fair Resource Allocation in
+    Federated Learning", ICLR): minimise ``sum_k p_k F_k^(q+1) / (q+1)``, which weights
+    clients with larger loss more as ``q`` grows (``q = 0`` is FedAvg's objective).
+
+    With ``L = 1 / lr``, client ``k`` computes ``dW = L (w_global - w_local)``,
+    ``Delta_k = F_k(w_global)^q dW`` and ``h_k = q F_k^(q-1) ||dW||^2 + L F_k^q``; the server
+    steps ``w <- w - sum_k Delta_k / sum_k h_k``. Here each client uploads
+    ``delta = -Delta_k / h_k`` with aggregation weight ``h_k``, so the weighted mean
+    aggregator and server SGD with rate 1 perform exactly that step.
+    """
+
+    q: float = 1.0
+    name: str = "qffl"
+    needs_global_loss: bool = True
+
+    def __post_init__(self) -> None:
+        if self.q < 0:
+            raise ValueError(f"q-FFL q must be >= 0, got {self.q}")
+
+    def begin(self, w_global: torch.Tensor, broadcast: Tensors, state: Tensors) -> Tensors:
+        return {"global_loss": state["global_loss"]}
+
+    def finish(
+        self, w_global: torch.Tensor, w: torch.Tensor, rule_state: Tensors, steps: int, lr: float
+    ) -> RuleOutput:
+        loss = max(float(rule_state["global_loss"]), 1e-10)
+        lipschitz = 1.0 / lr
+        d_w = lipschitz * (w_global - w)
+        h = self.q * loss ** (self.q - 1) * float(d_w @ d_w) + lipschitz * loss**self.q
+        delta = -(loss**self.q) * d_w / h
+        return RuleOutput(arrays={"delta": delta}, scalars={"weight": h})
