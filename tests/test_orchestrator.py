@@ -66,7 +66,9 @@ def test_fedavg_learns_digits_and_records_everything(tmp_path: Path) -> None:
         "round_seconds",
     } <= set(rounds[-1].metrics)
     clients = store.client_metrics(result.run_id, round=1)
-    assert len(clients) == 5 and all("num_examples" in m for _, _, m in clients)
+    trained = [c for _, c, m in clients if "num_examples" in m]
+    evaluated = [c for _, c, m in clients if "eval_global_accuracy" in m]
+    assert len(trained) == 5 and len(evaluated) == 5  # 5 sampled to train, 5 to evaluate
     info = store.get_run(result.run_id)
     assert info.status == "finished" and info.last_round == 12
     assert info.summary["test_accuracy"] == result.final["test_accuracy"]

@@ -29,7 +29,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import torch
 from potluck.algorithms.base import Algorithm
 from potluck.client.program import ClientProgram, EvalResult, RoundInput
 from potluck.client.rules import Tensors, Uploaded
+from potluck.client.sgd import LocalSGD
 from potluck.core.message import Message
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
@@ -57,18 +58,23 @@ class Evaluation:
 
     ``every``: every k rounds (and always after the last). ``centralized``: on the held-out
     test set. ``federated_clients``: how many clients' local test sets (sampled each time;
-    0 = none, -1 = all) give a weighted federated accuracy.
+    0 = none, -1 = all) give a weighted federated accuracy, and a personalised one where the
+    rule keeps personal models. ``finetune_epochs``: also report the accuracy after that
+    many epochs of local fine-tuning of the global model (0 = off).
     """
 
     every: int = 1
     centralized: bool = True
     federated_clients: int = 0
+    finetune_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError(f"evaluation.every must be >= 1, got {self.every}")
         if self.federated_clients < -1:
             raise ValueError("evaluation.federated_clients must be >= 0, or -1 for all")
+        if self.finetune_epochs < 0:
+            raise ValueError("evaluation.finetune_epochs must be >= 0")
 
     def due(self, rnd: int, rounds: int) -> bool:
         return rnd % self.every == 0 or rnd == rounds
@@ -231,8 +237,10 @@ class _Loop:
             algo.local,
             rule=algo.rule,
             transforms=algo.transforms,
+            finetune=_finetuning(algo.local, exp.evaluation.finetune_epochs),
             seed=exp.seed,
         )
+        self.rule = self.program.rule  # bound to the model's parameters
         self.num_clients = exp.federation.num_clients
 
     def record_to(self, store: RunStore, run_id: str, keep: bool = True) -> None:
@@ -245,7 +253,7 @@ class _Loop:
             torch.set_num_threads(exp.threads)
         if start is None:
             w0 = self.program.initial_weights()
-            start = _State(0, w0, exp.algorithm.server.init(w0), exp.algorithm.rule.server_init(w0))
+            start = _State(0, w0, exp.algorithm.server.init(w0), self.rule.server_init(w0))
         self.program.spec.check(start.w, "checkpointed global weights")
         history = [r.metrics for r in self.store.rounds(self.run_id)] if self.store else []
         engine = make_engine(exp.engine, self.program)
@@ -295,14 +303,14 @@ class _Loop:
             len(cohort), algo.local.epochs, self.seeds.numpy("stragglers", rnd)
         )
         active = cohort[reports]
-        broadcast = algo.rule.broadcast(state.rule)
+        broadcast = self.rule.broadcast(state.rule)
         states = self._client_states(active)
         job = RoundInput(rnd, state.w, active, broadcast, states, work[reports])
         results = engine.train(job) if len(active) else []
         new_state, up = state, self._collect(active, [r.message for r in results])
         if results:
             mean_delta = algo.aggregator(up.deltas, up.weights)
-            mean_delta, rule_state = algo.rule.server_update(
+            mean_delta, rule_state = self.rule.server_update(
                 state.rule, mean_delta, up.uploads, up.weights, self.num_clients
             )
             w, server_state = algo.server.step(state.w, mean_delta, state.server)
@@ -316,20 +324,28 @@ class _Loop:
             "bytes_up": float(sum(r.message.nbytes for r in results)),
             "bytes_down": float(len(active) * down * 4),
         }
-        if self.exp.evaluation.due(rnd, self.exp.rounds):
-            metrics.update(self._evaluate(engine, new_state.w, rnd))
-        metrics["round_seconds"] = time.perf_counter() - t0
         client_states = {int(c): r.state for c, r in zip(active, results, strict=True) if r.state}
-        return new_state, metrics, up.per_client, client_states
+        per_client = up.per_client
+        if self.exp.evaluation.due(rnd, self.exp.rounds):
+            evaluated, per_eval = self._evaluate(engine, new_state.w, rnd, client_states)
+            metrics.update(evaluated)
+            per_client = _merge_clients(per_client, per_eval)
+        metrics["round_seconds"] = time.perf_counter() - t0
+        return new_state, metrics, per_client, client_states
 
-    def _client_states(self, cohort: np.ndarray) -> tuple[Tensors, ...]:
-        if not self.exp.algorithm.rule.client_state or self.store is None:
+    def _client_states(
+        self, cohort: np.ndarray, fresh: Mapping[int, Tensors] | None = None
+    ) -> tuple[Tensors, ...]:
+        """Cohort members' persistent states: ``fresh`` (this round's) over the stored ones."""
+        if not self.rule.client_state or self.store is None:
             return tuple({} for _ in cohort)
-        return tuple(self.store.client_states(self.run_id, [int(c) for c in cohort]))
+        stored = self.store.client_states(self.run_id, [int(c) for c in cohort])
+        fresh = fresh or {}
+        return tuple(fresh.get(int(c), s) for c, s in zip(cohort, stored, strict=True))
 
     def _collect(self, cohort: np.ndarray, messages: Sequence[Message]) -> _Collected:
         spec, algo = self.program.spec, self.exp.algorithm
-        expected = {"delta": spec.size, **{name: spec.size for name in algo.rule.uploads}}
+        expected = {"delta": spec.size, **{name: spec.size for name in self.rule.uploads}}
         uploads, per_client, weights = [], [], []
         for cid, raw in zip(cohort, messages, strict=True):
             msg = algo.transforms.decode(raw)
@@ -344,22 +360,37 @@ class _Loop:
         deltas = torch.stack([u.arrays["delta"] for u in uploads])
         return _Collected(deltas, torch.tensor(weights, dtype=torch.float64), uploads, per_client)
 
-    def _evaluate(self, engine: Engine, w: torch.Tensor, rnd: int) -> dict[str, float]:
+    def _evaluate(
+        self, engine: Engine, w: torch.Tensor, rnd: int, fresh: Mapping[int, Tensors]
+    ) -> tuple[dict[str, float], list[tuple[int, dict[str, float]]]]:
+        """Round metrics and per-client metrics of centralised and federated evaluation."""
         ev, out = self.exp.evaluation, dict[str, float]()
         if ev.centralized:
             test = self.exp.federation.source.test
             if len(test):
                 res = self.program.evaluate_arrays(w, test.x, test.y)
                 out.update(test_loss=res.loss, test_accuracy=res.accuracy)
-        if ev.federated_clients:
-            k = self.num_clients if ev.federated_clients == -1 else ev.federated_clients
-            k = min(k, self.num_clients)
-            rng = self.seeds.numpy("federated_eval", rnd)
-            clients = np.sort(rng.choice(self.num_clients, size=k, replace=False))
-            res = _sum_results(engine.evaluate(clients, w))
-            if res.n:
-                out.update(fed_loss=res.loss, fed_accuracy=res.accuracy)
-        return out
+        if not ev.federated_clients:
+            return out, []
+        k = self.num_clients if ev.federated_clients == -1 else ev.federated_clients
+        rng = self.seeds.numpy("federated_eval", rnd)
+        clients = np.sort(
+            rng.choice(self.num_clients, size=min(k, self.num_clients), replace=False)
+        )
+        results = engine.evaluate(clients, w, self._client_states(clients, fresh))
+        for kind, prefix in (
+            ("global", "fed"),
+            ("personal", "personal"),
+            ("finetuned", "finetuned"),
+        ):
+            total = _sum_results([r[kind] for r in results if kind in r])
+            if total.n:
+                out.update({f"{prefix}_loss": total.loss, f"{prefix}_accuracy": total.accuracy})
+        per_client = [
+            (int(c), {f"eval_{kind}_accuracy": res.accuracy for kind, res in r.items() if res.n})
+            for c, r in zip(clients, results, strict=True)
+        ]
+        return out, per_client
 
     def _commit(
         self,
@@ -377,6 +408,20 @@ class _Loop:
         self.store.commit_round(
             self.run_id, state.round, metrics, per_client, ckpt, client_states=client_states
         )
+
+
+def _finetuning(local: LocalSGD, epochs: int) -> LocalSGD | None:
+    return replace(local, epochs=epochs, max_steps=None) if epochs else None
+
+
+def _merge_clients(
+    *groups: list[tuple[int, dict[str, float]]],
+) -> list[tuple[int, dict[str, float]]]:
+    merged: dict[int, dict[str, float]] = {}
+    for group in groups:
+        for cid, metrics in group:
+            merged.setdefault(cid, {}).update(metrics)
+    return [(cid, m) for cid, m in merged.items() if m]
 
 
 def _weighted_mean(per_client: list[tuple[int, dict[str, float]]], key: str) -> float:

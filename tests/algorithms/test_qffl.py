@@ -28,7 +28,9 @@ def two_group_federation(seed: int = 0) -> Federation:
 
 def per_client_accuracy(fed: Federation, weights: torch.Tensor) -> np.ndarray:
     program = ClientProgram(Task(lambda: nn.Linear(2, 2)), fed, LocalSGD())
-    return np.array([program.evaluate(c, weights).accuracy for c in range(fed.num_clients)])
+    return np.array(
+        [program.evaluate(c, weights)["global"].accuracy for c in range(fed.num_clients)]
+    )
 
 
 def test_q_zero_step_is_the_unweighted_mean_of_local_models() -> None:

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ from potluck.core.task import Task
 from potluck.updates.base import Chain, EncodeContext
 
 if TYPE_CHECKING:
-    from potluck.data.federation import Federation
+    from potluck.data.federation import ClientData, Federation
 
 EVAL_BATCH = 1024
 
@@ -98,6 +99,7 @@ class ClientProgram:
         *,
         rule: LocalRule | None = None,
         transforms: Chain | None = None,
+        finetune: LocalSGD | None = None,
         seed: int = 0,
     ) -> None:
         self.task = task
@@ -105,11 +107,13 @@ class ClientProgram:
         self.optimizer = optimizer
         self.rule: LocalRule = rule or PlainRule()
         self.transforms = transforms or Chain()
+        self.finetune = finetune
         self.seeds = Seeds(seed)
         with torch.random.fork_rng():
             torch.manual_seed(self.seeds.integer("init"))
             self.model = task.build_model()
         self.spec = ParamSpec.from_module(self.model)
+        self.rule = self.rule.bind(self.spec)
         self._w0 = self.spec.from_module_values(self.model)
 
     def initial_weights(self) -> torch.Tensor:
@@ -160,10 +164,29 @@ class ClientProgram:
             at_global = self.evaluate_arrays(w_global, data.x_train, data.y_train)
             state["global_loss"] = torch.tensor(at_global.loss)
         self.model.train()
-        rule_state = self.rule.begin(w_global, broadcast or {}, state)
+        rule, rule_state = self.rule, self.rule.begin(w_global, broadcast or {}, state)
         total = self.steps_for(cid, work)
-        w, loss_sum, seen = self._local_steps(w_global, rule_state, x, y, total, gen)
-        out = self.rule.finish(w_global, w, rule_state, total, self.optimizer.lr)
+        w, loss_sum, seen = self._local_steps(
+            rule.start(w_global, rule_state),
+            lambda w_, g: rule.gradient(w_, g, rule_state),
+            x,
+            y,
+            total,
+            gen,
+        )
+        out = rule.finish(w_global, w, rule_state, total, self.optimizer.lr)
+        new_state = dict(out.state)
+        if rule.personal_lambda is not None:
+            lam = rule.personal_lambda
+            v, _, _ = self._local_steps(
+                state.get("personal", w_global),
+                lambda v_, g: g + lam * (v_ - w_global),
+                x,
+                y,
+                total,
+                self.seeds.torch("personal", round, cid),
+            )
+            new_state["personal"] = v
         scalars: dict[str, int | float | str] = {"num_examples": len(y), "num_steps": total}
         if seen:
             scalars["train_loss"] = loss_sum / seen
@@ -171,7 +194,7 @@ class ClientProgram:
             arrays={"delta": w - w_global, **out.arrays}, scalars={**scalars, **out.scalars}
         )
         msg = self.transforms.encode(msg, EncodeContext(client_id=int(cid), round=round))
-        return ClientResult(msg, out.state)
+        return ClientResult(msg, new_state)
 
     def run_round(self, job: RoundInput, cids: range | None = None) -> list[ClientResult]:
         """Train cohort members ``cids`` (default: all) of ``job`` one after another."""
@@ -190,14 +213,16 @@ class ClientProgram:
     def _local_steps(
         self,
         w: torch.Tensor,
-        rule_state: Tensors,
+        correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         x: torch.Tensor,
         y: torch.Tensor,
         total: int,
         gen: torch.Generator,
+        optimizer: LocalSGD | None = None,
     ) -> tuple[torch.Tensor, float, int]:
-        """``total`` mini-batch steps; (weights, summed batch loss, examples seen)."""
-        n, opt = len(y), self.optimizer
+        """``total`` mini-batch steps from ``w``, each gradient passed through ``correct``;
+        (weights, summed batch loss, examples seen)."""
+        n, opt = len(y), optimizer or self.optimizer
         b = opt.batch_len(n)
         opt_state, loss_sum, seen, step = opt.init(w), 0.0, 0, 0
         while step < total:
@@ -205,7 +230,7 @@ class ClientProgram:
             for start in range(0, n, b):
                 idx = order[start : start + b]
                 g, loss = self._grad(w, x[idx], y[idx])
-                w, opt_state = opt.step(w, opt_state, self.rule.gradient(w, g, rule_state))
+                w, opt_state = opt.step(w, opt_state, correct(w, g))
                 loss_sum += float(loss) * len(idx)
                 seen += len(idx)
                 step += 1
@@ -226,7 +251,29 @@ class ClientProgram:
             correct += int(self.task.correct_fn(logits, yb))
         return EvalResult(loss_sum, correct, len(y))
 
-    def evaluate(self, cid: int, w: torch.Tensor) -> EvalResult:
-        """Client ``cid``'s local test metrics for global weights ``w``."""
+    def evaluate(
+        self, cid: int, w: torch.Tensor, state: Tensors | None = None
+    ) -> dict[str, EvalResult]:
+        """Client ``cid``'s local test metrics: of the global model (``"global"``), of its
+        personalised model if the rule keeps one (``"personal"``), and of the global model
+        after local fine-tuning if configured (``"finetuned"``)."""
         data = self.federation.client(cid)
-        return self.evaluate_arrays(w, data.x_test, data.y_test)
+        out = {"global": self.evaluate_arrays(w, data.x_test, data.y_test)}
+        personal = self.rule.personal_model(w, state or {})
+        if personal is not None:
+            out["personal"] = self.evaluate_arrays(personal, data.x_test, data.y_test)
+        if self.finetune is not None:
+            out["finetuned"] = self.evaluate_arrays(
+                self._finetune(cid, w, data), data.x_test, data.y_test
+            )
+        return out
+
+    def _finetune(self, cid: int, w: torch.Tensor, data: ClientData) -> torch.Tensor:
+        """The global model after ``finetune`` local SGD on the client's training data."""
+        assert self.finetune is not None
+        x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+        steps = self.finetune.num_steps(len(y))
+        self.model.train()
+        gen = self.seeds.torch("finetune", cid)
+        tuned, _, _ = self._local_steps(w, lambda _w, g: g, x, y, steps, gen, self.finetune)
+        return tuned

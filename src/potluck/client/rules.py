@@ -21,6 +21,8 @@ from typing import Protocol
 
 import torch
 
+from potluck.core.params import ParamSpec
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -68,7 +70,25 @@ class LocalRule(Protocol):
 
     def broadcast(self, server_state: Tensors) -> Tensors: ...
 
+    @property
+    def personal_lambda(self) -> float | None:
+        """Ditto-style rules: train a personal model ``state["personal"]`` after the global
+        update, on ``F_k(v) + lambda/2 ||v - w_global||^2``; ``None`` for no such model."""
+        ...
+
+    def bind(self, spec: ParamSpec) -> LocalRule:
+        """This rule for a model with parameters ``spec`` (e.g. to resolve layer names)."""
+        ...
+
     def begin(self, w_global: torch.Tensor, broadcast: Tensors, state: Tensors) -> Tensors: ...
+
+    def start(self, w_global: torch.Tensor, rule_state: Tensors) -> torch.Tensor:
+        """Where local training starts (the global model, or it with personal layers)."""
+        ...
+
+    def personal_model(self, w_global: torch.Tensor, state: Tensors) -> torch.Tensor | None:
+        """The client's personalised model for evaluation, or ``None`` if it has none."""
+        ...
 
     def gradient(
         self, w: torch.Tensor, grad: torch.Tensor, rule_state: Tensors
@@ -96,6 +116,10 @@ class PlainRule:
     client_state: tuple[str, ...] = ()
     uploads: tuple[str, ...] = ()
     needs_global_loss: bool = False
+    personal_lambda: float | None = None
+
+    def bind(self, spec: ParamSpec) -> LocalRule:
+        return self
 
     def server_init(self, w: torch.Tensor) -> Tensors:
         return {}
@@ -105,6 +129,12 @@ class PlainRule:
 
     def begin(self, w_global: torch.Tensor, broadcast: Tensors, state: Tensors) -> Tensors:
         return {}
+
+    def start(self, w_global: torch.Tensor, rule_state: Tensors) -> torch.Tensor:
+        return w_global
+
+    def personal_model(self, w_global: torch.Tensor, state: Tensors) -> torch.Tensor | None:
+        return None
 
     def gradient(self, w: torch.Tensor, grad: torch.Tensor, rule_state: Tensors) -> torch.Tensor:
         return grad

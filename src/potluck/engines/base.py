@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
+from potluck.client.rules import Tensors
 
 
 class Engine(Protocol):
@@ -26,7 +27,9 @@ class Engine(Protocol):
 
     def train(self, job: RoundInput) -> list[ClientResult]: ...
 
-    def evaluate(self, clients: np.ndarray, w: torch.Tensor) -> list[EvalResult]: ...
+    def evaluate(
+        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
+    ) -> list[dict[str, EvalResult]]: ...
 
     def close(self) -> None: ...
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
+from potluck.client.rules import Tensors
 
 
 class InlineEngine:
@@ -36,8 +37,13 @@ class InlineEngine:
     def train(self, job: RoundInput) -> list[ClientResult]:
         return self.program.run_round(job)
 
-    def evaluate(self, clients: np.ndarray, w: torch.Tensor) -> list[EvalResult]:
-        return [self.program.evaluate(int(cid), w) for cid in clients]
+    def evaluate(
+        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
+    ) -> list[dict[str, EvalResult]]:
+        return [
+            self.program.evaluate(int(cid), w, state)
+            for cid, state in zip(clients, states, strict=True)
+        ]
 
     def close(self) -> None:
         """Nothing to release."""
