@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from potluck.config import ConfigError, ExperimentConfig, default_store
 
@@ -121,12 +121,12 @@ def resume(
 @app.command()
 def runs(store: StoreOpt = None) -> None:
     """List stored runs, newest first."""
-    table = Table("run", "name", "created", "status", "rounds", "test acc")
+    table = Table(Column("run", no_wrap=True), "name", "created", "status", "rounds", "test acc")
     for info in _store(store or default_store()).list_runs():
         acc = info.summary.get("test_accuracy")
         table.add_row(
             info.run_id,
-            info.name or "",
+            "" if info.name == info.run_id else info.name,
             info.created_at,
             info.status,
             str(info.last_round),

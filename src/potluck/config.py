@@ -127,9 +127,16 @@ class ServerConfig(_Section):
 class AlgorithmConfig(_Section):
     """The named algorithm and its own hyperparameters."""
 
-    name: Literal["fedavg", "fedsgd", "fedprox", "scaffold", "fednova", "qffl"] = "fedavg"
+    name: Literal[
+        "fedavg", "fedsgd", "fedprox", "scaffold", "fednova", "qffl", "fedper", "ditto"
+    ] = "fedavg"
     mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
     q: float = Field(1.0, ge=0, description="q-FFL fairness parameter (0 = FedAvg objective)")
+    lam: float = Field(0.1, ge=0, description="Ditto: personal model's pull to the global one")
+    personal_layers: list[str] = Field(
+        default_factory=list,
+        description="FedPer: parameter-name prefixes kept local (default: last layer)",
+    )
     stragglers: float = Field(
         0.0, ge=0, le=1, description="share of each cohort doing 1..E epochs (FedProx: kept)"
     )
@@ -146,6 +153,7 @@ class EvaluationConfig(_Section):
     every: int = Field(1, ge=1, description="evaluate every k rounds (and after the last)")
     centralized: bool = True
     federated_clients: int = Field(10, ge=-1, description="clients for federated eval; -1 all")
+    finetune_epochs: int = Field(0, ge=0, description="also evaluate after local fine-tuning")
 
 
 class RunConfig(_Section):
@@ -273,6 +281,10 @@ class ExperimentConfig(_Section):
             return algorithms.fedprox(mu=a.mu, **cohort, **local)
         if a.name == "qffl":
             return algorithms.qffl(q=a.q, **cohort, **local)
+        if a.name == "ditto":
+            return algorithms.ditto(lam=a.lam, **cohort, **local)
+        if a.name == "fedper":
+            return algorithms.fedper(personal_layers=tuple(a.personal_layers), **cohort, **local)
         named = {
             "fedavg": algorithms.fedavg,
             "scaffold": algorithms.scaffold,

@@ -5,7 +5,18 @@ from potluck.algorithms.fedavg import fedavg
 from potluck.algorithms.fednova import fednova
 from potluck.algorithms.fedprox import fedprox
 from potluck.algorithms.fedsgd import fedsgd
+from potluck.algorithms.personal import ditto, fedper
 from potluck.algorithms.qffl import qffl
 from potluck.algorithms.scaffold import scaffold
 
-__all__ = ["Algorithm", "fedavg", "fednova", "fedprox", "fedsgd", "qffl", "scaffold"]
+__all__ = [
+    "Algorithm",
+    "ditto",
+    "fedavg",
+    "fednova",
+    "fedper",
+    "fedprox",
+    "fedsgd",
+    "qffl",
+    "scaffold",
+]
