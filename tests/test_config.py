@@ -109,3 +109,20 @@ def test_non_iid_algorithms_from_config() -> None:
     ).algorithm_parts().rule.client_state == ("c_i",)
     with pytest.raises(ConfigError, match="stragglers do not apply"):
         ExperimentConfig.from_dict({"algorithm": {"name": "fedsgd", "stragglers": 0.5}})
+
+
+def test_adaptive_server_optimizers_from_config() -> None:
+    from potluck.optim import ServerAdagrad, ServerAdam, ServerSGD, ServerYogi
+
+    expected = {"sgd": ServerSGD, "adam": ServerAdam, "yogi": ServerYogi, "adagrad": ServerAdagrad}
+    for name, cls in expected.items():
+        algo = ExperimentConfig.from_dict(
+            {"server": {"optimizer": name, "lr": 0.03, "tau": 0.01}}
+        ).algorithm_parts()
+        assert isinstance(algo.server, cls) and algo.server.lr == 0.03
+    assert (
+        ExperimentConfig.from_dict({"server": {"optimizer": "yogi"}}).algorithm_parts().server.tau
+        == 1e-3
+    )
+    with pytest.raises(ConfigError, match=r"server\.optimizer: Input should be 'sgd'"):
+        ExperimentConfig.from_dict({"server": {"optimizer": "lamb"}})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 if TYPE_CHECKING:
     from potluck.algorithms.base import Algorithm
     from potluck.data.federation import Federation
+    from potluck.optim.base import ServerOptimizer
     from potluck.orchestrator import Experiment
 
 
@@ -117,11 +119,25 @@ class ClientConfig(_Section):
 
 
 class ServerConfig(_Section):
-    """Server optimizer on the pseudo-gradient: SGD (lr 1 = FedAvg), momentum = FedAvgM."""
+    """Server optimizer on the pseudo-gradient: SGD (lr 1 = FedAvg; momentum = FedAvgM),
+    or FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021) with beta1, beta2, tau."""
 
-    optimizer: Literal["sgd"] = "sgd"
+    optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = "sgd"
     lr: float = Field(1.0, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adaptive only")
+    beta2: float = Field(0.99, ge=0, lt=1, description="adam and yogi only")
+    tau: float = Field(1e-3, gt=0, description="adaptive only: adaptivity degree")
+
+    def build(self) -> ServerOptimizer:
+        from potluck import optim
+
+        if self.optimizer == "sgd":
+            return optim.ServerSGD(self.lr, self.momentum)
+        if self.optimizer == "adagrad":
+            return optim.ServerAdagrad(self.lr, beta1=self.beta1, tau=self.tau)
+        adaptive = {"adam": optim.ServerAdam, "yogi": optim.ServerYogi}[self.optimizer]
+        return adaptive(self.lr, beta1=self.beta1, beta2=self.beta2, tau=self.tau)
 
 
 class AlgorithmConfig(_Section):
@@ -266,15 +282,14 @@ class ExperimentConfig(_Section):
             "transforms": clip,
         }
         if a.name == "fedsgd":
-            return algorithms.fedsgd(**cohort, lr=sv.lr, server_momentum=sv.momentum)
+            return replace(algorithms.fedsgd(**cohort), server=sv.build())
         local: dict[str, Any] = {
             "epochs": c.epochs,
             "batch_size": c.batch_size,
             "lr": c.lr,
             "momentum": c.momentum,
             "weight_decay": c.weight_decay,
-            "server_lr": sv.lr,
-            "server_momentum": sv.momentum,
+            "server": sv.build(),
             "stragglers": a.stragglers,
         }
         if a.name == "fedprox":

@@ -100,7 +100,9 @@ def test_finetuned_evaluation_is_reported() -> None:
 
 
 def test_compositions() -> None:
-    assert fedper(clients_per_round=2, personal_layers=("2.",)).rule == FedPer(("2.",))
+    assert fedper(clients_per_round=2, personal_layers=("2.",)).rule == FedPer(
+        personal_layers=("2.",)
+    )
     assert ditto(clients_per_round=2, lam=0.3).rule.personal_lambda == 0.3
     with pytest.raises(ValueError, match="Ditto lambda must be >= 0"):
         Ditto(personal_lambda=-1.0)

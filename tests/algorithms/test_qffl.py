@@ -84,6 +84,6 @@ def test_larger_q_raises_the_worst_clients_accuracy() -> None:
 def test_qffl_validates() -> None:
     with pytest.raises(ValueError, match="q-FFL q must be >= 0"):
         QFFL(q=-1)
-    with pytest.raises(ValueError, match="keep server_lr=1"):
+    with pytest.raises(ValueError, match="keep server SGD with lr 1"):
         qffl(clients_per_round=2, server_lr=0.5)
     assert fedavg(clients_per_round=2).rule.needs_global_loss is False

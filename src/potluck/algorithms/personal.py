@@ -20,7 +20,9 @@ from potluck.client.personal import Ditto, FedPer
 def fedper(*, personal_layers: tuple[str, ...] = (), **fedavg_args: Any) -> Algorithm:
     """FedPer (Arivazhagan et al. 2019): FedAvg of the body, personal heads named by
     ``personal_layers`` (parameter-name prefixes; default: the last layer)."""
-    return replace(fedavg(**fedavg_args), name="fedper", rule=FedPer(personal_layers))
+    return replace(
+        fedavg(**fedavg_args), name="fedper", rule=FedPer(personal_layers=personal_layers)
+    )
 
 
 def ditto(*, lam: float = 0.1, **fedavg_args: Any) -> Algorithm:

@@ -16,11 +16,15 @@ from typing import Any
 from potluck.algorithms.base import Algorithm
 from potluck.algorithms.fedavg import fedavg
 from potluck.client.rules import QFFL
+from potluck.optim.sgd import ServerSGD
 
 
 def qffl(*, q: float = 1.0, **fedavg_args: Any) -> Algorithm:
     """q-FedAvg with fairness parameter ``q``; other arguments as for ``fedavg`` (server lr
     stays 1: the step size comes from ``1 / lr`` as in the paper)."""
-    if fedavg_args.get("server_lr", 1.0) != 1.0:
-        raise ValueError("q-FFL sets its own server step (sum Delta / sum h): keep server_lr=1")
+    server = fedavg_args.get("server")
+    if fedavg_args.get("server_lr", 1.0) != 1.0 or server not in (None, ServerSGD()):
+        raise ValueError(
+            "q-FFL sets its own server step (sum Delta / sum h): keep server SGD with lr 1"
+        )
     return replace(fedavg(**fedavg_args), name="qffl", rule=QFFL(q=q))

@@ -38,7 +38,7 @@ def layer_mask(spec: ParamSpec, prefixes: tuple[str, ...]) -> torch.Tensor:
     return mask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FedPer(PlainRule):
     """FedPer (Arivazhagan et al. 2019, "Federated Learning with Personalization Layers"):
     the layers named by ``personal_layers`` (name prefixes; default: the last layer) never
@@ -80,7 +80,7 @@ class FedPer(PlainRule):
         return self.start(w_global, {"head": state["head"]})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Ditto(PlainRule):
     """Ditto (Li, Hu, Beirami, Smith 2021, "Ditto: Fair and Robust Federated Learning Through
     Personalization", ICML): the global model is trained as in FedAvg; each client also keeps

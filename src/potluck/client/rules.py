@@ -108,7 +108,7 @@ class LocalRule(Protocol):
     ) -> tuple[torch.Tensor, Tensors]: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlainRule:
     """No correction: the local objective is the client's loss (FedAvg, FedSGD)."""
 
@@ -155,7 +155,7 @@ class PlainRule:
         return mean_delta, server_state
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FedProx(PlainRule):
     """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks", MLSys):
     the local objective adds ``mu/2 ||w - w_global||^2``, so the gradient gains
@@ -176,7 +176,7 @@ class FedProx(PlainRule):
         return grad + self.mu * (w - rule_state["anchor"])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Scaffold(PlainRule):
     """SCAFFOLD (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for
     Federated Learning", ICML), option II control variates.
@@ -225,7 +225,7 @@ class Scaffold(PlainRule):
         return mean_delta, {"c": c}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FedNova(PlainRule):
     """FedNova (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in
     Heterogeneous Federated Optimization", NeurIPS): normalised averaging.
@@ -272,7 +272,7 @@ class FedNova(PlainRule):
         return mean_delta * tau_eff, server_state
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QFFL(PlainRule):
     """q-FFL as q-FedAvg (Li, Sanjabi, Beirami, Smith 2020, "Fair Resource Allocation in
     Federated Learning", ICLR): minimise ``sum_k p_k F_k^(q+1) / (q+1)``, which weights

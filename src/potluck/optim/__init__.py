@@ -1,6 +1,7 @@
 """Server optimizers: how the aggregate moves the global model."""
 
 from potluck.optim.adaptive import ServerAdagrad, ServerAdam, ServerYogi
+from potluck.optim.base import ServerOptimizer
 from potluck.optim.sgd import ServerSGD
 
-__all__ = ["ServerAdagrad", "ServerAdam", "ServerSGD", "ServerYogi"]
+__all__ = ["ServerAdagrad", "ServerAdam", "ServerOptimizer", "ServerSGD", "ServerYogi"]
