@@ -157,7 +157,6 @@ class ClientProgram:
         """Train client ``cid`` from ``w_global``: its encoded upload and new state."""
         data = self.federation.client(cid)
         x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-        gen = self.seeds.torch("batch", round, cid)
         torch.default_generator.manual_seed(self.seeds.integer("dropout", round, cid))
         state = dict(state or {})
         if self.rule.needs_global_loss:
@@ -172,21 +171,15 @@ class ClientProgram:
             x,
             y,
             total,
-            gen,
+            self.seeds.torch("batch", round, cid),
         )
         out = rule.finish(w_global, w, rule_state, total, self.optimizer.lr)
         new_state = dict(out.state)
         if rule.personal_lambda is not None:
-            lam = rule.personal_lambda
-            v, _, _ = self._local_steps(
-                state.get("personal", w_global),
-                lambda v_, g: g + lam * (v_ - w_global),
-                x,
-                y,
-                total,
-                self.seeds.torch("personal", round, cid),
+            gen = self.seeds.torch("personal", round, cid)
+            new_state["personal"] = self._ditto_personal(
+                state.get("personal", w_global), w_global, rule.personal_lambda, x, y, total, gen
             )
-            new_state["personal"] = v
         scalars: dict[str, int | float | str] = {"num_examples": len(y), "num_steps": total}
         if seen:
             scalars["train_loss"] = loss_sum / seen
@@ -196,18 +189,32 @@ class ClientProgram:
         msg = self.transforms.encode(msg, EncodeContext(client_id=int(cid), round=round))
         return ClientResult(msg, new_state)
 
-    def run_round(self, job: RoundInput, cids: range | None = None) -> list[ClientResult]:
-        """Train cohort members ``cids`` (default: all) of ``job`` one after another."""
+    def _ditto_personal(
+        self,
+        v: torch.Tensor,
+        w_global: torch.Tensor,
+        lam: float,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        total: int,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
+        """``total`` steps on ``F_k(v) + lam/2 ||v - w_global||^2`` from ``v`` (Ditto)."""
+        v, _, _ = self._local_steps(v, lambda v_, g: g + lam * (v_ - w_global), x, y, total, gen)
+        return v
+
+    def run_round(self, job: RoundInput) -> list[ClientResult]:
+        """Train every cohort member of ``job`` one after another."""
         return [
             self.train(
-                int(job.cohort[k]),
+                int(cid),
                 job.w,
                 job.round,
                 broadcast=job.broadcast,
-                state=job.states[k],
-                work=float(job.work[k]),
+                state=state,
+                work=float(work),
             )
-            for k in (cids if cids is not None else range(len(job.cohort)))
+            for cid, state, work in zip(job.cohort, job.states, job.work, strict=True)
         ]
 
     def _local_steps(
