@@ -89,7 +89,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["logreg", "mlp", "mlp2nn", "cnn", "small_cnn"] = "small_cnn"
+    name: Literal["logreg", "mlp", "mlp2nn", "cnn", "small_cnn", "lenet5"] = "small_cnn"
 
 
 class SamplerConfig(_Section):

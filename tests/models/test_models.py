@@ -7,7 +7,13 @@ from potluck.models import available_models, build_model
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("mlp2nn", 199_210), ("cnn", 1_663_370), ("logreg", 7_850), ("small_cnn", 28_874)],
+    [
+        ("mlp2nn", 199_210),
+        ("cnn", 1_663_370),
+        ("logreg", 7_850),
+        ("small_cnn", 28_874),
+        ("lenet5", 44_426),
+    ],
 )
 def test_parameter_counts_match_the_papers(name: str, params: int) -> None:
     model = build_model(name, input_shape=(1, 28, 28), num_classes=10)

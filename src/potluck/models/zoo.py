@@ -93,12 +93,36 @@ def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
+def lenet5(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The LeNet-style CNN of NIID-Bench (Li, Diao, Chen, He 2021, "Federated Learning on
+    Non-IID Data Silos: An Experimental Study", ICDE): 5x5 conv 6, pool, 5x5 conv 16, pool
+    (no padding), fc 120, fc 84, fc out; 44,426 parameters on 28x28x1."""
+    c, h, w = _image_shape(input_shape, "lenet5")
+    side = lambda n: ((n - 4) // 2 - 4) // 2  # noqa: E731  (two valid 5x5 convs, two pools)
+    flat = 16 * side(h) * side(w)
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
 _MODELS: dict[str, Factory] = {
     "logreg": logreg,
     "mlp": mlp,
     "mlp2nn": mlp2nn,
     "cnn": cnn,
     "small_cnn": small_cnn,
+    "lenet5": lenet5,
 }
 
 
