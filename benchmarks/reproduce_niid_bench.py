@@ -1,0 +1,119 @@
+"""Reproduce NIID-Bench on Fashion-MNIST (Li, Diao, Chen, He 2021, "Federated Learning on
+Non-IID Data Silos: An Experimental Study", ICDE; as replicated in Flower's niid_bench).
+
+10 clients, all of them every round, 10 local epochs, batch 64, SGD lr 0.01 momentum 0.9,
+the LeNet-style CNN (``lenet5``), FedProx mu 0.01, evaluated on the 10,000-image test set.
+Partitions: IID, Dirichlet(0.5) label skew, and two labels per client (``#C=2``; here
+McMahan's shards: 20 label-sorted shards of 3,000, two per client).
+
+    .venv/bin/python benchmarks/reproduce_niid_bench.py            # the full 50 rounds
+    .venv/bin/python benchmarks/reproduce_niid_bench.py --rounds 5 --partitions dir0.5
+
+Writes benchmarks/results/niid_bench_fmnist.json and benchmarks/plots/niid_bench_fmnist.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from _common import REPO, header, write_result
+
+from potluck.config import ExperimentConfig
+from potluck.orchestrator import run_experiment
+
+PUBLISHED = {  # best test accuracy (%) reported by NIID-Bench, Fashion-MNIST
+    "fedavg": {"iid": 89.23, "dir0.5": 88.09, "c2": 78.10},
+    "scaffold": {"iid": 89.33, "dir0.5": 88.44, "c2": 33.80},
+    "fedprox": {"iid": 89.42, "dir0.5": 88.15, "c2": 78.05},
+    "fednova": {"iid": 89.36, "dir0.5": 88.22, "c2": 71.67},
+}
+PARTITIONS: dict[str, dict[str, Any]] = {
+    "iid": {"kind": "iid"},
+    "dir0.5": {"kind": "dirichlet", "alpha": 0.5, "min_size": 10},
+    "c2": {"kind": "shards", "shards_per_client": 2},
+}
+
+
+def config(algorithm: str, partition: str, rounds: int) -> ExperimentConfig:
+    return ExperimentConfig.from_dict(
+        {
+            "seed": 0,
+            "rounds": rounds,
+            "data": {
+                "dataset": "fashion_mnist",
+                "num_clients": 10,
+                "test_fraction": 0.0,
+                "partition": PARTITIONS[partition],
+            },
+            "model": {"name": "lenet5"},
+            "algorithm": {"name": algorithm, "mu": 0.01},
+            "sampler": {"clients_per_round": 10},
+            "client": {"epochs": 10, "batch_size": 64, "lr": 0.01, "momentum": 0.9},
+            "evaluation": {"every": 1, "centralized": True, "federated_clients": 0},
+        }
+    )
+
+
+def run_one(algorithm: str, partition: str, rounds: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    result = run_experiment(config(algorithm, partition, rounds).build())
+    accuracy = [m["test_accuracy"] for m in result.history]
+    return {
+        "algorithm": algorithm,
+        "partition": partition,
+        "accuracy": accuracy,
+        "best": max(accuracy),
+        "final": accuracy[-1],
+        "published_best": PUBLISHED[algorithm][partition] / 100,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def plot(runs: list[dict[str, Any]], partitions: list[str]) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.3 * len(partitions), 3.6))
+    axes = fig.subplots(1, len(partitions), squeeze=False)[0]
+    for ax, part in zip(axes, partitions, strict=True):
+        for run in (r for r in runs if r["partition"] == part):
+            rounds = range(1, len(run["accuracy"]) + 1)
+            ax.plot(rounds, run["accuracy"], label=run["algorithm"])
+        ax.set_title(part)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[0].legend()
+    fig.suptitle("NIID-Bench, Fashion-MNIST, reproduced with potluck")
+    fig.tight_layout()
+    out = REPO / "benchmarks" / "plots" / "niid_bench_fmnist.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--partitions", default="iid,dir0.5,c2")
+    parser.add_argument("--algorithms", default="fedavg,scaffold,fedprox,fednova")
+    args = parser.parse_args()
+    partitions = args.partitions.split(",")
+    payload = header("niid_bench_fmnist")
+    runs = []
+    for part in partitions:
+        for algorithm in args.algorithms.split(","):
+            runs.append(run_one(algorithm, part, args.rounds))
+            r = runs[-1]
+            print(
+                f"{algorithm:9s} {part:7s} best={r['best']:.4f} final={r['final']:.4f}"
+                f" published={r['published_best']:.4f} ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+    payload.update(rounds=args.rounds, runs=runs)
+    write_result("niid_bench_fmnist", payload)
+    plot(runs, partitions)
+
+
+if __name__ == "__main__":
+    main()
