@@ -6,6 +6,7 @@ Client i has data rows that all encode ``(A_i, b_i)``; its loss is the mean over
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 
 import numpy as np
@@ -172,3 +173,34 @@ def test_scaffold_resume_is_exact(tmp_path) -> None:
     assert torch.equal(resumed.weights, full)
     np.testing.assert_array_equal([r.round for r in store.rounds(info.run_id)], range(1, 9))
     assert replace(algo).rule.client_state == ("c_i",)
+
+
+def test_scaffold_scales_to_100000_virtual_clients(tmp_path) -> None:
+    """Client control variates cost storage only for clients that trained."""
+    from potluck.data.partition import iid
+    from potluck.data.sources import ArrayDataset, DataSource
+
+    rng = np.random.default_rng(0)
+    n, clients = 300_000, 100_000
+    train = ArrayDataset(
+        rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, 3, n).astype(np.int64)
+    )
+    test = ArrayDataset(train.x[:100], train.y[:100])
+    source = DataSource("virtual", train, test, num_classes=3, input_shape=(4,))
+    fed = Federation(source, iid(n, clients, rng), test_fraction=0.0)
+    exp = Experiment(
+        Task(lambda: torch.nn.Linear(4, 3)),
+        fed,
+        scaffold(clients_per_round=50, epochs=1, batch_size=3, lr=0.1),
+        rounds=3,
+        evaluation=Evaluation(centralized=True),
+    )
+    store = RunStore(tmp_path)
+    result = run_experiment(exp, store)
+    trained = {cid for _, cid, m in store.client_metrics(result.run_id) if "num_examples" in m}
+    assert len(trained) == 150  # 3 rounds x 50 distinct (with overwhelming probability)
+    with sqlite3.connect(tmp_path / "potluck.db") as conn:
+        rows = conn.execute("SELECT COUNT(*) FROM client_state").fetchone()[0]
+    assert rows == len(trained)
+    sample = store.client_states(result.run_id, [0, 1, 2, *sorted(trained)[:2]])
+    assert sum(bool(s) for s in sample) >= 2
