@@ -175,7 +175,9 @@ class EvaluationConfig(_Section):
 class RunConfig(_Section):
     engine: Literal["inline"] = "inline"
     checkpoint_every: int = Field(1, ge=1)
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (default: torch's, then recorded)"
+    )
     store: str = Field(default_factory=default_store, description="run store directory")
     name: str | None = None
 
@@ -225,6 +227,8 @@ class ExperimentConfig(_Section):
 
     def build(self) -> Experiment:
         """The runnable ``Experiment`` (loads the dataset, builds the partition)."""
+        import torch
+
         from potluck.core.task import Task
         from potluck.models import build_model
         from potluck.orchestrator import Evaluation, Experiment
@@ -238,6 +242,9 @@ class ExperimentConfig(_Section):
             ),
             name=f"{dataset}/{model_name}",
         )
+        # float results depend on the intra-op thread count: fix it in the stored config so a
+        # resumed run computes exactly as the interrupted one did
+        run = self.run.model_copy(update={"threads": self.run.threads or torch.get_num_threads()})
         return Experiment(
             task=task,
             federation=federation,
@@ -245,11 +252,11 @@ class ExperimentConfig(_Section):
             rounds=self.rounds,
             seed=self.seed,
             evaluation=Evaluation(**self.evaluation.model_dump()),
-            engine=self.run.engine,
-            checkpoint_every=self.run.checkpoint_every,
-            threads=self.run.threads,
-            name=self.run.name,
-            config=self.to_dict(),
+            engine=run.engine,
+            checkpoint_every=run.checkpoint_every,
+            threads=run.threads,
+            name=run.name,
+            config=self.model_copy(update={"run": run}).to_dict(),
         )
 
     def build_federation(self) -> Federation:

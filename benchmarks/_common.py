@@ -1,0 +1,175 @@
+"""Shared helpers for the benchmarks: machine description, result files, statistics.
+
+Not a benchmark itself. The scripts in this directory import it as ``_common`` (they run as
+``python benchmarks/NAME.py``, so this directory is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def command_line() -> str:
+    """The exact command that started this process, as typed (interpreter included)."""
+    return shlex.join(sys.orig_argv)
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def cpu_times() -> dict[str, float]:
+    """Whole-machine CPU seconds so far (all CPUs): busy, idle and steal (from /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return {}
+    ticks = [int(f) for f in fields] + [0] * 8
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
+    return {
+        "busy_s": (user + nice + system + irq + softirq) / hz,
+        "idle_s": (idle + iowait) / hz,
+        "steal_s": steal / hz,
+    }
+
+
+def own_cpu_s() -> float:
+    """CPU seconds used by this process and its waited-for children so far."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def machine() -> dict[str, Any]:
+    """CPU count, CPU model, memory, OS, Python/torch/NumPy versions, torch threads, load."""
+    import numpy
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": _cpu_model(),
+        "mem_total_gib": _mem_total_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "numpy": numpy.__version__,
+        "loadavg_at_start": list(os.getloadavg()),
+        "cpu_times_at_start": {**cpu_times(), "own_s": own_cpu_s()},
+    }
+
+
+def source_state() -> dict[str, Any]:
+    """The commit measured and whether ``src/`` had uncommitted changes at the time."""
+    dirty = _git("status", "--porcelain", "--", "src")
+    return {
+        "commit": _git("rev-parse", "HEAD"),
+        "src_uncommitted_files": len(dirty.splitlines()) if dirty else 0,
+    }
+
+
+def header(benchmark: str) -> dict[str, Any]:
+    """The fields every result file starts with."""
+    return {
+        "benchmark": benchmark,
+        "command": command_line(),
+        "cwd": os.getcwd(),
+        "date": now_utc(),
+        "machine": machine(),
+        "source": source_state(),
+    }
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/NAME.json`` (with the load average at the end added)."""
+    mach = payload["machine"]
+    mach["loadavg_at_end"] = list(os.getloadavg())
+    start, end = mach.pop("cpu_times_at_start"), cpu_times()
+    during = {k: end[k] - start[k] for k in end if k in start}
+    if during:
+        during["this_benchmark_s"] = own_cpu_s() - start["own_s"]
+        during["other_processes_s"] = during["busy_s"] - during["this_benchmark_s"]
+    mach["machine_cpu_s_during_benchmark"] = during
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+# -- potluck API glue -----------------------------------------------------------------------
+
+
+def train_cohort(engine: Any, algorithm: Any, cohort: Any, w: Any, rnd: int) -> list[Any]:
+    """Run ``engine.train`` for ``cohort`` from global weights ``w``; the upload messages."""
+    import numpy as np
+
+    from potluck.client.program import RoundInput
+
+    rule = algorithm.rule
+    job = RoundInput(
+        round=rnd,
+        w=w,
+        cohort=np.asarray(cohort),
+        broadcast=rule.broadcast(rule.server_init(w)),
+        states=tuple({} for _ in range(len(cohort))),
+        work=np.ones(len(cohort)),
+    )
+    return [r.message for r in engine.train(job)]
