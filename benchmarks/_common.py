@@ -173,3 +173,12 @@ def train_cohort(engine: Any, algorithm: Any, cohort: Any, w: Any, rnd: int) -> 
         work=np.ones(len(cohort)),
     )
     return [r.message for r in engine.train(job)]
+
+
+def save_plot(fig: Any, name: str) -> Path:
+    """Lay out a matplotlib ``Figure`` and write it to ``benchmarks/plots/NAME.png``."""
+    fig.tight_layout()
+    out = REPO / "benchmarks" / "plots" / f"{name}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out

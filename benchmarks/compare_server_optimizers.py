@@ -17,7 +17,7 @@ import argparse
 import time
 from typing import Any
 
-from _common import REPO, header, write_result
+from _common import header, save_plot, write_result
 
 from potluck.config import ExperimentConfig
 from potluck.orchestrator import run_experiment
@@ -63,10 +63,7 @@ def plot(best: dict[str, dict[str, Any]]) -> None:
     ax.set_title("Server optimizers, Fashion-MNIST Dir(0.5), tuned server lr")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = REPO / "benchmarks" / "plots" / "server_optimizers.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_plot(fig, "server_optimizers")
 
 
 def main() -> None:

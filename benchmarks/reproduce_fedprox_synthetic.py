@@ -17,7 +17,7 @@ import argparse
 import time
 from typing import Any
 
-from _common import REPO, header, write_result
+from _common import header, save_plot, write_result
 
 from potluck.config import ExperimentConfig
 from potluck.orchestrator import run_experiment
@@ -82,10 +82,7 @@ def plot(runs: list[dict[str, Any]]) -> None:
     axes[0].set_ylabel("loss on all clients' local test sets")
     axes[0].legend()
     fig.suptitle("FedProx on Synthetic(1,1), reproduced with potluck")
-    fig.tight_layout()
-    out = REPO / "benchmarks" / "plots" / "fedprox_synthetic.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_plot(fig, "fedprox_synthetic")
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import argparse
 import time
 from typing import Any
 
-from _common import REPO, header, write_result
+from _common import header, save_plot, write_result
 
 from potluck.config import ExperimentConfig
 from potluck.orchestrator import run_experiment
@@ -86,10 +86,7 @@ def plot(runs: list[dict[str, Any]], partitions: list[str]) -> None:
     axes[0].set_ylabel("test accuracy")
     axes[0].legend()
     fig.suptitle("NIID-Bench, Fashion-MNIST, reproduced with potluck")
-    fig.tight_layout()
-    out = REPO / "benchmarks" / "plots" / "niid_bench_fmnist.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_plot(fig, "niid_bench_fmnist")
 
 
 def main() -> None:
