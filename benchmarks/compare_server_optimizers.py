@@ -36,6 +36,7 @@ def run_one(server: dict[str, Any], lr: float, rounds: int) -> dict[str, Any]:
         {
             "rounds": rounds,
             "server": {**server, "lr": lr},
+            "run": {"threads": 1},  # 2 threads on 2 shared cores can stall 10x
             "evaluation": {"every": 1, "federated_clients": 0},
         }
     )

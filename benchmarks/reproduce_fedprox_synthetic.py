@@ -43,6 +43,7 @@ def config(name: str, mu: float, stragglers: float, rounds: int) -> ExperimentCo
             "algorithm": {"name": name, "mu": mu, "stragglers": stragglers},
             "sampler": {"clients_per_round": 10},
             "client": {"epochs": 20, "batch_size": 10, "lr": 0.01},
+            "run": {"threads": 1},  # 2 threads on 2 shared cores can stall 10x
             "evaluation": {"every": 5, "centralized": True, "federated_clients": -1},
         }
     )

@@ -51,6 +51,7 @@ def config(algorithm: str, partition: str, rounds: int) -> ExperimentConfig:
             "algorithm": {"name": algorithm, "mu": 0.01},
             "sampler": {"clients_per_round": 10},
             "client": {"epochs": 10, "batch_size": 64, "lr": 0.01, "momentum": 0.9},
+            "run": {"threads": 1},  # 2 threads on 2 shared cores can stall 10x
             "evaluation": {"every": 1, "centralized": True, "federated_clients": 0},
         }
     )

@@ -227,3 +227,13 @@ def test_resume_in_process_after_interruption(tmp_path: Path) -> None:
     resumed = resume_experiment(cfg.build(), store, info.run_id)
     assert learning_metrics(resumed.history) == learning_metrics(full.history)
     assert torch.equal(resumed.weights, full.weights)
+
+
+def test_an_engine_refusal_happens_before_anything_is_stored(tmp_path: Path) -> None:
+    cfg = ExperimentConfig.from_dict(
+        {**DIGITS, "algorithm": {"name": "ditto"}, "run": {"engine": "vectorized"}}
+    )
+    store = RunStore(tmp_path)
+    with pytest.raises(ValueError, match="inline"):
+        run_experiment(cfg.build(), store)
+    assert store.list_runs() == []

@@ -173,7 +173,7 @@ class EvaluationConfig(_Section):
 
 
 class RunConfig(_Section):
-    engine: Literal["inline"] = "inline"
+    engine: Literal["inline", "vectorized"] = "inline"
     checkpoint_every: int = Field(1, ge=1)
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (default: torch's, then recorded)"

@@ -242,6 +242,8 @@ class _Loop:
         )
         self.rule = self.program.rule  # bound to the model's parameters
         self.num_clients = exp.federation.num_clients
+        # an engine that cannot run this experiment refuses here, before any run is stored
+        self.engine = make_engine(exp.engine, self.program)
 
     def record_to(self, store: RunStore, run_id: str, keep: bool = True) -> None:
         """Commit every round to ``store`` under ``run_id``; ``keep=False``: a scratch store."""
@@ -256,8 +258,7 @@ class _Loop:
             start = _State(0, w0, exp.algorithm.server.init(w0), self.rule.server_init(w0))
         self.program.spec.check(start.w, "checkpointed global weights")
         history = [r.metrics for r in self.store.rounds(self.run_id)] if self.store else []
-        engine = make_engine(exp.engine, self.program)
-        state = start
+        engine, state = self.engine, start
         try:
             for rnd in range(start.round + 1, exp.rounds + 1):
                 state, metrics, per_client, client_states = self._round(engine, state, rnd)

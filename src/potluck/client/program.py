@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from potluck.client.rules import LocalRule, PlainRule, Tensors
+from potluck.client.rules import LocalRule, PlainRule, RuleOutput, Tensors
 from potluck.client.sgd import LocalSGD
 from potluck.core.message import Message
 from potluck.core.params import ParamSpec
@@ -39,6 +39,26 @@ if TYPE_CHECKING:
     from potluck.data.federation import ClientData, Federation
 
 EVAL_BATCH = 256  # faster than 1024 on this CPU (benchmarks/default_run.py)
+
+
+def batch_order(n: int, b: int, total: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """The example indices of ``total`` mini-batches of a client with ``n`` examples: each
+    epoch draws ``torch.randperm(n, generator=gen)`` and cuts it into batches of ``b`` (the
+    last one of an epoch shorter). Every engine draws its batches here.
+
+    Example:
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> [len(idx) for idx in batch_order(5, 2, 4, gen)]
+        [2, 2, 1, 2]
+    """
+    step = 0
+    while step < total:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, b):
+            yield order[start : start + b]
+            step += 1
+            if step == total:
+                return
 
 
 @dataclass(frozen=True)
@@ -181,14 +201,29 @@ class ClientProgram:
             new_state["personal"] = self._ditto_personal(
                 state.get("personal", w_global), w_global, rule.personal_lambda, x, y, total, gen
             )
-        scalars: dict[str, int | float | str] = {"num_examples": len(y), "num_steps": total}
+        msg = self.upload(int(cid), round, w_global, w, out, (total, len(y)), (loss_sum, seen))
+        return ClientResult(msg, new_state)
+
+    def upload(
+        self,
+        cid: int,
+        round: int,
+        w_global: torch.Tensor,
+        w: torch.Tensor,
+        out: RuleOutput,
+        counts: tuple[int, int],
+        loss: tuple[float, int],
+    ) -> Message:
+        """The encoded upload of client ``cid`` that trained from ``w_global`` to ``w``:
+        ``counts`` = (steps, examples), ``loss`` = (sum of batch loss x size, examples seen)."""
+        (steps, num_examples), (loss_sum, seen) = counts, loss
+        scalars: dict[str, int | float | str] = {"num_examples": num_examples, "num_steps": steps}
         if seen:
             scalars["train_loss"] = loss_sum / seen
         msg = Message(
             arrays={"delta": w - w_global, **out.arrays}, scalars={**scalars, **out.scalars}
         )
-        msg = self.transforms.encode(msg, EncodeContext(client_id=int(cid), round=round))
-        return ClientResult(msg, new_state)
+        return self.transforms.encode(msg, EncodeContext(client_id=cid, round=round))
 
     def _ditto_personal(
         self,
@@ -231,19 +266,12 @@ class ClientProgram:
         """``total`` mini-batch steps from ``w``, each gradient passed through ``correct``;
         (weights, summed batch loss, examples seen)."""
         n, opt = len(y), optimizer or self.optimizer
-        b = opt.batch_len(n)
-        opt_state, loss_sum, seen, step = opt.init(w), 0.0, 0, 0
-        while step < total:
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, b):
-                idx = order[start : start + b]
-                g, loss = self._grad(w, x[idx], y[idx])
-                w, opt_state = opt.step(w, opt_state, correct(w, g))
-                loss_sum += float(loss) * len(idx)
-                seen += len(idx)
-                step += 1
-                if step == total:
-                    break
+        opt_state, loss_sum, seen = opt.init(w), 0.0, 0
+        for idx in batch_order(n, opt.batch_len(n), total, gen):
+            g, loss = self._grad(w, x[idx], y[idx])
+            w, opt_state = opt.step(w, opt_state, correct(w, g))
+            loss_sum += float(loss) * len(idx)
+            seen += len(idx)
         return w, loss_sum, seen
 
     @torch.no_grad()

@@ -6,7 +6,7 @@ An engine runs a ``ClientProgram`` for a cohort: ``train`` returns one ``ClientR
 
 Example:
     >>> available_engines()
-    ['inline']
+    ['inline', 'vectorized']
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Engine(Protocol):
 
 
 def available_engines() -> list[str]:
-    return ["inline"]
+    return ["inline", "vectorized"]
 
 
 def make_engine(name: str, program: ClientProgram) -> Engine:
@@ -44,4 +44,8 @@ def make_engine(name: str, program: ClientProgram) -> Engine:
         from potluck.engines.inline import InlineEngine
 
         return InlineEngine(program)
+    if name == "vectorized":
+        from potluck.engines.vectorized import VectorizedEngine
+
+        return VectorizedEngine(program)
     raise ValueError(f"unknown engine {name!r}; available: {', '.join(available_engines())}")

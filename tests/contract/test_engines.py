@@ -1,0 +1,129 @@
+"""Every engine runs the same experiments to the same results.
+
+Each experiment (digits, MLP, 20 clients, 5 per round, 3 rounds) runs on every engine of
+``available_engines()`` and is compared with the inline engine, the reference: per-round
+``train_loss``, ``test_accuracy``, ``fed_accuracy`` and the final weights.
+
+Tolerance: engines that batch clients (``vectorized``) compute the same float32 steps with
+batched matmuls and a masked mean over padded batches, which round in a different order
+(about one float32 ulp, 1.2e-7 relative, per operation). Over the few dozen local steps of
+these runs the final weights differ by under 1e-6 (measured); we allow 1e-5 absolute and
+relative. Accuracies are counts, so a model whose logits moved by 1e-6 could in principle
+flip one prediction near a tie: we allow one example of the smallest evaluation set.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import pytest
+import torch
+
+from potluck.config import ExperimentConfig
+from potluck.core.seeding import Seeds
+from potluck.engines import available_engines
+from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
+
+ENGINES = available_engines()
+REFERENCE = "inline"
+WEIGHT_TOL = 1e-5
+LOSS_RTOL = 1e-5
+ONE_EXAMPLE = 1 / 60  # the 5 sampled clients' local test sets hold at least 60 examples
+
+BASE: dict[str, Any] = {
+    "rounds": 3,
+    "data": {"dataset": "digits", "num_clients": 20, "partition": {"kind": "iid"}},
+    "model": {"name": "mlp"},
+    "sampler": {"clients_per_round": 5},
+    "client": {"epochs": 2, "batch_size": 8, "lr": 0.1},
+    "evaluation": {"federated_clients": 5},
+}
+DIRICHLET = {"dataset": "digits", "num_clients": 20, "partition": {"kind": "dirichlet"}}
+MOMENTUM = {"epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
+
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "fedavg_iid_momentum_clip": {
+        "client": MOMENTUM,
+        "algorithm": {"name": "fedavg", "clip_norm": 1.0},
+    },
+    "fedavg_dirichlet_momentum": {"data": DIRICHLET, "client": MOMENTUM},
+    "fedprox_stragglers": {
+        "data": DIRICHLET,
+        "client": {"epochs": 3, "batch_size": 8, "lr": 0.1},
+        "algorithm": {"name": "fedprox", "mu": 0.1, "stragglers": 0.6},
+    },
+    "scaffold": {"data": DIRICHLET, "algorithm": {"name": "scaffold"}},
+    "fednova_momentum": {"data": DIRICHLET, "client": MOMENTUM, "algorithm": {"name": "fednova"}},
+    "fedper": {"data": DIRICHLET, "algorithm": {"name": "fedper"}},
+    "qffl": {"data": DIRICHLET, "algorithm": {"name": "qffl", "q": 1.0}},
+    "ditto": {"data": DIRICHLET, "algorithm": {"name": "ditto", "lam": 0.1}},
+}
+
+# what each engine refuses up front, and words its message must contain
+REFUSED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("vectorized", "ditto"): ("vectorized", "'ditto'", 'engine = "inline"'),
+}
+
+
+def config(name: str, engine: str) -> ExperimentConfig:
+    run = {"engine": engine, "threads": 1}  # 2 threads crawl when another process is busy
+    return ExperimentConfig.from_dict({**BASE, **EXPERIMENTS[name], "run": run})
+
+
+@cache
+def run(name: str, engine: str) -> RunResult:
+    return run_experiment(config(name, engine).build())
+
+
+def learning(result: RunResult) -> list[dict[str, float]]:
+    return [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in result.history]
+
+
+def supported(name: str, engine: str) -> None:
+    if (engine, name) in REFUSED:
+        pytest.skip(f"{engine} refuses {name} (tested in test_refuses_up_front)")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_engine_matches_reference(name: str, engine: str) -> None:
+    supported(name, engine)
+    ref, got = run(name, REFERENCE), run(name, engine)
+    assert len(got.history) == len(ref.history) == BASE["rounds"]
+    for r, g in zip(ref.history, got.history, strict=True):
+        assert g["train_loss"] == pytest.approx(r["train_loss"], rel=LOSS_RTOL)
+        for key in ("test_accuracy", "fed_accuracy"):
+            assert g[key] == pytest.approx(r[key], abs=ONE_EXAMPLE + 1e-12), key
+        assert g["updates"] == r["updates"]
+        assert g["bytes_up"] == r["bytes_up"]
+    torch.testing.assert_close(got.weights, ref.weights, atol=WEIGHT_TOL, rtol=WEIGHT_TOL)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["fedavg_dirichlet_momentum", "scaffold", "fedprox_stragglers"])
+def test_same_seed_same_result_on_each_engine(name: str, engine: str) -> None:
+    supported(name, engine)
+    first, again = run(name, engine), run_experiment(config(name, engine).build())
+    assert learning(again) == learning(first)
+    assert torch.equal(again.weights, first.weights)
+
+
+def test_stragglers_really_take_fewer_steps() -> None:
+    """The FedProx experiment exercises unequal step counts (else it would test nothing)."""
+    exp = config("fedprox_stragglers", REFERENCE).build()
+    seeds, stragglers = Seeds(exp.seed), exp.algorithm.stragglers
+    shares = [stragglers.plan(5, 3, seeds.numpy("stragglers", rnd))[0] for rnd in (1, 2, 3)]
+    assert any(len(set(work.tolist())) > 1 for work in shares)
+
+
+@pytest.mark.parametrize(("engine", "name"), sorted(REFUSED))
+def test_refuses_up_front(engine: str, name: str) -> None:
+    rounds: list[int] = []
+    with pytest.raises(ValueError) as err:
+        run_experiment(
+            config(name, engine).build(), on_round=lambda rnd, metrics: rounds.append(rnd)
+        )
+    for words in REFUSED[engine, name]:
+        assert words in str(err.value)
+    assert rounds == []
