@@ -304,6 +304,12 @@ class ClientProgram:
             )
         return out
 
+    def evaluate_clients(
+        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
+    ) -> list[dict[str, EvalResult]]:
+        """``evaluate`` for each client, one after another."""
+        return [self.evaluate(int(c), w, state) for c, state in zip(clients, states, strict=True)]
+
     def _finetune(self, cid: int, w: torch.Tensor, data: ClientData) -> torch.Tensor:
         """The global model after ``finetune`` local SGD on the client's training data."""
         assert self.finetune is not None

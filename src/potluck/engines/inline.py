@@ -40,10 +40,7 @@ class InlineEngine:
     def evaluate(
         self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
     ) -> list[dict[str, EvalResult]]:
-        return [
-            self.program.evaluate(int(cid), w, state)
-            for cid, state in zip(clients, states, strict=True)
-        ]
+        return self.program.evaluate_clients(clients, w, states)
 
     def close(self) -> None:
         """Nothing to release."""

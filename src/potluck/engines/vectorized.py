@@ -299,10 +299,7 @@ class VectorizedEngine:
         self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
     ) -> list[dict[str, EvalResult]]:
         """Per-client local test metrics, by ``ClientProgram.evaluate`` (not the hot path)."""
-        return [
-            self.program.evaluate(int(cid), w, state)
-            for cid, state in zip(clients, states, strict=True)
-        ]
+        return self.program.evaluate_clients(clients, w, states)
 
     def close(self) -> None:
         """Nothing to release."""
