@@ -155,10 +155,12 @@ def show(
         }
         print(json.dumps(payload, indent=2, default=str))
         return
-    keys = sorted({k for r in rounds for k in r.metrics})
-    table = Table("round", *keys, title=f"run {run_id} ({info.status})")
+    present = {k for r in rounds for k in r.metrics}
+    keys = [k for k in _SHOW_ORDER if k in present] + sorted(present - set(_SHOW_ORDER))
+    headers = [Column(_header(k), overflow="fold") for k in keys]
+    table = Table("round", *headers, title=f"run {run_id} ({info.status})")
     for r in rounds:
-        table.add_row(str(r.round), *(_fmt(r.metrics.get(k)) for k in keys))
+        table.add_row(str(r.round), *(_fmt_metric(k, r.metrics.get(k)) for k in keys))
     console.print(table)
     if clients:
         ctable = Table("round", "client", "metrics", title="per-client metrics")
@@ -250,6 +252,35 @@ def _fmt(value: Any) -> str:
             return "nan"
         return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
     return str(value)
+
+
+_SHOW_ORDER = (
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "fed_loss",
+    "fed_accuracy",
+    "personal_accuracy",
+    "finetuned_accuracy",
+    "cohort_size",
+    "updates",
+    "bytes_up",
+    "bytes_down",
+    "round_seconds",
+)
+
+
+def _header(key: str) -> str:
+    """A short column header: ``test_accuracy`` -> ``test acc``, ``bytes_up`` -> ``MB up``."""
+    for long, short in (("_accuracy", " acc"), ("_seconds", " s"), ("bytes_", "MB "), ("_", " ")):
+        key = key.replace(long, short)
+    return key
+
+
+def _fmt_metric(key: str, value: Any) -> str:
+    if key.startswith("bytes") and isinstance(value, float):
+        return f"{value / 1e6:.3g}"
+    return _fmt(value)
 
 
 def _describe_start(cfg: ExperimentConfig, exp: Experiment) -> None:
