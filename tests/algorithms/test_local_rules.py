@@ -19,6 +19,7 @@ from potluck import Experiment, Federation, Task, run_experiment
 from potluck.algorithms import fedavg, fednova, fedprox, scaffold
 from potluck.client import ClientProgram, LocalSGD
 from potluck.client.rules import FedNova, FedProx, Uploaded
+from potluck.core.message import MessageError
 from potluck.orchestrator import Evaluation
 from potluck.store.sqlite import RunStore
 
@@ -204,3 +205,16 @@ def test_scaffold_scales_to_100000_virtual_clients(tmp_path) -> None:
     assert rows == len(trained)
     sample = store.client_states(result.run_id, [0, 1, 2, *sorted(trained)[:2]])
     assert sum(bool(s) for s in sample) >= 2
+
+
+def test_scaffold_with_local_momentum_still_reaches_the_optimum() -> None:
+    """With momentum 0.9 the control variates divide by the momentum-weighted step count;
+    dividing by K instead (the paper's formula, which has no momentum) diverges here."""
+    w_star = optimum(A, B, [10, 10, 10])
+    args = {"clients_per_round": 3, "epochs": 10, "batch_size": None, "lr": 0.01, "momentum": 0.9}
+    algo = scaffold(**args)
+    assert algo.rule.momentum == 0.9
+    assert torch.linalg.vector_norm(run_quadratic(algo, rounds=200) - w_star) < 1e-4
+    naive = replace(algo, rule=replace(algo.rule, momentum=0.0))
+    with pytest.raises(MessageError, match="NaN or Inf"):
+        run_quadratic(naive, rounds=200)

@@ -19,5 +19,7 @@ from potluck.client.rules import Scaffold
 
 
 def scaffold(**fedavg_args: Any) -> Algorithm:
-    """SCAFFOLD (option II control variates); arguments as for ``fedavg``."""
-    return replace(fedavg(**fedavg_args), name="scaffold", rule=Scaffold())
+    """SCAFFOLD (option II control variates); arguments as for ``fedavg`` (the local momentum
+    sets the control variates' step normaliser)."""
+    base = fedavg(**fedavg_args)
+    return replace(base, name="scaffold", rule=Scaffold(momentum=base.local.momentum))

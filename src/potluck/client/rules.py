@@ -26,6 +26,21 @@ from potluck.core.params import ParamSpec
 Tensors = dict[str, torch.Tensor]
 
 
+def effective_steps(steps: int, momentum: float) -> float:
+    """Total weight of the gradients in ``steps`` steps of SGD with heavy-ball ``momentum``:
+    ``(steps - rho (1 - rho^steps) / (1 - rho)) / (1 - rho)``, or ``steps`` without momentum
+    (Wang et al. 2020, FedNova, eq. for ``||a_i||_1``).
+
+    Example:
+        >>> effective_steps(4, 0.0), effective_steps(2, 0.5)
+        (4.0, 2.5)
+    """
+    if momentum == 0:
+        return float(steps)
+    rho = momentum
+    return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
+
+
 @dataclass(frozen=True)
 class RuleOutput:
     """What ``finish`` returns: arrays to upload (``delta`` may be replaced), the client's new
@@ -184,8 +199,15 @@ class Scaffold(PlainRule):
     Client ``i`` corrects each gradient by ``c - c_i``; after ``K`` steps of rate ``lr`` it
     sets ``c_i+ = c_i - c + (w_global - w) / (K lr)`` and uploads ``delta_c = c_i+ - c_i``.
     The server moves ``c += |S| / N * mean(delta_c)``. ``c_i`` persists per client.
+
+    With local ``momentum`` (not in the paper; NIID-Bench uses 0.9) the corrected gradient
+    goes through the momentum buffer like any gradient, so ``K`` is replaced by the
+    momentum-weighted step count ``effective_steps(K, momentum)``: ``(w_global - w) / lr``
+    sums the gradients with those weights, and dividing by ``K`` would overestimate the mean
+    gradient by up to ``1 / (1 - momentum)`` and make the correction diverge.
     """
 
+    momentum: float = 0.0
     name: str = "scaffold"
     client_state: tuple[str, ...] = ("c_i",)
     uploads: tuple[str, ...] = ("delta_c",)
@@ -209,7 +231,7 @@ class Scaffold(PlainRule):
         c, c_i = rule_state["c"], rule_state["c_i"]
         if steps == 0:
             return RuleOutput(arrays={"delta_c": torch.zeros_like(c)}, state={"c_i": c_i})
-        c_new = c_i - c + (w_global - w) / (steps * lr)
+        c_new = c_i - c + (w_global - w) / (effective_steps(steps, self.momentum) * lr)
         return RuleOutput(arrays={"delta_c": c_new - c_i}, state={"c_i": c_new})
 
     def server_update(
@@ -246,10 +268,7 @@ class FedNova(PlainRule):
 
     def normaliser(self, steps: int) -> float:
         """``a_i`` for ``steps`` local steps."""
-        rho = self.momentum
-        if rho == 0:
-            return float(steps)
-        return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
+        return effective_steps(steps, self.momentum)
 
     def finish(
         self, w_global: torch.Tensor, w: torch.Tensor, rule_state: Tensors, steps: int, lr: float
