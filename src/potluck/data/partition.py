@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from potluck.data.options import check_options
+
 __all__ = [
     "PARTITION_KINDS",
     "Partition",
@@ -357,10 +359,7 @@ def make_partition(
     """
     if kind not in PARTITION_KINDS:
         raise ValueError(f"unknown partition {kind!r}; allowed: {', '.join(PARTITION_KINDS)}")
-    unknown = sorted(set(options) - set(PARTITION_KINDS[kind]))
-    if unknown:
-        allowed = ", ".join(PARTITION_KINDS[kind]) or "none"
-        raise ValueError(f"unknown option(s) {unknown} for partition {kind!r}; allowed: {allowed}")
+    check_options(options, PARTITION_KINDS[kind], f"partition {kind!r}")
     missing = [o for o in _REQUIRED.get(kind, ()) if o not in options]
     if missing:
         raise ValueError(f"partition {kind!r} requires option(s) {missing}")

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from potluck.data.options import check_options
+
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
     "FASHION_MNIST_FILES",
@@ -461,8 +463,5 @@ def load_source(name: str, *, path: str | None = None, seed: int = 0, **options:
     key = name.lower().replace("-", "_")
     if key not in _SOURCES:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_sources())}")
-    unknown = sorted(set(options) - set(_OPTIONS[key]))
-    if unknown:
-        allowed = ", ".join(_OPTIONS[key]) or "none"
-        raise ValueError(f"unknown option(s) {unknown} for dataset {key!r}; allowed: {allowed}")
+    check_options(options, _OPTIONS[key], f"dataset {key!r}")
     return _SOURCES[key](path, seed, **options)
