@@ -154,6 +154,22 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+# -- shared workloads (ExperimentConfig overrides) --------------------------------------------
+
+# W1 of the engine benchmarks: scikit-learn digits, MLP 64-64-10, 100 IID clients, E=5, B=8.
+W1_DIGITS_MLP: dict[str, Any] = {
+    "data": {"dataset": "digits", "num_clients": 100, "partition": {"kind": "iid"}},
+    "model": {"name": "mlp"},
+    "client": {"epochs": 5, "batch_size": 8, "lr": 0.1},
+}
+# Many tiny clients: Fashion-MNIST logistic regression, 1,000 clients Dir(0.5), E=1, B=20.
+FMNIST_LOGREG_1000: dict[str, Any] = {
+    "data": {"num_clients": 1000},
+    "model": {"name": "logreg"},
+    "client": {"epochs": 1, "batch_size": 20, "lr": 0.1},
+}
+
+
 # -- potluck API glue -----------------------------------------------------------------------
 
 
@@ -175,8 +191,19 @@ def train_cohort(engine: Any, algorithm: Any, cohort: Any, w: Any, rnd: int) -> 
     return [r.message for r in engine.train(job)]
 
 
-def save_plot(fig: Any, name: str) -> Path:
-    """Lay out a matplotlib ``Figure`` and write it to ``benchmarks/plots/NAME.png``."""
+def save_curves(
+    fig: Any, axes: Sequence[Any], titles: Sequence[str], ylabel: str, suptitle: str, name: str
+) -> Path:
+    """Label per-round curve panels (title, "round" axis, grid; y label and legend on the
+    first), lay out the matplotlib ``Figure`` and write ``benchmarks/plots/NAME.png``."""
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend()
+    if suptitle:
+        fig.suptitle(suptitle)
     fig.tight_layout()
     out = REPO / "benchmarks" / "plots" / f"{name}.png"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import argparse
 import time
 from typing import Any
 
-from _common import header, save_plot, write_result
+from _common import header, save_curves, write_result
 
 from potluck.config import ExperimentConfig
 from potluck.orchestrator import run_experiment
@@ -59,12 +59,8 @@ def plot(best: dict[str, dict[str, Any]]) -> None:
     for name, run in best.items():
         rounds = range(1, len(run["accuracy"]) + 1)
         ax.plot(rounds, run["accuracy"], label=f"{name} (server lr {run['lr']:g})")
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Server optimizers, Fashion-MNIST Dir(0.5), tuned server lr")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_plot(fig, "server_optimizers")
+    title = "Server optimizers, Fashion-MNIST Dir(0.5), tuned server lr"
+    save_curves(fig, [ax], [title], "test accuracy", "", "server_optimizers")
 
 
 def main() -> None:

@@ -42,7 +42,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import header, summary, train_cohort, write_result
+from _common import (
+    FMNIST_LOGREG_1000,
+    W1_DIGITS_MLP,
+    header,
+    summary,
+    train_cohort,
+    write_result,
+)
 from torch.nn import functional as F
 
 from potluck.client import ClientProgram
@@ -68,11 +75,7 @@ WORKLOADS = (
     Workload(
         "digits_mlp",
         "(a) digits, MLP 64-64-10, 100 clients IID, batch 8, 5 epochs, lr 0.1 (W1)",
-        {
-            "data": {"dataset": "digits", "num_clients": 100, "partition": {"kind": "iid"}},
-            "model": {"name": "mlp"},
-            "client": {"epochs": 5, "batch_size": 8, "lr": 0.1},
-        },
+        W1_DIGITS_MLP,
         cohort_size=100,
         reps=11,
         chunk=10,
@@ -88,11 +91,7 @@ WORKLOADS = (
     Workload(
         "fmnist_logreg",
         "(c) Fashion-MNIST logreg, 1,000 clients Dirichlet 0.5, batch 20, 1 epoch, lr 0.1",
-        {
-            "data": {"num_clients": 1000},
-            "model": {"name": "logreg"},
-            "client": {"epochs": 1, "batch_size": 20, "lr": 0.1},
-        },
+        FMNIST_LOGREG_1000,
         cohort_size=1000,
         reps=9,
         chunk=50,

@@ -17,7 +17,7 @@ import argparse
 import time
 from typing import Any
 
-from _common import header, save_plot, write_result
+from _common import header, save_curves, write_result
 
 from potluck.config import ExperimentConfig
 from potluck.orchestrator import run_experiment
@@ -77,13 +77,14 @@ def plot(runs: list[dict[str, Any]]) -> None:
             label = "FedAvg (drop)" if run["algorithm"] == "fedavg" else f"FedProx mu={run['mu']:g}"
             xs = [p["round"] for p in run["curve"]]
             ax.plot(xs, [p["fed_loss"] for p in run["curve"]], label=label)
-        ax.set_title(f"{share:.0%} stragglers")
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss on all clients' local test sets")
-    axes[0].legend()
-    fig.suptitle("FedProx on Synthetic(1,1), reproduced with potluck")
-    save_plot(fig, "fedprox_synthetic")
+    save_curves(
+        fig,
+        axes,
+        [f"{share:.0%} stragglers" for share in STRAGGLERS],
+        "loss on all clients' local test sets",
+        "FedProx on Synthetic(1,1), reproduced with potluck",
+        "fedprox_synthetic",
+    )
 
 
 def main() -> None:

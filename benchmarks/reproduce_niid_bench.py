@@ -18,7 +18,7 @@ import argparse
 import time
 from typing import Any
 
-from _common import header, save_plot, write_result
+from _common import header, save_curves, write_result
 
 from potluck.config import ExperimentConfig
 from potluck.orchestrator import run_experiment
@@ -81,13 +81,14 @@ def plot(runs: list[dict[str, Any]], partitions: list[str]) -> None:
         for run in (r for r in runs if r["partition"] == part):
             rounds = range(1, len(run["accuracy"]) + 1)
             ax.plot(rounds, run["accuracy"], label=run["algorithm"])
-        ax.set_title(part)
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy")
-    axes[0].legend()
-    fig.suptitle("NIID-Bench, Fashion-MNIST, reproduced with potluck")
-    save_plot(fig, "niid_bench_fmnist")
+    save_curves(
+        fig,
+        axes,
+        partitions,
+        "test accuracy",
+        "NIID-Bench, Fashion-MNIST, reproduced with potluck",
+        "niid_bench_fmnist",
+    )
 
 
 def main() -> None:

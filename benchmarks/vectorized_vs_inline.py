@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from _common import header, summary, train_cohort, write_result
+from _common import (
+    FMNIST_LOGREG_1000,
+    W1_DIGITS_MLP,
+    header,
+    summary,
+    train_cohort,
+    write_result,
+)
 
 from potluck.client import ClientProgram
 from potluck.config import ExperimentConfig
@@ -50,24 +57,14 @@ WORKLOADS = (
     Workload(
         "digits_mlp",
         "(a) digits, MLP 64-64-10, 100 clients IID, 10 per round, 5 epochs, batch 8, lr 0.1",
-        {
-            "data": {"dataset": "digits", "num_clients": 100, "partition": {"kind": "iid"}},
-            "model": {"name": "mlp"},
-            "sampler": {"clients_per_round": 10},
-            "client": {"epochs": 5, "batch_size": 8, "lr": 0.1},
-        },
+        {**W1_DIGITS_MLP, "sampler": {"clients_per_round": 10}},
         rounds=30,
     ),
     Workload(
         "fmnist_logreg",
         "(b) Fashion-MNIST logreg, 1,000 clients Dirichlet 0.5, 100 per round, 1 epoch, "
         "batch 20, lr 0.1",
-        {
-            "data": {"num_clients": 1000},
-            "model": {"name": "logreg"},
-            "sampler": {"clients_per_round": 100},
-            "client": {"epochs": 1, "batch_size": 20, "lr": 0.1},
-        },
+        {**FMNIST_LOGREG_1000, "sampler": {"clients_per_round": 100}},
         rounds=15,
     ),
 )
