@@ -65,10 +65,16 @@ def _load_config(exp: Path | None, overrides: list[str] | None) -> ExperimentCon
 
 
 def _build(cfg: ExperimentConfig) -> Experiment:
+    """The runnable experiment, with ``engine = "auto"`` resolved (and the choice printed)."""
+    from potluck.orchestrator import resolve_engine
+
     try:
-        return cfg.build()
+        experiment, why = resolve_engine(cfg.build())
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    if cfg.run.engine == "auto":
+        console.print(f"engine [bold]{experiment.engine}[/] ({why})", highlight=False)
+    return experiment
 
 
 def _store(path: Path | str) -> RunStore:
@@ -77,10 +83,31 @@ def _store(path: Path | str) -> RunStore:
     return RunStore(path)
 
 
+EngineOpt = Annotated[
+    str | None,
+    typer.Option("--engine", help="auto, inline, vectorized, pool or ray (default: run.engine)"),
+]
+RayOpt = Annotated[
+    str | None, typer.Option("--ray-address", help="Ray cluster address for --engine ray")
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="pool or Ray workers (default: one per core)")
+]
+
+
 @app.command()
-def run(exp: ExpArg = None, set_: SetOpt = None, store: StoreOpt = None) -> None:
+def run(
+    exp: ExpArg = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    engine: EngineOpt = None,
+    ray_address: RayOpt = None,
+    workers: WorkersOpt = None,
+) -> None:
     """Run an experiment (the default one when no file is given) and store it."""
-    cfg = _load_config(exp, set_)
+    flags = {"engine": engine, "ray_address": ray_address, "workers": workers}
+    overrides = [f"run.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    cfg = _load_config(exp, [*(set_ or []), *overrides])
     if store is not None:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"store": str(store)})})
     experiment = _build(cfg)

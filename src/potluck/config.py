@@ -173,7 +173,11 @@ class EvaluationConfig(_Section):
 
 
 class RunConfig(_Section):
-    engine: Literal["inline", "vectorized"] = "inline"
+    engine: Literal["auto", "inline", "vectorized", "pool", "ray"] = Field(
+        "inline", description='where clients train; "auto" picks and records the fastest'
+    )
+    workers: int | None = Field(None, ge=1, description="pool/ray workers (default: per core)")
+    ray_address: str | None = Field(None, description="Ray cluster address (default: local)")
     checkpoint_every: int = Field(1, ge=1)
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (default: torch's, then recorded)"
@@ -253,6 +257,8 @@ class ExperimentConfig(_Section):
             seed=self.seed,
             evaluation=Evaluation(**self.evaluation.model_dump()),
             engine=run.engine,
+            workers=run.workers,
+            ray_address=run.ray_address,
             checkpoint_every=run.checkpoint_every,
             threads=run.threads,
             name=run.name,

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -44,9 +45,11 @@ from potluck.core.message import Message
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
 from potluck.data.federation import Federation
-from potluck.engines.base import Engine, make_engine
+from potluck.engines.base import Engine, EngineOptions, choose_engine, make_engine
 from potluck.store.checkpoint import Checkpoint
 from potluck.store.sqlite import RunStore
+
+_log = logging.getLogger("potluck")
 
 RoundCallback = Callable[[int, Mapping[str, float]], None]
 TIMING_METRICS = frozenset({"round_seconds"})
@@ -91,6 +94,8 @@ class Experiment:
     seed: int = 0
     evaluation: Evaluation = field(default_factory=Evaluation)
     engine: str = "inline"
+    workers: int | None = None
+    ray_address: str | None = None
     checkpoint_every: int = 1
     threads: int | None = None
     name: str | None = None
@@ -101,9 +106,12 @@ class Experiment:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        EngineOptions(self.workers, self.threads, self.ray_address)  # validates them
         self.algorithm.sampler.cohort_size(self.federation.num_clients)
+
+    @property
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(self.workers, self.threads, self.ray_address)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able record of the experiment (its config if it came from one)."""
@@ -170,6 +178,31 @@ class _Collected:
     per_client: list[tuple[int, dict[str, float]]]
 
 
+def resolve_engine(experiment: Experiment) -> tuple[Experiment, str]:
+    """``experiment`` with ``engine = "auto"`` replaced by the engine chosen for it (also in
+    its config, so the stored run and its resume use that engine), and why.
+
+    Example:
+        >>> from potluck.config import ExperimentConfig
+        >>> cfg = {"data": {"dataset": "digits", "num_clients": 10}, "model": {"name": "mlp"}}
+        >>> exp, why = resolve_engine(
+        ...     ExperimentConfig.from_dict(cfg, ["run.engine='auto'"]).build())
+        >>> exp.engine, exp.config["run"]["engine"]
+        ('vectorized', 'vectorized')
+    """
+    if experiment.engine != "auto":
+        return experiment, f"engine {experiment.engine!r} as configured"
+    cohort = experiment.algorithm.sampler.cohort_size(experiment.federation.num_clients)
+    with torch.random.fork_rng():
+        model = experiment.task.build_model()
+    name, why = choose_engine(model, experiment.algorithm.rule, cohort, experiment.engine_options)
+    config = experiment.config
+    if config is not None and isinstance(config.get("run"), Mapping):
+        config = {**config, "run": {**config["run"], "engine": name}}
+    _log.info("engine auto: %s (%s)", name, why)
+    return replace(experiment, engine=name, config=config), f"auto: {why}"
+
+
 def run_experiment(
     experiment: Experiment,
     store: RunStore | str | Path | None = None,
@@ -181,6 +214,7 @@ def run_experiment(
     Algorithms whose clients keep state (SCAFFOLD) keep it in a run store; without one, a
     temporary store is used and removed afterwards.
     """
+    experiment, _ = resolve_engine(experiment)
     loop = _Loop(experiment, on_round)  # builds the model: bad tasks fail before storing
     opened = _open(store)
     if opened is None and experiment.algorithm.rule.client_state:
@@ -205,6 +239,7 @@ def resume_experiment(
     run_id = opened.resolve(run_id)
     found = opened.latest_checkpoint(run_id)
     start = _State.from_checkpoint(*found) if found is not None else None
+    experiment, _ = resolve_engine(experiment)
     loop = _Loop(experiment, on_round)
     opened.truncate_after(run_id, start.round if start else 0)
     opened.set_status(run_id, "running")
@@ -243,7 +278,9 @@ class _Loop:
         self.rule = self.program.rule  # bound to the model's parameters
         self.num_clients = exp.federation.num_clients
         # an engine that cannot run this experiment refuses here, before any run is stored
-        self.engine = make_engine(exp.engine, self.program)
+        if exp.engine == "auto":
+            raise ValueError('engine "auto" must be resolved first: see resolve_engine')
+        self.engine = make_engine(exp.engine, self.program, exp.engine_options)
 
     def record_to(self, store: RunStore, run_id: str, keep: bool = True) -> None:
         """Commit every round to ``store`` under ``run_id``; ``keep=False``: a scratch store."""

@@ -63,7 +63,7 @@ from potluck.client.program import (
     RoundInput,
     batch_order,
 )
-from potluck.client.rules import Tensors
+from potluck.client.rules import LocalRule, Tensors
 from potluck.client.sgd import OptState
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes for one chunk's stacked vectors and batches
@@ -94,26 +94,33 @@ def check_vectorizable(program: ClientProgram) -> None:
         ...
         ValueError: the vectorized engine cannot train models with dropout (module '1' ...
     """
-    rule = program.rule
+    problem = vectorizing_problem(program.model, program.rule)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def vectorizing_problem(model: nn.Module, rule: LocalRule) -> str | None:
+    """Why the vectorized engine cannot train ``model`` under ``rule``, or None if it can."""
     if rule.personal_lambda is not None:
-        raise ValueError(
+        return (
             f"the vectorized engine does not support rule {rule.name!r}: it trains a second, "
             'personal model per client (Ditto). Use engine = "inline".'
         )
-    for name, module in program.model.named_modules():
+    for name, module in model.named_modules():
         kind = type(module).__name__
         if isinstance(module, _DROPOUT):
-            raise ValueError(
+            return (
                 f"the vectorized engine cannot train models with dropout (module {name!r} is "
                 f"{kind}): vmap draws different random masks than the inline engine. "
                 'Use engine = "inline".'
             )
         if isinstance(module, _BatchNorm):
-            raise ValueError(
+            return (
                 f"the vectorized engine cannot train models with batch statistics (module "
                 f"{name!r} is {kind}): padded examples would change them. Use GroupNorm or "
                 'LayerNorm, or engine = "inline".'
             )
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+"""``engine = "auto"``: which engine it picks, why, and that the choice is recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from torch import nn
+from typer.testing import CliRunner
+
+from potluck.cli import app
+from potluck.client.personal import Ditto
+from potluck.client.rules import PlainRule, Scaffold
+from potluck.config import ExperimentConfig
+from potluck.engines.base import EngineOptions, choose_engine
+from potluck.orchestrator import resolve_engine, run_experiment
+from potluck.store.sqlite import RunStore
+
+MLP = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+CNN = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+TWO = EngineOptions(workers=2)
+ONE = EngineOptions(workers=1)
+
+
+@pytest.mark.parametrize(
+    ("model", "rule", "cohort", "options", "engine", "words"),
+    [
+        (MLP, PlainRule(), 10, TWO, "vectorized", "without convolutions"),
+        (MLP, Scaffold(), 10, ONE, "vectorized", "one batched computation"),
+        (CNN, PlainRule(), 10, TWO, "pool", "convolutions (module '0')"),
+        (CNN, PlainRule(), 10, ONE, "inline", "one core"),
+        (MLP, Ditto(personal_lambda=0.1), 10, TWO, "pool", "personal model"),
+        (MLP, PlainRule(), 1, TWO, "inline", "one client per round"),
+        (MLP, PlainRule(), 10, EngineOptions(ray_address="ray://h:10001"), "ray", "ray://h"),
+    ],
+)
+def test_choice_and_reason(
+    model: nn.Module,
+    rule: PlainRule,
+    cohort: int,
+    options: EngineOptions,
+    engine: str,
+    words: str,
+) -> None:
+    name, why = choose_engine(model, rule, cohort, options)
+    assert name == engine
+    assert words in why
+
+
+def digits(engine: str, store: str) -> ExperimentConfig:
+    return ExperimentConfig.from_dict(
+        {
+            "rounds": 2,
+            "data": {"dataset": "digits", "num_clients": 10},
+            "model": {"name": "mlp"},
+            "sampler": {"clients_per_round": 4},
+            "run": {"engine": engine, "threads": 1, "store": store, "name": "auto"},
+        }
+    )
+
+
+def test_resolved_engine_is_stored_so_resume_uses_it(tmp_path: Path) -> None:
+    exp = digits("auto", str(tmp_path)).build()
+    resolved, why = resolve_engine(exp)
+    assert (resolved.engine, resolved.config["run"]["engine"]) == ("vectorized", "vectorized")
+    assert why.startswith("auto: ")
+    run_experiment(exp, tmp_path)
+    with RunStore(tmp_path) as store:
+        info = store.get_run(store.resolve("auto"))
+    assert info.config["run"]["engine"] == "vectorized"
+    assert resolve_engine(digits("pool", str(tmp_path)).build())[0].engine == "pool"
+
+
+def test_cli_says_which_engine_and_why(tmp_path: Path) -> None:
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(digits("inline", str(tmp_path / "runs")).to_toml())
+    result = CliRunner().invoke(app, ["run", str(cfg), "--engine", "auto"])
+    assert result.exit_code == 0, result.output
+    assert "engine vectorized (auto: 4 clients per round" in " ".join(result.output.split())
+    with RunStore(tmp_path / "runs") as store:
+        assert store.get_run(store.resolve("auto")).config["run"]["engine"] == "vectorized"
+
+
+def test_cli_refuses_unknown_engines(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "--engine", "gpu", "--store", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "run.engine" in result.output and "'auto'" in result.output
