@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up potluck on a fresh machine: Fashion-MNIST (Debian package), a virtual environment,
-# the pinned CPU build of PyTorch, and potluck itself. Pass --dev for the test tools.
+# the pinned CPU build of PyTorch, and potluck itself. Pass --dev for the test tools (and Ray,
+# which the Ray engine's tests need).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
 if [ "${1:-}" = "--dev" ]; then
-  .venv/bin/pip install -q -e ".[dev]"
+  .venv/bin/pip install -q -e ".[dev,ray]"
 else
   .venv/bin/pip install -q -e .
 fi
