@@ -23,6 +23,7 @@ Example (needs ``pip install "potluck[ray]"``; starts a local Ray):
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -108,14 +109,14 @@ class RayEngine:
                 address=opts.ray_address,
                 num_cpus=None if opts.ray_address else opts.workers,
                 include_dashboard=False,
-                logging_level="warning",
+                logging_level=logging.WARNING,
                 log_to_driver=True,
             )
         self.workers = opts.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         threads = opts.per_worker_threads(self.workers) if not opts.ray_address else 1
         actor = ray.remote(num_cpus=1)(RayWorker)
         program_ref = ray.put(program)
-        self._actors = [actor.remote(program_ref, threads) for _ in range(self.workers)]
+        self._actors: list[Any] = [actor.remote(program_ref, threads) for _ in range(self.workers)]
         self._closed = False
 
     def train(self, job: RoundInput) -> list[ClientResult]:
