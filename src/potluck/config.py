@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     from potluck.algorithms.base import Algorithm
@@ -173,8 +173,10 @@ class EvaluationConfig(_Section):
 
 
 class RunConfig(_Section):
-    engine: Literal["auto", "inline", "vectorized", "pool", "ray"] = Field(
-        "inline", description='where clients train; "auto" picks and records the fastest'
+    engine: Literal["auto", "inline", "vectorized", "pool", "ray", "grpc"] = Field(
+        "inline",
+        description='where clients train; "auto" picks and records the fastest; "grpc" is '
+        "set by potluck server",
     )
     workers: int | None = Field(None, ge=1, description="pool/ray workers (default: per core)")
     ray_address: str | None = Field(None, description="Ray cluster address (default: local)")
@@ -184,6 +186,29 @@ class RunConfig(_Section):
     )
     store: str = Field(default_factory=default_store, description="run store directory")
     name: str | None = None
+
+
+class DeployConfig(_Section):
+    """Deployment over gRPC (``potluck server``); ignored by simulations."""
+
+    listen: str = Field("127.0.0.1:50051", description="host:port the server listens on")
+    min_clients: int = Field(1, ge=1, description="clients connected before round 1")
+    min_updates: int = Field(1, ge=1, description="updates needed to move the model")
+    round_timeout_s: float = Field(600.0, gt=0, description="deadline of a round's clients")
+    join_timeout_s: float = Field(3600.0, gt=0, description="wait for min_clients this long")
+    poll_timeout_s: float = Field(20.0, gt=0, description="a client's long poll")
+    max_message_mb: float = Field(512.0, gt=0, description="larger messages are refused")
+    admit: list[str] | None = Field(
+        None, description="admitted client names; a client's id is its position"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
 
 
 class ExperimentConfig(_Section):
@@ -199,6 +224,7 @@ class ExperimentConfig(_Section):
     server: ServerConfig = ServerConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -261,6 +287,7 @@ class ExperimentConfig(_Section):
             ray_address=run.ray_address,
             checkpoint_every=run.checkpoint_every,
             threads=run.threads,
+            min_updates=self.deploy.min_updates,
             name=run.name,
             config=self.model_copy(update={"run": run}).to_dict(),
         )

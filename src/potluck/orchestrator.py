@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from potluck.algorithms.base import Algorithm
-from potluck.client.program import ClientProgram, EvalResult, RoundInput
+from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
 from potluck.client.rules import Tensors, Uploaded
 from potluck.client.sgd import LocalSGD
-from potluck.core.message import Message
+from potluck.core.message import Message, MessageError
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
 from potluck.data.federation import Federation
@@ -51,6 +51,7 @@ from potluck.store.sqlite import RunStore
 
 _log = logging.getLogger("potluck")
 
+EngineFactory = Callable[[ClientProgram], Engine]
 RoundCallback = Callable[[int, Mapping[str, float]], None]
 TIMING_METRICS = frozenset({"round_seconds"})
 
@@ -98,6 +99,7 @@ class Experiment:
     ray_address: str | None = None
     checkpoint_every: int = 1
     threads: int | None = None
+    min_updates: int = 1
     name: str | None = None
     config: Mapping[str, Any] | None = None
 
@@ -106,6 +108,8 @@ class Experiment:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.min_updates < 1:
+            raise ValueError(f"min_updates must be >= 1, got {self.min_updates}")
         EngineOptions(self.workers, self.threads, self.ray_address)  # validates them
         self.algorithm.sampler.cohort_size(self.federation.num_clients)
 
@@ -176,6 +180,7 @@ class _Collected:
     weights: torch.Tensor
     uploads: list[Uploaded]
     per_client: list[tuple[int, dict[str, float]]]
+    accepted: set[int]
 
 
 def resolve_engine(experiment: Experiment) -> tuple[Experiment, str]:
@@ -208,14 +213,18 @@ def run_experiment(
     store: RunStore | str | Path | None = None,
     *,
     on_round: RoundCallback | None = None,
+    engine: EngineFactory | None = None,
 ) -> RunResult:
     """Run ``experiment`` from round 1; record it in ``store`` if one is given.
 
     Algorithms whose clients keep state (SCAFFOLD) keep it in a run store; without one, a
-    temporary store is used and removed afterwards.
+    temporary store is used and removed afterwards. ``engine`` makes the engine from the
+    client program instead of ``experiment.engine`` (the deployment server passes its gRPC
+    engine this way).
     """
-    experiment, _ = resolve_engine(experiment)
-    loop = _Loop(experiment, on_round)  # builds the model: bad tasks fail before storing
+    if engine is None:
+        experiment, _ = resolve_engine(experiment)
+    loop = _Loop(experiment, on_round, engine)  # builds the model: bad tasks fail before storing
     opened = _open(store)
     if opened is None and experiment.algorithm.rule.client_state:
         with tempfile.TemporaryDirectory(prefix="potluck-states-") as tmp, RunStore(tmp) as temp:
@@ -232,6 +241,7 @@ def resume_experiment(
     run_id: str,
     *,
     on_round: RoundCallback | None = None,
+    engine: EngineFactory | None = None,
 ) -> RunResult:
     """Continue stored run ``run_id`` from its last checkpoint to the end of ``experiment``."""
     opened = _open(store)
@@ -239,12 +249,29 @@ def resume_experiment(
     run_id = opened.resolve(run_id)
     found = opened.latest_checkpoint(run_id)
     start = _State.from_checkpoint(*found) if found is not None else None
-    experiment, _ = resolve_engine(experiment)
-    loop = _Loop(experiment, on_round)
+    if engine is None:
+        experiment, _ = resolve_engine(experiment)
+    loop = _Loop(experiment, on_round, engine)
     opened.truncate_after(run_id, start.round if start else 0)
     opened.set_status(run_id, "running")
     loop.record_to(opened, run_id)
     return loop.run(start)
+
+
+def client_program(
+    task: Task, federation: Federation, algorithm: Algorithm, evaluation: Evaluation, seed: int
+) -> ClientProgram:
+    """What every client of a run executes; the same on every engine and on a deployed site
+    (which passes a federation holding only its own data)."""
+    return ClientProgram(
+        task,
+        federation,
+        algorithm.local,
+        rule=algorithm.rule,
+        transforms=algorithm.transforms,
+        finetune=_finetuning(algorithm.local, evaluation.finetune_epochs),
+        seed=seed,
+    )
 
 
 def _open(store: RunStore | str | Path | None) -> RunStore | None:
@@ -260,31 +287,34 @@ def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
 class _Loop:
     """One execution of the round loop for an experiment."""
 
-    def __init__(self, exp: Experiment, on_round: RoundCallback | None) -> None:
+    def __init__(
+        self, exp: Experiment, on_round: RoundCallback | None, engine: EngineFactory | None
+    ) -> None:
         self.exp, self.on_round = exp, on_round
         self.store: RunStore | None = None
         self.run_id, self.keep = "", True
         self.seeds = Seeds(exp.seed)
-        algo = exp.algorithm
-        self.program = ClientProgram(
-            exp.task,
-            exp.federation,
-            algo.local,
-            rule=algo.rule,
-            transforms=algo.transforms,
-            finetune=_finetuning(algo.local, exp.evaluation.finetune_epochs),
-            seed=exp.seed,
+        self.program = client_program(
+            exp.task, exp.federation, exp.algorithm, exp.evaluation, exp.seed
         )
         self.rule = self.program.rule  # bound to the model's parameters
         self.num_clients = exp.federation.num_clients
         # an engine that cannot run this experiment refuses here, before any run is stored
+        if engine is not None:
+            self.engine = engine(self.program)
+            return
         if exp.engine == "auto":
             raise ValueError('engine "auto" must be resolved first: see resolve_engine')
         self.engine = make_engine(exp.engine, self.program, exp.engine_options)
 
     def record_to(self, store: RunStore, run_id: str, keep: bool = True) -> None:
-        """Commit every round to ``store`` under ``run_id``; ``keep=False``: a scratch store."""
+        """Commit every round to ``store`` under ``run_id``; ``keep=False``: a scratch store.
+        An engine with an ``attach(store, run_id)`` method (the gRPC engine, for client
+        health) is told where the run is recorded."""
         self.store, self.run_id, self.keep = store, run_id, keep
+        attach = getattr(self.engine, "attach", None)
+        if attach is not None:
+            attach(store, run_id)
 
     def run(self, start: _State | None) -> RunResult:
         exp = self.exp
@@ -345,24 +375,36 @@ class _Loop:
         states = self._client_states(active)
         job = RoundInput(rnd, state.w, active, broadcast, states, work[reports])
         results = engine.train(job) if len(active) else []
-        new_state, up = state, self._collect(active, [r.message for r in results])
-        if results:
+        reported = [(int(c), r) for c, r in zip(active, results, strict=True) if r is not None]
+        up = self._collect(reported, tolerant=engine.remote)
+        new_state = state
+        if len(up.uploads) >= max(1, self.exp.min_updates):
             mean_delta = algo.aggregator(up.deltas, up.weights)
             mean_delta, rule_state = self.rule.server_update(
                 state.rule, mean_delta, up.uploads, up.weights, self.num_clients
             )
             w, server_state = algo.server.step(state.w, mean_delta, state.server)
             new_state = _State(rnd, w, server_state, rule_state)
+        elif len(active):
+            _log.warning(
+                "round %d: %d of at least %d updates arrived; the model is not moved",
+                rnd,
+                len(up.uploads),
+                self.exp.min_updates,
+            )
         new_state.round = rnd
         down = state.w.numel() + sum(v.numel() for v in broadcast.values())
         metrics = {
             "cohort_size": float(len(cohort)),
-            "updates": float(len(results)),
+            "updates": float(len(up.uploads)),
             "train_loss": _weighted_mean(up.per_client, "train_loss"),
-            "bytes_up": float(sum(r.message.nbytes for r in results)),
+            "bytes_up": float(sum(r.message.nbytes for _, r in reported)),
             "bytes_down": float(len(active) * down * 4),
         }
-        client_states = {int(c): r.state for c, r in zip(active, results, strict=True) if r.state}
+        if engine.remote:
+            metrics["failed"] = float(len(active) - len(reported))
+            metrics["refused"] = float(len(reported) - len(up.uploads))
+        client_states = {cid: r.state for cid, r in reported if r.state and cid in up.accepted}
         per_client = up.per_client
         if self.exp.evaluation.due(rnd, self.exp.rounds):
             evaluated, per_eval = self._evaluate(engine, new_state.w, rnd, client_states)
@@ -381,22 +423,43 @@ class _Loop:
         fresh = fresh or {}
         return tuple(fresh.get(int(c), s) for c, s in zip(cohort, stored, strict=True))
 
-    def _collect(self, cohort: np.ndarray, messages: Sequence[Message]) -> _Collected:
+    def _collect(
+        self, reported: Sequence[tuple[int, ClientResult]], tolerant: bool = False
+    ) -> _Collected:
+        """Decode and validate the reported updates. An invalid one stops the run, unless
+        ``tolerant`` (remote clients): then it is refused, logged and left out."""
+        uploads, per_client, weights, accepted = [], [], [], set()
+        for cid, result in reported:
+            try:
+                upload, numeric, weight = self._validated(cid, result.message)
+            except MessageError as exc:
+                if not tolerant:
+                    raise
+                _log.warning("refused %s", exc)
+                continue
+            uploads.append(upload)
+            per_client.append((cid, numeric))
+            weights.append(weight)
+            accepted.add(cid)
+        if not uploads:
+            size = self.program.spec.size
+            return _Collected(torch.zeros(0, size), torch.zeros(0), [], [], accepted)
+        deltas = torch.stack([u.arrays["delta"] for u in uploads])
+        weight_t = torch.tensor(weights, dtype=torch.float64)
+        return _Collected(deltas, weight_t, uploads, per_client, accepted)
+
+    def _validated(self, cid: int, raw: Message) -> tuple[Uploaded, dict[str, float], float]:
         spec, algo = self.program.spec, self.exp.algorithm
         expected = {"delta": spec.size, **{name: spec.size for name in self.rule.uploads}}
-        uploads, per_client, weights = [], [], []
-        for cid, raw in zip(cohort, messages, strict=True):
-            msg = algo.transforms.decode(raw)
-            msg.validate(expected, source=f"update from client {cid}")
-            numeric = {k: float(v) for k, v in msg.scalars.items() if isinstance(v, int | float)}
-            per_client.append((int(cid), numeric))
-            uploads.append(Uploaded(msg.arrays, msg.scalars))
-            key = "weight" if "weight" in msg.scalars else "num_examples"
-            weights.append(msg.scalar(key, source=f"update from client {cid}"))
-        if not uploads:
-            return _Collected(torch.zeros(0, spec.size), torch.zeros(0), [], [])
-        deltas = torch.stack([u.arrays["delta"] for u in uploads])
-        return _Collected(deltas, torch.tensor(weights, dtype=torch.float64), uploads, per_client)
+        source = f"update from client {cid}"
+        msg = algo.transforms.decode(raw)
+        msg.validate(expected, source=source)
+        numeric = {k: float(v) for k, v in msg.scalars.items() if isinstance(v, int | float)}
+        key = "weight" if "weight" in msg.scalars else "num_examples"
+        weight = msg.scalar(key, source=source)
+        if not math.isfinite(weight) or weight < 0:
+            raise MessageError(f"{source}: scalar {key!r} must be finite and >= 0, got {weight}")
+        return Uploaded(msg.arrays, msg.scalars), numeric, weight
 
     def _evaluate(
         self, engine: Engine, w: torch.Tensor, rnd: int, fresh: Mapping[int, Tensors]
@@ -415,7 +478,9 @@ class _Loop:
         clients = np.sort(
             rng.choice(self.num_clients, size=min(k, self.num_clients), replace=False)
         )
-        results = engine.evaluate(clients, w, self._client_states(clients, fresh))
+        answered = engine.evaluate(clients, w, self._client_states(clients, fresh))
+        pairs = [(int(c), r) for c, r in zip(clients, answered, strict=True) if r is not None]
+        results = [r for _, r in pairs]
         for kind, prefix in (
             ("global", "fed"),
             ("personal", "personal"),
@@ -425,8 +490,8 @@ class _Loop:
             if total.n:
                 out.update({f"{prefix}_loss": total.loss, f"{prefix}_accuracy": total.accuracy})
         per_client = [
-            (int(c), {f"eval_{kind}_accuracy": res.accuracy for kind, res in r.items() if res.n})
-            for c, r in zip(clients, results, strict=True)
+            (c, {f"eval_{kind}_accuracy": res.accuracy for kind, res in r.items() if res.n})
+            for c, r in pairs
         ]
         return out, per_client
 

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,15 +27,21 @@ ENGINES = ("inline", "vectorized", "pool", "ray")
 
 
 class Engine(Protocol):
-    """Executes client work; interchangeable by construction (same program, same seeds)."""
+    """Executes client work; interchangeable by construction (same program, same seeds).
+
+    ``train`` and ``evaluate`` return one entry per client, in order; a ``remote`` engine
+    (clients across a network) may return None for a client that failed or missed the
+    deadline, and the server then refuses that client's bad updates instead of stopping.
+    """
 
     name: str
+    remote: bool
 
-    def train(self, job: RoundInput) -> list[ClientResult]: ...
+    def train(self, job: RoundInput) -> Sequence[ClientResult | None]: ...
 
     def evaluate(
         self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
-    ) -> list[dict[str, EvalResult]]: ...
+    ) -> Sequence[dict[str, EvalResult] | None]: ...
 
     def close(self) -> None: ...
 
@@ -86,7 +93,10 @@ def make_engine(name: str, program: ClientProgram, options: EngineOptions | None
         from potluck.engines.ray import RayEngine
 
         return RayEngine(program, opts)
-    hint = "" if name != "auto" else ' ("auto" is resolved by the orchestrator: resolve_engine)'
+    hint = {
+        "auto": ' ("auto" is resolved by the orchestrator: resolve_engine)',
+        "grpc": ' ("grpc" has real clients: start the run with potluck server)',
+    }.get(name, "")
     raise ValueError(f"unknown engine {name!r}; available: {', '.join(available_engines())}{hint}")
 
 

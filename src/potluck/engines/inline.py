@@ -30,6 +30,7 @@ class InlineEngine:
     """Sequential execution in the calling process."""
 
     name = "inline"
+    remote = False
 
     def __init__(self, program: ClientProgram) -> None:
         self.program = program

@@ -133,6 +133,7 @@ class PoolEngine:
     """Persistent forked workers, one per core by default, exchanging tensors in shared memory."""
 
     name = "pool"
+    remote = False
 
     def __init__(self, program: ClientProgram, workers: int | None = None, threads: int = 1):
         self.program = program

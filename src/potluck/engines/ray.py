@@ -95,6 +95,7 @@ class RayEngine:
     """Ray actors running the client program; a local Ray unless ``ray_address`` is given."""
 
     name = "ray"
+    remote = False
 
     def __init__(self, program: ClientProgram, options: EngineOptions | None = None) -> None:
         import ray

@@ -147,6 +147,7 @@ class VectorizedEngine:
     ``memory_budget_bytes``, default 2 GiB) as one batched ``torch.func`` computation."""
 
     name = "vectorized"
+    remote = False
 
     def __init__(
         self,

@@ -103,6 +103,32 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             FOREIGN KEY (run, round) REFERENCES rounds (run, round) ON DELETE CASCADE
         )""",
     ),
+    (
+        """CREATE TABLE client_health (
+            run INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            client INTEGER NOT NULL,
+            last_seen REAL,
+            rounds_completed INTEGER NOT NULL DEFAULT 0,
+            failures INTEGER NOT NULL DEFAULT 0,
+            latency_s REAL,
+            bytes_sent INTEGER NOT NULL DEFAULT 0,
+            bytes_received INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            PRIMARY KEY (run, name)
+        ) WITHOUT ROWID""",
+    ),
+)
+HEALTH_FIELDS = (
+    "name",
+    "client",
+    "last_seen",
+    "rounds_completed",
+    "failures",
+    "latency_s",
+    "bytes_sent",
+    "bytes_received",
+    "last_error",
 )
 _IN_CHUNK = 500
 
@@ -353,6 +379,28 @@ class RunStore:
                 vec = torch.frombuffer(bytearray(data), dtype=torch.float32)
                 found.setdefault(client, {})[name] = vec
         return [found.get(int(c), {}) for c in clients]
+
+    def update_health(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert or replace deployed clients' health rows (keys: ``HEALTH_FIELDS``; ``name``
+        is the client's certificate name, ``client`` its id, ``last_seen`` a Unix time)."""
+        key = self._run_key(run_id)
+        marks = ",".join("?" * (len(HEALTH_FIELDS) + 1))
+        values = [(key, *(row.get(f) for f in HEALTH_FIELDS)) for row in rows]
+        with self._transaction():
+            self._conn.executemany(
+                f"INSERT OR REPLACE INTO client_health (run, {', '.join(HEALTH_FIELDS)})"
+                f" VALUES ({marks})",
+                values,
+            )
+
+    def health(self, run_id: str) -> list[dict[str, Any]]:
+        """Deployed clients' health rows, by client id (empty for simulations)."""
+        rows = self._conn.execute(
+            f"SELECT {', '.join(HEALTH_FIELDS)} FROM client_health WHERE run = ?"
+            " ORDER BY client, name",
+            (self._run_key(run_id),),
+        )
+        return [dict(zip(HEALTH_FIELDS, row, strict=True)) for row in rows]
 
     def latest_checkpoint(self, run_id: str) -> tuple[int, Checkpoint] | None:
         """``(round, checkpoint)`` of the newest recorded checkpoint that loads, or ``None``."""
