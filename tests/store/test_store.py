@@ -363,3 +363,15 @@ def test_killed_writer_leaves_consistent_store(tmp_path: Path) -> None:
     with RunStore(tmp_path) as store:
         store.commit_round(run_id, last + 1, {"train_loss": 0.0})
         assert store.get_run(run_id).last_round == last + 1
+
+
+def test_client_health_rows_are_upserted_per_name(store: RunStore) -> None:
+    run_id = store.create_run({"x": 1})
+    assert store.health(run_id) == []
+    row = {"name": "site-b", "client": 1, "last_seen": 1.5e9, "rounds_completed": 2}
+    store.update_health(run_id, [row, {"name": "site-a", "client": 0, "failures": 1}])
+    store.update_health(run_id, [{**row, "rounds_completed": 3, "last_error": "late"}])
+    got = store.health(run_id)
+    assert [h["name"] for h in got] == ["site-a", "site-b"]  # by client id
+    assert got[1]["rounds_completed"] == 3 and got[1]["last_error"] == "late"
+    assert got[0]["failures"] == 1 and got[0]["bytes_sent"] == 0
