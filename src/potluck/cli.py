@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from potluck.config import ConfigError, ExperimentConfig, default_store
+from potluck.deploy.certs_cli import certs_app
 
 if TYPE_CHECKING:
     from potluck.orchestrator import Experiment, RunResult
@@ -35,6 +36,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect datasets and federations.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(certs_app, name="certs")
 console = Console()
 err = Console(stderr=True)
 
@@ -179,6 +181,7 @@ def show(
             "status": info.status,
             "summary": info.summary,
             "rounds": [{"round": r.round, **r.metrics} for r in rounds],
+            "client_health": st.health(run_id),
         }
         print(json.dumps(payload, indent=2, default=str))
         return
@@ -196,7 +199,32 @@ def show(
                 str(rnd), str(cid), ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
             )
         console.print(ctable)
+    _show_health(st.health(run_id))
     console.print(f"run directory: {info.run_dir}")
+
+
+def _show_health(rows: list[dict[str, Any]]) -> None:
+    """Deployed clients' health (nothing for simulations)."""
+    if not rows:
+        return
+    table = Table(
+        "client", "name", "last seen (UTC)", "rounds", "failures", "latency s", "MB sent",
+        "MB received", "last error", title="clients (deployment)",
+    )  # fmt: skip
+    for h in rows:
+        seen = _utc(h["last_seen"]) if h["last_seen"] else ""
+        table.add_row(
+            str(h["client"]), h["name"], seen, str(h["rounds_completed"]), str(h["failures"]),
+            _fmt(h["latency_s"]), f"{h['bytes_sent'] / 1e6:.3g}",
+            f"{h['bytes_received'] / 1e6:.3g}", h["last_error"] or "",
+        )  # fmt: skip
+    console.print(table)
+
+
+def _utc(unix: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @app.command("config")
@@ -377,6 +405,105 @@ class _progress:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.__exit__(*exc)  # type: ignore[arg-type]
+
+
+@app.command()
+def server(
+    exp: ExpArg = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT (default: deploy.listen)")] = None,
+    cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
+    key: Annotated[Path | None, typer.Option(help="server private key (PEM)")] = None,
+    client_ca: Annotated[
+        Path | None, typer.Option(help="CA that signs client certificates")
+    ] = None,
+    revoked: Annotated[Path | None, typer.Option(help="revoked client names, one per line")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS, no client authentication")] = False,
+) -> None:
+    """Coordinate an experiment with real clients over gRPC (mutual TLS unless --insecure)."""
+    from potluck.deploy.runner import ServerTLS, run_server
+
+    _log_to_stderr()
+    overrides = [*(set_ or []), *([f"deploy.listen={json.dumps(listen)}"] if listen else [])]
+    cfg = _load_config(exp, overrides)
+    if store is not None:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"store": str(store)})})
+    tls = None
+    if insecure:
+        err.print("[bold red]WARNING: --insecure: no TLS; anyone can join and read the model[/]")
+    elif cert is None or key is None or client_ca is None:
+        _fail("the server needs --cert, --key and --client-ca (or an explicit --insecure)")
+    else:
+        tls = ServerTLS(cert, key, client_ca)
+    names = frozenset(_read_names(revoked)) if revoked else frozenset()
+    with _refused(), _progress(cfg.rounds, 0) as on_round:
+        result = run_server(cfg, tls=tls, revoked=names, on_round=on_round)
+    _describe_end(result)
+
+
+@app.command()
+def client(
+    server_addr: Annotated[str, typer.Option("--server", help="the server's HOST:PORT")],
+    data: Annotated[
+        str, typer.Option(help="local data: an .npz with x and y, or 'federation' (simulated)")
+    ] = "federation",
+    task: Annotated[str | None, typer.Option(help="my_pkg.module:task (default: config)")] = None,
+    name: Annotated[str | None, typer.Option(help="client name (default: from --cert)")] = None,
+    cert: Annotated[Path | None, typer.Option(help="client certificate (PEM)")] = None,
+    key: Annotated[Path | None, typer.Option(help="client private key (PEM)")] = None,
+    ca: Annotated[Path | None, typer.Option(help="federation CA certificate (PEM)")] = None,
+    server_name: Annotated[str | None, typer.Option(help="expected server name")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS (the server must be --insecure)")] = False,
+    max_failures: Annotated[
+        int | None, typer.Option(help="give up after this many failed connections in a row")
+    ] = None,
+) -> None:
+    """Join a potluck server and train on local data; reconnects until the run is done."""
+    from potluck.deploy.client import ClientTLS, Site, load_site_data, load_task, site_program
+
+    _log_to_stderr()
+    tls = None
+    if insecure:
+        err.print("[bold red]WARNING: --insecure: no TLS; the server is not authenticated[/]")
+    elif cert is None or key is None or ca is None:
+        _fail("the client needs --cert, --key and --ca (or an explicit --insecure)")
+    else:
+        tls = ClientTLS(cert, key, ca)
+    with _refused():
+        who = name or (tls.name() if tls else None)
+        if not who:
+            _fail("--insecure clients need --name")
+        user_task = load_task(task) if task else None
+        arrays = None if data == "federation" else load_site_data(Path(data))
+        site = Site(
+            server_addr,
+            name=who,
+            tls=tls,
+            program_for=lambda cfg, cid: site_program(cfg, cid, task=user_task, data=arrays),
+            server_name=server_name,
+            max_failures=max_failures,
+        )
+        code = site.run()
+    raise typer.Exit(code)
+
+
+def _read_names(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc}")
+    return [n.strip() for n in lines if n.strip() and not n.startswith("#")]
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def main() -> None:

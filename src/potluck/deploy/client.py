@@ -1,0 +1,307 @@
+"""The deployment client: a site that joins a potluck server and trains on local data only.
+
+A site dials the server, joins (the server answers with its client id and the experiment),
+builds the same ``ClientProgram`` a simulation would (the experiment's model or the user's
+task, the algorithm's local rule and transforms, the run seed) over its own data, then
+long-polls for tasks: ``train`` (local steps from the global weights; the answer is the
+encoded update and the client's new state) or ``evaluate`` (loss and accuracy sums on its
+local test split). When the connection drops it reconnects with exponential backoff and
+jitter; it can be restarted at any time (the server re-sends whatever is still open).
+
+Example (shell):
+    potluck client --server coordinator.example.org:50051 --data site.npz \\
+        --cert client-site-a.pem --key client-site-a.key --ca ca.pem
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from potluck.client.program import ClientProgram
+from potluck.config import ExperimentConfig
+from potluck.core.task import Task
+from potluck.deploy import wire
+
+log = logging.getLogger("potluck.deploy")
+RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL", "UNKNOWN")
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """PEM files: this client's certificate and key, and the federation CA's certificate."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def credentials(self) -> Any:
+        import grpc
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes(),
+            certificate_chain=self.cert.read_bytes(),
+        )
+
+    def name(self) -> str:
+        """The client name in the certificate (its common name)."""
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not names:
+            raise ValueError(f"{self.cert}: the certificate has no common name")
+        return str(names[0].value)
+
+
+def config_id(config: str) -> str:
+    """The wire run id of an experiment: a fingerprint of its config (stable across server
+    restarts, so sites keep their program when the server resumes).
+
+    Example:
+        >>> len(config_id('{"rounds": 3}'))
+        16
+    """
+    return hashlib.sha256(config.encode()).hexdigest()[:16]
+
+
+def load_task(ref: str) -> Task:
+    """The ``Task`` named by ``module:attribute`` (a Task, or a callable returning one).
+
+    Example:
+        >>> load_task("nope")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --task must look like my_pkg.module:task, got 'nope'
+    """
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--task must look like my_pkg.module:task, got {ref!r}")
+    obj = getattr(importlib.import_module(module_name), attr)
+    task = obj if isinstance(obj, Task) else obj()
+    if not isinstance(task, Task):
+        raise ValueError(f"{ref} is {type(task).__name__}, not a potluck Task")
+    return task
+
+
+def load_site_data(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` from an ``.npz`` file with arrays ``x`` and ``y`` (float features, integer
+    labels), checked for shape, dtype and finiteness."""
+    with np.load(path, allow_pickle=False) as npz:
+        missing = {"x", "y"} - set(npz.files)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {npz.files})")
+        x, y = npz["x"].astype(np.float32), npz["y"]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
+        raise ValueError(f"{path}: y must be 1-D integer labels, one per row of x")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: x contains NaN or Inf")
+    return x, y.astype(np.int64)
+
+
+def site_program(
+    cfg: ExperimentConfig,
+    client_id: int,
+    *,
+    task: Task | None = None,
+    data: tuple[np.ndarray, np.ndarray] | None = None,
+) -> ClientProgram:
+    """The program a site runs: the simulation's, over this site's data.
+
+    ``data=None`` takes the site's data from the experiment's own (simulated) federation:
+    client ``client_id``'s partition, which makes a deployment reproduce a simulation
+    exactly (used by the tests and for trying a deployment out).
+    """
+    from potluck.data.federation import Federation
+    from potluck.data.partition import Partition
+    from potluck.data.sources import ArrayDataset, DataSource
+    from potluck.orchestrator import Evaluation, client_program
+
+    if data is None:
+        federation = cfg.build_federation()
+    else:
+        x, y = data
+        n = cfg.data.num_clients
+        if not 0 <= client_id < n:
+            raise ValueError(f"client id {client_id} outside the federation of {n}")
+        offsets = np.array([0] * (client_id + 1) + [len(y)] * (n - client_id))
+        num_classes = int(y.max()) + 1 if len(y) else 1
+        empty = ArrayDataset(np.zeros((0, *x.shape[1:]), np.float32), np.zeros(0, np.int64))
+        source = DataSource("site", ArrayDataset(x, y), empty, num_classes, tuple(x.shape[1:]))
+        federation = Federation(
+            source,
+            Partition(np.arange(len(y)), offsets),
+            test_fraction=cfg.data.test_fraction,
+            seed=cfg.seed,
+        )
+    if task is None:
+        from potluck.models import build_model
+
+        src, name = federation.source, cfg.model.name
+        task = Task(
+            lambda: build_model(name, input_shape=src.input_shape, num_classes=src.num_classes),
+            name=name,
+        )
+    evaluation = Evaluation(**cfg.evaluation.model_dump())
+    return client_program(task, federation, cfg.algorithm_parts(), evaluation, cfg.seed)
+
+
+class Site:
+    """One client process: join, poll, work, answer; reconnect when the server is away."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        name: str,
+        tls: ClientTLS | None,
+        program_for: Callable[[ExperimentConfig, int], ClientProgram],
+        server_name: str | None = None,
+        backoff: tuple[float, float] = (0.5, 30.0),
+        max_failures: int | None = None,
+    ) -> None:
+        self.server, self.name, self.tls = server, name, tls
+        self.program_for, self.server_name = program_for, server_name
+        self.backoff, self.max_failures = backoff, max_failures
+        self._program: tuple[str, int, ClientProgram] | None = None
+        self._stub: Any = None
+
+    def run(self) -> int:
+        """Work until the server says the run is done (0), or ``max_failures`` connection
+        failures in a row (1)."""
+        delay, failures = self.backoff[0], 0
+        while True:
+            try:
+                if self._session():
+                    return 0
+                delay, failures = self.backoff[0], 0
+            except _Retry as exc:
+                failures += 1
+                if self.max_failures is not None and failures >= self.max_failures:
+                    log.error("giving up after %d failed attempts: %s", failures, exc)
+                    return 1
+                wait = delay * random.uniform(0.5, 1.0)  # jitter only: not a secret
+                log.warning("%s; reconnecting in %.1f s", exc, wait)
+                time.sleep(wait)
+                delay = min(delay * 2, self.backoff[1])
+                self._stub = None
+
+    # -- one session: join, then tasks until done or refused -----------------------------------
+
+    def _session(self) -> bool:
+        welcome = self._call(wire.Envelope("join", client=self.name))
+        if welcome.kind != "welcome":
+            raise _Retry(f"join refused: {welcome.scalars.get('reason', welcome.kind)}")
+        program, cid = self._ensure_program(welcome)
+        log.info("joined run %s as client %d", welcome.run_id, cid)
+        while True:
+            reply = self._call(wire.Envelope("poll", welcome.run_id, client=self.name))
+            if reply.kind == "done":
+                log.info("the server finished run %s", welcome.run_id)
+                return True
+            if reply.kind == "wait":
+                continue
+            if reply.kind == "refused":
+                raise _Retry(f"poll refused: {reply.scalars.get('reason')}")
+            if reply.kind != "task" or reply.run_id != welcome.run_id:
+                raise _Retry(f"unexpected reply {reply.kind!r} for run {reply.run_id!r}")
+            answer = self._work(program, cid, reply)
+            ack = self._call(answer)
+            if ack.kind != "ack":
+                log.warning("answer refused: %s", ack.scalars.get("reason", ack.kind))
+
+    def _ensure_program(self, welcome: wire.Envelope) -> tuple[ClientProgram, int]:
+        cid = int(welcome.scalars["client_id"])
+        if self._program is None or self._program[:2] != (welcome.run_id, cid):
+            cfg = ExperimentConfig.from_dict(json.loads(str(welcome.scalars["config"])))
+            torch.set_num_threads(cfg.run.threads or 1)
+            self._program = (welcome.run_id, cid, self.program_for(cfg, cid))
+        return self._program[2], cid
+
+    def _work(self, program: ClientProgram, cid: int, task: wire.Envelope) -> wire.Envelope:
+        arrays = task.arrays
+        w = arrays["w"]
+        state = {k[2:]: v for k, v in arrays.items() if k.startswith("s/")}
+        op, t0 = task.scalars.get("op"), time.perf_counter()
+        if op == "train":
+            broadcast = {k[2:]: v for k, v in arrays.items() if k.startswith("b/")}
+            work = float(task.scalars.get("work", 1.0))
+            res = program.train(cid, w, task.round, broadcast=broadcast, state=state, work=work)
+            out = {**{f"m/{k}": v for k, v in res.message.arrays.items()}}
+            out.update({f"s/{k}": v for k, v in res.state.items()})
+            log.info(
+                "round %d: trained %s steps in %.2f s",
+                task.round,
+                res.message.scalars.get("num_steps"),
+                time.perf_counter() - t0,
+            )
+            return self._answer("update", task, out, dict(res.message.scalars))
+        if op == "evaluate":
+            sums: dict[str, int | float | str] = {}
+            for kind, r in program.evaluate(cid, w, state).items():
+                sums.update({f"{kind}/loss_sum": r.loss_sum, f"{kind}/correct": r.correct})
+                sums[f"{kind}/n"] = r.n
+            return self._answer("evaluation", task, {}, sums)
+        raise _Retry(f"unknown task op {op!r}")
+
+    def _answer(
+        self,
+        kind: str,
+        task: wire.Envelope,
+        arrays: dict[str, torch.Tensor],
+        scalars: dict[str, int | float | str],
+    ) -> wire.Envelope:
+        return wire.Envelope(
+            kind,
+            task.run_id,
+            round=task.round,
+            task_id=task.task_id,
+            client=self.name,
+            arrays=arrays,
+            scalars=scalars,
+        )
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _call(self, env: wire.Envelope) -> wire.Envelope:
+        import grpc
+
+        if self._stub is None:
+            self._stub = wire.services.CoordinatorStub(self._channel())
+        try:
+            return wire.receive(self._stub.Call(wire.send(env)))
+        except grpc.RpcError as exc:
+            code = exc.code().name if exc.code() else "UNKNOWN"
+            raise _Retry(f"connection to {self.server} failed ({code}: {exc.details()})") from exc
+        except wire.WireError as exc:
+            raise _Retry(f"malformed reply from {self.server}: {exc}") from exc
+
+    def _channel(self) -> Any:
+        import grpc
+
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", 4 * wire.DEFAULT_CHUNK_BYTES),
+            ("grpc.max_send_message_length", 4 * wire.DEFAULT_CHUNK_BYTES),
+        ]
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        if self.tls is None:
+            return grpc.insecure_channel(self.server, options=options)
+        return grpc.secure_channel(self.server, self.tls.credentials(), options=options)
+
+
+class _Retry(Exception):
+    """A failure the site recovers from by reconnecting."""

@@ -1,0 +1,467 @@
+"""The deployment server: a gRPC coordinator and the ``grpc`` engine that uses it.
+
+The round loop is the simulation's (``orchestrator.run_experiment``); only the engine differs.
+``GrpcEngine.train`` turns each cohort member's work into a *task* (the global weights, the
+rule's broadcast, the client's state, its work share, and a fresh random task id) and waits
+until every member has answered or the round deadline passes. Clients dial out and long-poll
+(``poll``), train, and answer (``update``); nothing is pushed to them, so sites behind NAT or
+firewalls that only allow outgoing connections can take part.
+
+Every request is one envelope (``wire.Envelope``) streamed in chunks over a single RPC,
+``Coordinator.Call``. The server refuses, logs and counts, and otherwise ignores:
+
+- malformed, truncated or oversized envelopes (``wire.WireError``);
+- a client whose certificate name differs from the name it claims, a revoked name, or a name
+  not on the admission list;
+- an answer to a task that is not open for that client: unknown, from an earlier round
+  (replayed), already answered, or past its deadline.
+
+Bad contents of a well-formed answer (wrong shape or dtype, NaN or Inf) are refused by the
+round loop, which treats a remote engine's clients as untrusted (``Engine.remote``). Late or
+failed clients are recorded (``client_health`` in the run store) and dropped from the round;
+the round completes with the rest, and the model moves only with at least
+``deploy.min_updates`` updates.
+
+Example:
+    >>> hub = Hub("run-1", num_clients=2, admit=["site-a", "site-b"])
+    >>> hub.join("site-b")
+    1
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
+from potluck.client.rules import Tensors
+from potluck.core.message import Message
+from potluck.deploy import wire
+from potluck.store.sqlite import RunStore
+
+log = logging.getLogger("potluck.deploy")
+EVAL_KINDS = ("global", "personal", "finetuned")
+
+
+class Refused(Exception):
+    """A request the server does not act on; the reason goes back to the client and the log."""
+
+
+@dataclass
+class ClientHealth:
+    """What the server knows about one deployed client (stored per run)."""
+
+    name: str
+    client: int
+    last_seen: float | None = None
+    rounds_completed: int = 0
+    failures: int = 0
+    latency_s: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class Task:
+    """Work for one client: its envelope, and its answer once it came."""
+
+    task_id: bytes
+    client: int
+    op: str
+    round: int
+    envelope: wire.Envelope
+    issued: float | None = None
+    answer: wire.Envelope | None = None
+
+
+@dataclass
+class Hub:
+    """Thread-safe meeting point of the gRPC threads (clients) and the round loop (server)."""
+
+    run_id: str
+    num_clients: int
+    admit: Sequence[str] | None = None
+    revoked: frozenset[str] = frozenset()
+    health: dict[str, ClientHealth] = field(default_factory=dict)
+    liveness_s: float = 60.0
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self._cv = threading.Condition()
+        self._queues: dict[int, deque[Task]] = {}
+        self._open: dict[bytes, Task] = {}
+        self._names: dict[int, str] = {h.client: n for n, h in self.health.items()}
+
+    # -- called by the gRPC threads ------------------------------------------------------------
+
+    def join(self, name: str) -> int:
+        """The client id of ``name`` (refused if not admitted, revoked, or the federation is
+        full). Ids come from the admission list's order, else from the order of first join."""
+        with self._cv:
+            self._check(name)
+            if name not in self.health:
+                cid = self._new_id(name)
+                self.health[name] = ClientHealth(name, cid)
+                self._names[cid] = name
+                log.info("client %r joined as client %d", name, cid)
+            self._seen(name)
+            self._cv.notify_all()
+            return self.health[name].client
+
+    def next_task(self, name: str, timeout: float) -> Task | None:
+        """The client's next task, waiting up to ``timeout`` seconds for one."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self._check(name)
+            cid = self._joined(name)
+            queue = self._queues.setdefault(cid, deque())
+            while not queue and not self.finished:
+                self._seen(name)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cv.wait(left)
+            self._seen(name)
+            if not queue:
+                return None
+            task = queue.popleft()
+            task.issued = time.monotonic()
+            self.health[name].bytes_sent += task.envelope.nbytes
+            return task
+
+    def answer(self, name: str, env: wire.Envelope) -> None:
+        """Accept a client's answer to one of its open tasks, or raise ``Refused``."""
+        with self._cv:
+            self._check(name)
+            cid = self._joined(name)
+            self._seen(name)
+            task = self._open.get(env.task_id)
+            if task is None or task.issued is None:
+                raise Refused(
+                    f"answer to an unknown, expired or already answered task (round {env.round})"
+                )
+            if task.client != cid:
+                raise Refused(f"task belongs to client {task.client}, not to {cid} ({name!r})")
+            if env.round != task.round or env.kind != _ANSWER[task.op]:
+                raise Refused(f"answer does not match its task (round {task.round}, {task.op})")
+            task.answer = env
+            del self._open[env.task_id]
+            health = self.health[name]
+            health.bytes_received += env.nbytes
+            health.latency_s = time.monotonic() - task.issued
+            self._cv.notify_all()
+
+    # -- called by the round loop --------------------------------------------------------------
+
+    def wait_for_clients(self, n: int, timeout: float) -> None:
+        """Block until ``n`` clients have joined; ``TimeoutError`` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while len(self.health) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"only {len(self.health)} of the {n} clients needed joined in {timeout} s"
+                    )
+                self._cv.wait(left)
+
+    def run(self, tasks: list[Task], timeout: float) -> list[wire.Envelope | None]:
+        """Hand out ``tasks`` and collect their answers; None for a client that did not answer
+        by the deadline (its task is closed: a late answer is refused)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            live = self._live()
+            for task in tasks:
+                if task.client not in live:
+                    continue  # closed below as failed: nobody would take it
+                self._open[task.task_id] = task
+                self._queues.setdefault(task.client, deque()).append(task)
+            self._cv.notify_all()
+            while any(t.answer is None and t.task_id in self._open for t in tasks):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            for task in tasks:
+                self._close(task)
+        return [t.answer for t in tasks]
+
+    def _live(self) -> set[int]:
+        """Ids of the clients seen within ``liveness_s`` (a polling client is seen at least
+        once per poll timeout)."""
+        now = time.time()
+        return {
+            h.client
+            for h in self.health.values()
+            if h.last_seen is not None and now - h.last_seen <= self.liveness_s
+        }
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._cv:
+            return [asdict(h) for h in self.health.values()]
+
+    def finish(self) -> None:
+        """The run is over: pending and future polls are answered ``done``."""
+        with self._cv:
+            self.finished = True
+            self._cv.notify_all()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _close(self, task: Task) -> None:
+        was_open = self._open.pop(task.task_id, None) is not None
+        queue = self._queues.get(task.client)
+        if queue is not None and task in queue:
+            queue.remove(task)
+        name = self._names.get(task.client)
+        if name is None:
+            return
+        health = self.health[name]
+        if task.answer is not None:
+            health.rounds_completed += task.op == "train"
+            return
+        health.failures += 1
+        if task.issued is not None:
+            why = "missed the deadline"
+        elif was_open:
+            why = "never polled"
+        else:
+            why = "not connected"
+        health.last_error = f"round {task.round} {task.op}: {why}"
+        log.warning("client %d (%r) %s in round %d", task.client, name, why, task.round)
+
+    def _check(self, name: str) -> None:
+        if not name:
+            raise Refused("no client name")
+        if name in self.revoked:
+            raise Refused(f"client {name!r} is revoked")
+        if self.admit is not None and name not in self.admit:
+            raise Refused(f"client {name!r} is not on the admission list")
+
+    def _new_id(self, name: str) -> int:
+        if self.admit is not None:
+            return list(self.admit).index(name)
+        cid = len(self.health)
+        if cid >= self.num_clients:
+            raise Refused(f"the federation is full ({self.num_clients} clients)")
+        return cid
+
+    def _joined(self, name: str) -> int:
+        if name not in self.health:
+            raise Refused(f"client {name!r} has not joined")
+        return self.health[name].client
+
+    def _seen(self, name: str) -> None:
+        self.health[name].last_seen = time.time()
+
+
+_ANSWER = {"train": "update", "evaluate": "evaluation"}
+
+
+# ---- the gRPC servicer --------------------------------------------------------------------
+
+
+class Coordinator:
+    """``Coordinator.Call``: one request envelope in, one reply envelope out."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        config: str,
+        *,
+        insecure: bool = False,
+        poll_timeout_s: float = 20.0,
+        max_bytes: int = wire.DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.hub, self.config, self.insecure = hub, config, insecure
+        self.poll_timeout_s, self.max_bytes = poll_timeout_s, max_bytes
+
+    def Call(self, request: Iterable[Any], context: Any) -> Iterator[Any]:  # gRPC's name
+        peer = context.peer()
+        try:
+            env = wire.receive(request, self.max_bytes)
+        except wire.WireError as exc:
+            yield from wire.send(self._refuse(peer, "?", f"malformed message: {exc}"))
+            return
+        try:
+            name = self._identity(env, context)
+            reply = self._handle(name, env)
+        except Refused as exc:
+            reply = self._refuse(peer, env.client or "?", str(exc), env)
+        yield from wire.send(reply)
+
+    def _identity(self, env: wire.Envelope, context: Any) -> str:
+        if self.insecure:
+            return env.client
+        names = context.auth_context().get("x509_common_name") or []
+        if not names:
+            raise Refused("no client certificate")
+        name = names[0].decode()
+        if env.client and env.client != name:
+            raise Refused(f"client claims to be {env.client!r} but its certificate is {name!r}")
+        return name
+
+    def _handle(self, name: str, env: wire.Envelope) -> wire.Envelope:
+        hub = self.hub
+        if env.kind == "join":
+            cid = hub.join(name)
+            scalars: dict[str, int | float | str] = {"client_id": cid, "config": self.config}
+            return wire.Envelope("welcome", hub.run_id, client=name, scalars=scalars)
+        if env.kind == "poll":
+            task = hub.next_task(name, self.poll_timeout_s)
+            if task is not None:
+                return task.envelope
+            return wire.Envelope("done" if hub.finished else "wait", hub.run_id)
+        if env.kind in _ANSWER.values():
+            if env.run_id != hub.run_id:
+                raise Refused(f"answer for run {env.run_id!r}, this is {hub.run_id!r}")
+            hub.answer(name, env)
+            return wire.Envelope("ack", hub.run_id, round=env.round)
+        raise Refused(f"unknown request kind {env.kind!r}")
+
+    def _refuse(
+        self, peer: str, name: str, reason: str, env: wire.Envelope | None = None
+    ) -> wire.Envelope:
+        kind = env.kind if env is not None else "?"
+        log.warning("refused %s from %s (%s): %s", kind, name, peer, reason)
+        if name in self.hub.health:
+            with self.hub._cv:
+                self.hub.health[name].last_error = reason
+        return wire.Envelope("refused", self.hub.run_id, scalars={"reason": reason})
+
+
+# ---- the engine ---------------------------------------------------------------------------
+
+
+class GrpcEngine:
+    """Clients across the network: each round's work goes out as tasks through the ``Hub``."""
+
+    name = "grpc"
+    remote = True
+
+    def __init__(self, program: ClientProgram, hub: Hub, *, round_timeout_s: float) -> None:
+        self.program, self.hub = program, hub
+        self.round_timeout_s = round_timeout_s
+        self.store: RunStore | None = None
+        self.run_id = ""
+
+    def attach(self, store: RunStore, run_id: str) -> None:
+        """Record client health in ``store`` under ``run_id`` (called by the round loop)."""
+        self.store, self.run_id = store, run_id
+
+    def train(self, job: RoundInput) -> list[ClientResult | None]:
+        shared = {"w": job.w, **{f"b/{k}": v for k, v in job.broadcast.items()}}
+        tasks = [
+            self._task(
+                int(cid),
+                "train",
+                job.round,
+                {**shared, **{f"s/{k}": v for k, v in state.items()}},
+                {"work": float(work)},
+            )
+            for cid, state, work in zip(job.cohort, job.states, job.work, strict=True)
+        ]
+        answers = self.hub.run(tasks, self.round_timeout_s)
+        self._report()
+        return [None if a is None else _result(a) for a in answers]
+
+    def evaluate(
+        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
+    ) -> list[dict[str, EvalResult] | None]:
+        tasks = [
+            self._task(int(c), "evaluate", 0, {"w": w, **{f"s/{k}": v for k, v in s.items()}})
+            for c, s in zip(clients, states, strict=True)
+        ]
+        answers = self.hub.run(tasks, self.round_timeout_s)
+        self._report()
+        return [None if a is None else _evaluation(a) for a in answers]
+
+    def close(self) -> None:
+        self.hub.finish()
+        self._report()
+
+    def _task(
+        self,
+        cid: int,
+        op: str,
+        round: int,
+        arrays: Mapping[str, torch.Tensor],
+        scalars: Mapping[str, int | float | str] | None = None,
+    ) -> Task:
+        task_id = secrets.token_bytes(16)
+        env = wire.Envelope(
+            "task",
+            self.hub.run_id,
+            round=round,
+            task_id=task_id,
+            arrays=arrays,
+            scalars={"op": op, **(scalars or {})},
+        )
+        return Task(task_id, cid, op, round, env)
+
+    def _report(self) -> None:
+        if self.store is not None:
+            self.store.update_health(self.run_id, self.hub.snapshot())
+
+
+def _result(env: wire.Envelope) -> ClientResult | None:
+    arrays = {k[2:]: v for k, v in env.arrays.items() if k.startswith("m/")}
+    state = {k[2:]: v for k, v in env.arrays.items() if k.startswith("s/")}
+    return ClientResult(Message(arrays=arrays, scalars=dict(env.scalars)), state)
+
+
+def _evaluation(env: wire.Envelope) -> dict[str, EvalResult] | None:
+    """An evaluation answer's sums, or None (refused) if they do not add up."""
+    out: dict[str, EvalResult] = {}
+    for kind in EVAL_KINDS:
+        if f"{kind}/n" not in env.scalars:
+            continue
+        try:
+            loss = float(env.scalars[f"{kind}/loss_sum"])
+            correct, n = int(env.scalars[f"{kind}/correct"]), int(env.scalars[f"{kind}/n"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("refused evaluation: missing or non-numeric %s sums", kind)
+            return None
+        if not (np.isfinite(loss) and 0 <= correct <= n):
+            log.warning("refused evaluation: %s sums out of range", kind)
+            return None
+        out[kind] = EvalResult(loss, correct, n)
+    return out if "global" in out else None
+
+
+def serve(
+    coordinator: Coordinator,
+    listen: str,
+    credentials: Any | None,
+    *,
+    max_workers: int = 256,
+) -> tuple[Any, int]:
+    """Start a gRPC server for ``coordinator`` on ``listen`` (TLS ``credentials`` or, if None,
+    plaintext); the started ``grpc.Server`` and the bound port (``listen`` may ask for 0)."""
+    import grpc
+
+    options = [
+        ("grpc.max_receive_message_length", 4 * wire.DEFAULT_CHUNK_BYTES),
+        ("grpc.max_send_message_length", 4 * wire.DEFAULT_CHUNK_BYTES),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    wire.services.add_CoordinatorServicer_to_server(coordinator, server)
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    return server, port
