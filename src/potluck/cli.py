@@ -418,7 +418,9 @@ def server(
     client_ca: Annotated[
         Path | None, typer.Option(help="CA that signs client certificates")
     ] = None,
-    revoked: Annotated[Path | None, typer.Option(help="revoked client names, one per line")] = None,
+    revoked: Annotated[
+        Path | None, typer.Option(help="revoked client names (the CA directory's revoked.txt)")
+    ] = None,
     insecure: Annotated[bool, typer.Option(help="no TLS, no client authentication")] = False,
 ) -> None:
     """Coordinate an experiment with real clients over gRPC (mutual TLS unless --insecure)."""
@@ -436,9 +438,8 @@ def server(
         _fail("the server needs --cert, --key and --client-ca (or an explicit --insecure)")
     else:
         tls = ServerTLS(cert, key, client_ca)
-    names = frozenset(_read_names(revoked)) if revoked else frozenset()
     with _refused(), _progress(cfg.rounds, 0) as on_round:
-        result = run_server(cfg, tls=tls, revoked=names, on_round=on_round)
+        result = run_server(cfg, tls=tls, revoked=revoked, on_round=on_round)
     _describe_end(result)
 
 
@@ -486,14 +487,6 @@ def client(
         )
         code = site.run()
     raise typer.Exit(code)
-
-
-def _read_names(path: Path) -> list[str]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        _fail(f"cannot read {path}: {exc}")
-    return [n.strip() for n in lines if n.strip() and not n.startswith("#")]
 
 
 def _log_to_stderr() -> None:

@@ -17,7 +17,14 @@ from typing import Any
 from potluck.client.program import ClientProgram
 from potluck.config import ExperimentConfig
 from potluck.deploy.client import config_id
-from potluck.deploy.server import ClientHealth, Coordinator, GrpcEngine, Hub, serve
+from potluck.deploy.server import (
+    ClientHealth,
+    Coordinator,
+    GrpcEngine,
+    Hub,
+    Revocations,
+    serve,
+)
 from potluck.orchestrator import RoundCallback, RunResult, resume_experiment, run_experiment
 from potluck.store.sqlite import RunStore
 
@@ -46,11 +53,12 @@ def run_server(
     cfg: ExperimentConfig,
     *,
     tls: ServerTLS | None,
-    revoked: frozenset[str] = frozenset(),
+    revoked: Path | None = None,
     on_round: RoundCallback | None = None,
     on_listening: Any = None,
 ) -> RunResult:
-    """Serve ``cfg``'s experiment until its last round; ``tls=None`` is plaintext (loud).
+    """Serve ``cfg``'s experiment until its last round; ``tls=None`` is plaintext (loud);
+    ``revoked``: a file of revoked client names (the CA directory's ``revoked.txt``).
 
     A run with the same ``run.name`` that did not finish is resumed from its last checkpoint
     (so a restarted server carries on; the clients reconnect by themselves)."""
@@ -65,7 +73,7 @@ def run_server(
         config_id(config),
         cfg.data.num_clients,
         dep.admit,
-        revoked,
+        Revocations(revoked) if revoked else None,
         health,
         liveness_s=2 * dep.poll_timeout_s + 5,
     )

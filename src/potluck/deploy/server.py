@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,28 @@ EVAL_KINDS = ("global", "personal", "finetuned")
 
 class Refused(Exception):
     """A request the server does not act on; the reason goes back to the client and the log."""
+
+
+@dataclass
+class Revocations:
+    """Revoked client names from a file (one per line, ``#`` comments; the CA directory's
+    ``revoked.txt``), re-read whenever it changes, so ``potluck certs revoke`` takes effect
+    on a running server at the client's next request."""
+
+    path: Path
+    _mtime: float | None = None
+    _names: frozenset[str] = frozenset()
+
+    def names(self) -> frozenset[str]:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return frozenset()
+        if mtime != self._mtime:
+            lines = (line.strip() for line in self.path.read_text().splitlines())
+            self._names = frozenset(n for n in lines if n and not n.startswith("#"))
+            self._mtime = mtime
+        return self._names
 
 
 @dataclass
@@ -92,7 +115,7 @@ class Hub:
     run_id: str
     num_clients: int
     admit: Sequence[str] | None = None
-    revoked: frozenset[str] = frozenset()
+    revoked: Revocations | None = None
     health: dict[str, ClientHealth] = field(default_factory=dict)
     liveness_s: float = 60.0
     finished: bool = False
@@ -244,7 +267,7 @@ class Hub:
     def _check(self, name: str) -> None:
         if not name:
             raise Refused("no client name")
-        if name in self.revoked:
+        if self.revoked is not None and name in self.revoked.names():
             raise Refused(f"client {name!r} is revoked")
         if self.admit is not None and name not in self.admit:
             raise Refused(f"client {name!r} is not on the admission list")
@@ -289,28 +312,36 @@ class Coordinator:
 
     def Call(self, request: Iterable[Any], context: Any) -> Iterator[Any]:  # gRPC's name
         peer = context.peer()
+        certified = self._certified(context)  # known before the message is read
         try:
             env = wire.receive(request, self.max_bytes)
         except wire.WireError as exc:
-            yield from wire.send(self._refuse(peer, "?", f"malformed message: {exc}"))
+            yield from wire.send(self._refuse(peer, certified, f"malformed message: {exc}"))
             return
         try:
-            name = self._identity(env, context)
+            name = self._identity(env, certified)
             reply = self._handle(name, env)
         except Refused as exc:
-            reply = self._refuse(peer, env.client or "?", str(exc), env)
+            reply = self._refuse(peer, certified or env.client, str(exc), env)
         yield from wire.send(reply)
 
-    def _identity(self, env: wire.Envelope, context: Any) -> str:
+    def _certified(self, context: Any) -> str | None:
+        """The client name in the peer's TLS certificate (None without TLS)."""
+        if self.insecure:
+            return None
+        names = context.auth_context().get("x509_common_name") or []
+        return names[0].decode() if names else None
+
+    def _identity(self, env: wire.Envelope, certified: str | None) -> str:
         if self.insecure:
             return env.client
-        names = context.auth_context().get("x509_common_name") or []
-        if not names:
+        if certified is None:
             raise Refused("no client certificate")
-        name = names[0].decode()
-        if env.client and env.client != name:
-            raise Refused(f"client claims to be {env.client!r} but its certificate is {name!r}")
-        return name
+        if env.client and env.client != certified:
+            raise Refused(
+                f"client claims to be {env.client!r} but its certificate is {certified!r}"
+            )
+        return certified
 
     def _handle(self, name: str, env: wire.Envelope) -> wire.Envelope:
         hub = self.hub
@@ -331,10 +362,10 @@ class Coordinator:
         raise Refused(f"unknown request kind {env.kind!r}")
 
     def _refuse(
-        self, peer: str, name: str, reason: str, env: wire.Envelope | None = None
+        self, peer: str, name: str | None, reason: str, env: wire.Envelope | None = None
     ) -> wire.Envelope:
-        kind = env.kind if env is not None else "?"
-        log.warning("refused %s from %s (%s): %s", kind, name, peer, reason)
+        kind = env.kind if env is not None else "message"
+        log.warning("refused %s from %s (%s): %s", kind, name or "?", peer, reason)
         if name in self.hub.health:
             with self.hub._cv:
                 self.hub.health[name].last_error = reason

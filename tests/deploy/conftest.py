@@ -1,0 +1,144 @@
+"""Shared pieces of the deployment tests: a federation PKI, and a server plus sites run in
+this process (threads) on loopback."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from potluck.config import ExperimentConfig
+from potluck.deploy import certs
+from potluck.deploy.client import ClientTLS, Site, site_program
+from potluck.deploy.runner import ServerTLS, run_server
+from potluck.orchestrator import RunResult
+
+SITES = [f"site-{i}" for i in range(5)]
+
+
+@dataclass(frozen=True)
+class PKI:
+    """A federation CA with a server and five clients, plus material that must be refused."""
+
+    ca_dir: Path
+    other_dir: Path  # another CA
+
+    def server(self) -> ServerTLS:
+        return ServerTLS(
+            self.ca_dir / "server-hub.pem", self.ca_dir / "server-hub.key", self.ca_dir / "ca.pem"
+        )
+
+    def client(self, name: str, ca_dir: Path | None = None) -> ClientTLS:
+        d = ca_dir or self.ca_dir
+        return ClientTLS(d / f"client-{name}.pem", d / f"client-{name}.key", self.ca_dir / "ca.pem")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    root = tmp_path_factory.mktemp("pki")
+    ca, other = root / "ca", root / "other"
+    certs.init_ca(ca)
+    certs.issue(ca, "server", "hub", hosts=["localhost", "127.0.0.1"])
+    for name in [*SITES, "revoked-site", "intruder"]:
+        certs.issue(ca, "client", name)
+    certs.issue(ca, "client", "expired", days=1, now=datetime.now(UTC) - timedelta(days=30))
+    certs.revoke(ca, "revoked-site")
+    certs.init_ca(other)
+    certs.issue(other, "client", "site-0")  # same name, wrong CA
+    return PKI(ca, other)
+
+
+def config(store: Path, **deploy: Any) -> ExperimentConfig:
+    """A small SCAFFOLD experiment (client state travels too) on digits, 5 sites."""
+    return ExperimentConfig.from_dict(
+        {
+            "rounds": 3,
+            "data": {"dataset": "digits", "num_clients": 5, "partition": {"kind": "dirichlet"}},
+            "model": {"name": "mlp"},
+            "sampler": {"clients_per_round": 4},
+            "client": {"epochs": 1, "batch_size": 16, "lr": 0.1},
+            "algorithm": {"name": "scaffold"},
+            "evaluation": {"federated_clients": 4},
+            "run": {"threads": 1, "store": str(store), "name": "deployed"},
+            "deploy": {
+                "listen": "127.0.0.1:0",
+                "min_clients": 5,
+                "round_timeout_s": 20,
+                "poll_timeout_s": 1,
+                "admit": SITES,
+                **deploy,
+            },
+        }
+    )
+
+
+@dataclass
+class Deployment:
+    """A server thread and site threads in this process."""
+
+    cfg: ExperimentConfig
+    tls: ServerTLS | None
+    revoked: Path | None = None
+    port: int = 0
+    result: RunResult | None = None
+    error: BaseException | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Deployment:
+        listening = threading.Event()
+
+        def serve() -> None:
+            try:
+                self.result = run_server(
+                    self.cfg,
+                    tls=self.tls,
+                    revoked=self.revoked,
+                    on_listening=lambda p: (setattr(self, "port", p), listening.set()),
+                )
+            except BaseException as exc:  # reported by finish()
+                self.error = exc
+                listening.set()
+
+        self._spawn(serve, "server")
+        assert listening.wait(60), "the server did not start"
+        return self
+
+    def site(self, name: str, tls: ClientTLS | None, **kw: Any) -> Site:
+        site = Site(
+            f"127.0.0.1:{self.port}",
+            name=name,
+            tls=tls,
+            program_for=lambda cfg, cid: site_program(cfg, cid),
+            server_name="localhost" if tls else None,
+            backoff=(0.1, 0.5),
+            **kw,
+        )
+        self._spawn(site.run, name)
+        return site
+
+    def finish(self, timeout: float = 120) -> RunResult:
+        self.threads[0].join(timeout)
+        for t in self.threads[1:]:
+            t.join(10)
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None, "the server did not finish"
+        return self.result
+
+    def _spawn(self, target: Callable[[], Any], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
+    def make(tls: ServerTLS | None, revoked: Path | None = None, **deploy: Any) -> Deployment:
+        return Deployment(config(tmp_path / "runs", **deploy), tls, revoked).start()
+
+    yield make

@@ -1,0 +1,267 @@
+"""A deployment on loopback, in this process: a gRPC server (mutual TLS) and five sites.
+
+The deployed run equals the simulation of the same experiment; a client that never answers
+hits the deadline; malformed, replayed, impersonating and poisoned messages are refused with
+a logged reason while the run goes on; bad certificates are refused at the handshake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from conftest import PKI, SITES, Deployment, config
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from potluck.client.program import ClientResult, RoundInput
+from potluck.deploy import wire
+from potluck.deploy.client import ClientTLS
+from potluck.engines.inline import InlineEngine
+from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
+from potluck.store.sqlite import RunStore
+
+Make = Callable[..., Deployment]
+NOT_LEARNING = TIMING_METRICS | {"failed", "refused"}
+
+
+def learning(result: RunResult) -> list[dict[str, float]]:
+    return [{k: v for k, v in m.items() if k not in NOT_LEARNING} for m in result.history]
+
+
+class Without(InlineEngine):
+    """The simulation in which some clients never report."""
+
+    remote = True
+
+    def __init__(self, program, missing: set[int]) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(program)
+        self.missing = missing
+
+    def train(self, job: RoundInput) -> Sequence[ClientResult | None]:
+        results = self.program.run_round(job)
+        pairs = zip(job.cohort, results, strict=True)
+        return [None if int(c) in self.missing else r for c, r in pairs]
+
+    def evaluate(self, clients, w, states):  # type: ignore[no-untyped-def]
+        results = self.program.evaluate_clients(clients, w, states)
+        pairs = zip(clients, results, strict=True)
+        return [None if int(c) in self.missing else r for c, r in pairs]
+
+
+def simulate(store: Path, missing: set[int] = frozenset(), **deploy: object) -> RunResult:  # type: ignore[assignment]
+    exp = config(store, **deploy).build()
+    return run_experiment(exp, engine=lambda p: Without(p, set(missing)))
+
+
+def stub(port: int, tls: ClientTLS | None) -> wire.services.CoordinatorStub:  # type: ignore[name-defined]
+    target = f"127.0.0.1:{port}"
+    if tls is None:
+        return wire.services.CoordinatorStub(grpc.insecure_channel(target))
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    channel = grpc.secure_channel(target, tls.credentials(), options=options)
+    return wire.services.CoordinatorStub(channel)
+
+
+def call(s: object, env: wire.Envelope) -> wire.Envelope:
+    return wire.receive(s.Call(wire.send(env), timeout=30))  # type: ignore[attr-defined]
+
+
+def health(store: Path) -> dict[str, dict[str, object]]:
+    with RunStore(store) as st:
+        return {h["name"]: h for h in st.health(st.resolve("deployed"))}
+
+
+def test_deployment_over_mutual_tls_equals_the_simulation(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    dep = deployment(pki.server())
+    for name in SITES:
+        dep.site(name, pki.client(name))
+    result = dep.finish()
+    sim = simulate(tmp_path / "sim")
+    assert learning(result) == learning(sim)
+    assert torch.equal(result.weights, sim.weights)  # the same code on the same bits
+    assert all(m["failed"] == 0 and m["refused"] == 0 for m in result.history)
+    rows = health(tmp_path / "runs")
+    assert sorted(rows) == SITES
+    for name, row in rows.items():
+        assert row["client"] == SITES.index(name)
+        assert row["failures"] == 0 and row["bytes_sent"] > 0 and row["last_seen"]
+    assert sum(r["rounds_completed"] for r in rows.values()) == 3 * 4  # type: ignore[misc]
+
+
+def test_a_client_that_never_answers_hits_the_deadline(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    dep = deployment(pki.server(), round_timeout_s=1.5)
+    for name in SITES[:4]:
+        dep.site(name, pki.client(name))
+    silent = stub(dep.port, pki.client("site-4"))
+    welcome = call(silent, wire.Envelope("join", client="site-4"))
+    assert welcome.kind == "welcome" and welcome.scalars["client_id"] == 4
+    taken = 0
+    while True:  # take every task, answer none
+        reply = call(silent, wire.Envelope("poll", welcome.run_id, client="site-4"))
+        if reply.kind == "done":
+            break
+        taken += reply.kind == "task"
+    result = dep.finish()
+    assert taken > 0
+    sim = simulate(tmp_path / "sim", missing={4}, round_timeout_s=1.5)
+    assert torch.equal(result.weights, sim.weights)
+    assert [m["failed"] for m in result.history] == [m["failed"] for m in sim.history]
+    assert sum(m["failed"] for m in result.history) > 0
+    row = health(tmp_path / "runs")["site-4"]
+    assert row["failures"] == taken and "missed the deadline" in str(row["last_error"])
+
+
+def test_bad_messages_are_refused_and_leave_the_model_untouched(
+    deployment: Make, pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="potluck")
+    dep = deployment(pki.server(), round_timeout_s=3)
+    for name in SITES[:4]:
+        dep.site(name, pki.client(name))
+    rogue = stub(dep.port, pki.client("site-4"))
+    run_id = call(rogue, wire.Envelope("join", client="site-4")).run_id
+    replies, previous, ops = [], None, set()
+    while (task := call(rogue, wire.Envelope("poll", run_id, client="site-4"))).kind != "done":
+        if task.kind != "task":
+            continue
+        garbage = [wire.pb.Chunk(total=10, offset=0, data=b"0123456789", sha256=b"x" * 32)]
+        replies.append(wire.receive(rogue.Call(iter(garbage), timeout=30)))
+        if previous is not None:  # replay the answer to an earlier task
+            replies.append(call(rogue, previous))
+        ops.add(task.scalars["op"])
+        w = task.arrays["w"]
+        poisoned = {"m/delta": torch.full_like(w, float("nan"))}
+        if task.scalars["op"] == "evaluate":
+            answer = wire.Envelope(
+                "evaluation", run_id, task.round, task.task_id, "site-4",
+                scalars={"global/loss_sum": 1.0, "global/correct": 99, "global/n": 3},
+            )  # fmt: skip
+        elif task.round % 2:
+            answer = wire.Envelope(
+                "update", run_id, task.round, task.task_id, "site-4", arrays=poisoned,
+                scalars={"num_examples": 10},
+            )  # fmt: skip
+        else:
+            short = {"m/delta": torch.zeros(len(w) - 1)}
+            answer = wire.Envelope(
+                "update", run_id, task.round, task.task_id, "site-4", arrays=short,
+                scalars={"num_examples": 10},
+            )  # fmt: skip
+        impostor = wire.Envelope(answer.kind, run_id, task.round, task.task_id, "site-0")
+        replies.append(call(rogue, impostor))
+        replies.append(call(rogue, answer))
+        previous = answer
+    result = dep.finish()
+    reasons = [r.scalars.get("reason", "") for r in replies if r.kind == "refused"]
+    assert any("malformed message" in str(r) for r in reasons)
+    assert any("already answered" in str(r) for r in reasons)
+    assert any("claims to be 'site-0'" in str(r) for r in reasons)
+    log = caplog.text
+    assert "malformed message" in log and "claims to be" in log
+    assert "contains NaN or Inf" in log and "expected (" in log
+    assert ops == {"train", "evaluate"} and "refused evaluation" in log
+    # the rogue's updates and evaluations left no trace: as if it had never answered
+    sim = simulate(tmp_path / "sim", missing={4}, round_timeout_s=3)
+    assert torch.equal(result.weights, sim.weights)
+    received = [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(result)]
+    assert received == [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(sim)]
+    sampled = [m["cohort_size"] - m["updates"] for m in result.history]
+    assert sum(m["refused"] for m in result.history) == sum(sampled) > 0
+
+
+def _self_signed(tmp: Path, name: str) -> ClientTLS:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp / "self.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = serialization.Encoding.PEM
+    fmt = serialization.PrivateFormat.PKCS8
+    (tmp / "self.key").write_bytes(key.private_bytes(pem, fmt, serialization.NoEncryption()))
+    return ClientTLS(tmp / "self.pem", tmp / "self.key", Path())
+
+
+def test_only_admitted_clients_with_valid_certificates_get_in(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    dep = deployment(pki.server(), pki.ca_dir / "revoked.txt")
+    ca = pki.ca_dir / "ca.pem"
+    join = wire.Envelope("join")
+    plain_tls = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    no_cert = wire.services.CoordinatorStub(
+        grpc.secure_channel(
+            f"127.0.0.1:{dep.port}", plain_tls, [("grpc.ssl_target_name_override", "localhost")]
+        )
+    )
+    self_signed = _self_signed(tmp_path, "site-0")
+    refused_at_handshake = {
+        "no certificate": no_cert,
+        "self-signed": stub(dep.port, ClientTLS(self_signed.cert, self_signed.key, ca)),
+        "another CA": stub(dep.port, pki.client("site-0", pki.other_dir)),
+        "expired": stub(dep.port, pki.client("expired")),
+        "plaintext": stub(dep.port, None),
+    }
+    for what, s in refused_at_handshake.items():
+        with pytest.raises(grpc.RpcError) as err:
+            call(s, join)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, what
+    for name, reason in (("revoked-site", "is revoked"), ("intruder", "admission list")):
+        reply = call(stub(dep.port, pki.client(name)), join)
+        assert reply.kind == "refused" and reason in str(reply.scalars["reason"]), name
+    for name in SITES:  # the server kept going: the run completes with the real sites
+        dep.site(name, pki.client(name))
+    assert len(dep.finish().history) == 3
+    assert sorted(health(tmp_path / "runs")) == SITES
+
+
+def test_oversized_messages_are_refused(
+    deployment: Make, pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="potluck")
+    dep = deployment(pki.server(), max_message_mb=0.01, round_timeout_s=2)  # 10 KB < a model
+    for name in SITES:
+        dep.site(name, pki.client(name))
+    result = dep.finish()
+    assert all(m["updates"] == 0 for m in result.history)
+    assert torch.equal(result.weights, simulate(tmp_path / "sim", missing=set(range(5))).weights)
+    for name, row in health(tmp_path / "runs").items():
+        assert f"refused message from {name}" in caplog.text
+        assert row["failures"] > 0 and row["bytes_received"] == 0
+
+
+def test_show_prints_client_health(deployment: Make, pki: PKI, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from potluck.cli import app
+
+    dep = deployment(pki.server())
+    for name in SITES:
+        dep.site(name, pki.client(name))
+    dep.finish()
+    out = CliRunner().invoke(app, ["show", "deployed", "--store", str(tmp_path / "runs")])
+    assert out.exit_code == 0, out.output
+    assert "clients (deployment)" in out.output and "site-4" in out.output
+    js = CliRunner().invoke(app, ["show", "deployed", "--store", str(tmp_path / "runs"), "--json"])
+    assert [h["name"] for h in json.loads(js.output)["client_health"]] == SITES
