@@ -72,7 +72,7 @@ def test_fedavg_learns_digits_and_records_everything(tmp_path: Path) -> None:
     info = store.get_run(result.run_id)
     assert info.status == "finished" and info.last_round == 12
     assert info.summary["test_accuracy"] == result.final["test_accuracy"]
-    assert (info.run_dir / "report.html").exists() and (info.run_dir / "curves.png").exists()
+    assert (info.run_dir / "report.html").exists() and (info.run_dir / "curves.svg").exists()
     last_round, ckpt = store.latest_checkpoint(result.run_id)
     assert last_round == 12 and torch.equal(ckpt.tensors["global"], result.weights)
 

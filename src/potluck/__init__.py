@@ -1,6 +1,6 @@
 """potluck: federated learning that moves the model to the data.
 
-Importing ``potluck`` is cheap; heavy modules (torch, matplotlib) load only where used.
+Importing ``potluck`` is cheap; heavy modules (torch, grpc) load only where used.
 
 Example:
     >>> import potluck

@@ -1,19 +1,28 @@
-"""Reports: curves PNG and self-contained HTML."""
+"""Reports: curves SVG (drawn in plain Python) and self-contained HTML."""
 
 from __future__ import annotations
 
-import base64
+import itertools
 import math
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import matplotlib
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from potluck.report import write_report
+from potluck.report.svg import nice_ticks
 from potluck.store.sqlite import RoundRecord
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _svg(path: Path) -> ET.Element:
+    root = ET.fromstring(path.read_text(encoding="utf-8"))  # well-formed XML
+    assert root.tag == f"{SVG}svg"
+    return root
 
 
 def _rounds(n: int = 12) -> list[RoundRecord]:
@@ -43,11 +52,24 @@ def report(tmp_path: Path) -> tuple[dict[str, Path], str]:
 def test_files_are_written(tmp_path: Path, report: tuple[dict[str, Path], str]) -> None:
     paths, _ = report
     assert paths == {
-        "png": tmp_path / "run" / "curves.png",
+        "svg": tmp_path / "run" / "curves.svg",
         "html": tmp_path / "run" / "report.html",
     }
-    png = paths["png"].read_bytes()
-    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    root = _svg(paths["svg"])
+    lines = root.findall(f".//{SVG}polyline")
+    assert len(lines) == 4  # train_loss, test_loss | test_accuracy, fed_acc
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    for name in ("train_loss", "test_loss", "test_accuracy", "fed_acc", "round", "loss"):
+        assert name in texts
+    assert 'FedAvg <b>"mnist"</b> & co' in texts  # the title, as text (escaped in the file)
+
+
+def test_curves_skip_missing_and_non_finite_points(report: tuple[dict[str, Path], str]) -> None:
+    root = _svg(report[0]["svg"])
+    counts = sorted(len(p.get("points", "").split()) for p in root.iter(f"{SVG}polyline"))
+    # train_loss every round (12); test_accuracy and fed_acc every third round (4);
+    # test_loss every third round but NaN in round 6 (3)
+    assert counts == [3, 4, 4, 12]
 
 
 def test_html_is_escaped_and_self_contained(report: tuple[dict[str, Path], str]) -> None:
@@ -56,9 +78,8 @@ def test_html_is_escaped_and_self_contained(report: tuple[dict[str, Path], str])
     assert f"<title>{title}</title>" in page and f"<h1>{title}</h1>" in page
     assert "<b>" not in page and "<script>" not in page and "<i>" not in page
     assert "&lt;script&gt;x&lt;/script&gt;" in page
-    embedded = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert embedded and base64.b64decode(embedded.group(1)) == paths["png"].read_bytes()
-    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing external
+    assert paths["svg"].read_text(encoding="utf-8") in page  # the chart, inline
+    assert not re.search(r'(src|href)="', page)  # nothing external
 
 
 def test_html_has_summary_config_and_rounds(report: tuple[dict[str, Path], str]) -> None:
@@ -79,16 +100,23 @@ def test_html_has_summary_config_and_rounds(report: tuple[dict[str, Path], str])
 
 def test_empty_and_metricless_runs(tmp_path: Path) -> None:
     paths = write_report(tmp_path, [], title="empty", summary={})
-    assert paths["png"].read_bytes().startswith(PNG_MAGIC)
+    assert "no loss metrics" in paths["svg"].read_text(encoding="utf-8")
     page = paths["html"].read_text(encoding="utf-8")
     assert "no rounds committed" in page and "Config" not in page
     only_nan = [RoundRecord(1, {"test_loss": math.nan}, ""), RoundRecord(2, {}, "")]
     paths = write_report(tmp_path, only_nan, title="nan", summary={"x": [1, 2]})
-    assert paths["png"].read_bytes().startswith(PNG_MAGIC)
+    assert not _svg(paths["svg"]).findall(f".//{SVG}polyline")
     assert "<td>[1, 2]</td>" in paths["html"].read_text(encoding="utf-8")
 
 
-def test_backend_is_left_alone(tmp_path: Path) -> None:
-    before = matplotlib.get_backend()
-    write_report(tmp_path, _rounds(3), title="t", summary={})
-    assert matplotlib.get_backend() == before
+@given(st.floats(-1e6, 1e6), st.floats(1e-6, 1e6))
+def test_ticks_are_round_and_cover_the_range(lo: float, width: float) -> None:
+    assume(width > 1e-6 * abs(lo))  # a range float64 resolves into round ticks
+    hi = lo + width
+    ticks = nice_ticks(lo, hi)
+    assert 2 <= len(ticks) <= 11
+    assert all(lo - 1e-9 * width <= t <= hi + 1e-9 * width for t in ticks)
+    step = ticks[1] - ticks[0]
+    assert all(b - a == pytest.approx(step, rel=1e-3) for a, b in itertools.pairwise(ticks))
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    assert any(mantissa == pytest.approx(m, rel=1e-3) for m in (1, 2, 5, 10))

@@ -1,7 +1,6 @@
-"""Run reports: a PNG of the learning curves and a self-contained HTML page.
+"""Run reports: the learning curves as SVG and a self-contained HTML page embedding them.
 
-Matplotlib is imported lazily and driven through its object API (``Figure`` on an Agg
-canvas), so writing a report never touches pyplot or the global backend.
+The charts are drawn by ``report.svg`` in plain Python (no plotting library to import).
 
 Example:
     >>> import tempfile
@@ -9,23 +8,22 @@ Example:
     >>> rounds = [RoundRecord(1, {"train_loss": 0.9}, ""), RoundRecord(2, {"train_loss": 0.5}, "")]
     >>> paths = write_report(Path(tempfile.mkdtemp()), rounds, title="demo", summary={"rounds": 2})
     >>> sorted(paths)
-    ['html', 'png']
+    ['html', 'svg']
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from potluck.report.svg import Panel, panels
 from potluck.store.sqlite import RoundRecord
 
-PNG_NAME = "curves.png"
+SVG_NAME = "curves.svg"
 HTML_NAME = "report.html"
 _PANELS = (("loss", ("loss",)), ("accuracy", ("accuracy", "acc")))  # (label, name suffixes)
 
@@ -36,7 +34,7 @@ th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
 th { background: #f3f3f3; }
 td.key { text-align: left; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; }
-img { max-width: 100%; }
+svg { max-width: 100%; height: auto; }
 """
 
 
@@ -48,7 +46,7 @@ def write_report(
     summary: dict[str, Any],
     config: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``curves.png`` and ``report.html`` into ``run_dir``; return their paths.
+    """Write ``curves.svg`` and ``report.html`` into ``run_dir``; return their paths.
 
     The plot has a loss panel (metrics named ``*loss``) and an accuracy panel (``*accuracy``,
     ``*acc``); rounds where a metric is absent, NaN or infinite are skipped in the plot.
@@ -61,11 +59,11 @@ def write_report(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    png = _curves_png(rounds, title)
-    png_path, html_path = run_dir / PNG_NAME, run_dir / HTML_NAME
-    png_path.write_bytes(png)
-    html_path.write_text(_html(title, png, rounds, summary, config), encoding="utf-8")
-    return {"png": png_path, "html": html_path}
+    svg = curves_svg(rounds, title)
+    svg_path, html_path = run_dir / SVG_NAME, run_dir / HTML_NAME
+    svg_path.write_text(svg, encoding="utf-8")
+    html_path.write_text(_html(title, svg, rounds, summary, config), encoding="utf-8")
+    return {"svg": svg_path, "html": html_path}
 
 
 def _metric_names(rounds: Sequence[RoundRecord]) -> list[str]:
@@ -83,31 +81,14 @@ def _series(rounds: Sequence[RoundRecord], name: str) -> tuple[list[int], list[f
     return [x for x, _ in points], [y for _, y in points]
 
 
-def _curves_png(rounds: Sequence[RoundRecord], title: str) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
+def curves_svg(rounds: Sequence[RoundRecord], title: str) -> str:
+    """The loss and accuracy panels of a run as one SVG document."""
     names = _metric_names(rounds)
-    for ax, (label, suffixes) in zip(fig.subplots(1, 2), _PANELS, strict=True):
-        plotted = False
-        for name in (n for n in names if n.endswith(suffixes)):
-            xs, ys = _series(rounds, name)
-            if xs:
-                ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=name)
-                plotted = True
-        ax.set_xlabel("round")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if plotted:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, f"no {label} metrics", ha="center", transform=ax.transAxes)
-    fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    charts = []
+    for label, suffixes in _PANELS:
+        series = {n: _series(rounds, n) for n in names if n.endswith(suffixes)}
+        charts.append(Panel(label, {n: xy for n, xy in series.items() if xy[0]}))
+    return panels(title, charts)
 
 
 def _fmt(value: Any) -> str:
@@ -146,13 +127,12 @@ def _rounds_table(rounds: Sequence[RoundRecord]) -> str:
 
 def _html(
     title: str,
-    png: bytes,
+    svg: str,
     rounds: Sequence[RoundRecord],
     summary: dict[str, Any],
     config: dict[str, Any] | None,
 ) -> str:
     esc = html.escape(title)
-    data_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     config_html = ""
     if config is not None:
         pretty = json.dumps(config, indent=2, sort_keys=True, default=str)
@@ -161,7 +141,7 @@ def _html(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc}</title><style>{_CSS}</style></head><body>"
         f"<h1>{esc}</h1>"
-        f'<img src="{data_uri}" alt="learning curves">'
+        f'<figure aria-label="learning curves">{svg}</figure>'
         f"<h2>Summary</h2>{_summary_table(summary)}"
         f"{config_html}"
         f"<h2>Rounds</h2>{_rounds_table(rounds)}"
