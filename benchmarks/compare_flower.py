@@ -375,9 +375,9 @@ def export(workload: Workload, out: Path, threads: int) -> dict[str, Any]:
     source, algo, n = fed.source, cfg.algorithm_parts(), fed.num_clients
     out.mkdir(parents=True, exist_ok=True)
     for name, value in (
-        ("x_train", source.train.x),
+        ("x_train", source.train.features()),
         ("y_train", source.train.y),
-        ("x_test", source.test.x),
+        ("x_test", source.test.features()),
         ("y_test", source.test.y),
     ):
         np.save(out / f"{name}.npy", value)
@@ -399,7 +399,7 @@ def export(workload: Workload, out: Path, threads: int) -> dict[str, Any]:
     np.save(out / "cohorts.npy", cohorts)
     for cid in cohorts[0]:  # the export gives exactly potluck's client data
         data, rows = fed.client(int(cid)), parts[int(cid)]
-        assert np.array_equal(data.x_train, source.train.x[rows]), cid
+        assert np.array_equal(data.x_train, source.train.features(rows)), cid
         assert np.array_equal(data.y_train, source.train.y[rows]), cid
 
     model_name = cfg.model.name
@@ -426,7 +426,7 @@ def export(workload: Workload, out: Path, threads: int) -> dict[str, Any]:
     (out / "spec.json").write_text(json.dumps(spec, indent=1))
 
     torch.set_num_threads(threads)
-    batch = torch.from_numpy(source.train.x[: cfg.client.batch_size])
+    batch = torch.from_numpy(source.train.features(slice(0, cfg.client.batch_size)))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         program.model(batch)
     fwd_per_example = counter.get_total_flops() / len(batch)
@@ -550,7 +550,7 @@ def anatomy(
 
     out: dict[str, Any] = {"cohort_train_flops": train_flops, "engines": {}}
     test = fed.source.test
-    eval_s = timed(lambda: program.evaluate_arrays(w, test.x, test.y))
+    eval_s = timed(lambda: program.evaluate_arrays(w, test.features(), test.y))
     out["centralised_eval_s"] = eval_s
     out["eval_flops_per_s"] = fwd * len(test.y) / eval_s
     for name in engines:

@@ -170,6 +170,7 @@ def round_anatomy(reps: int) -> dict[str, Any]:
     cohort = exp.algorithm.sampler.sample(n, Seeds(exp.seed).numpy("sampling", 1))
     fed_clients = np.sort(np.random.default_rng(0).choice(n, size=10, replace=False))
     test = exp.federation.source.test
+    test_x = test.features()
     from potluck.client import program as program_module
 
     out: dict[str, Any] = {
@@ -191,10 +192,10 @@ def round_anatomy(reps: int) -> dict[str, Any]:
                 lambda: train_cohort(engine, exp.algorithm, cohort, w, 1), reps
             ),
             "centralised_eval_s": _median_time(
-                lambda: program.evaluate_arrays(w, test.x, test.y), reps
+                lambda: program.evaluate_arrays(w, test_x, test.y), reps
             ),
             "centralised_eval_batch_256_s": _with_eval_batch(
-                256, lambda: _median_time(lambda: program.evaluate_arrays(w, test.x, test.y), reps)
+                256, lambda: _median_time(lambda: program.evaluate_arrays(w, test_x, test.y), reps)
             ),
             "federated_eval_10_clients_s": _median_time(lambda: federated_eval(), reps),
         }

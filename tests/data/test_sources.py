@@ -64,12 +64,16 @@ def test_fashion_mnist_from_debian_location(monkeypatch: pytest.MonkeyPatch) -> 
     assert find_fashion_mnist() == DEBIAN
     src = load_source("fashion_mnist")
     assert src.train.x.shape == (60000, 1, 28, 28) and src.test.x.shape == (10000, 1, 28, 28)
-    assert src.train.x.dtype == np.float32 and src.train.y.dtype == np.int64
+    assert src.train.x.dtype == np.uint8 and src.train.y.dtype == np.int64  # stored compact
     assert (np.bincount(src.train.y) == 6000).all() and (np.bincount(src.test.y) == 1000).all()
     assert src.num_classes == 10 and src.input_shape == (1, 28, 28)
-    # Standardised with the dataset's own mean/std.
-    assert abs(float(src.train.x.mean())) < 0.01 and abs(float(src.train.x.std()) - 1) < 0.01
-    assert src.train.x.flags.writeable  # fresh arrays; the shared cache holds raw bytes
+    # Standardised with the dataset's own mean/std when read.
+    x = src.train.features()
+    assert x.dtype == np.float32 and x.shape == (60000, 1, 28, 28)
+    assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01
+    assert x.flags.writeable  # fresh arrays; the shared cache holds raw bytes
+    rows = np.array([5, 3, 59999])
+    np.testing.assert_array_equal(src.train.features(rows), x[rows])
 
 
 @needs_fmnist

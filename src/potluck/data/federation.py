@@ -100,7 +100,10 @@ class Federation:
         test_idx, train_idx = idx[perm[:n_test]], idx[perm[n_test:]]
         train = self.source.train
         return ClientData(
-            train.x[train_idx], train.y[train_idx], train.x[test_idx], train.y[test_idx]
+            train.features(train_idx),
+            train.y[train_idx],
+            train.features(test_idx),
+            train.y[test_idx],
         )
 
     def num_examples(self, cid: int) -> int:
