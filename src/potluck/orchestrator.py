@@ -189,7 +189,8 @@ def resolve_engine(experiment: Experiment) -> tuple[Experiment, str]:
 
     Example:
         >>> from potluck.config import ExperimentConfig
-        >>> cfg = {"data": {"dataset": "digits", "num_clients": 10}, "model": {"name": "mlp"}}
+        >>> cfg = {"data": {"dataset": "digits", "num_clients": 10}, "model": {"name": "mlp"},
+        ...        "rounds": 200, "client": {"epochs": 5}}
         >>> exp, why = resolve_engine(
         ...     ExperimentConfig.from_dict(cfg, ["run.engine='auto'"]).build())
         >>> exp.engine, exp.config["run"]["engine"]
@@ -197,10 +198,13 @@ def resolve_engine(experiment: Experiment) -> tuple[Experiment, str]:
     """
     if experiment.engine != "auto":
         return experiment, f"engine {experiment.engine!r} as configured"
-    cohort = experiment.algorithm.sampler.cohort_size(experiment.federation.num_clients)
+    fed, algo = experiment.federation, experiment.algorithm
+    cohort = algo.sampler.cohort_size(fed.num_clients)
+    mean_examples = round(float(fed.num_examples_all().mean())) if fed.num_clients else 0
+    run_steps = experiment.rounds * cohort * algo.local.num_steps(mean_examples)
     with torch.random.fork_rng():
         model = experiment.task.build_model()
-    name, why = choose_engine(model, experiment.algorithm.rule, cohort, experiment.engine_options)
+    name, why = choose_engine(model, algo.rule, cohort, experiment.engine_options, run_steps)
     config = experiment.config
     if config is not None and isinstance(config.get("run"), Mapping):
         config = {**config, "run": {**config["run"], "engine": name}}

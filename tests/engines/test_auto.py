@@ -22,16 +22,21 @@ TWO = EngineOptions(workers=2)
 ONE = EngineOptions(workers=1)
 
 
+LONG, SHORT = 10**6, 4_500  # local steps in a run (SHORT: the W1 benchmark)
+
+
 @pytest.mark.parametrize(
-    ("model", "rule", "cohort", "options", "engine", "words"),
+    ("model", "rule", "cohort", "options", "steps", "engine", "words"),
     [
-        (MLP, PlainRule(), 10, TWO, "vectorized", "without convolutions"),
-        (MLP, Scaffold(), 10, ONE, "vectorized", "one batched computation"),
-        (CNN, PlainRule(), 10, TWO, "pool", "convolutions (module '0')"),
-        (CNN, PlainRule(), 10, ONE, "inline", "one core"),
-        (MLP, Ditto(personal_lambda=0.1), 10, TWO, "pool", "personal model"),
-        (MLP, PlainRule(), 1, TWO, "inline", "one client per round"),
-        (MLP, PlainRule(), 10, EngineOptions(ray_address="ray://h:10001"), "ray", "ray://h"),
+        (MLP, PlainRule(), 10, TWO, LONG, "vectorized", "without convolutions"),
+        (MLP, Scaffold(), 10, ONE, LONG, "vectorized", "one batched computation"),
+        (MLP, PlainRule(), 10, TWO, SHORT, "pool", "4,500 local steps in the run are too few"),
+        (MLP, PlainRule(), 10, ONE, SHORT, "inline", "too few to amortise"),
+        (CNN, PlainRule(), 10, TWO, LONG, "pool", "convolutions (module '0')"),
+        (CNN, PlainRule(), 10, ONE, LONG, "inline", "one core"),
+        (MLP, Ditto(personal_lambda=0.1), 10, TWO, LONG, "pool", "personal model"),
+        (MLP, PlainRule(), 1, TWO, LONG, "inline", "one client per round"),
+        (MLP, PlainRule(), 10, EngineOptions(ray_address="ray://h:1"), LONG, "ray", "ray://h"),
     ],
 )
 def test_choice_and_reason(
@@ -39,12 +44,19 @@ def test_choice_and_reason(
     rule: PlainRule,
     cohort: int,
     options: EngineOptions,
+    steps: int,
     engine: str,
     words: str,
 ) -> None:
-    name, why = choose_engine(model, rule, cohort, options)
+    name, why = choose_engine(model, rule, cohort, options, steps)
     assert name == engine
     assert words in why
+
+
+@pytest.fixture
+def long_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count any run as long enough for the vectorized engine (the tests' runs are short)."""
+    monkeypatch.setattr("potluck.engines.base.VECTORIZE_MIN_STEPS", 0)
 
 
 def digits(engine: str, store: str) -> ExperimentConfig:
@@ -59,7 +71,7 @@ def digits(engine: str, store: str) -> ExperimentConfig:
     )
 
 
-def test_resolved_engine_is_stored_so_resume_uses_it(tmp_path: Path) -> None:
+def test_resolved_engine_is_stored_so_resume_uses_it(tmp_path: Path, long_enough: None) -> None:
     exp = digits("auto", str(tmp_path)).build()
     resolved, why = resolve_engine(exp)
     assert (resolved.engine, resolved.config["run"]["engine"]) == ("vectorized", "vectorized")
@@ -71,7 +83,12 @@ def test_resolved_engine_is_stored_so_resume_uses_it(tmp_path: Path) -> None:
     assert resolve_engine(digits("pool", str(tmp_path)).build())[0].engine == "pool"
 
 
-def test_cli_says_which_engine_and_why(tmp_path: Path) -> None:
+def test_a_short_run_is_not_vectorized(tmp_path: Path) -> None:
+    exp, why = resolve_engine(digits("auto", str(tmp_path)).build())  # 2 rounds x 4 x 8 steps
+    assert exp.engine in ("pool", "inline") and "64 local steps in the run are too few" in why
+
+
+def test_cli_says_which_engine_and_why(tmp_path: Path, long_enough: None) -> None:
     cfg = tmp_path / "exp.toml"
     cfg.write_text(digits("inline", str(tmp_path / "runs")).to_toml())
     result = CliRunner().invoke(app, ["run", str(cfg), "--engine", "auto"])

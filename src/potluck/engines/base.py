@@ -100,19 +100,29 @@ def make_engine(name: str, program: ClientProgram, options: EngineOptions | None
     raise ValueError(f"unknown engine {name!r}; available: {', '.join(available_engines())}{hint}")
 
 
+VECTORIZE_MIN_STEPS = 20_000  # local steps in a run that amortise torch.func's ~1 s start
+
+
 def choose_engine(
-    model: torch.nn.Module, rule: LocalRule, cohort_size: int, options: EngineOptions
+    model: torch.nn.Module,
+    rule: LocalRule,
+    cohort_size: int,
+    options: EngineOptions,
+    run_steps: int | None = None,
 ) -> tuple[str, str]:
     """The engine ``engine = "auto"`` runs an experiment on, and why (deterministic: the same
     experiment on the same machine always gets the same engine, so runs stay reproducible).
 
     Measured on CPU (BENCHMARKS.md): the vectorized engine trains MLPs and logistic regression
-    2.0-2.4x faster than the inline engine, but LeNet's convolutions become grouped
-    convolutions under ``vmap`` and run 1.6x slower; pool workers run one client per core.
+    2.0-2.4x faster than the inline engine once started, but its first step costs about 1 s
+    (``torch.func`` loads its compiler stack), so it pays only in runs of at least
+    ``VECTORIZE_MIN_STEPS`` local steps (``run_steps``: rounds x cohort x steps per client);
+    LeNet's convolutions become grouped convolutions under ``vmap`` and run 1.6x slower;
+    pool workers run one client per core.
 
     Example:
         >>> from potluck.client.rules import PlainRule
-        >>> choose_engine(torch.nn.Linear(4, 2), PlainRule(), 10, EngineOptions())[0]
+        >>> choose_engine(torch.nn.Linear(4, 2), PlainRule(), 10, EngineOptions(), 10**6)[0]
         'vectorized'
     """
     from potluck.engines.pool import usable_cores
@@ -124,15 +134,24 @@ def choose_engine(
         return "inline", "one client per round: there is nothing to run side by side"
     problem = vectorizing_problem(model, rule)
     convs = [n for n, m in model.named_modules() if isinstance(m, _ConvNd)]
-    if problem is None and not convs:
+    short = run_steps is not None and run_steps < VECTORIZE_MIN_STEPS
+    if problem is None and not convs and not short:
         return "vectorized", (
             f"{cohort_size} clients per round of a model without convolutions train as one "
             "batched computation"
         )
-    why_not = problem or (
-        f"convolutions (module {convs[0]!r}) run slower batched under vmap on CPU than one "
-        "client at a time"
-    )
+    if problem is not None:
+        why_not = problem
+    elif convs:
+        why_not = (
+            f"convolutions (module {convs[0]!r}) run slower batched under vmap on CPU than "
+            "one client at a time"
+        )
+    else:
+        why_not = (
+            f"{run_steps:,} local steps in the run are too few to amortise the vectorized "
+            f"engine's start (about 1 s; it pays from {VECTORIZE_MIN_STEPS:,})"
+        )
     workers = options.workers or usable_cores()
     if workers >= 2:
         return "pool", f"not vectorized: {why_not}; {workers} worker processes train side by side"
