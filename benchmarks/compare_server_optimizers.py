@@ -16,6 +16,7 @@ Writes benchmarks/results/server_optimizers.json and benchmarks/plots/server_opt
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from _common import header, save_curves, write_result
 
 from potluck.config import ExperimentConfig
+from potluck.core.message import MessageError
 from potluck.orchestrator import run_experiment
 
 GRID: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
@@ -45,15 +47,21 @@ def run_one(server: dict[str, Any], lr: float, rounds: int, seed: int = 0) -> di
             "evaluation": {"every": 1, "federated_clients": 0},
         }
     )
-    t0 = time.perf_counter()
-    history = run_experiment(cfg.build()).history
-    accuracy = [m["test_accuracy"] for m in history]
+    t0, accuracy = time.perf_counter(), []
+    try:
+        run_experiment(
+            cfg.build(), on_round=lambda rnd, m: accuracy.append(float(m["test_accuracy"]))
+        )
+        diverged = None
+    except MessageError as exc:  # a client's update turned NaN: this learning rate diverges
+        diverged = f"round {len(accuracy) + 1}: {exc}"
     return {
         "seed": seed,
         "lr": lr,
         "accuracy": accuracy,
-        "final": accuracy[-1],
-        "tail_mean": statistics.fmean(accuracy[-TAIL:]),
+        "diverged": diverged,
+        "final": None if diverged else accuracy[-1],
+        "tail_mean": None if diverged else statistics.fmean(accuracy[-TAIL:]),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -64,9 +72,11 @@ def plot(seeded: dict[str, list[dict[str, Any]]]) -> None:
     fig = Figure(figsize=(6.5, 4))
     ax = fig.subplots()
     for name, runs in seeded.items():
-        curves = [r["accuracy"] for r in runs]
+        curves = [r["accuracy"] for r in runs if not r["diverged"]]
+        if not curves:
+            continue
         mean = [statistics.fmean(c) for c in zip(*curves, strict=True)]
-        label = f"{name} (server lr {runs[0]['lr']:g}, {len(runs)} seeds)"
+        label = f"{name} (server lr {runs[0]['lr']:g}, {len(curves)} seeds)"
         ax.plot(range(1, len(mean) + 1), mean, label=label)
     title = "Server optimizers, Fashion-MNIST Dir(0.5), tuned server lr, mean over seeds"
     save_curves(fig, [ax], [title], "test accuracy", "", "server_optimizers")
@@ -83,7 +93,7 @@ def main() -> None:
     seeded: dict[str, list[dict[str, Any]]] = {}
     for name, (server, lrs) in GRID.items():
         runs[name] = [_report(name, run_one(server, lr, args.rounds, seeds[0])) for lr in lrs]
-        best = max(runs[name], key=lambda r: r["tail_mean"])
+        best = max(runs[name], key=_score)
         others = [run_one(server, best["lr"], args.rounds, s) for s in seeds[1:]]
         seeded[name] = [best, *(_report(name, r) for r in others)]
     summary = {
@@ -94,6 +104,7 @@ def main() -> None:
             "final_mean": statistics.fmean(r["final"] for r in rs),
         }
         for name, rs in seeded.items()
+        if not any(r["diverged"] for r in rs)
     }
     payload.update(
         rounds=args.rounds, tail=TAIL, seeds=seeds, grid=runs, seeded=seeded, summary=summary
@@ -102,12 +113,18 @@ def main() -> None:
     plot(seeded)
 
 
+def _score(run: dict[str, Any]) -> float:
+    return -math.inf if run["diverged"] else float(run["tail_mean"])
+
+
 def _report(name: str, r: dict[str, Any]) -> dict[str, Any]:
-    print(
-        f"{name:10s} seed={r['seed']} lr={r['lr']:<6g} final={r['final']:.4f} "
-        f"last-{TAIL}={r['tail_mean']:.4f} ({r['seconds']:.0f} s)",
-        flush=True,
+    outcome = (
+        f"DIVERGED ({r['diverged']})"
+        if r["diverged"]
+        else (f"final={r['final']:.4f} last-{TAIL}={r['tail_mean']:.4f}")
     )
+    line = f"{name:10s} seed={r['seed']} lr={r['lr']:<6g} {outcome} ({r['seconds']:.0f} s)"
+    print(line, flush=True)
     return r
 
 
