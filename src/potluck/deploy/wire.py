@@ -1,0 +1,334 @@
+"""The wire format: envelopes of named tensors and scalars, serialized and streamed in chunks.
+
+An ``Envelope`` is one logical message between server and client (``potluck.proto``). It is
+encoded as a protobuf ``Envelope`` (each tensor as its dtype name, shape and raw little-endian
+bytes; nothing is pickled) and streamed as ``Chunk`` messages of at most ``chunk_bytes`` each,
+so a model of any size passes gRPC's per-message limit. The last chunk carries the SHA-256 of
+the whole payload. Everything read from the network is checked before use: a malformed,
+truncated, corrupted or oversized input raises ``WireError`` saying what is wrong, never
+another exception. Whether the *values* are acceptable (expected shapes, NaN/Inf) is the
+receiver's business (``Message.validate``; ``finite`` helps).
+
+Example:
+    >>> import torch
+    >>> env = Envelope("update", "run-1", round=3, arrays={"delta": torch.ones(2)},
+    ...                scalars={"num_examples": 10})
+    >>> back = receive(send(env, chunk_bytes=16))
+    >>> back.kind, back.round, back.arrays["delta"].tolist(), back.scalars
+    ('update', 3, [1.0, 1.0], {'num_examples': 10})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from potluck.core.message import Message, MessageError
+
+if sys.byteorder != "little":  # tensors travel as their raw in-memory bytes
+    raise ImportError("potluck.deploy.wire supports little-endian hosts only")
+
+pb: Any
+services: Any
+pb, services = grpc.protos_and_services("potluck/deploy/potluck.proto")
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_BYTES = 256 << 20
+MAX_ITEMS = 10_000
+MAX_NAME = 200
+MAX_TASK_ID = 64
+MAX_DIMS = 32
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+ALLOWED_DTYPES = frozenset(_DTYPES)
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_KIND = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SINT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+class WireError(MessageError):
+    """A malformed, truncated, corrupted or oversized message on the wire."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One logical message; checked on construction, so every envelope can be encoded.
+
+    Example:
+        >>> Envelope("poll", "run-1", client="site-a").nbytes
+        0
+        >>> Envelope("poll", round=-1)
+        Traceback (most recent call last):
+        ...
+        potluck.deploy.wire.WireError: round is -1, must be in 0..2**63-1
+    """
+
+    kind: str
+    run_id: str = ""
+    round: int = 0
+    task_id: bytes = b""
+    client: str = ""
+    arrays: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    scalars: Mapping[str, int | float | str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes of the arrays."""
+        return sum(a.numel() * a.element_size() for a in self.arrays.values())
+
+    def message(self) -> Message:
+        """The arrays and scalars as a ``Message``.
+
+        Example:
+            >>> Envelope("update", scalars={"num_examples": 4}).message().scalar("num_examples")
+            4.0
+        """
+        return Message(arrays=dict(self.arrays), scalars=dict(self.scalars))
+
+
+def finite(env: Envelope) -> str | None:
+    """The name of the first array holding NaN or Inf, or None if all are finite.
+
+    Example:
+        >>> arrays = {"a": torch.zeros(2), "b": torch.tensor([1.0, math.inf])}
+        >>> finite(Envelope("update", arrays=arrays))
+        'b'
+    """
+    for name, array in env.arrays.items():
+        if array.is_floating_point() and not bool(torch.isfinite(array).all()):
+            return name
+    return None
+
+
+def encode(env: Envelope) -> bytes:
+    """The serialized protobuf ``Envelope``.
+
+    Example:
+        >>> decode(encode(Envelope("wait", "run-1"))).run_id
+        'run-1'
+    """
+    msg = pb.Envelope(
+        kind=env.kind, run_id=env.run_id, round=env.round, task_id=env.task_id, client=env.client
+    )
+    for name, array in env.arrays.items():
+        flat = array.detach().cpu().contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy().tobytes()
+        msg.arrays.add(name=name, dtype=_NAMES[array.dtype], shape=array.shape, data=data)
+    for name, value in env.scalars.items():
+        scalar = msg.scalars.add(name=name)
+        if isinstance(value, str):
+            scalar.text = value
+        elif isinstance(value, int):
+            scalar.int = value
+        else:
+            scalar.real = value
+    return bytes(msg.SerializeToString())
+
+
+def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """Parse and check a serialized ``Envelope``; tensors are writable copies.
+
+    Example:
+        >>> decode(b"\\x12")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        potluck.deploy.wire.WireError: not a valid Envelope: Error parsing message ...
+    """
+    if len(data) > max_bytes:
+        raise WireError(f"envelope of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        msg = pb.Envelope.FromString(data)
+    except Exception as exc:  # protobuf raises DecodeError, or others on odd input
+        raise WireError(f"not a valid Envelope: {exc}") from None
+    if len(msg.arrays) > MAX_ITEMS or len(msg.scalars) > MAX_ITEMS:
+        raise WireError(
+            f"{len(msg.arrays)} arrays and {len(msg.scalars)} scalars, at most {MAX_ITEMS} each"
+        )
+    arrays = _unique("array", ((a.name, _tensor(a, max_bytes)) for a in msg.arrays))
+    scalars = _unique("scalar", ((s.name, _scalar(s)) for s in msg.scalars))
+    return Envelope(
+        msg.kind, msg.run_id, msg.round, msg.task_id, msg.client, arrays=arrays, scalars=scalars
+    )
+
+
+def to_chunks(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Any]:
+    """``data`` as ``pb.Chunk`` messages; the last carries the SHA-256 of the whole.
+
+    Example:
+        >>> [(c.offset, len(c.data), len(c.sha256)) for c in to_chunks(b"abcde", 2)]
+        [(0, 2, 0), (2, 2, 0), (4, 1, 32)]
+    """
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    return _chunks(data, chunk_bytes)
+
+
+def _chunks(data: bytes, chunk_bytes: int) -> Iterator[Any]:
+    total, digest = len(data), hashlib.sha256(data).digest()
+    last = max(total - 1, 0) // chunk_bytes * chunk_bytes
+    for offset in range(0, last + 1, chunk_bytes):
+        piece = data[offset : offset + chunk_bytes]
+        yield pb.Chunk(
+            total=total, offset=offset, data=piece, sha256=digest if offset == last else b""
+        )
+
+
+def from_chunks(chunks: Iterable[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Reassemble and verify a chunk stream; stops at the first bad chunk.
+
+    Example:
+        >>> from_chunks(to_chunks(b"abcde", 2))
+        b'abcde'
+        >>> from_chunks(list(to_chunks(b"abcde", 2))[:2])
+        Traceback (most recent call last):
+        ...
+        potluck.deploy.wire.WireError: stream ended after 4 of 5 bytes (truncated)
+    """
+    buffer: bytearray | None = None
+    total = filled = 0
+    digest = b""
+    for i, chunk in enumerate(chunks):
+        if buffer is None:
+            total = chunk.total
+            if total > max_bytes:
+                raise WireError(f"envelope of {total} bytes exceeds the limit of {max_bytes} bytes")
+            buffer = bytearray(total)
+        elif chunk.total != total:
+            raise WireError(f"chunk {i} announces {chunk.total} bytes, the first {total}")
+        elif filled == total:
+            raise WireError(f"chunk {i} arrives after all {total} bytes")
+        if chunk.offset != filled:
+            raise WireError(
+                f"chunk {i} starts at offset {chunk.offset}, expected {filled}"
+                " (chunks reordered, overlapping or missing)"
+            )
+        end = filled + len(chunk.data)
+        if end > total:
+            raise WireError(f"chunk {i} carries data past the announced {total} bytes")
+        if end == filled and total:
+            raise WireError(f"chunk {i} is empty")
+        buffer[filled:end] = chunk.data
+        filled, digest = end, chunk.sha256
+    if buffer is None:
+        raise WireError("empty stream: no chunks")
+    if filled < total:
+        raise WireError(f"stream ended after {filled} of {total} bytes (truncated)")
+    if not digest:
+        raise WireError("the last chunk carries no sha256 checksum")
+    if hashlib.sha256(buffer).digest() != digest:
+        raise WireError("sha256 checksum mismatch: the payload is corrupted")
+    return bytes(buffer)
+
+
+def send(env: Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Any]:
+    """``env`` encoded and cut into ``pb.Chunk`` messages (what a gRPC stream carries)."""
+    return to_chunks(encode(env), chunk_bytes)
+
+
+def receive(chunks: Iterable[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """The envelope carried by a chunk stream, checked (``from_chunks`` + ``decode``)."""
+    return decode(from_chunks(chunks, max_bytes), max_bytes)
+
+
+def _check_fields(env: Envelope) -> None:
+    if not isinstance(env.kind, str) or not _KIND.fullmatch(env.kind):
+        raise WireError(f"kind {env.kind!r} is not an identifier of at most 64 characters")
+    _check_text("run_id", env.run_id)
+    _check_text("client", env.client)
+    if isinstance(env.round, bool) or not isinstance(env.round, int):
+        raise WireError(f"round is {type(env.round).__name__}, must be int")
+    if not 0 <= env.round <= _SINT64[1]:
+        raise WireError(f"round is {env.round}, must be in 0..2**63-1")
+    if not isinstance(env.task_id, bytes) or len(env.task_id) > MAX_TASK_ID:
+        raise WireError(f"task_id must be at most {MAX_TASK_ID} bytes")
+    for what, items in (("arrays", env.arrays), ("scalars", env.scalars)):
+        if len(items) > MAX_ITEMS:
+            raise WireError(f"{len(items)} {what}, at most {MAX_ITEMS}")
+        for name in items:
+            _check_name(what[:-1], name)
+    for name, array in env.arrays.items():
+        if not isinstance(array, torch.Tensor) or array.dtype not in _NAMES:
+            kind = array.dtype if isinstance(array, torch.Tensor) else type(array).__name__
+            raise WireError(f"array {name!r} is {kind}; allowed dtypes: {sorted(ALLOWED_DTYPES)}")
+    for name, value in env.scalars.items():
+        _check_scalar(name, value)
+
+
+def _check_text(what: str, text: object) -> None:
+    if not isinstance(text, str) or len(text) > MAX_NAME or _CONTROL.search(text):
+        raise WireError(f"{what} {text!r} is not a string of at most {MAX_NAME} printable chars")
+
+
+def _check_name(what: str, name: object) -> None:
+    if not isinstance(name, str) or not name:
+        raise WireError(f"{what} name {name!r} is empty or not a string")
+    _check_text(f"{what} name", name)
+
+
+def _check_scalar(name: str, value: object) -> None:
+    if isinstance(value, int) and not _SINT64[0] <= value <= _SINT64[1]:
+        raise WireError(f"scalar {name!r} = {value} does not fit in 64 bits")
+    if not isinstance(value, int | float | str):
+        raise WireError(f"scalar {name!r} is {type(value).__name__}, not int, float or str")
+
+
+def _unique(what: str, items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in items:
+        if name in out:
+            raise WireError(f"duplicate {what} name {name!r}")
+        out[name] = value
+    return out
+
+
+def _tensor(array: Any, max_bytes: int) -> torch.Tensor:
+    name, shape, data = array.name, list(array.shape), array.data
+    dtype = _DTYPES.get(array.dtype)
+    if dtype is None:
+        raise WireError(
+            f"array {name!r} has dtype {array.dtype!r}; allowed: {sorted(ALLOWED_DTYPES)}"
+        )
+    if len(shape) > MAX_DIMS or any(not 0 <= d <= max_bytes for d in shape):
+        raise WireError(
+            f"array {name!r} has shape {shape[: MAX_DIMS + 1]}: dimensions must be 0..{max_bytes},"
+            f" at most {MAX_DIMS} of them"
+        )
+    itemsize = dtype.itemsize
+    if math.prod(shape) * itemsize != len(data):
+        raise WireError(
+            f"array {name!r} of shape {shape} and dtype {array.dtype} needs"
+            f" {math.prod(shape) * itemsize} bytes, got {len(data)}"
+        )
+    if dtype == torch.bool and data.translate(None, b"\x00\x01"):
+        raise WireError(f"array {name!r} of dtype bool holds bytes other than 0 and 1")
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def _scalar(scalar: Any) -> int | float | str:
+    which = scalar.WhichOneof("value")
+    if which is None:
+        raise WireError(f"scalar {scalar.name!r} has no value")
+    value: int | float | str = getattr(scalar, which)
+    return value

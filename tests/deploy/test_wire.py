@@ -1,0 +1,436 @@
+"""The wire format: round trips, limits, malformed input (structured and fuzzed), gRPC loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import struct
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from potluck.core.message import Message, MessageError
+from potluck.deploy import wire
+from potluck.deploy.wire import Envelope, WireError
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SINT64 = st.integers(-(1 << 63), (1 << 63) - 1)
+NAME_CHARS = st.characters(blacklist_categories=("Cc", "Cs"))
+NAMES = st.text(NAME_CHARS, min_size=1, max_size=30)
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> torch.Tensor:
+    dtype = draw(st.sampled_from(sorted(wire.ALLOWED_DTYPES)))
+    shape = draw(st.lists(st.integers(0, 4), max_size=3))
+    torch_dtype = getattr(torch, dtype)
+    size = math.prod(shape) * torch_dtype.itemsize
+    raw = bytearray(draw(st.binary(min_size=size, max_size=size)))
+    if dtype == "bool":
+        raw = bytearray(b & 1 for b in raw)
+    if not raw:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(raw, dtype=torch_dtype).reshape(shape)
+
+
+@st.composite
+def envelopes(draw: st.DrawFn) -> Envelope:
+    return Envelope(
+        kind=draw(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,63}", fullmatch=True)),
+        run_id=draw(st.text(NAME_CHARS, max_size=200)),
+        round=draw(st.integers(0, (1 << 63) - 1)),
+        task_id=draw(st.binary(max_size=64)),
+        client=draw(st.text(NAME_CHARS, max_size=20)),
+        arrays=draw(st.dictionaries(NAMES, tensors(), max_size=4)),
+        scalars=draw(st.dictionaries(NAMES, st.one_of(SINT64, st.floats(), TEXT), max_size=6)),
+    )
+
+
+def assert_same(a: Envelope, b: Envelope) -> None:
+    """Equal field by field; tensors and floats bit for bit (NaN payloads included)."""
+    assert (a.kind, a.run_id, a.round, a.task_id, a.client) == (
+        b.kind,
+        b.run_id,
+        b.round,
+        b.task_id,
+        b.client,
+    )
+    assert list(a.arrays) == list(b.arrays)
+    for name, x in a.arrays.items():
+        y = b.arrays[name]
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), name
+        assert _raw(x) == _raw(y), name
+    assert list(a.scalars) == list(b.scalars)
+    for name, v in a.scalars.items():
+        w = b.scalars[name]
+        assert type(v) is type(w), name
+        if isinstance(v, float):
+            assert struct.pack("<d", v) == struct.pack("<d", w), name
+        else:
+            assert v == w, name
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def counted(chunks: Iterable[Any], seen: list[Any]) -> Iterator[Any]:
+    for chunk in chunks:
+        seen.append(chunk)
+        yield chunk
+
+
+# Round trips
+
+
+@FAST
+@given(envelopes())
+def test_encode_decode_round_trip(env: Envelope) -> None:
+    back = wire.decode(wire.encode(env))
+    assert_same(env, back)
+    assert back.nbytes == env.nbytes
+
+
+@FAST
+@given(envelopes(), st.integers(1, 300))
+def test_send_receive_round_trip_in_random_chunks(env: Envelope, chunk_bytes: int) -> None:
+    chunks = list(wire.send(env, chunk_bytes))
+    assert all(len(c.data) <= chunk_bytes for c in chunks)
+    assert [bool(c.sha256) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert_same(env, wire.receive(iter(chunks)))
+
+
+def test_decoded_tensors_are_writable_owned_copies() -> None:
+    data = wire.encode(Envelope("update", arrays={"delta": torch.arange(4.0)}))
+    first, second = wire.decode(data), wire.decode(data)
+    first.arrays["delta"].add_(1)
+    assert second.arrays["delta"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_non_contiguous_and_grad_tensors_are_sent_as_their_values() -> None:
+    w = torch.arange(6.0, requires_grad=True)
+    t = torch.arange(6, dtype=torch.int32).reshape(2, 3).t()
+    back = wire.decode(wire.encode(Envelope("task", arrays={"w": w, "t": t})))
+    assert back.arrays["w"].tolist() == w.tolist()
+    assert back.arrays["t"].tolist() == t.tolist()
+
+
+def test_empty_payload_is_one_chunk() -> None:
+    (chunk,) = wire.to_chunks(b"")
+    assert (chunk.total, chunk.offset, chunk.data, chunk.sha256) == (
+        0,
+        0,
+        b"",
+        hashlib.sha256(b"").digest(),
+    )
+    assert wire.from_chunks([chunk]) == b""
+
+
+def test_message_and_finite() -> None:
+    env = Envelope(
+        "update",
+        arrays={"delta": torch.zeros(3), "extra": torch.tensor([0.0, math.nan])},
+        scalars={"num_examples": 7},
+    )
+    message = env.message()
+    assert isinstance(message, Message)
+    assert message.scalar("num_examples") == 7.0
+    message.validate({"delta": 3})
+    with pytest.raises(MessageError, match="NaN"):
+        message.validate({"extra": 2})
+    assert wire.finite(env) == "extra"
+    assert wire.finite(Envelope("update", arrays={"n": torch.tensor([1, 2])})) is None
+
+
+def test_large_model_streams_in_chunks() -> None:
+    env = Envelope("task", "run", round=1, arrays={"w": torch.randn(25_000_000)})
+    assert env.nbytes == 100_000_000
+    chunks = wire.send(env)
+    back = wire.receive(chunks)
+    assert torch.equal(back.arrays["w"], env.arrays["w"])
+
+
+def test_large_model_over_the_limit_is_refused_at_the_first_chunk() -> None:
+    env = Envelope("task", arrays={"w": torch.zeros(25_000_000)})
+    seen: list[Any] = []
+    with pytest.raises(WireError, match="exceeds the limit of 50000000 bytes"):
+        wire.receive(counted(wire.send(env), seen), max_bytes=50_000_000)
+    assert len(seen) == 1
+
+
+# Fuzzing: malformed input raises WireError and nothing else
+
+
+def _decode_or_wire_error(data: bytes) -> None:
+    try:
+        env = wire.decode(data)
+    except WireError:
+        return
+    assert isinstance(env, Envelope)
+    wire.decode(wire.encode(env))  # whatever is accepted can be sent on
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_random_bytes_raise_only_wire_error(data: bytes) -> None:
+    _decode_or_wire_error(data)
+
+
+MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "insert", "delete", "truncate"]),
+        st.integers(0),
+        st.binary(min_size=1, max_size=4),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@FUZZ
+@given(envelopes(), MUTATIONS)
+def test_mutated_encodings_raise_wire_error_or_decode(env: Envelope, mutations: Any) -> None:
+    data = bytearray(wire.encode(env))
+    for op, at, blob in mutations:
+        at %= len(data) + 1
+        if op == "flip" and at < len(data):
+            data[at] ^= blob[0] or 1
+        elif op == "insert":
+            data[at:at] = blob
+        elif op == "delete":
+            del data[at : at + len(blob)]
+        else:
+            del data[at:]
+    _decode_or_wire_error(bytes(data))
+
+
+CHUNKS = st.lists(
+    st.builds(
+        wire.pb.Chunk,
+        total=st.integers(0, 64),
+        offset=st.integers(0, 64),
+        data=st.binary(max_size=16),
+        sha256=st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
+    ),
+    max_size=6,
+)
+
+
+@FUZZ
+@given(CHUNKS)
+def test_random_chunk_streams_raise_wire_error(chunks: list[Any]) -> None:
+    with pytest.raises(WireError):
+        wire.from_chunks(chunks)
+
+
+@FUZZ
+@given(envelopes(), st.integers(1, 64), st.data())
+def test_tampered_chunk_streams_raise_wire_error(env: Envelope, size: int, data: Any) -> None:
+    chunks = list(wire.send(env, size))
+    i = data.draw(st.integers(0, len(chunks) - 1))
+    op = data.draw(st.sampled_from(["drop", "repeat", "swap", "total", "offset", "byte", "sha"]))
+    tampered = [wire.pb.Chunk(total=c.total, offset=c.offset, data=c.data) for c in chunks]
+    tampered[-1].sha256 = chunks[-1].sha256
+    target = tampered[i]
+    if op == "drop":
+        del tampered[i]
+    elif op == "repeat":
+        tampered.insert(i, tampered[i])
+    elif op == "swap":
+        j = data.draw(st.integers(0, len(chunks) - 1))
+        tampered[i], tampered[j] = tampered[j], tampered[i]
+    elif op == "total":
+        target.total += data.draw(st.integers(1, 1000))
+    elif op == "offset":
+        target.offset += data.draw(st.integers(1, 1000))
+    elif op == "byte" and target.data:
+        pos = data.draw(st.integers(0, len(target.data) - 1))
+        target.data = target.data[:pos] + bytes([target.data[pos] ^ 1]) + target.data[pos + 1 :]
+    else:
+        tampered[-1].sha256 = hashlib.sha256(b"other").digest()
+    unchanged = [c.SerializeToString() for c in tampered] == [c.SerializeToString() for c in chunks]
+    if unchanged:
+        assert_same(env, wire.receive(tampered))
+    else:
+        with pytest.raises(WireError):
+            wire.receive(tampered)
+
+
+# Structured bad inputs, each refused with a message naming the problem
+
+
+def _array(**fields: Any) -> Any:
+    base: dict[str, Any] = {"name": "w", "dtype": "float32", "shape": [2], "data": bytes(8)}
+    return wire.pb.Array(**{**base, **fields})
+
+
+def _envelope(**fields: Any) -> bytes:
+    return bytes(wire.pb.Envelope(**{"kind": "update", **fields}).SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\xff\xff\xff", "not a valid Envelope"),
+        (_envelope(kind=""), "kind ''"),
+        (_envelope(kind="two words"), "kind 'two words'"),
+        (_envelope(arrays=[_array(dtype="complex64")]), "dtype 'complex64'"),
+        (_envelope(arrays=[_array(data=bytes(7))]), "needs 8 bytes, got 7"),
+        (_envelope(arrays=[_array(data=bytes(12))]), "needs 8 bytes, got 12"),
+        (_envelope(arrays=[_array(shape=[-2], data=b"")]), "shape \\[-2\\]"),
+        (_envelope(arrays=[_array(shape=[0, 1 << 40], data=b"")]), "dimensions must be"),
+        (_envelope(arrays=[_array(shape=[1] * 40, data=bytes(4))]), "at most 32"),
+        (_envelope(arrays=[_array(dtype="bool", data=b"\x00\x02")]), "other than 0 and 1"),
+        (_envelope(arrays=[_array(), _array()]), "duplicate array name 'w'"),
+        (_envelope(arrays=[_array(name="")]), "array name '' is empty"),
+        (_envelope(arrays=[_array(name="x" * 201)]), "at most 200"),
+        (_envelope(arrays=[_array(name="a\nb")]), "array name 'a\\\\nb'"),
+        (_envelope(scalars=[wire.pb.Scalar(name="n", int=1)] * 2), "duplicate scalar name 'n'"),
+        (_envelope(scalars=[wire.pb.Scalar(name="n")]), "scalar 'n' has no value"),
+        (_envelope(scalars=[wire.pb.Scalar(name=str(i), int=i) for i in range(10_001)]), "10000"),
+        (_envelope(round=-1), "round is -1"),
+        (_envelope(task_id=bytes(65)), "task_id must be at most 64 bytes"),
+        (_envelope(client="a\x00b"), "client"),
+    ],
+)
+def test_malformed_envelopes_are_refused(data: bytes, problem: str) -> None:
+    with pytest.raises(WireError, match=problem):
+        wire.decode(data)
+
+
+def test_oversized_envelope_is_refused() -> None:
+    data = wire.encode(Envelope("update", arrays={"w": torch.zeros(100)}))
+    with pytest.raises(WireError, match=f"envelope of {len(data)} bytes exceeds the limit of 100"):
+        wire.decode(data, max_bytes=100)
+
+
+def _stream(data: bytes = b"0123456789", size: int = 4) -> list[Any]:
+    return list(wire.to_chunks(data, size))
+
+
+def _tamper(chunks: list[Any], i: int, **fields: Any) -> list[Any]:
+    chunks[i] = wire.pb.Chunk(
+        total=fields.get("total", chunks[i].total),
+        offset=fields.get("offset", chunks[i].offset),
+        data=fields.get("data", chunks[i].data),
+        sha256=fields.get("sha256", chunks[i].sha256),
+    )
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("chunks", "problem"),
+    [
+        ([], "no chunks"),
+        (_stream()[:2], "ended after 8 of 10 bytes \\(truncated\\)"),
+        (_stream()[:1] + _stream()[2:], "chunk 1 starts at offset 8, expected 4"),
+        ([_stream()[1], _stream()[0], _stream()[2]], "chunk 0 starts at offset 4, expected 0"),
+        (_stream()[:2] + _stream()[1:], "chunk 2 starts at offset 4, expected 8"),
+        (_tamper(_stream(), 1, total=11), "chunk 1 announces 11 bytes, the first 10"),
+        (_tamper(_stream(), 2, data=b"8901"), "past the announced 10 bytes"),
+        (_tamper(_stream(), 1, data=b""), "chunk 1 is empty"),
+        (_tamper(_stream(), 2, sha256=b""), "no sha256"),
+        (_tamper(_stream(), 2, sha256=bytes(32)), "checksum mismatch"),
+        (_tamper(_stream(), 1, data=b"4567"[::-1]), "checksum mismatch"),
+        ([*_stream(), wire.pb.Chunk(total=10, offset=10)], "chunk 3 arrives after all 10 bytes"),
+    ],
+)
+def test_malformed_chunk_streams_are_refused(chunks: list[Any], problem: str) -> None:
+    with pytest.raises(WireError, match=problem):
+        wire.from_chunks(chunks)
+
+
+def test_announced_total_over_the_limit_is_refused_before_reading_on() -> None:
+    seen: list[Any] = []
+    with pytest.raises(WireError, match="envelope of 10 bytes exceeds the limit of 9 bytes"):
+        wire.from_chunks(counted(_stream(), seen), max_bytes=9)
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"kind": "x y"}, "kind 'x y'"),
+        ({"kind": "ok", "round": -3}, "round is -3"),
+        ({"kind": "ok", "arrays": {"z": torch.zeros(2, dtype=torch.complex64)}}, "complex64"),
+        ({"kind": "ok", "arrays": {"z": [1.0]}}, "array 'z' is list"),
+        ({"kind": "ok", "scalars": {"big": 1 << 63}}, "does not fit in 64 bits"),
+        ({"kind": "ok", "scalars": {"none": None}}, "scalar 'none' is NoneType"),
+        ({"kind": "ok", "scalars": {"": 1}}, "scalar name '' is empty"),
+    ],
+)
+def test_envelopes_that_cannot_be_sent_are_refused_on_construction(
+    fields: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(WireError, match=problem):
+        Envelope(**fields)
+
+
+def test_chunk_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="chunk_bytes must be >= 1, got 0"):
+        wire.to_chunks(b"abc", 0)
+
+
+# gRPC loopback
+
+
+class Echo:
+    def Call(self, request: Iterable[Any], context: Any) -> Iterator[Any]:
+        yield from wire.send(wire.receive(request))
+
+
+@pytest.fixture
+def echo_stub() -> Iterator[Any]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    wire.services.add_CoordinatorServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield wire.services.CoordinatorStub(channel)
+    finally:
+        channel.close()
+        server.stop(None)
+
+
+def test_grpc_loopback_passes_a_20mb_envelope_in_chunks(echo_stub: Any) -> None:
+    env = Envelope(
+        "update",
+        "run",
+        round=2,
+        task_id=b"\x01" * 16,
+        client="site-a",
+        arrays={"delta": torch.randn(5_000_000)},
+        scalars={"num_examples": 3},
+    )
+    assert_same(env, wire.receive(echo_stub.Call(wire.send(env), timeout=60)))
+    with pytest.raises(grpc.RpcError) as info:  # one 20 MB message exceeds gRPC's 4 MiB default
+        wire.receive(echo_stub.Call(wire.send(env, chunk_bytes=env.nbytes + 1024), timeout=60))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# Coverage-guided fuzzing (atheris), a short run
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
+def test_atheris_harness_runs_clean() -> None:
+    harness = Path(__file__).with_name("fuzz_wire.py")
+    done = subprocess.run(
+        [sys.executable, str(harness), "-runs=3000", "-seed=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
