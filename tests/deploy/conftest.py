@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from potluck.config import ExperimentConfig
 from potluck.deploy import certs
@@ -19,6 +23,31 @@ from potluck.deploy.runner import ServerTLS, run_server
 from potluck.orchestrator import RunResult
 
 SITES = [f"site-{i}" for i in range(5)]
+
+
+def self_signed(name: str, *, san: bool = True) -> tuple[bytes, bytes]:
+    """A self-signed client certificate (PEM) and its key, as an outsider could make."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+    )
+    if san:
+        uri = x509.UniformResourceIdentifier(certs.URI_PREFIX + name)
+        builder = builder.add_extension(x509.SubjectAlternativeName([uri]), False)
+    cert = builder.sign(key, hashes.SHA256())
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    return pem, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @dataclass(frozen=True)

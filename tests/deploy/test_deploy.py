@@ -10,17 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from conftest import PKI, SITES, Deployment, config
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from conftest import PKI, SITES, Deployment, config, self_signed
 
 from potluck.client.program import ClientResult, RoundInput
 from potluck.deploy import wire
@@ -183,23 +178,9 @@ def test_bad_messages_are_refused_and_leave_the_model_untouched(
 
 
 def _self_signed(tmp: Path, name: str) -> ClientTLS:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp / "self.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem = serialization.Encoding.PEM
-    fmt = serialization.PrivateFormat.PKCS8
-    (tmp / "self.key").write_bytes(key.private_bytes(pem, fmt, serialization.NoEncryption()))
+    pem, key = self_signed(name)
+    (tmp / "self.pem").write_bytes(pem)
+    (tmp / "self.key").write_bytes(key)
     return ClientTLS(tmp / "self.pem", tmp / "self.key", Path())
 
 
