@@ -1,0 +1,1354 @@
+"""Deployment on loopback: the real ``potluck server`` against many light clients (issue 4).
+
+The server is ``.venv/bin/potluck server`` in its own process, running an experiment of
+``--clients`` clients that all take part in every round (model ``--model``, Fashion-MNIST,
+evaluation off, one torch thread), in three modes: mutual TLS (one EC client certificate per
+client, issued with ``potluck.deploy.certs``), ``--insecure``, and mutual TLS with a server
+whose glibc keeps freed memory (``+malloc``: ``MALLOC_ENV``, a proposal). The clients are
+*light*: a few processes (``--procs``) each run ``clients / procs`` clients as threads, each
+with its own gRPC channel (its own TCP and TLS connection). They do not train and never
+import torch: they join, long-poll, read each task (the header is parsed, every byte is
+received, none is checked) and answer it with an update of the right shape (``m/delta``
+zeros of the model's size, ``num_examples``) whose array chunks are serialized once per
+process, so that the server and the protocol are what is measured.
+
+Measured per round: the server's ``round_seconds`` (run store); the gRPC message bytes the
+clients received and sent, and the bytes on the loopback interface (whole machine, TLS,
+HTTP/2 and TCP/IP included); the server's CPU seconds and minor page faults
+(``/proc/PID/stat`` sampled every 0.1 s) and resident memory; the light clients' CPU; and,
+from the clients' timestamps, when the tasks and the acknowledgements arrived. The server's
+peak memory is its ``ru_maxrss`` (``wait4``). With ``perf`` installed, the server is sampled
+at 499 Hz and its CPU time over the rounds is split by symbol into buckets (page faults,
+memcpy, SHA-256, ...). Right after each deployment, the raw transfer time of the same bytes:
+TCP over 127.0.0.1 in as many parallel streams as cores, 1 MiB writes; the same over TLS 1.3
+(Python's ``ssl``); AES-GCM alone (``cryptography``). *Overhead* = round latency / raw
+transfer time. Last, in fresh processes with and without ``MALLOC_ENV``, a per-stage profile
+of the server path for one envelope of the model's size (``wire.encode``, chunking and
+SHA-256, chunk (de)serialization as gRPC does it, ``wire.receive``, validation), the
+aggregation, the ``Hub`` alone, and two prototypes of cheaper paths.
+
+Run from the repository root (the issue-4 setting is the default; about 5 minutes):
+    .venv/bin/python benchmarks/deploy_loopback.py
+Small, for development:
+    .venv/bin/python benchmarks/deploy_loopback.py --clients 20 --procs 2 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from _common import cpu_times, header, summary, write_result
+
+CALL = "/potluck.v1.Coordinator/Call"
+CHUNK = 1 << 20  # wire.DEFAULT_CHUNK_BYTES (the light clients do not import wire: it needs torch)
+EXAMPLES = 300  # num_examples each light client reports
+VENV_BIN = Path(sys.executable).parent
+PERF_HZ = 499
+# glibc: serve large blocks from the heap and keep freed memory, instead of a fresh mmap (and
+# a page fault per 4 KiB on first touch) for every buffer above the dynamic threshold
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+
+
+def _pb() -> Any:
+    """The wire's protobuf classes, compiled from the proto without importing torch."""
+    import grpc
+
+    pb, _ = grpc.protos_and_services("potluck/deploy/potluck.proto")
+    return pb
+
+
+# ---- light client (runs in the client processes) -----------------------------------------
+
+
+class UpdateEncoder:
+    """Serialized chunks of an update envelope ``m/delta`` (zeros) + header, built fast.
+
+    The arrays go first and the header (kind, run, round, task id, client, scalars) last: a
+    protobuf message may be the concatenation of its parts, so the arrays' bytes, their
+    SHA-256 state and every chunk that holds only array bytes are computed once per process;
+    per update only the header, the last chunk(s) and a copy of the hash state are new.
+    """
+
+    def __init__(self, pb: Any, size: int, chunk_bytes: int = CHUNK) -> None:
+        body = pb.Envelope()
+        body.arrays.add(name="m/delta", dtype="float32", shape=[size], data=bytes(4 * size))
+        self.pb, self.chunk = pb, chunk_bytes
+        self.body = body.SerializeToString()
+        self.hash = hashlib.sha256(self.body)
+        self._prefix: dict[int, list[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def chunks(self, run_id: str, rnd: int, task_id: bytes, client: str) -> list[bytes]:
+        pb, c, body = self.pb, self.chunk, self.body
+        head = pb.Envelope(kind="update", run_id=run_id, round=rnd, task_id=task_id, client=client)
+        head.scalars.add(name="num_examples", int=EXAMPLES)
+        tail_head = head.SerializeToString()
+        total, full = len(body) + len(tail_head), len(body) // c
+        with self._lock:
+            prefix = self._prefix.get(total)
+            if prefix is None:
+                prefix = [
+                    pb.Chunk(
+                        total=total, offset=k * c, data=body[k * c : (k + 1) * c]
+                    ).SerializeToString()
+                    for k in range(full)
+                ]
+                self._prefix[total] = prefix
+        digest = self.hash.copy()
+        digest.update(tail_head)
+        tail = body[full * c :] + tail_head
+        out = list(prefix)
+        for start in range(0, len(tail), c):
+            last = start + c >= len(tail)
+            out.append(
+                pb.Chunk(
+                    total=total,
+                    offset=full * c + start,
+                    data=tail[start : start + c],
+                    sha256=digest.digest() if last else b"",
+                ).SerializeToString()
+            )
+        return out
+
+
+def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it (IndexError if cut off)."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def chunk_fields(raw: bytes) -> tuple[int, memoryview]:
+    """``total`` and ``data`` (a view, not a copy) of a serialized ``Chunk``."""
+    view, pos, total, data = memoryview(raw), 0, 0, memoryview(b"")
+    while pos < len(view):
+        key, pos = _varint(view, pos)
+        if key & 7 == 0:
+            value, pos = _varint(view, pos)
+            total = value if key >> 3 == 1 else total
+        else:  # length-delimited: data (3) or sha256 (4)
+            n, pos = _varint(view, pos)
+            if key >> 3 == 3:
+                data = view[pos : pos + n]
+            pos += n
+    return total, data
+
+
+class HeaderReader:
+    """Fields 1-5 of a serialized ``Envelope`` (kind, run_id, round, task_id, client) read
+    from its pieces as they arrive, wherever they are (the server writes them first today; a
+    server that reuses the model's bytes would write them last): arrays (6) and scalars (7)
+    are skipped without being copied."""
+
+    def __init__(self) -> None:
+        self.fields: dict[int, Any] = {}
+        self._skip = 0
+        self._carry = b""
+
+    def feed(self, piece: memoryview) -> None:
+        if self._skip >= len(piece):
+            self._skip -= len(piece)
+            return
+        buf: bytes | memoryview = piece
+        pos = self._skip
+        if self._carry:  # a small field was cut by the chunk boundary (rare)
+            buf, pos = self._carry + bytes(piece), 0
+        self._skip, self._carry = 0, b""
+        while pos < len(buf):
+            start = pos
+            try:
+                key, pos = _varint(buf, pos)
+                number, kind = key >> 3, key & 7
+                if kind == 0:
+                    value, pos = _varint(buf, pos)
+                    self.fields[number] = value
+                    continue
+                n, pos = _varint(buf, pos)
+            except IndexError:
+                self._carry = bytes(buf[start:])
+                return
+            if number >= 6:  # arrays, scalars: skip
+                self._skip = max(pos + n - len(buf), 0)
+                pos += n
+            elif pos + n <= len(buf):
+                self.fields[number] = bytes(buf[pos : pos + n])
+                pos += n
+            else:
+                self._carry = bytes(buf[start:])
+                return
+
+
+@dataclass
+class TaskLog:
+    """One task as a light client saw it (``time.time()`` stamps)."""
+
+    round: int
+    polled: float  # poll request sent
+    first: float  # first chunk of the task received
+    last: float  # whole task received
+    acked: float = 0.0  # the server acknowledged the update
+    task_bytes: int = 0
+    update_bytes: int = 0
+    reply: str = ""
+    task_id: bytes = b""
+
+
+@dataclass
+class LightClient:
+    """Join, poll, answer every train task with a zero update; until the server says done."""
+
+    name: str
+    channel: Any
+    pb: Any
+    encoder: UpdateEncoder
+    poll_timeout_s: float
+    tasks: list[TaskLog] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    polls: int = 0
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # recorded: the driver reports it, the server's round times out
+            self.errors.append(f"stopped: {type(exc).__name__}: {exc}")
+
+    def _run(self) -> None:
+        call = self.channel.stream_stream(CALL)  # raw bytes in and out: no (de)serializers
+        join = self._request(self.pb.Envelope(kind="join", client=self.name))
+        run_id = self._retry(lambda: self._small(call, join)).run_id
+        poll = self._request(self.pb.Envelope(kind="poll", run_id=run_id, client=self.name))
+        while True:
+            log = self._retry(lambda: self._poll(call, poll))
+            if log is None:
+                return  # done
+            if log.round < 0:
+                continue  # wait (or an error, recorded)
+            chunks = self.encoder.chunks(run_id, log.round, log.task_id, self.name)
+            log.update_bytes = sum(map(len, chunks))
+            ack = self._retry(functools.partial(self._small, call, chunks))
+            log.acked, log.reply = time.time(), ack.kind
+            self.tasks.append(log)
+
+    def _poll(self, call: Any, poll: list[bytes]) -> TaskLog | None:
+        """One long poll: a task (its log), None when done, round -1 for anything else."""
+        polled = time.time()
+        responses = call(iter(poll), timeout=self.poll_timeout_s + 120)
+        reader, received, first_at, small = HeaderReader(), 0, 0.0, b""
+        for raw in responses:
+            first_at = first_at or time.time()
+            total, data = chunk_fields(raw)
+            reader.feed(data)
+            received += len(raw)
+            if total <= len(data):
+                small = bytes(data)  # a one-chunk reply: wait, done, refused (with a reason)
+        self.polls += 1
+        kind = reader.fields.get(1, b"").decode()
+        if kind == "done":
+            return None
+        if kind != "task":
+            if kind != "wait":
+                reason = self.pb.Envelope.FromString(small).scalars if small else kind
+                self.errors.append(f"poll: {kind} {reason}")
+                time.sleep(0.5)
+            return TaskLog(-1, polled, first_at, first_at)
+        log = TaskLog(reader.fields.get(3, 0), polled, first_at, time.time())
+        log.task_bytes, log.task_id = received, reader.fields[4]
+        return log
+
+    def _request(self, env: Any) -> list[bytes]:
+        data = env.SerializeToString()
+        digest = hashlib.sha256(data).digest()
+        return [
+            self.pb.Chunk(total=len(data), offset=0, data=data, sha256=digest).SerializeToString()
+        ]
+
+    def _receive(self, responses: Iterator[bytes]) -> bytes:
+        return b"".join(self.pb.Chunk.FromString(m).data for m in responses)
+
+    def _small(self, call: Any, request: list[bytes]) -> Any:
+        """Send ``request`` (serialized chunks); the reply envelope (a small one)."""
+        return self.pb.Envelope.FromString(self._receive(call(iter(request), timeout=300)))
+
+    def _retry(self, fn: Callable[[], Any], attempts: int = 20) -> Any:
+        import grpc
+
+        for i in range(attempts):
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                self.errors.append(f"{exc.code()}: {exc.details()}")
+                if i == attempts - 1:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
+
+
+def light_client_main(spec_path: str) -> None:
+    """A light client process: ``spec`` names the server, the clients and the output file."""
+    import resource
+
+    import grpc
+
+    spec = json.loads(Path(spec_path).read_text())
+    pb = _pb()
+    encoder = UpdateEncoder(pb, spec["model_size"])
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", 4 * CHUNK),
+        ("grpc.max_send_message_length", 4 * CHUNK),
+        ("grpc.use_local_subchannel_pool", 1),  # one connection per client, never shared
+    ]
+    clients = []
+    for name in spec["names"]:
+        if spec["pki"] is None:
+            channel = grpc.insecure_channel(spec["server"], options=options)
+        else:
+            pki = Path(spec["pki"])
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=(pki / "ca.pem").read_bytes(),
+                private_key=(pki / f"client-{name}.key").read_bytes(),
+                certificate_chain=(pki / f"client-{name}.pem").read_bytes(),
+            )
+            channel = grpc.secure_channel(spec["server"], creds, options=options)
+        clients.append(LightClient(name, channel, pb, encoder, spec["poll_timeout_s"]))
+    threads = [threading.Thread(target=c.run, name=c.name, daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out = {
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "maxrss_mib": usage.ru_maxrss / 1024,
+        "clients": [
+            {
+                "name": c.name,
+                "polls": c.polls,
+                "errors": c.errors[:5],
+                "error_count": len(c.errors),
+                "tasks": [{k: v for k, v in vars(t).items() if k != "task_id"} for t in c.tasks],
+            }
+            for c in clients
+        ],
+    }
+    Path(spec["out"]).write_text(json.dumps(out))
+
+
+# ---- process monitoring (driver) ----------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_sample(pid: int) -> dict[str, float] | None:
+    """CPU seconds, minor page faults, RSS/HWM (MiB) and threads of ``pid``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state) of proc(5)
+    out = {"cpu_s": (int(fields[11]) + int(fields[12])) / _TICK, "minflt": int(fields[7])}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+        elif key == "Threads":
+            out[key] = int(value)
+    return out if "VmRSS" in out else None  # None for a zombie: it has no memory left
+
+
+def loopback_bytes() -> int:
+    """Bytes sent over the loopback interface so far (whole machine; IP packets)."""
+    return int(Path("/sys/class/net/lo/statistics/tx_bytes").read_text())
+
+
+class Monitor(threading.Thread):
+    """Samples the server, the client processes and the machine every ``every`` seconds."""
+
+    def __init__(self, server: int, clients: Sequence[int], every: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.server, self.clients, self.every = server, list(clients), every
+        self.samples: list[dict[str, Any]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            server = proc_sample(self.server)
+            clients = [proc_sample(p) for p in self.clients]
+            sample = {"t": time.time(), "server": server, "machine": cpu_times()}
+            sample["lo_bytes"] = loopback_bytes()
+            sample["clients_cpu_s"] = sum(c["cpu_s"] for c in clients if c)
+            self.samples.append(sample)
+            self._stop_event.wait(self.every)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    def at(self, t: float, key: Callable[[dict[str, Any]], float | None]) -> float | None:
+        """``key`` of the sample nearest to time ``t`` (None if out of range or missing)."""
+        good = [s for s in self.samples if key(s) is not None]
+        if not good or t < good[0]["t"] - self.every or t > good[-1]["t"] + self.every:
+            return None
+        return key(min(good, key=lambda s: abs(s["t"] - t)))
+
+    def window_max(self, t0: float, t1: float, key: Callable[[dict[str, Any]], float]) -> float:
+        inside = [key(s) for s in self.samples if t0 <= s["t"] <= t1 and s["server"]]
+        return max(inside) if inside else float("nan")
+
+
+# ---- one deployment -----------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    clients: int
+    procs: int
+    rounds: int
+    model: str
+    model_size: int
+    work: Path
+    perf: bool = False
+    poll_timeout_s: float = 20.0
+
+    @property
+    def names(self) -> list[str]:
+        return [f"c{i:03d}" for i in range(self.clients)]
+
+
+def make_pki(directory: Path, names: Sequence[str]) -> float:
+    """A federation CA, a server certificate and one EC certificate per client; seconds."""
+    from potluck.deploy import certs
+
+    t0 = time.perf_counter()
+    certs.init_ca(directory)
+    certs.issue(directory, "server", "hub", hosts=["localhost", "127.0.0.1"])
+    for name in names:
+        certs.issue(directory, "client", name)
+    return time.perf_counter() - t0
+
+
+def experiment_toml(setup: Setup, store: Path) -> str:
+    from potluck.config import ExperimentConfig
+
+    cfg = ExperimentConfig.from_dict(
+        {
+            "rounds": setup.rounds,
+            "data": {
+                "dataset": "fashion_mnist",
+                "num_clients": setup.clients,
+                "partition": {"kind": "iid"},
+            },
+            "model": {"name": setup.model},
+            "sampler": {"clients_per_round": setup.clients},
+            "evaluation": {"centralized": False, "federated_clients": 0},
+            "run": {"threads": 1, "store": str(store), "name": "deploy-loopback"},
+            "deploy": {
+                "listen": "127.0.0.1:0",
+                "min_clients": setup.clients,
+                "round_timeout_s": 300,
+                "join_timeout_s": 600,
+                "poll_timeout_s": setup.poll_timeout_s,
+                "admit": setup.names,
+            },
+        }
+    )
+    return cfg.to_toml()
+
+
+def _wait_for_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"listening on \S+ \(port (\d+)\)", log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    raise TimeoutError(f"the server did not listen within {timeout} s")
+
+
+def _wait4(pid: int, timeout: float) -> tuple[int, Any]:
+    """``os.wait4`` with a deadline: (exit status, rusage)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got, status, usage = os.wait4(pid, os.WNOHANG)
+        if got == pid:
+            return status, usage
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} still running after {timeout} s")
+        time.sleep(0.05)
+
+
+def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
+    """One deployment run; everything it measured. ``mode``: "tls" or "insecure", with
+    "+malloc" for a server whose glibc keeps freed memory (``MALLOC_ENV``) and "+proto" for
+    a server with ``apply_prototypes``."""
+    from potluck.store.sqlite import RunStore
+
+    run_dir = setup.work / mode
+    store, logs = run_dir / "store", run_dir / "logs"
+    logs.mkdir(parents=True)
+    exp = run_dir / "exp.toml"
+    exp.write_text(experiment_toml(setup, store))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    server_env = {**env, **(MALLOC_ENV if "+malloc" in mode else {})}
+    if mode.startswith("tls"):
+        tls_args = ["--cert", str(pki / "server-hub.pem"), "--key", str(pki / "server-hub.key")]
+        tls_args += ["--client-ca", str(pki / "ca.pem")]
+    else:
+        tls_args = ["--insecure"]
+    server_log = logs / "server.log"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        t_start = time.time()
+        potluck = [str(VENV_BIN / "potluck")]
+        if "+proto" in mode:
+            potluck = [sys.executable, __file__, "--patched-server"]
+        with server_log.open("wb") as out:
+            server = subprocess.Popen(
+                [*potluck, "server", str(exp), "--store", str(store), *tls_args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=server_env,
+            )
+        procs.append(server)
+        port = _wait_for_port(server_log, server)
+        t_listening = time.time()
+        perf_data = run_dir / "perf.data"
+        if setup.perf:  # CPU samples of the server, by symbol (flat: no call graphs)
+            perf_cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ)]
+            perf_cmd += ["-k", "CLOCK_MONOTONIC", "-p", str(server.pid), "-o", str(perf_data)]
+            procs.append(subprocess.Popen(perf_cmd, stdout=subprocess.DEVNULL))
+        names, per = setup.names, -(-setup.clients // setup.procs)
+        outs = []
+        for i in range(setup.procs):
+            out_path = logs / f"clients-{i}.json"
+            spec = {
+                "server": f"127.0.0.1:{port}",
+                "names": names[i * per : (i + 1) * per],
+                "pki": str(pki) if mode.startswith("tls") else None,
+                "model_size": setup.model_size,
+                "poll_timeout_s": setup.poll_timeout_s,
+                "out": str(out_path),
+            }
+            spec_path = logs / f"clients-{i}.spec.json"
+            spec_path.write_text(json.dumps(spec))
+            outs.append(out_path)
+            with (logs / f"clients-{i}.log").open("wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, __file__, "--light-client", str(spec_path)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                )
+        monitor = Monitor(server.pid, [p.pid for p in procs[1 + setup.perf :]])
+        monitor.start()
+        try:
+            status, usage = _wait4(server.pid, timeout=3600)
+            server.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            monitor.stop()
+        t_end = time.time()
+        if server.returncode != 0:
+            raise RuntimeError(
+                f"server failed ({server.returncode}):\n{server_log.read_text()[-3000:]}"
+            )
+        for p in procs[1:]:
+            p.wait(timeout=120)  # perf ends with the server, the clients when told "done"
+        client_outs = [json.loads(p.read_text()) for p in outs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    with RunStore(store) as st:
+        run = st.list_runs()[0]
+        rounds = st.rounds(run.run_id)
+        health = st.health(run.run_id)
+    result = analyse(
+        setup,
+        mode,
+        monitor,
+        rounds,
+        health,
+        client_outs,
+        usage,
+        {"start": t_start, "listening": t_listening, "end": t_end},
+        server_log.read_text(errors="replace"),
+    )
+    if setup.perf:
+        mono = time.time() - time.monotonic()
+        window = result["server"]["rounds_window"]
+        result["server_profile"] = perf_profile(perf_data, window[0] - mono, window[1] - mono)
+    return result
+
+
+_KERNEL = {  # rough buckets for kernel symbols, by substring, first match wins
+    "kernel: page faults, page allocation and freeing": (
+        "fault", "page", "folio", "memcg", "pte", "pmd", "p4d", "lruvec", "rmap", "vma",
+        "mas_", "tlb", "unmap", "zap", "freelist", "rmqueue", "swap", "lru", "charge",
+        "mmap", "brk", "madvise", "mm_",
+    ),
+    "kernel: socket copies and TCP/IP": (
+        "copy_from_iter", "copy_to_iter", "copy_folio", "tcp", "skb", "ip_", "sock",
+        "recvmsg", "sendmsg", "net_", "loopback", "bbr", "softirq", "_bh",
+    ),
+    "kernel: scheduling, wake-ups, locks": (
+        "task_switch", "spin", "schedule", "futex", "wake", "timer", "rcu", "irq",
+        "resched", "syscall", "epoll", "poll",
+    ),
+}  # fmt: skip
+
+
+def _bucket(obj: str, sym: str) -> str:
+    if obj == "[kernel.kallsyms]":
+        for bucket, keys in _KERNEL.items():
+            if any(k in sym for k in keys):
+                return bucket
+        return "kernel: other"
+    if obj.startswith("libc.so"):
+        if "memmove" in sym or "memcpy" in sym:
+            return "libc: memcpy/memmove"
+        return "libc: memset" if "memset" in sym else "libc: malloc, other"
+    if obj.startswith("libcrypto"):
+        return "SHA-256 (hashlib: OpenSSL libcrypto)"
+    if obj.startswith("cygrpc"):
+        aead = any(k in sym.lower() for k in ("aes", "gcm", "ghash", "gfmul"))
+        return "TLS AES-GCM (BoringSSL in cygrpc)" if aead else "gRPC core, HTTP/2, BoringSSL"
+    if obj.startswith(("libtorch", "libc10", "libgomp", "libmkl")):
+        return "torch (validation, aggregation)"
+    if obj.startswith("_message"):
+        return "protobuf (upb)"
+    if obj.startswith("libpython"):
+        return "Python interpreter"
+    return "other"
+
+
+def perf_profile(data: Path, t0: float, t1: float, top: int = 30) -> dict[str, Any]:
+    """The server's CPU samples between monotonic times ``t0`` and ``t1`` (``perf report``):
+    shares by bucket (``_bucket``) and the top symbols."""
+    cmd = ["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,sym"]
+    cmd += ["--time", f"{t0:.6f},{t1:.6f}", "-t", "|", "--percent-limit", "0", "-n"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows, buckets, samples = [], dict[str, float](), 0
+    for line in out.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        share_s, count, obj, sym = (x.strip() for x in line.split("|", 3))
+        samples += int(count)
+        share = float(share_s.rstrip("%")) / 100
+        sym = sym.removeprefix("[.] ").removeprefix("[k] ")
+        bucket = _bucket(obj, sym)
+        buckets[bucket] = buckets.get(bucket, 0.0) + share
+        rows.append({"share": share, "object": obj, "symbol": sym[:160], "bucket": bucket})
+    return {
+        "hz": PERF_HZ,
+        "window_s": t1 - t0,
+        "samples": samples,
+        "by_bucket": dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
+        "top_symbols": rows[:top],
+    }
+
+
+def analyse(
+    setup: Setup,
+    mode: str,
+    mon: Monitor,
+    rounds: Sequence[Any],
+    health: Sequence[dict[str, Any]],
+    client_outs: Sequence[dict[str, Any]],
+    usage: Any,
+    times: dict[str, float],
+    server_log: str,
+) -> dict[str, Any]:
+    """Per-round and whole-run numbers of one deployment."""
+    tasks = [t for out in client_outs for c in out["clients"] for t in c["tasks"]]
+    errors = sum(c["error_count"] for out in client_outs for c in out["clients"])
+    per_round = []
+    for r in rounds:
+        m = r.metrics
+        end = datetime.fromisoformat(r.committed_at).timestamp()
+        start = end - m["round_seconds"]
+        ts = [t for t in tasks if t["round"] == r.round]
+
+        def delta(key: Callable[[dict[str, Any]], float | None], t0: float, t1: float) -> float:
+            a, b = mon.at(t0, key), mon.at(t1, key)
+            return float("nan") if a is None or b is None else b - a
+
+        def srv(k: str) -> Callable[[dict[str, Any]], float | None]:
+            return lambda s: s["server"][k] if s["server"] else None
+
+        row = {
+            "round": r.round,
+            "round_seconds": m["round_seconds"],
+            "updates": m.get("updates"),
+            "failed": m.get("failed"),
+            "refused": m.get("refused"),
+            "bytes_down_nominal": m["bytes_down"],
+            "bytes_up_nominal": m["bytes_up"],
+            "task_bytes_received": sum(t["task_bytes"] for t in ts),
+            "update_bytes_sent": sum(t["update_bytes"] for t in ts),
+            "loopback_bytes": delta(lambda s: s["lo_bytes"], start, end),
+            "server_minor_faults": delta(srv("minflt"), start, end),
+            "server_cpu_s": delta(srv("cpu_s"), start, end),
+            "clients_cpu_s": delta(lambda s: s["clients_cpu_s"], start, end),
+            "machine_busy_s": delta(lambda s: s["machine"].get("busy_s"), start, end),
+            "server_rss_max_mib": mon.window_max(start, end, lambda s: s["server"]["VmRSS"]),
+        }
+        if ts:
+            row.update(
+                first_task_byte_after_s=min(t["first"] for t in ts) - start,
+                all_tasks_received_after_s=max(t["last"] for t in ts) - start,
+                task_download_s=summary([t["last"] - t["first"] for t in ts]),
+                update_upload_s=summary([t["acked"] - t["last"] for t in ts]),
+                all_updates_acked_after_s=max(t["acked"] for t in ts) - start,
+            )
+        per_round.append(row)
+    first_start = min(
+        (datetime.fromisoformat(r.committed_at).timestamp() - r.metrics["round_seconds"])
+        for r in rounds
+    )
+    before = mon.at(first_start, lambda s: s["server"]["VmRSS"] if s["server"] else None)
+    last_end = max(datetime.fromisoformat(r.committed_at).timestamp() for r in rounds)
+    return {
+        "mode": mode,
+        "rounds": per_round,
+        "server": {
+            "peak_rss_mib": usage.ru_maxrss / 1024,
+            "rss_before_round_1_mib": before,
+            "cpu_s_total": usage.ru_utime + usage.ru_stime,
+            "user_s": usage.ru_utime,
+            "system_s": usage.ru_stime,
+            "listening_after_s": times["listening"] - times["start"],
+            "round_1_started_after_s": first_start - times["start"],
+            "exit_after_s": times["end"] - times["start"],
+            "rounds_window": [first_start, last_end],
+            "warnings_in_log": server_log.count(" WARNING "),
+        },
+        "clients": {
+            "processes": len(client_outs),
+            "cpu_s": [o["cpu_s"] for o in client_outs],
+            "maxrss_mib": [o["maxrss_mib"] for o in client_outs],
+            "tasks_answered": len(tasks),
+            "acks": sum(t["reply"] == "ack" for t in tasks),
+            "rpc_errors": errors,
+        },
+        "health": {
+            "clients": len(health),
+            "failures": sum(h["failures"] for h in health),
+            "rounds_completed": sum(h["rounds_completed"] for h in health),
+        },
+    }
+
+
+# ---- raw transfer baselines ---------------------------------------------------------------
+
+
+def loopback_seconds(total: int, streams: int, tls: Path | None = None) -> tuple[float, str]:
+    """Seconds to move ``total`` bytes over 127.0.0.1 in ``streams`` parallel TCP connections
+    (1 MiB writes, connections set up before the clock starts); with ``tls`` (the PKI
+    directory), over TLS with the federation's server certificate. Also the cipher."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server_ctx = client_ctx = None
+    if tls is not None:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(tls / "server-hub.pem", tls / "server-hub.key")
+        client_ctx = ssl.create_default_context(cafile=tls / "ca.pem")
+    share = total // streams
+    payload = memoryview(os.urandom(CHUNK))
+    ready, done = threading.Barrier(2 * streams + 1), []
+    cipher = ["tcp"]
+
+    def receive(conn: socket.socket, received: threading.Event) -> None:
+        buf = memoryview(bytearray(CHUNK))
+        ready.wait()
+        got = 0
+        while got < share:
+            n = conn.recv_into(buf)
+            if not n:
+                break
+            got += n
+        done.append(got)
+        received.set()
+
+    def send(received: threading.Event) -> None:
+        raw = socket.create_connection(("127.0.0.1", port))
+        conn = client_ctx.wrap_socket(raw, server_hostname="localhost") if client_ctx else raw
+        if isinstance(conn, ssl.SSLSocket):
+            cipher[0] = f"{conn.version()} {conn.cipher()[0]}"  # type: ignore[index]
+        ready.wait()
+        left = share
+        while left > 0:
+            n = min(left, CHUNK)
+            conn.sendall(payload[:n])
+            left -= n
+        received.wait()  # closing earlier could reset the connection under unread data
+        conn.close()
+
+    threads, conns = [], []
+    for _ in range(streams):
+        received = threading.Event()
+        threads.append(threading.Thread(target=send, args=(received,)))
+        threads[-1].start()
+        conn, _ = listener.accept()
+        if server_ctx is not None:
+            conn = server_ctx.wrap_socket(conn, server_side=True)
+        conns.append(conn)
+        threads.append(threading.Thread(target=receive, args=(conn, received)))
+        threads[-1].start()
+    ready.wait()
+    t0 = time.perf_counter()
+    for t in threads[1::2]:  # the receivers
+        t.join()
+    seconds = time.perf_counter() - t0
+    for t in threads[::2]:
+        t.join()
+    for conn in conns:
+        conn.close()
+    listener.close()
+    if sum(done) != share * streams:
+        raise RuntimeError(f"loopback moved {sum(done)} of {share * streams} bytes")
+    return seconds, cipher[0]
+
+
+def aes_gcm_seconds(total: int, key_bits: int) -> float:
+    """Seconds to encrypt ``total`` bytes with AES-GCM in 16 KiB records (TLS's size), 1 core."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead, record = AESGCM(os.urandom(key_bits // 8)), os.urandom(16 << 10)
+    nonce, n = os.urandom(12), -(-total // len(record))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        aead.encrypt(nonce, record, None)
+    return time.perf_counter() - t0
+
+
+def raw_transfer(total: int, pki: Path, repeats: int) -> dict[str, Any]:
+    streams = len(os.sched_getaffinity(0))
+    tcp = [loopback_seconds(total, streams)[0] for _ in range(repeats)]
+    tls_runs = [loopback_seconds(total, streams, pki) for _ in range(repeats)]
+    return {
+        "bytes": total,
+        "streams": streams,
+        "write_bytes": CHUNK,
+        "tcp_s": summary(tcp),
+        "tcp_gib_per_s": total / statistics.median(tcp) / 2**30,
+        "tls_s": summary([s for s, _ in tls_runs]),
+        "tls_gib_per_s": total / statistics.median([s for s, _ in tls_runs]) / 2**30,
+        "tls_cipher": tls_runs[0][1],
+        "aes_128_gcm_1core_s": aes_gcm_seconds(total, 128),
+        "aes_256_gcm_1core_s": aes_gcm_seconds(total, 256),
+    }
+
+
+# ---- per-stage profile of the server path -------------------------------------------------
+
+
+def _timed(fn: Callable[[], object], repeats: int = 9) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def stage_profile(size: int, clients: int) -> dict[str, Any]:
+    """Seconds per envelope of each step of the server path for a model of ``size`` floats
+    (median of 9), the whole path per envelope and per round (x ``clients``), checksums, and
+    two cheaper prototypes. Run in a fresh process (glibc's state matters: see MALLOC_ENV)."""
+    import zlib
+
+    import torch
+
+    from potluck.aggregate.mean import WeightedMean
+    from potluck.core.message import Message
+    from potluck.deploy import wire
+
+    torch.set_num_threads(1)
+    pb, w = wire.pb, torch.randn(size)
+    task = wire.Envelope(
+        "task", "0123456789abcdef", round=1, task_id=os.urandom(16),
+        arrays={"w": w}, scalars={"op": "train", "work": 1.0},
+    )  # fmt: skip
+    raw_update = UpdateEncoder(pb, size).chunks("0123456789abcdef", 1, os.urandom(16), "c000")
+    update = wire.receive(pb.Chunk.FromString(m) for m in raw_update)
+    assert update.arrays["m/delta"].shape == (size,) and update.scalars["num_examples"] == EXAMPLES
+    data = wire.encode(task)
+    chunks = list(wire.to_chunks(data))
+    up_chunks = [pb.Chunk.FromString(m) for m in raw_update]
+    up_data = wire.from_chunks(up_chunks)
+
+    def validate(env: Any) -> None:
+        msg = Message(arrays={"delta": env.arrays["m/delta"]}, scalars=dict(env.scalars))
+        msg.validate({"delta": size})
+
+    def down() -> list[bytes]:  # what a gRPC thread does for one task
+        return [c.SerializeToString() for c in wire.send(task)]
+
+    def up() -> None:  # and for one update
+        validate(wire.receive([pb.Chunk.FromString(m) for m in raw_update]))
+
+    stages = {
+        "down: wire.encode (tensor bytes, protobuf)": lambda: wire.encode(task),
+        "down: wire.to_chunks (SHA-256, Chunk messages)": lambda: list(wire.to_chunks(data)),
+        "down: Chunk.SerializeToString (gRPC's serializer)": lambda: [
+            c.SerializeToString() for c in chunks
+        ],
+        "up: Chunk.FromString (gRPC's deserializer)": lambda: [
+            pb.Chunk.FromString(m) for m in raw_update
+        ],
+        "up: wire.from_chunks (copy, SHA-256)": lambda: wire.from_chunks(up_chunks),
+        "up: wire.decode (protobuf, tensor copy)": lambda: wire.decode(up_data),
+        "up: Message.validate (dtype, shape, finite)": lambda: validate(update),
+    }
+    per = {k: _timed(fn) for k, fn in stages.items()}
+    whole = {"down: one task, whole path": _timed(down), "up: one update, whole path": _timed(up)}
+    deltas = [torch.zeros(size) for _ in range(clients)]
+    weights = torch.full((clients,), float(EXAMPLES), dtype=torch.float64)
+    aggregate = _timed(lambda: WeightedMean()(torch.stack(deltas), weights), 3)
+    deltas.clear()
+    delta = update.arrays["m/delta"]
+    reference = {
+        "sha256": _timed(lambda: hashlib.sha256(data).digest()),
+        "zlib.crc32": _timed(lambda: zlib.crc32(data)),
+        "copy into a new bytearray": _timed(lambda: bytearray(data)),
+        "torch.isfinite(delta).all()": _timed(lambda: bool(torch.isfinite(delta).all())),
+        "torch.isfinite(delta.sum())": _timed(lambda: bool(torch.isfinite(delta.sum()))),
+    }
+    once, per_task = _encode_once_prototype(wire, task)
+    lean = _timed(lambda: _lean_receive(wire, up_chunks))
+    return {
+        "envelope_bytes": {"task": len(data), "update": len(up_data)},
+        "per_envelope_s": {**per, **whole},
+        "per_round_s": {
+            **{k: v * clients for k, v in whole.items()},
+            "aggregate: torch.stack + WeightedMean": aggregate,
+            "hub: hand out tasks, collect answers (no payload)": hub_round_seconds(clients),
+        },
+        "reference_per_envelope_s": reference,
+        "prototypes": {
+            "encode_once: per round, once (s)": once,
+            "encode_once: per task (s)": per_task,
+            "encode_once: per round (s)": once + clients * per_task,
+            "lean_receive: per update, validated (s)": lean,
+            "today: per update, validated (s)": whole["up: one update, whole path"],
+            "lean_receive: per round (s)": clients * lean,
+        },
+    }
+
+
+def hub_round_seconds(clients: int, rounds: int = 3) -> float:
+    """Median seconds of ``Hub.run`` for ``clients`` tasks without payload, answered by as many
+    long-polling threads (the coordination alone: locks, wake-ups, the GIL)."""
+    import secrets
+
+    from potluck.deploy import wire
+    from potluck.deploy.server import Hub, Task
+
+    names = [f"c{i:03d}" for i in range(clients)]
+    hub = Hub("run", clients, admit=names)
+
+    def client(name: str) -> None:
+        hub.join(name)
+        while not hub.finished:
+            task = hub.next_task(name, 5.0)
+            if task is not None:
+                answer = wire.Envelope("update", "run", round=task.round, task_id=task.task_id)
+                hub.answer(name, answer)
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    hub.wait_for_clients(clients, 60)
+    times = []
+    for rnd in range(1, rounds + 1):
+        tasks = []
+        for cid in range(clients):
+            task_id = secrets.token_bytes(16)
+            env = wire.Envelope("task", "run", round=rnd, task_id=task_id)
+            tasks.append(Task(task_id, cid, "train", rnd, env))
+        t0 = time.perf_counter()
+        hub.run(tasks, 60)
+        times.append(time.perf_counter() - t0)
+    hub.finish()
+    for t in threads:
+        t.join()
+    return statistics.median(times)
+
+
+def _encode_once_prototype(wire: Any, task: Any) -> tuple[float, float]:
+    """Prototype: the shared arrays serialized, hashed and cut into serialized chunk messages
+    once per round; per task only its header (appended: protobuf concatenation), a copy of
+    the hash state and the last chunk. Returns (once per round, per task) seconds; checks
+    that the result decodes to the task."""
+    import torch
+
+    pb = wire.pb
+    shared = pb.Envelope()
+    for name, array in task.arrays.items():
+        data = array.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        shared.arrays.add(name=name, dtype="float32", shape=list(array.shape), data=data)
+    state: dict[str, Any] = {}
+
+    def once() -> None:
+        body = shared.SerializeToString()
+        full = len(body) // CHUNK
+        state.update(body=body, full=full, hash=hashlib.sha256(body), prefix={})
+
+    def per_task() -> list[bytes]:
+        body, full = state["body"], state["full"]
+        head = pb.Envelope(kind="task", run_id=task.run_id, round=task.round,
+                           task_id=os.urandom(16))  # fmt: skip
+        head.scalars.add(name="op", text="train")
+        head.scalars.add(name="work", real=1.0)
+        tail_head = head.SerializeToString()
+        total = len(body) + len(tail_head)
+        prefix = state["prefix"].get(total)
+        if prefix is None:  # the same for every task of the round (header of fixed length)
+            prefix = state["prefix"][total] = [
+                pb.Chunk(
+                    total=total, offset=k * CHUNK, data=body[k * CHUNK : (k + 1) * CHUNK]
+                ).SerializeToString()
+                for k in range(full)
+            ]
+        h = state["hash"].copy()
+        h.update(tail_head)
+        tail = body[full * CHUNK :] + tail_head
+        last = pb.Chunk(total=total, offset=full * CHUNK, data=tail, sha256=h.digest())
+        return [*prefix, last.SerializeToString()]
+
+    def round_start() -> None:
+        once()
+        per_task()  # fills the prefix cache
+
+    t_once = _timed(round_start, 3)
+    back = wire.receive(pb.Chunk.FromString(m) for m in per_task())
+    assert back.kind == "task" and bool((back.arrays["w"] == task.arrays["w"]).all())
+    return t_once, _timed(per_task)
+
+
+def _lean_receive(wire: Any, chunks: Sequence[Any]) -> dict[str, Any]:
+    """Prototype of ``wire.receive`` + validation with fewer passes over the bytes: the chunks
+    go into one uninitialised buffer that is hashed and parsed as it is (``from_chunks``
+    zero-fills a bytearray and copies it into ``bytes`` again), each array is copied once
+    into its tensor, and finiteness is checked on the sum (one reduction; NaN or Inf makes it
+    non-finite, and only then would the exact element-wise check run)."""
+    import numpy as np
+    import torch
+
+    total = chunks[0].total
+    buffer = np.empty(total, dtype=np.uint8)  # not zero-filled
+    filled = 0
+    for c in chunks:
+        buffer[filled : filled + len(c.data)] = np.frombuffer(c.data, dtype=np.uint8)
+        filled += len(c.data)
+    view = memoryview(buffer)  # type: ignore[arg-type]
+    if filled != total or hashlib.sha256(view).digest() != chunks[-1].sha256:
+        raise ValueError("truncated or corrupted")
+    msg = wire.pb.Envelope.FromString(view)
+    out = {}
+    for a in msg.arrays:
+        tensor = torch.frombuffer(bytearray(a.data), dtype=torch.float32)
+        if not bool(torch.isfinite(tensor.sum())):
+            raise ValueError(f"{a.name} holds NaN or Inf")
+        out[a.name] = tensor
+    return out
+
+
+# ---- the proposals, patched into a server process (prototypes) ----------------------------
+
+
+def apply_prototypes() -> None:
+    """Patch this process's server path with three of the proposals (the "+proto" modes):
+
+    - a task's arrays are serialized, hashed and cut into ``Chunk`` messages once per round
+      (they are the same tensors for every client); per task only its header is serialized,
+      appended after the arrays (protobuf concatenation), and hashed from a copy of the
+      arrays' SHA-256 state;
+    - ``wire.from_chunks`` reassembles into one uninitialised buffer that ``decode`` parses in
+      place (today: a zero-filled ``bytearray``, ``chunk.data`` read twice, each read a copy,
+      and a final copy into ``bytes``);
+    - ``Message.validate`` checks finiteness on the sum first (finite iff every element is,
+      unless it overflows: then the element-wise check decides).
+
+    The checks and error messages are unchanged; the bytes on the wire differ only in field
+    order, which protobuf decoders accept.
+    """
+    import numpy as np
+    import torch
+
+    from potluck.core.message import Message, MessageError
+    from potluck.deploy import wire
+
+    pb, plain_send, lock = wire.pb, wire.send, threading.Lock()
+    cache: dict[str, Any] = {}
+
+    def body_of(env: Any) -> tuple[bytes, Any, dict[int, list[Any]]]:
+        key = tuple((name, id(a), a._version) for name, a in env.arrays.items())
+        with lock:
+            if cache.get("key") != key:
+                msg = pb.Envelope()
+                for name, array in env.arrays.items():
+                    flat = array.detach().cpu().contiguous().reshape(-1)
+                    data = flat.view(torch.uint8).numpy().tobytes()
+                    msg.arrays.add(
+                        name=name, dtype=wire._NAMES[array.dtype], shape=array.shape, data=data
+                    )
+                body = msg.SerializeToString()
+                refs = tuple(env.arrays.values())  # keeps the ids in the key alive
+                cache.update(key=key, refs=refs, body=body, hash=hashlib.sha256(body), prefix={})
+            return cache["body"], cache["hash"], cache["prefix"]
+
+    def send(env: Any, chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES) -> Iterator[Any]:
+        if env.kind != "task" or not env.arrays:
+            return plain_send(env, chunk_bytes)
+        body, digest, prefixes = body_of(env)
+        head = pb.Envelope(
+            kind=env.kind, run_id=env.run_id, round=env.round, task_id=env.task_id,
+            client=env.client,
+        )  # fmt: skip
+        for name, value in env.scalars.items():
+            scalar = head.scalars.add(name=name)
+            if isinstance(value, str):
+                scalar.text = value
+            elif isinstance(value, int):
+                scalar.int = value
+            else:
+                scalar.real = value
+        tail_head, c = head.SerializeToString(), chunk_bytes
+        total, full = len(body) + len(tail_head), len(body) // c
+        with lock:
+            prefix = prefixes.get(total)
+            if prefix is None:
+                prefix = prefixes[total] = [
+                    pb.Chunk(total=total, offset=k * c, data=body[k * c : (k + 1) * c])
+                    for k in range(full)
+                ]
+        h = digest.copy()
+        h.update(tail_head)
+        tail, out = body[full * c :] + tail_head, list(prefix)
+        for start in range(0, len(tail), c):
+            last = start + c >= len(tail)
+            piece = tail[start : start + c]
+            sha = h.digest() if last else b""
+            out.append(pb.Chunk(total=total, offset=full * c + start, data=piece, sha256=sha))
+        return iter(out)
+
+    def from_chunks(chunks: Any, max_bytes: int = wire.DEFAULT_MAX_BYTES) -> memoryview:
+        buffer: Any = None
+        total = filled = 0
+        digest = b""
+        for i, chunk in enumerate(chunks):
+            data = chunk.data  # each read of a bytes field copies it out of upb
+            if buffer is None:
+                total = chunk.total
+                if total > max_bytes:
+                    raise wire.WireError(
+                        f"envelope of {total} bytes exceeds the limit of {max_bytes} bytes"
+                    )
+                buffer = np.empty(total, dtype=np.uint8)
+            elif chunk.total != total:
+                raise wire.WireError(f"chunk {i} announces {chunk.total} bytes, the first {total}")
+            elif filled == total:
+                raise wire.WireError(f"chunk {i} arrives after all {total} bytes")
+            if chunk.offset != filled:
+                raise wire.WireError(
+                    f"chunk {i} starts at offset {chunk.offset}, expected {filled}"
+                    " (chunks reordered, overlapping or missing)"
+                )
+            end = filled + len(data)
+            if end > total:
+                raise wire.WireError(f"chunk {i} carries data past the announced {total} bytes")
+            if end == filled and total:
+                raise wire.WireError(f"chunk {i} is empty")
+            buffer[filled:end] = np.frombuffer(data, dtype=np.uint8)
+            filled, digest = end, chunk.sha256
+        if buffer is None:
+            raise wire.WireError("empty stream: no chunks")
+        if filled < total:
+            raise wire.WireError(f"stream ended after {filled} of {total} bytes (truncated)")
+        if not digest:
+            raise wire.WireError("the last chunk carries no sha256 checksum")
+        view = memoryview(buffer)
+        if hashlib.sha256(view).digest() != digest:
+            raise wire.WireError("sha256 checksum mismatch: the payload is corrupted")
+        return view
+
+    def validate(self: Message, expected: Any, source: str = "message") -> None:
+        for name, length in expected.items():
+            if name not in self.arrays:
+                raise MessageError(f"{source}: missing array {name!r}")
+            arr = self.arrays[name]
+            if not isinstance(arr, torch.Tensor):
+                raise MessageError(f"{source}: array {name!r} is {type(arr).__name__}")
+            if arr.dtype != torch.float32:
+                raise MessageError(f"{source}: array {name!r} has dtype {arr.dtype}, not float32")
+            if arr.dim() != 1 or arr.numel() != length:
+                raise MessageError(
+                    f"{source}: array {name!r} has shape {tuple(arr.shape)}, expected ({length},)"
+                )
+            if not (bool(torch.isfinite(arr.sum())) or bool(torch.isfinite(arr).all())):
+                raise MessageError(f"{source}: array {name!r} contains NaN or Inf")
+        for key, value in self.scalars.items():
+            if isinstance(value, float) and value != value:  # NaN
+                raise MessageError(f"{source}: scalar {key!r} is NaN")
+
+    wire.send = send
+    wire.from_chunks = from_chunks  # type: ignore[assignment]
+    Message.validate = validate  # type: ignore[method-assign]
+
+
+def patched_server_main(argv: Sequence[str]) -> None:
+    """``potluck ARGV...`` with ``apply_prototypes`` in effect."""
+    apply_prototypes()
+    from potluck.cli import main as potluck_main
+
+    sys.argv = ["potluck", *argv]
+    potluck_main()
+
+
+# ---- driver -------------------------------------------------------------------------------
+
+
+def model_size(name: str) -> int:
+    from potluck.models import build_model
+
+    model = build_model(name, input_shape=(1, 28, 28), num_classes=10)
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--light-client"]:
+        light_client_main(argv[1])
+        return
+    if argv[:1] == ["--patched-server"]:
+        patched_server_main(argv[1:])
+        return
+    if argv[:1] == ["--stage-profile"]:
+        result = stage_profile(int(argv[1]), int(argv[2]))
+        Path(argv[3]).write_text(json.dumps(result, indent=1))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--procs", type=int, default=4, help="light client processes")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--modes", default="tls,insecure,tls+malloc,tls+malloc+proto")
+    parser.add_argument("--raw-repeats", type=int, default=3)
+    parser.add_argument(
+        "--malloc-env",
+        default=",".join(f"{k}={v}" for k, v in MALLOC_ENV.items()),
+        help="the server's environment in the +malloc modes (KEY=VALUE,...)",
+    )
+    parser.add_argument("--name", default="deploy_loopback", help="results file name")
+    parser.add_argument(
+        "--perf",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"profile the server with perf record at {PERF_HZ} Hz (if perf is installed)",
+    )
+    parser.add_argument("--keep", type=Path, help="keep the work directory (logs, store) here")
+    args = parser.parse_args(argv)
+    MALLOC_ENV.clear()
+    MALLOC_ENV.update(kv.split("=", 1) for kv in args.malloc_env.split(",") if kv)
+
+    payload = header("deploy_loopback")
+    size = model_size(args.model)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="potluck-deploy-bench-") as tmp:
+        work = args.keep or Path(tmp)
+        perf = args.perf and shutil.which("perf") is not None
+        setup = Setup(args.clients, args.procs, args.rounds, args.model, size, work, perf)
+        pki = setup.work / "pki"
+        pki_s = make_pki(pki, setup.names)
+        print(f"PKI: {args.clients} client certificates in {pki_s:.1f} s", flush=True)
+        for mode in args.modes.split(","):
+            what = f"{args.clients} clients, {args.model} ({size:,} parameters)"
+            print(f"[{mode}] {what}", flush=True)
+            run = deploy(setup, mode, pki)
+            moved = int(
+                statistics.median(
+                    r["task_bytes_received"] + r["update_bytes_sent"] for r in run["rounds"]
+                )
+            )
+            run["raw"] = raw_transfer(moved, pki, args.raw_repeats)
+            tcp, tls = run["raw"]["tcp_s"]["median"], run["raw"]["tls_s"]["median"]
+            for r in run["rounds"]:
+                r["overhead_vs_tcp"] = r["round_seconds"] / tcp
+                r["overhead_vs_tls"] = r["round_seconds"] / tls
+                r["server_cpu_vs_tcp"] = r["server_cpu_s"] / tcp
+            results[mode] = run
+            for r in run["rounds"]:
+                print(
+                    f"  round {r['round']}: {r['round_seconds']:.2f} s, "
+                    f"{(r['task_bytes_received'] + r['update_bytes_sent']) / 2**20:,.0f} MiB of "
+                    f"messages ({r['loopback_bytes'] / 2**20:,.0f} MiB on lo), server CPU "
+                    f"{r['server_cpu_s']:.2f} s ({r['server_minor_faults']:,.0f} page faults), "
+                    f"clients CPU {r['clients_cpu_s']:.2f} s, overhead "
+                    f"{r['overhead_vs_tcp']:.1f}x TCP / {r['overhead_vs_tls']:.1f}x TLS",
+                    flush=True,
+                )
+            print(
+                f"  raw: TCP {tcp:.3f} s, TLS {tls:.3f} s for {moved / 2**20:,.0f} MiB; server "
+                f"peak RSS {run['server']['peak_rss_mib']:,.0f} MiB",
+                flush=True,
+            )
+    profile = {}
+    for label, extra in (("default", {}), ("malloc", MALLOC_ENV)):
+        print(f"stage profile ({label} malloc) ...", flush=True)
+        out = Path(tempfile.mkstemp(suffix=".json")[1])
+        cmd = [sys.executable, __file__, "--stage-profile", str(size), str(args.clients), str(out)]
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", **extra})
+        profile[label] = json.loads(out.read_text())
+        out.unlink()
+        for k, v in profile[label]["per_round_s"].items():
+            print(f"  {k}: {v:.3f} s per round")
+    payload.update(
+        setup={
+            "clients": args.clients,
+            "client_processes": args.procs,
+            "rounds": args.rounds,
+            "model": args.model,
+            "parameters": size,
+            "model_bytes": 4 * size,
+            "pki_seconds": pki_s,
+        },
+        deployments=results,
+        stage_profile=profile,
+    )
+    print(write_result(args.name, payload))
+
+
+if __name__ == "__main__":
+    main()
