@@ -380,6 +380,21 @@ def proc_sample(pid: int) -> dict[str, float] | None:
     return out if "VmRSS" in out else None  # None for a zombie: it has no memory left
 
 
+def connections_to(port: int) -> int:
+    """Established TCP connections (IPv4 and IPv6) whose remote end is ``port``."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
 def loopback_bytes() -> int:
     """Bytes sent over the loopback interface so far (whole machine; IP packets)."""
     return int(Path("/sys/class/net/lo/statistics/tx_bytes").read_text())
@@ -388,9 +403,10 @@ def loopback_bytes() -> int:
 class Monitor(threading.Thread):
     """Samples the server, the client processes and the machine every ``every`` seconds."""
 
-    def __init__(self, server: int, clients: Sequence[int], every: float = 0.1) -> None:
+    def __init__(self, server: int, clients: Sequence[int], port: int, every: float = 0.1) -> None:
         super().__init__(daemon=True)
-        self.server, self.clients, self.every = server, list(clients), every
+        self.server, self.clients, self.port, self.every = server, list(clients), port, every
+        self.connections = 0  # the most client connections seen at once
         self.samples: list[dict[str, Any]] = []
         self._stop_event = threading.Event()
 
@@ -400,6 +416,8 @@ class Monitor(threading.Thread):
             clients = [proc_sample(p) for p in self.clients]
             sample = {"t": time.time(), "server": server, "machine": cpu_times()}
             sample["lo_bytes"] = loopback_bytes()
+            if len(self.samples) % 10 == 0:
+                self.connections = max(self.connections, connections_to(self.port))
             sample["clients_cpu_s"] = sum(c["cpu_s"] for c in clients if c)
             self.samples.append(sample)
             self._stop_event.wait(self.every)
@@ -567,7 +585,7 @@ def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
                         env=env,
                     )
                 )
-        monitor = Monitor(server.pid, [p.pid for p in procs[1 + setup.perf :]])
+        monitor = Monitor(server.pid, [p.pid for p in procs[1 + setup.perf :]], port)
         monitor.start()
         try:
             status, usage = _wait4(server.pid, timeout=3600)
@@ -690,6 +708,7 @@ def analyse(
     """Per-round and whole-run numbers of one deployment."""
     tasks = [t for out in client_outs for c in out["clients"] for t in c["tasks"]]
     errors = sum(c["error_count"] for out in client_outs for c in out["clients"])
+    error_samples = [e for out in client_outs for c in out["clients"] for e in c["errors"]]
     per_round = []
     for r in rounds:
         m = r.metrics
@@ -758,6 +777,8 @@ def analyse(
             "tasks_answered": len(tasks),
             "acks": sum(t["reply"] == "ack" for t in tasks),
             "rpc_errors": errors,
+            "error_samples": error_samples[:5],
+            "tcp_connections_max": mon.connections,
         },
         "health": {
             "clients": len(health),
