@@ -125,6 +125,7 @@ class Hub:
         self._queues: dict[int, deque[Task]] = {}
         self._open: dict[bytes, Task] = {}
         self._names: dict[int, str] = {h.client: n for n, h in self.health.items()}
+        self._ready: set[str] = set()  # clients that polled this server: loaded, working
 
     # -- called by the gRPC threads ------------------------------------------------------------
 
@@ -148,6 +149,9 @@ class Hub:
         with self._cv:
             self._check(name)
             cid = self._joined(name)
+            if name not in self._ready:
+                self._ready.add(name)
+                self._cv.notify_all()
             queue = self._queues.setdefault(cid, deque())
             while not queue and not self.finished:
                 self._seen(name)
@@ -188,14 +192,16 @@ class Hub:
     # -- called by the round loop --------------------------------------------------------------
 
     def wait_for_clients(self, n: int, timeout: float) -> None:
-        """Block until ``n`` clients have joined; ``TimeoutError`` after ``timeout`` s."""
+        """Block until ``n`` clients are ready: joined and polling this server (a site polls
+        once it has loaded its data; a resumed run's clients count once they are back);
+        ``TimeoutError`` after ``timeout`` s."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while len(self.health) < n:
+            while len(self._ready) < n:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(
-                        f"only {len(self.health)} of the {n} clients needed joined in {timeout} s"
+                        f"only {len(self._ready)} of the {n} clients needed joined in {timeout} s"
                     )
                 self._cv.wait(left)
 
