@@ -459,6 +459,9 @@ def client(
     max_failures: Annotated[
         int | None, typer.Option(help="give up after this many failed connections in a row")
     ] = None,
+    backoff_max: Annotated[
+        float, typer.Option(help="longest wait between reconnection attempts (s)")
+    ] = 30.0,
 ) -> None:
     """Join a potluck server and train on local data; reconnects until the run is done."""
     from potluck.deploy.client import ClientTLS, Site, load_site_data, load_task, site_program
@@ -483,6 +486,7 @@ def client(
             tls=tls,
             program_for=lambda cfg, cid: site_program(cfg, cid, task=user_task, data=arrays),
             server_name=server_name,
+            backoff=(min(0.5, backoff_max), backoff_max),
             max_failures=max_failures,
         )
         code = site.run()
