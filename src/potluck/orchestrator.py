@@ -473,7 +473,7 @@ class _Loop:
         if ev.centralized:
             test = self.exp.federation.source.test
             if len(test):
-                res = self.program.evaluate_arrays(w, test.features(), test.y)
+                res = engine.evaluate_test(w)
                 out.update(test_loss=res.loss, test_accuracy=res.accuracy)
         if not ev.federated_clients:
             return out, []

@@ -157,3 +157,23 @@ def test_close_stops_every_worker_and_is_idempotent() -> None:
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="workers and threads must be >= 1"):
         PoolEngine(scaffold_program([4]), workers=2, threads=0)
+
+
+def test_centralised_evaluation_is_split_over_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows split at multiples of the evaluation batch: the same batches, the same counts."""
+    monkeypatch.setattr("potluck.client.program.EVAL_BATCH", 4)
+    monkeypatch.setattr("potluck.engines.pool.EVAL_BATCH", 4)
+    g = torch.Generator().manual_seed(3)
+    test = (torch.randn(23, 5, generator=g), torch.randint(0, 3, (23,), generator=g))
+    fed = Federation.from_client_data([(torch.randn(8, 5), torch.arange(8) % 3)] * 2, test=test)
+    p = ClientProgram(Task(mlp), fed, LocalSGD())
+    w = p.initial_weights() + 0.3
+    expected = p.evaluate_test(w)
+    for workers in (1, 2, 3, 7):  # 7 workers, 6 batches: one idle
+        engine = PoolEngine(p, workers=workers)
+        try:
+            got = engine.evaluate_test(w)
+        finally:
+            engine.close()
+        assert (got.correct, got.n) == (expected.correct, expected.n) == (got.correct, 23)
+        assert got.loss_sum == pytest.approx(expected.loss_sum, rel=1e-12)

@@ -424,6 +424,10 @@ class GrpcEngine:
         self._report()
         return [None if a is None else _evaluation(a) for a in answers]
 
+    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+        """Centralised evaluation on the server (its copy of the test set)."""
+        return self.program.evaluate_test(w)
+
     def close(self) -> None:
         self.hub.finish()
         self._report()

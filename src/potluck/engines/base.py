@@ -2,7 +2,7 @@
 
 An engine runs a ``ClientProgram`` for a cohort: ``train`` returns one ``ClientResult``
 (encoded upload and new client state) per cohort member, in cohort order; ``evaluate`` one
-``EvalResult`` per client.
+``EvalResult`` per client; ``evaluate_test`` the sums on the held-out test set.
 
 Example:
     >>> available_engines()[:3]
@@ -42,6 +42,10 @@ class Engine(Protocol):
     def evaluate(
         self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
     ) -> Sequence[dict[str, EvalResult] | None]: ...
+
+    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+        """The centralised evaluation (``ClientProgram.evaluate_test``), where it is fastest."""
+        ...
 
     def close(self) -> None: ...
 

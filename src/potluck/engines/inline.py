@@ -43,5 +43,9 @@ class InlineEngine:
     ) -> list[dict[str, EvalResult]]:
         return self.program.evaluate_clients(clients, w, states)
 
+    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+        """Centralised evaluation in this process."""
+        return self.program.evaluate_test(w)
+
     def close(self) -> None:
         """Nothing to release."""

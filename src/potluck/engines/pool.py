@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import traceback
@@ -48,7 +49,13 @@ import numpy as np
 import torch
 import torch.multiprocessing  # registers shared-tensor pickling for the pipes
 
-from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
+from potluck.client.program import (
+    EVAL_BATCH,
+    ClientProgram,
+    ClientResult,
+    EvalResult,
+    RoundInput,
+)
 from potluck.client.rules import Tensors
 from potluck.engines.worker import (
     Records,
@@ -125,6 +132,10 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+def _described(shards: Mapping[int, np.ndarray], cohort: np.ndarray) -> dict[int, str]:
+    return {i: f"clients {cohort[positions].tolist()}" for i, positions in shards.items()}
+
+
 class PoolError(RuntimeError):
     """A pool worker failed (raised, or died)."""
 
@@ -171,7 +182,7 @@ class PoolEngine:
             part = shard_job(job, positions)
             self._send_states(i, part.states)
             self._send(i, ("train", part.round, part.cohort, part.work))
-        replies = self._collect(shards, job.cohort)
+        replies = self._collect(_described(shards, job.cohort))
         parts = [unpack_results(replies[i]) for i in shards]
         return gather(parts, list(shards.values()), len(job.cohort))
 
@@ -183,8 +194,26 @@ class PoolEngine:
         for i, positions in shards.items():
             self._send_states(i, tuple(states[int(p)] for p in positions))
             self._send(i, ("evaluate", clients[positions]))
-        replies = self._collect(shards, clients)
+        replies = self._collect(_described(shards, clients))
         return gather([replies[i] for i in shards], list(shards.values()), len(clients))
+
+    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+        """The centralised evaluation split over the workers at multiples of the evaluation
+        batch (so every batch is the one ``ClientProgram.evaluate_test`` would form)."""
+        n = len(self.program.federation.source.test)
+        batches = math.ceil(n / EVAL_BATCH)
+        per = math.ceil(batches / self.workers) * EVAL_BATCH  # rows per worker
+        rows = {i: (i * per, min(n, (i + 1) * per)) for i in range(self.workers) if i * per < n}
+        if not rows:
+            return self.program.evaluate_test(w)
+        self._put_global({"w": w})
+        for i, (start, stop) in rows.items():
+            self._send(i, ("central", start, stop))
+        replies = self._collect({i: f"test rows {a}:{b}" for i, (a, b) in rows.items()})
+        parts: list[EvalResult] = list(replies.values())
+        return EvalResult(
+            sum(p.loss_sum for p in parts), sum(p.correct for p in parts), sum(p.n for p in parts)
+        )
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
@@ -237,18 +266,19 @@ class PoolEngine:
             layout = self._inputs[i].write(tensors)
         self._send(i, ("states", layout, len(states)))
 
-    def _collect(self, shards: Mapping[int, np.ndarray], cohort: np.ndarray) -> dict[int, Any]:
-        """Wait for every busy worker's reply, growing output slabs on request."""
+    def _collect(self, work: Mapping[int, str]) -> dict[int, Any]:
+        """Wait for every busy worker's reply (``work``: worker -> what it handles, for error
+        messages), growing output slabs on request."""
         replies: dict[int, Any] = {}
-        while len(replies) < len(shards):
-            busy = [i for i in shards if i not in replies]
+        while len(replies) < len(work):
+            busy = [i for i in work if i not in replies]
             conns = {id(self._conns[i]): i for i in busy}
             sentinels = {self._procs[i].sentinel: i for i in busy}
             for ready in wait([*(self._conns[i] for i in busy), *sentinels]):
                 i = sentinels[ready] if isinstance(ready, int) else conns[id(ready)]
                 if i in replies:
                     continue
-                during = f"while handling clients {cohort[shards[i]].tolist()}"
+                during = f"while handling {work[i]}"
                 if isinstance(ready, int) and not self._conns[i].poll():
                     self._fail(i, during)  # exited without a reply
                 try:
@@ -314,6 +344,9 @@ def _serve(conn: Connection, program: ClientProgram, threads: int, slabs: dict[s
             elif op == "fetch":
                 assert pending is not None
                 _reply(conn, slabs["out"], pending)
+            elif op == "central":
+                w = slabs["global"].read(layouts["global"])["w"]
+                conn.send(("evaluated", program.evaluate_test(w, slice(msg[1], msg[2]))))
             elif op == "evaluate":
                 w = slabs["global"].read(layouts["global"])["w"]
                 layout, n = layouts["states"]

@@ -145,6 +145,10 @@ class RayEngine:
             calls[i] = self._actors[i].evaluate.remote(clients[positions], shared, part_states)
         return gather(self._get(calls, clients, shards), list(shards.values()), len(clients))
 
+    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+        """Centralised evaluation in this process."""
+        return self.program.evaluate_test(w)
+
     def close(self) -> None:
         """Release the actors; stop Ray if this engine started it (idempotent)."""
         if self._closed:

@@ -309,6 +309,10 @@ class VectorizedEngine:
         """Per-client local test metrics, by ``ClientProgram.evaluate`` (not the hot path)."""
         return self.program.evaluate_clients(clients, w, states)
 
+    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+        """Centralised evaluation in this process."""
+        return self.program.evaluate_test(w)
+
     def close(self) -> None:
         """Nothing to release."""
 
