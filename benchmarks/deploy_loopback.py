@@ -623,7 +623,8 @@ def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
     if setup.perf:
         mono = time.time() - time.monotonic()
         window = result["server"]["rounds_window"]
-        result["server_profile"] = perf_profile(perf_data, window[0] - mono, window[1] - mono)
+        result["server_profile"] = perf_profile(perf_data, [(window[0] - mono, window[1] - mono)])
+        result["server_profile_by_phase"] = phase_profiles(perf_data, result["rounds"])
     return result
 
 
@@ -668,30 +669,55 @@ def _bucket(obj: str, sym: str) -> str:
     return "other"
 
 
-def perf_profile(data: Path, t0: float, t1: float, top: int = 30) -> dict[str, Any]:
-    """The server's CPU samples between monotonic times ``t0`` and ``t1`` (``perf report``):
-    shares by bucket (``_bucket``) and the top symbols."""
-    cmd = ["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,sym"]
-    cmd += ["--time", f"{t0:.6f},{t1:.6f}", "-t", "|", "--percent-limit", "0", "-n"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    rows, buckets, samples = [], dict[str, float](), 0
-    for line in out.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        share_s, count, obj, sym = (x.strip() for x in line.split("|", 3))
-        samples += int(count)
-        share = float(share_s.rstrip("%")) / 100
-        sym = sym.removeprefix("[.] ").removeprefix("[k] ")
-        bucket = _bucket(obj, sym)
-        buckets[bucket] = buckets.get(bucket, 0.0) + share
-        rows.append({"share": share, "object": obj, "symbol": sym[:160], "bucket": bucket})
+def perf_profile(
+    data: Path, windows: Sequence[tuple[float, float]], top: int = 30
+) -> dict[str, Any]:
+    """The server's CPU samples within ``windows`` (monotonic seconds; ``perf report``): CPU
+    seconds, shares by bucket (``_bucket``) and the top symbols."""
+    counts: dict[tuple[str, str], int] = {}
+    for t0, t1 in windows:
+        cmd = ["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,sym"]
+        cmd += ["--time", f"{t0:.6f},{t1:.6f}", "-t", "|", "--percent-limit", "0", "-n"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            _, count, obj, sym = (x.strip() for x in line.split("|", 3))
+            key = (obj, sym.removeprefix("[.] ").removeprefix("[k] "))
+            counts[key] = counts.get(key, 0) + int(count)
+    samples = sum(counts.values()) or 1
+    buckets: dict[str, float] = {}
+    for (obj, sym), n in counts.items():
+        buckets[_bucket(obj, sym)] = buckets.get(_bucket(obj, sym), 0.0) + n / samples
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
     return {
         "hz": PERF_HZ,
-        "window_s": t1 - t0,
-        "samples": samples,
+        "wall_s": sum(t1 - t0 for t0, t1 in windows),
+        "samples": sum(counts.values()),
+        "cpu_s": sum(counts.values()) / PERF_HZ,
         "by_bucket": dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
-        "top_symbols": rows[:top],
+        "top_symbols": [
+            {"share": n / samples, "object": obj, "symbol": sym[:160], "bucket": _bucket(obj, sym)}
+            for (obj, sym), n in ranked
+        ],
     }
+
+
+def phase_profiles(data: Path, rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``perf_profile`` of three phases of the rounds after the first (all rounds if only
+    one): until every task was received, until every update was acknowledged, and after the
+    last acknowledgement (validation, aggregation, bookkeeping)."""
+    mono = time.time() - time.monotonic()
+    steady = [r for r in rounds[1:] or rounds if "all_updates_acked_after_s" in r]
+    phases: dict[str, list[tuple[float, float]]] = {"tasks out": [], "updates in": []}
+    phases["after the last update"] = []
+    for r in steady:
+        start = r["started_at"] - mono
+        tasks, acks = r["all_tasks_received_after_s"], r["all_updates_acked_after_s"]
+        phases["tasks out"].append((start, start + tasks))
+        phases["updates in"].append((start + tasks, start + acks))
+        phases["after the last update"].append((start + acks, start + r["round_seconds"]))
+    return {phase: perf_profile(data, windows, top=10) for phase, windows in phases.items()}
 
 
 def analyse(
@@ -725,6 +751,7 @@ def analyse(
 
         row = {
             "round": r.round,
+            "started_at": start,
             "round_seconds": m["round_seconds"],
             "updates": m.get("updates"),
             "failed": m.get("failed"),
@@ -957,6 +984,23 @@ def stage_profile(size: int, clients: int) -> dict[str, Any]:
     deltas = [torch.zeros(size) for _ in range(clients)]
     weights = torch.full((clients,), float(EXAMPLES), dtype=torch.float64)
     aggregate = _timed(lambda: WeightedMean()(torch.stack(deltas), weights), 3)
+
+    def reused_stack() -> float:
+        buffer = torch.zeros(clients, size)  # allocated (and touched) once, reused every round
+        return _timed(lambda: WeightedMean()(torch.stack(deltas, out=buffer), weights), 3)
+
+    reused = reused_stack()
+    running = torch.zeros(size)
+
+    def running_sum() -> torch.Tensor:  # as the updates arrive: no (K, d) stack at all
+        running.zero_()
+        total = float(weights.sum())
+        for delta_k, weight in zip(deltas, weights.tolist(), strict=True):
+            running.add_(delta_k, alpha=weight / total)
+        return running
+
+    streamed = _timed(running_sum, 3)
+    first_touch = _timed(lambda: torch.empty(clients, size).fill_(0.0), 3)
     deltas.clear()
     delta = update.arrays["m/delta"]
     reference = {
@@ -974,6 +1018,9 @@ def stage_profile(size: int, clients: int) -> dict[str, Any]:
         "per_round_s": {
             **{k: v * clients for k, v in whole.items()},
             "aggregate: torch.stack + WeightedMean": aggregate,
+            "aggregate: stack into a reused buffer + WeightedMean": reused,
+            "aggregate: running weighted sum, no stack": streamed,
+            "reference: first touch of a fresh (K, d) buffer": first_touch,
             "hub: hand out tasks, collect answers (no payload)": hub_round_seconds(clients),
         },
         "reference_per_envelope_s": reference,
@@ -1299,6 +1346,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=True,
         help=f"profile the server with perf record at {PERF_HZ} Hz (if perf is installed)",
     )
+    parser.add_argument(
+        "--stages-only", action="store_true", help="only the stage profiles (no deployment)"
+    )
     parser.add_argument("--keep", type=Path, help="keep the work directory (logs, store) here")
     args = parser.parse_args(argv)
     MALLOC_ENV.clear()
@@ -1314,7 +1364,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pki = setup.work / "pki"
         pki_s = make_pki(pki, setup.names)
         print(f"PKI: {args.clients} client certificates in {pki_s:.1f} s", flush=True)
-        for mode in args.modes.split(","):
+        for mode in [] if args.stages_only else args.modes.split(","):
             what = f"{args.clients} clients, {args.model} ({size:,} parameters)"
             print(f"[{mode}] {what}", flush=True)
             run = deploy(setup, mode, pki)
@@ -1364,6 +1414,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "parameters": size,
             "model_bytes": 4 * size,
             "pki_seconds": pki_s,
+            "malloc_env": dict(MALLOC_ENV),
+            "perf": perf,
         },
         deployments=results,
         stage_profile=profile,
