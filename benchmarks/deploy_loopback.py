@@ -2,9 +2,10 @@
 
 The server is ``.venv/bin/potluck server`` in its own process, running an experiment of
 ``--clients`` clients that all take part in every round (model ``--model``, Fashion-MNIST,
-evaluation off, one torch thread), in three modes: mutual TLS (one EC client certificate per
-client, issued with ``potluck.deploy.certs``), ``--insecure``, and mutual TLS with a server
-whose glibc keeps freed memory (``+malloc``: ``MALLOC_ENV``, a proposal). The clients are
+evaluation off, one torch thread), in four modes: mutual TLS (one EC client certificate per
+client, issued with ``potluck.deploy.certs``), ``--insecure``, mutual TLS with a server whose
+glibc keeps freed memory (``+malloc``: ``MALLOC_ENV``), and the same with proposals patched
+into the server process (``+proto``: ``apply_prototypes``). The clients are
 *light*: a few processes (``--procs``) each run ``clients / procs`` clients as threads, each
 with its own gRPC channel (its own TCP and TLS connection). They do not train and never
 import torch: they join, long-poll, read each task (the header is parsed, every byte is
