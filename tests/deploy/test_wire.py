@@ -434,3 +434,31 @@ def test_atheris_harness_runs_clean() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@given(
+    st.lists(st.binary(max_size=50), min_size=1, max_size=4),
+    st.integers(1, 17),
+)
+def test_encoded_parts_stream_like_their_concatenation(parts: list[bytes], size: int) -> None:
+    data = b"".join(parts)
+    enc = wire.Encoded(tuple(parts), hashlib.sha256(data).digest())
+    got = [(c.total, c.offset, c.data, c.sha256) for c in wire.send_encoded(enc, size)]
+    want = [(c.total, c.offset, c.data, c.sha256) for c in wire.to_chunks(data, size)]
+    assert got == want
+    assert wire.from_chunks(wire.send_encoded(enc, size)) == data
+
+
+def test_a_shared_prefix_merges_with_each_message() -> None:
+    """A round's weights encoded once; each task's own fields follow and win."""
+    w = torch.arange(6.0)
+    shared = wire.Prefix(wire.Envelope("task", arrays={"w": w}))
+    for i in range(3):
+        own = wire.Envelope(
+            "task", "run", round=4, task_id=bytes([i]), arrays={"s/c": torch.full((2,), i)},
+            scalars={"op": "train"},
+        )  # fmt: skip
+        env = wire.receive(wire.send_encoded(shared.extend(own), 7))
+        assert (env.kind, env.run_id, env.round, env.task_id) == ("task", "run", 4, bytes([i]))
+        assert list(env.arrays) == ["w", "s/c"] and torch.equal(env.arrays["w"], w)
+        assert env.arrays["s/c"].tolist() == [i, i] and env.scalars == {"op": "train"}

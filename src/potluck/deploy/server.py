@@ -97,13 +97,13 @@ class ClientHealth:
 
 @dataclass
 class Task:
-    """Work for one client: its envelope, and its answer once it came."""
+    """Work for one client: its encoded envelope, and its answer once it came."""
 
     task_id: bytes
     client: int
     op: str
     round: int
-    envelope: wire.Envelope
+    payload: wire.Encoded
     issued: float | None = None
     answer: wire.Envelope | None = None
 
@@ -164,7 +164,7 @@ class Hub:
                 return None
             task = queue.popleft()
             task.issued = time.monotonic()
-            self.health[name].bytes_sent += task.envelope.nbytes
+            self.health[name].bytes_sent += task.payload.nbytes
             return task
 
     def answer(self, name: str, env: wire.Envelope) -> None:
@@ -329,7 +329,10 @@ class Coordinator:
             reply = self._handle(name, env)
         except Refused as exc:
             reply = self._refuse(peer, certified or env.client, str(exc), env)
-        yield from wire.send(reply)
+        if isinstance(reply, wire.Encoded):  # a task: the round's weights encoded once
+            yield from wire.send_encoded(reply)
+        else:
+            yield from wire.send(reply)
 
     def _certified(self, context: Any) -> str | None:
         """The client name in the peer's TLS certificate (None without TLS)."""
@@ -349,7 +352,7 @@ class Coordinator:
             )
         return certified
 
-    def _handle(self, name: str, env: wire.Envelope) -> wire.Envelope:
+    def _handle(self, name: str, env: wire.Envelope) -> wire.Envelope | wire.Encoded:
         hub = self.hub
         if env.kind == "join":
             cid = hub.join(name)
@@ -358,7 +361,7 @@ class Coordinator:
         if env.kind == "poll":
             task = hub.next_task(name, self.poll_timeout_s)
             if task is not None:
-                return task.envelope
+                return task.payload
             return wire.Envelope("done" if hub.finished else "wait", hub.run_id)
         if env.kind in _ANSWER.values():
             if env.run_id != hub.run_id:
@@ -398,13 +401,14 @@ class GrpcEngine:
         self.store, self.run_id = store, run_id
 
     def train(self, job: RoundInput) -> list[ClientResult | None]:
-        shared = {"w": job.w, **{f"b/{k}": v for k, v in job.broadcast.items()}}
+        shared = self._shared({"w": job.w, **{f"b/{k}": v for k, v in job.broadcast.items()}})
         tasks = [
             self._task(
+                shared,
                 int(cid),
                 "train",
                 job.round,
-                {**shared, **{f"s/{k}": v for k, v in state.items()}},
+                {f"s/{k}": v for k, v in state.items()},
                 {"work": float(work)},
             )
             for cid, state, work in zip(job.cohort, job.states, job.work, strict=True)
@@ -416,8 +420,9 @@ class GrpcEngine:
     def evaluate(
         self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
     ) -> list[dict[str, EvalResult] | None]:
+        shared = self._shared({"w": w})
         tasks = [
-            self._task(int(c), "evaluate", 0, {"w": w, **{f"s/{k}": v for k, v in s.items()}})
+            self._task(shared, int(c), "evaluate", 0, {f"s/{k}": v for k, v in s.items()})
             for c, s in zip(clients, states, strict=True)
         ]
         answers = self.hub.run(tasks, self.round_timeout_s)
@@ -432,16 +437,22 @@ class GrpcEngine:
         self.hub.finish()
         self._report()
 
+    def _shared(self, arrays: Mapping[str, torch.Tensor]) -> wire.Prefix:
+        """What every task of a round carries (the weights), encoded and hashed once."""
+        return wire.Prefix(wire.Envelope("task", arrays=arrays))
+
     def _task(
         self,
+        shared: wire.Prefix,
         cid: int,
         op: str,
         round: int,
         arrays: Mapping[str, torch.Tensor],
         scalars: Mapping[str, int | float | str] | None = None,
     ) -> Task:
+        """Client ``cid``'s task: the shared prefix, then its own fields (a fresh task id)."""
         task_id = secrets.token_bytes(16)
-        env = wire.Envelope(
+        own = wire.Envelope(
             "task",
             self.hub.run_id,
             round=round,
@@ -449,7 +460,7 @@ class GrpcEngine:
             arrays=arrays,
             scalars={"op": op, **(scalars or {})},
         )
-        return Task(task_id, cid, op, round, env)
+        return Task(task_id, cid, op, round, shared.extend(own))
 
     def _report(self) -> None:
         if self.store is not None:

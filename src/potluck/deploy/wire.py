@@ -145,6 +145,79 @@ def encode(env: Envelope) -> bytes:
     return bytes(msg.SerializeToString())
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded envelope kept as byte parts (a prefix shared by many messages, then the
+    message's own fields) with the SHA-256 of their concatenation.
+
+    Protobuf merges concatenated messages (repeated fields append, scalar fields take the last
+    value), so a round's global weights are serialized and hashed once and every task only adds
+    its own small fields (``Prefix.extend``).
+
+    Example:
+        >>> shared = Prefix(Envelope("task", arrays={"w": torch.zeros(3)}))
+        >>> enc = shared.extend(Envelope("task", "run-1", round=2, scalars={"work": 1.0}))
+        >>> env = receive(send_encoded(enc, 16))
+        >>> env.run_id, env.round, list(env.arrays), env.scalars["work"]
+        ('run-1', 2, ['w'], 1.0)
+    """
+
+    parts: tuple[bytes, ...]
+    digest: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+
+class Prefix:
+    """The encoded fields many envelopes share (a round's weights), hashed once."""
+
+    def __init__(self, env: Envelope) -> None:
+        self.data = encode(env)
+        self._hash = hashlib.sha256(self.data)
+
+    def extend(self, env: Envelope) -> Encoded:
+        """``env``'s fields after the shared ones (``env``'s scalar fields win)."""
+        own = encode(env)
+        h = self._hash.copy()
+        h.update(own)
+        return Encoded((self.data, own), h.digest())
+
+
+def send_encoded(enc: Encoded, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Any]:
+    """``enc`` as ``pb.Chunk`` messages, without joining its parts first."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    total, offset = enc.nbytes, 0
+    pieces = _pieces(enc.parts, chunk_bytes)
+    if total == 0:
+        yield pb.Chunk(total=0, offset=0, data=b"", sha256=enc.digest)
+        return
+    for piece in pieces:
+        last = offset + len(piece) == total
+        yield pb.Chunk(total=total, offset=offset, data=piece, sha256=enc.digest if last else b"")
+        offset += len(piece)
+
+
+def _pieces(parts: tuple[bytes, ...], size: int) -> Iterator[bytes]:
+    """Consecutive ``size``-byte pieces of the concatenated ``parts`` (the last shorter)."""
+    pending: list[memoryview] = []
+    held = 0
+    for part in parts:
+        view = memoryview(part)
+        while len(view):
+            take = min(size - held, len(view))
+            pending.append(view[:take])
+            held += take
+            view = view[take:]
+            if held == size:
+                yield b"".join(pending)
+                pending, held = [], 0
+    if held:
+        yield b"".join(pending)
+
+
 def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
     """Parse and check a serialized ``Envelope``; tensors are writable copies.
 
