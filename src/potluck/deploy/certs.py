@@ -27,7 +27,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +38,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from potluck.core.files import atomic_write
 
 Kind = Literal["server", "client"]
 KINDS: tuple[Kind, ...] = ("server", "client")
@@ -120,8 +121,8 @@ def init_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
-    _write(d / CA_KEY, _key_pem(key), 0o600)
-    _write(d / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(d / CA_KEY, _key_pem(key), mode=0o600)
+    atomic_write(d / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     (d / CRL).unlink(missing_ok=True)
     return d / CA_CERT
 
@@ -190,8 +191,8 @@ def issue(
         .add_extension(_authority_key_id(ca), critical=False)
     )
     cert = builder.sign(ca_key, hashes.SHA256())
-    _write(key_path, _key_pem(key), 0o600)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(key_path, _key_pem(key), mode=0o600)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return cert_path, key_path
 
 
@@ -229,11 +230,11 @@ def revoke(directory: str | Path, name: str, *, now: datetime | None = None) -> 
         entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(date)
         builder = builder.add_revoked_certificate(entry.build())
     crl = builder.sign(ca_key, hashes.SHA256())
-    _write(d / CRL, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(d / CRL, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
     text = "# revoked potluck client names, one per line\n" + "".join(
         f"{n}\n" for n in sorted(names)
     )
-    _write(d / REVOKED, text.encode(), 0o644)
+    atomic_write(d / REVOKED, text.encode(), mode=0o644)
     return d / REVOKED
 
 
@@ -493,21 +494,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` atomically; the file has ``mode`` from its creation (keys: 0600)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _load_ca(d: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

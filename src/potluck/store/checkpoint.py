@@ -14,10 +14,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as _load_tensors
 from safetensors.torch import save as _save_tensors
+
+from potluck.core.files import atomic_write
 
 META_KEY = "potluck"
 _HEADER_LEN_BYTES = 8
@@ -61,18 +60,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     path = Path(path)
     data = _encode(ckpt)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, data, mode=0o600)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -128,14 +116,3 @@ def _read_meta(data: bytes, path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is not a potluck checkpoint (metadata is not an object)")
     return meta
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
