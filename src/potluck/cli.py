@@ -424,7 +424,7 @@ def server(
     insecure: Annotated[bool, typer.Option(help="no TLS, no client authentication")] = False,
 ) -> None:
     """Coordinate an experiment with real clients over gRPC (mutual TLS unless --insecure)."""
-    from potluck.deploy.runner import ServerTLS, run_server
+    from potluck.deployment import ServerTLS, run_server
 
     _log_to_stderr()
     overrides = [*(set_ or []), *([f"deploy.listen={json.dumps(listen)}"] if listen else [])]
@@ -464,7 +464,8 @@ def client(
     ] = 30.0,
 ) -> None:
     """Join a potluck server and train on local data; reconnects until the run is done."""
-    from potluck.deploy.client import ClientTLS, Site, load_site_data, load_task, site_program
+    from potluck.deploy.client import ClientTLS, Site
+    from potluck.deployment import load_site_data, load_task, site_program
 
     _log_to_stderr()
     tls = None

@@ -40,7 +40,6 @@ import torch
 from potluck.algorithms.base import Algorithm
 from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
 from potluck.client.rules import Tensors, Uploaded
-from potluck.client.sgd import LocalSGD
 from potluck.core.message import Message, MessageError
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
@@ -262,22 +261,6 @@ def resume_experiment(
     return loop.run(start)
 
 
-def client_program(
-    task: Task, federation: Federation, algorithm: Algorithm, evaluation: Evaluation, seed: int
-) -> ClientProgram:
-    """What every client of a run executes; the same on every engine and on a deployed site
-    (which passes a federation holding only its own data)."""
-    return ClientProgram(
-        task,
-        federation,
-        algorithm.local,
-        rule=algorithm.rule,
-        transforms=algorithm.transforms,
-        finetune=_finetuning(algorithm.local, evaluation.finetune_epochs),
-        seed=seed,
-    )
-
-
 def _open(store: RunStore | str | Path | None) -> RunStore | None:
     if store is None or isinstance(store, RunStore):
         return store
@@ -298,8 +281,11 @@ class _Loop:
         self.store: RunStore | None = None
         self.run_id, self.keep = "", True
         self.seeds = Seeds(exp.seed)
-        self.program = client_program(
-            exp.task, exp.federation, exp.algorithm, exp.evaluation, exp.seed
+        self.program = exp.algorithm.client_program(
+            exp.task,
+            exp.federation,
+            seed=exp.seed,
+            finetune_epochs=exp.evaluation.finetune_epochs,
         )
         self.rule = self.program.rule  # bound to the model's parameters
         self.num_clients = exp.federation.num_clients
@@ -515,10 +501,6 @@ class _Loop:
         self.store.commit_round(
             self.run_id, state.round, metrics, per_client, ckpt, client_states=client_states
         )
-
-
-def _finetuning(local: LocalSGD, epochs: int) -> LocalSGD | None:
-    return replace(local, epochs=epochs, max_steps=None) if epochs else None
 
 
 def _merge_clients(

@@ -18,8 +18,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from potluck.config import ExperimentConfig
 from potluck.deploy import certs
-from potluck.deploy.client import ClientTLS, Site, site_program
-from potluck.deploy.runner import ServerTLS, run_server
+from potluck.deploy.client import ClientTLS, Site
+from potluck.deployment import ServerTLS, run_server, site_program
 from potluck.orchestrator import RunResult
 
 SITES = [f"site-{i}" for i in range(5)]

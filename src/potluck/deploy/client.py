@@ -1,8 +1,9 @@
 """The deployment client: a site that joins a potluck server and trains on local data only.
 
 A site dials the server, joins (the server answers with its client id and the experiment),
-builds the same ``ClientProgram`` a simulation would (the experiment's model or the user's
-task, the algorithm's local rule and transforms, the run seed) over its own data, then
+builds the same ``ClientProgram`` a simulation would (``program_for``: the experiment's model
+or the user's task, the algorithm's local rule and transforms, the run seed, over its own
+data; see ``potluck.deployment.site_program``), then
 long-polls for tasks: ``train`` (local steps from the global weights; the answer is the
 encoded update and the client's new state) or ``evaluate`` (loss and accuracy sums on its
 local test split). When the connection drops it reconnects with exponential backoff and
@@ -16,7 +17,6 @@ Example (shell):
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import random
@@ -26,12 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from potluck.client.program import ClientProgram
-from potluck.config import ExperimentConfig
-from potluck.core.task import Task
 from potluck.deploy import wire
 
 log = logging.getLogger("potluck.deploy")
@@ -78,87 +75,6 @@ def config_id(config: str) -> str:
     return hashlib.sha256(config.encode()).hexdigest()[:16]
 
 
-def load_task(ref: str) -> Task:
-    """The ``Task`` named by ``module:attribute`` (a Task, or a callable returning one).
-
-    Example:
-        >>> load_task("nope")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: --task must look like my_pkg.module:task, got 'nope'
-    """
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--task must look like my_pkg.module:task, got {ref!r}")
-    obj = getattr(importlib.import_module(module_name), attr)
-    task = obj if isinstance(obj, Task) else obj()
-    if not isinstance(task, Task):
-        raise ValueError(f"{ref} is {type(task).__name__}, not a potluck Task")
-    return task
-
-
-def load_site_data(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` from an ``.npz`` file with arrays ``x`` and ``y`` (float features, integer
-    labels), checked for shape, dtype and finiteness."""
-    with np.load(path, allow_pickle=False) as npz:
-        missing = {"x", "y"} - set(npz.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {npz.files})")
-        x, y = npz["x"].astype(np.float32), npz["y"]
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
-        raise ValueError(f"{path}: y must be 1-D integer labels, one per row of x")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{path}: x contains NaN or Inf")
-    return x, y.astype(np.int64)
-
-
-def site_program(
-    cfg: ExperimentConfig,
-    client_id: int,
-    *,
-    task: Task | None = None,
-    data: tuple[np.ndarray, np.ndarray] | None = None,
-) -> ClientProgram:
-    """The program a site runs: the simulation's, over this site's data.
-
-    ``data=None`` takes the site's data from the experiment's own (simulated) federation:
-    client ``client_id``'s partition, which makes a deployment reproduce a simulation
-    exactly (used by the tests and for trying a deployment out).
-    """
-    from potluck.data.federation import Federation
-    from potluck.data.partition import Partition
-    from potluck.data.sources import ArrayDataset, DataSource
-    from potluck.orchestrator import Evaluation, client_program
-
-    if data is None:
-        federation = cfg.build_federation()
-    else:
-        x, y = data
-        n = cfg.data.num_clients
-        if not 0 <= client_id < n:
-            raise ValueError(f"client id {client_id} outside the federation of {n}")
-        offsets = np.array([0] * (client_id + 1) + [len(y)] * (n - client_id))
-        num_classes = int(y.max()) + 1 if len(y) else 1
-        empty = ArrayDataset(np.zeros((0, *x.shape[1:]), np.float32), np.zeros(0, np.int64))
-        source = DataSource("site", ArrayDataset(x, y), empty, num_classes, tuple(x.shape[1:]))
-        federation = Federation(
-            source,
-            Partition(np.arange(len(y)), offsets),
-            test_fraction=cfg.data.test_fraction,
-            seed=cfg.seed,
-        )
-    if task is None:
-        from potluck.models import build_model
-
-        src, name = federation.source, cfg.model.name
-        task = Task(
-            lambda: build_model(name, input_shape=src.input_shape, num_classes=src.num_classes),
-            name=name,
-        )
-    evaluation = Evaluation(**cfg.evaluation.model_dump())
-    return client_program(task, federation, cfg.algorithm_parts(), evaluation, cfg.seed)
-
-
 class Site:
     """One client process: join, poll, work, answer; reconnect when the server is away."""
 
@@ -168,7 +84,7 @@ class Site:
         *,
         name: str,
         tls: ClientTLS | None,
-        program_for: Callable[[ExperimentConfig, int], ClientProgram],
+        program_for: Callable[[dict[str, Any], int], ClientProgram],
         server_name: str | None = None,
         backoff: tuple[float, float] = (0.5, 30.0),
         max_failures: int | None = None,
@@ -226,9 +142,8 @@ class Site:
     def _ensure_program(self, welcome: wire.Envelope) -> tuple[ClientProgram, int]:
         cid = int(welcome.scalars["client_id"])
         if self._program is None or self._program[:2] != (welcome.run_id, cid):
-            cfg = ExperimentConfig.from_dict(json.loads(str(welcome.scalars["config"])))
-            torch.set_num_threads(cfg.run.threads or 1)
-            self._program = (welcome.run_id, cid, self.program_for(cfg, cid))
+            config = json.loads(str(welcome.scalars["config"]))
+            self._program = (welcome.run_id, cid, self.program_for(config, cid))
         return self._program[2], cid
 
     def _work(self, program: ClientProgram, cid: int, task: wire.Envelope) -> wire.Envelope:

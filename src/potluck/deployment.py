@@ -1,0 +1,217 @@
+"""Deployment entry points: ``potluck server`` (an experiment with real clients over gRPC,
+recorded like a simulation) and the program a ``potluck client`` site runs.
+
+This module sits at the orchestrator's level: it puts the round loop together with the
+``deploy`` package (transport, wire format, certificates), which knows nothing of either.
+
+Example:
+    >>> ServerTLS(Path("s.pem"), Path("s.key"), Path("ca.pem")).cert.name
+    's.pem'
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from potluck.client.program import ClientProgram
+from potluck.config import ExperimentConfig
+from potluck.core.task import Task
+from potluck.deploy.client import config_id
+from potluck.deploy.server import (
+    ClientHealth,
+    Coordinator,
+    GrpcEngine,
+    Hub,
+    Revocations,
+    serve,
+)
+from potluck.orchestrator import RoundCallback, RunResult, resume_experiment, run_experiment
+from potluck.store.sqlite import RunStore
+
+log = logging.getLogger("potluck.deploy")
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """PEM files: the server's certificate and key, and the CA that signs client certificates."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+    def credentials(self) -> Any:
+        import grpc
+
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=self.client_ca.read_bytes(),
+            require_client_auth=True,
+        )
+
+
+def run_server(
+    cfg: ExperimentConfig,
+    *,
+    tls: ServerTLS | None,
+    revoked: Path | None = None,
+    on_round: RoundCallback | None = None,
+    on_listening: Any = None,
+) -> RunResult:
+    """Serve ``cfg``'s experiment until its last round; ``tls=None`` is plaintext (loud);
+    ``revoked``: a file of revoked client names (the CA directory's ``revoked.txt``).
+
+    A run with the same ``run.name`` that did not finish is resumed from its last checkpoint
+    (so a restarted server carries on; the clients reconnect by themselves)."""
+    dep = cfg.deploy
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"engine": "grpc"})})
+    experiment = cfg.build()
+    config = json.dumps(experiment.config, sort_keys=True)
+    store = RunStore(cfg.run.store)
+    resume_id = _unfinished(store, cfg.run.name)
+    health = _stored_health(store, resume_id)
+    hub = Hub(
+        config_id(config),
+        cfg.data.num_clients,
+        dep.admit,
+        Revocations(revoked) if revoked else None,
+        health,
+        liveness_s=2 * dep.poll_timeout_s + 5,
+    )
+    coordinator = Coordinator(
+        hub,
+        config,
+        insecure=tls is None,
+        poll_timeout_s=dep.poll_timeout_s,
+        max_bytes=int(dep.max_message_mb * 2**20),
+    )
+    if tls is None:
+        log.warning("INSECURE: no TLS, clients are not authenticated (--insecure)")
+    server, port = serve(coordinator, dep.listen, tls.credentials() if tls else None)
+    log.info("listening on %s (port %d), run %s", dep.listen, port, hub.run_id)
+    if on_listening is not None:
+        on_listening(port)
+
+    def engine(program: ClientProgram) -> GrpcEngine:
+        return GrpcEngine(program, hub, round_timeout_s=dep.round_timeout_s)
+
+    try:
+        hub.wait_for_clients(dep.min_clients, dep.join_timeout_s)
+        if resume_id is not None:
+            log.info("resuming run %s", resume_id)
+            return resume_experiment(experiment, store, resume_id, on_round=on_round, engine=engine)
+        return run_experiment(experiment, store, on_round=on_round, engine=engine)
+    finally:
+        hub.finish()
+        time.sleep(min(dep.poll_timeout_s, 2.0))  # let waiting polls hear "done"
+        server.stop(grace=1.0).wait()
+        store.close()
+
+
+def _unfinished(store: RunStore, name: str | None) -> str | None:
+    if not name:
+        return None
+    runs = [r for r in store.list_runs() if r.name == name]
+    if runs and runs[-1].status != "finished":
+        return runs[-1].run_id
+    return None
+
+
+def _stored_health(store: RunStore, run_id: str | None) -> dict[str, ClientHealth]:
+    if run_id is None:
+        return {}
+    return {row["name"]: ClientHealth(**row) for row in store.health(run_id)}
+
+
+# ---- the site's side ----
+
+
+def load_task(ref: str) -> Task:
+    """The ``Task`` named by ``module:attribute`` (a Task, or a callable returning one).
+
+    Example:
+        >>> load_task("nope")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --task must look like my_pkg.module:task, got 'nope'
+    """
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--task must look like my_pkg.module:task, got {ref!r}")
+    obj = getattr(importlib.import_module(module_name), attr)
+    task = obj if isinstance(obj, Task) else obj()
+    if not isinstance(task, Task):
+        raise ValueError(f"{ref} is {type(task).__name__}, not a potluck Task")
+    return task
+
+
+def load_site_data(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` from an ``.npz`` file with arrays ``x`` and ``y`` (float features, integer
+    labels), checked for shape, dtype and finiteness."""
+    with np.load(path, allow_pickle=False) as npz:
+        missing = {"x", "y"} - set(npz.files)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {npz.files})")
+        x, y = npz["x"].astype(np.float32), npz["y"]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
+        raise ValueError(f"{path}: y must be 1-D integer labels, one per row of x")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: x contains NaN or Inf")
+    return x, y.astype(np.int64)
+
+
+def site_program(
+    config: ExperimentConfig | dict[str, Any],
+    client_id: int,
+    *,
+    task: Task | None = None,
+    data: tuple[np.ndarray, np.ndarray] | None = None,
+) -> ClientProgram:
+    """The program a site runs: the simulation's, over this site's data.
+
+    ``data=None`` takes the site's data from the experiment's own (simulated) federation:
+    client ``client_id``'s partition, which makes a deployment reproduce a simulation
+    exactly (used by the tests and for trying a deployment out).
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_dict(config)
+    from potluck.data.federation import Federation
+    from potluck.data.partition import Partition
+    from potluck.data.sources import ArrayDataset, DataSource
+
+    if data is None:
+        federation = cfg.build_federation()
+    else:
+        x, y = data
+        n = cfg.data.num_clients
+        if not 0 <= client_id < n:
+            raise ValueError(f"client id {client_id} outside the federation of {n}")
+        offsets = np.array([0] * (client_id + 1) + [len(y)] * (n - client_id))
+        num_classes = int(y.max()) + 1 if len(y) else 1
+        empty = ArrayDataset(np.zeros((0, *x.shape[1:]), np.float32), np.zeros(0, np.int64))
+        source = DataSource("site", ArrayDataset(x, y), empty, num_classes, tuple(x.shape[1:]))
+        federation = Federation(
+            source,
+            Partition(np.arange(len(y)), offsets),
+            test_fraction=cfg.data.test_fraction,
+            seed=cfg.seed,
+        )
+    if task is None:
+        from potluck.models import build_model
+
+        src, name = federation.source, cfg.model.name
+        task = Task(
+            lambda: build_model(name, input_shape=src.input_shape, num_classes=src.num_classes),
+            name=name,
+        )
+    torch.set_num_threads(cfg.run.threads or 1)  # as the simulation computes
+    return cfg.algorithm_parts().client_program(
+        task, federation, seed=cfg.seed, finetune_epochs=cfg.evaluation.finetune_epochs
+    )
