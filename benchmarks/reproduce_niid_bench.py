@@ -120,6 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     partitions = args.partitions.split(",")
     name = result_name(args.rounds)
+    source = header(name)["source"]  # the code this process imported, not a later HEAD
     for part in partitions:
         for algorithm in args.algorithms.split(","):
             payload = header(name)  # written after every run: a long grid may be cut short
@@ -129,7 +130,7 @@ def main() -> None:
                 f" published={run['published_best']:.4f} ({run['seconds']:.0f} s)",
                 flush=True,
             )
-            run.update(engine=args.engine, source=payload["source"])
+            run.update(engine=args.engine, source=source)
             runs = merged(name, [run])
             payload.update(rounds=args.rounds, runs=runs)
             write_result(name, payload)
