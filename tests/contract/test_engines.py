@@ -130,3 +130,11 @@ def test_refuses_up_front(engine: str, name: str) -> None:
     for words in REFUSED[engine, name]:
         assert words in str(err.value)
     assert rounds == []
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_pool_is_bitwise_the_inline_engine(name: str) -> None:
+    """The pool runs the inline engine's code in its workers, at the same thread count."""
+    ref, got = run(name, REFERENCE), run(name, "pool")
+    assert learning(got) == learning(ref)
+    assert torch.equal(got.weights, ref.weights)
