@@ -59,12 +59,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from potluck.client.program import (
     ClientProgram,
     ClientResult,
-    EvalResult,
     RoundInput,
     batch_order,
 )
 from potluck.client.rules import LocalRule, Tensors
 from potluck.client.sgd import OptState
+from potluck.engines.inline import InlineEngine
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes for one chunk's stacked vectors and batches
 _VECTORS_PER_CLIENT = 8  # w, gradient (per layer and joined), corrected, new w, momentum x2, ...
@@ -142,12 +142,12 @@ class _Cohort:
     active: list[int]
 
 
-class VectorizedEngine:
+class VectorizedEngine(InlineEngine):
     """Trains a cohort (in chunks of at most ``max_clients``, and as many as fit in
-    ``memory_budget_bytes``, default 2 GiB) as one batched ``torch.func`` computation."""
+    ``memory_budget_bytes``, default 2 GiB) as one batched ``torch.func`` computation;
+    evaluation (not the hot path) is the inline engine's."""
 
     name = "vectorized"
-    remote = False
 
     def __init__(
         self,
@@ -300,21 +300,6 @@ class VectorizedEngine:
         out = p.rule.finish(job.w, w, rule_state, counts[0], p.optimizer.lr)
         msg = p.upload(cid, job.round, job.w, w, out, counts, loss)
         return ClientResult(msg, dict(out.state))
-
-    # -- evaluation ----------------------------------------------------------------------------
-
-    def evaluate(
-        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
-    ) -> list[dict[str, EvalResult]]:
-        """Per-client local test metrics, by ``ClientProgram.evaluate`` (not the hot path)."""
-        return self.program.evaluate_clients(clients, w, states)
-
-    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
-        """Centralised evaluation in this process."""
-        return self.program.evaluate_test(w)
-
-    def close(self) -> None:
-        """Nothing to release."""
 
 
 def _pad_batches(
