@@ -13,13 +13,15 @@ The full grid takes about 7 hours on 2 cores (one round about 40 s at 1 thread w
 inline engine; the vectorized engine is slower here: LeNet's convolutions under ``vmap``
 become grouped convolutions), so it can be run a few algorithms or partitions at a time:
 each invocation adds its runs to the result file (same rounds) and replaces runs of the
-same algorithm and partition. 50 rounds write benchmarks/results/niid_bench_fmnist.json and
-benchmarks/plots/niid_bench_fmnist.png; other schedules ``niid_bench_fmnist_{R}r.*``.
+same algorithm and partition; two invocations may run side by side. 50 rounds write
+benchmarks/results/niid_bench_fmnist.json and benchmarks/plots/niid_bench_fmnist.png; other
+schedules ``niid_bench_fmnist_{R}r.*``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import time
 from typing import Any
@@ -131,9 +133,11 @@ def main() -> None:
                 flush=True,
             )
             run.update(engine=args.engine, source=source)
-            runs = merged(name, [run])
-            payload.update(rounds=args.rounds, runs=runs)
-            write_result(name, payload)
+            with (RESULTS / f".{name}.lock").open("w") as lock:  # streams may run side by side
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                runs = merged(name, [run])
+                payload.update(rounds=args.rounds, runs=runs)
+                write_result(name, payload)
             done = [p for p in PARTITIONS if any(r["partition"] == p for r in runs)]
             plot(runs, done, name)
 
