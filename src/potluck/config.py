@@ -201,6 +201,9 @@ class DeployConfig(_Section):
     admit: list[str] | None = Field(
         None, description="admitted client names; a client's id is its position"
     )
+    reuse_memory: bool = Field(
+        True, description="glibc keeps freed buffers for the next round (fewer page faults)"
+    )
 
     @field_validator("listen")
     @classmethod

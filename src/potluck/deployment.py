@@ -26,6 +26,7 @@ from potluck.client.program import ClientProgram
 from potluck.config import ExperimentConfig
 from potluck.core.task import Task
 from potluck.deploy.client import config_id
+from potluck.deploy.memory import reuse_freed_memory
 from potluck.deploy.server import (
     ClientHealth,
     Coordinator,
@@ -95,6 +96,8 @@ def run_server(
     )
     if tls is None:
         log.warning("INSECURE: no TLS, clients are not authenticated (--insecure)")
+    if dep.reuse_memory and reuse_freed_memory():  # before gRPC's threads start
+        log.info("malloc: one arena, freed buffers kept for reuse (deploy.reuse_memory)")
     server, port = serve(coordinator, dep.listen, tls.credentials() if tls else None)
     log.info("listening on %s (port %d), run %s", dep.listen, port, hub.run_id)
     if on_listening is not None:

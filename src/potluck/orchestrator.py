@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from potluck.aggregate.stack import StackBuffer
 from potluck.algorithms.base import Algorithm
 from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
 from potluck.client.rules import Tensors, Uploaded
@@ -288,6 +289,7 @@ class _Loop:
             finetune_epochs=exp.evaluation.finetune_epochs,
         )
         self.rule = self.program.rule  # bound to the model's parameters
+        self.stack = StackBuffer()  # the round's (K, d) updates, in memory reused each round
         self.num_clients = exp.federation.num_clients
         # an engine that cannot run this experiment refuses here, before any run is stored
         if engine is not None:
@@ -434,7 +436,7 @@ class _Loop:
         if not uploads:
             size = self.program.spec.size
             return _Collected(torch.zeros(0, size), torch.zeros(0), [], [], accepted)
-        deltas = torch.stack([u.arrays["delta"] for u in uploads])
+        deltas = self.stack.stack([u.arrays["delta"] for u in uploads])
         weight_t = torch.tensor(weights, dtype=torch.float64)
         return _Collected(deltas, weight_t, uploads, per_client, accepted)
 

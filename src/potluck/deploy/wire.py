@@ -277,15 +277,16 @@ def from_chunks(chunks: Iterable[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> by
         ...
         potluck.deploy.wire.WireError: stream ended after 4 of 5 bytes (truncated)
     """
-    buffer: bytearray | None = None
+    pieces: list[bytes] = []
+    sha = hashlib.sha256()
     total = filled = 0
     digest = b""
     for i, chunk in enumerate(chunks):
-        if buffer is None:
+        data = chunk.data  # read once: each read copies the field out of protobuf
+        if i == 0:
             total = chunk.total
             if total > max_bytes:
                 raise WireError(f"envelope of {total} bytes exceeds the limit of {max_bytes} bytes")
-            buffer = bytearray(total)
         elif chunk.total != total:
             raise WireError(f"chunk {i} announces {chunk.total} bytes, the first {total}")
         elif filled == total:
@@ -295,22 +296,23 @@ def from_chunks(chunks: Iterable[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> by
                 f"chunk {i} starts at offset {chunk.offset}, expected {filled}"
                 " (chunks reordered, overlapping or missing)"
             )
-        end = filled + len(chunk.data)
+        end = filled + len(data)
         if end > total:
             raise WireError(f"chunk {i} carries data past the announced {total} bytes")
         if end == filled and total:
             raise WireError(f"chunk {i} is empty")
-        buffer[filled:end] = chunk.data
+        sha.update(data)  # while the piece is in cache
+        pieces.append(data)
         filled, digest = end, chunk.sha256
-    if buffer is None:
+    if not pieces:
         raise WireError("empty stream: no chunks")
     if filled < total:
         raise WireError(f"stream ended after {filled} of {total} bytes (truncated)")
     if not digest:
         raise WireError("the last chunk carries no sha256 checksum")
-    if hashlib.sha256(buffer).digest() != digest:
+    if sha.digest() != digest:
         raise WireError("sha256 checksum mismatch: the payload is corrupted")
-    return bytes(buffer)
+    return b"".join(pieces)  # one copy, none for a single piece
 
 
 def send(env: Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Any]:
