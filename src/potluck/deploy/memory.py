@@ -52,4 +52,4 @@ def _mallopt() -> Callable[[int, int], int] | None:
         return None  # not glibc: musl's mallopt accepts nothing
     fn = libc.mallopt
     fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
