@@ -57,7 +57,7 @@ def _chunks(fdp: Any) -> list[Any]:
         data = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 16))
         sha = hashlib.sha256(data).digest() if fdp.ConsumeBool() else b""
         total, offset = fdp.ConsumeIntInRange(0, 64), fdp.ConsumeIntInRange(0, 64)
-        out.append(wire.pb.Chunk(total=total, offset=offset, data=data, sha256=sha))
+        out.append(wire.Chunk(total=total, offset=offset, data=data, sha256=sha))
     return out
 
 

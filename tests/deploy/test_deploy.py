@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -57,17 +57,17 @@ def simulate(store: Path, missing: set[int] = frozenset(), **deploy: object) -> 
     return run_experiment(exp, engine=lambda p: Without(p, set(missing)))
 
 
-def stub(port: int, tls: ClientTLS | None) -> wire.services.CoordinatorStub:  # type: ignore[name-defined]
+def stub(port: int, tls: ClientTLS | None) -> Callable[..., Iterator[bytes]]:
     target = f"127.0.0.1:{port}"
     if tls is None:
-        return wire.services.CoordinatorStub(grpc.insecure_channel(target))
+        return wire.caller(grpc.insecure_channel(target))
     options = [("grpc.ssl_target_name_override", "localhost")]
     channel = grpc.secure_channel(target, tls.credentials(), options=options)
-    return wire.services.CoordinatorStub(channel)
+    return wire.caller(channel)
 
 
-def call(s: object, env: wire.Envelope) -> wire.Envelope:
-    return wire.receive(s.Call(wire.send(env), timeout=30))  # type: ignore[attr-defined]
+def call(s: Callable[..., Iterator[bytes]], env: wire.Envelope) -> wire.Envelope:
+    return wire.receive(s(wire.send(env), timeout=30))
 
 
 def health(store: Path) -> dict[str, dict[str, object]]:
@@ -132,8 +132,8 @@ def test_bad_messages_are_refused_and_leave_the_model_untouched(
     while (task := call(rogue, wire.Envelope("poll", run_id, client="site-4"))).kind != "done":
         if task.kind != "task":
             continue
-        garbage = [wire.pb.Chunk(total=10, offset=0, data=b"0123456789", sha256=b"x" * 32)]
-        replies.append(wire.receive(rogue.Call(iter(garbage), timeout=30)))
+        garbage = wire.Chunk(total=10, offset=0, data=b"0123456789", sha256=b"x" * 32)
+        replies.append(wire.receive(rogue(iter([wire.frame(garbage)]), timeout=30)))
         if previous is not None:  # replay the answer to an earlier task
             replies.append(call(rogue, previous))
         ops.add(task.scalars["op"])
@@ -191,7 +191,7 @@ def test_only_admitted_clients_with_valid_certificates_get_in(
     ca = pki.ca_dir / "ca.pem"
     join = wire.Envelope("join")
     plain_tls = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
-    no_cert = wire.services.CoordinatorStub(
+    no_cert = wire.caller(
         grpc.secure_channel(
             f"127.0.0.1:{dep.port}", plain_tls, [("grpc.ssl_target_name_override", "localhost")]
         )

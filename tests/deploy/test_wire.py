@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from proto_oracle import pb
 
 from potluck.core.message import Message, MessageError
-from potluck.deploy import wire
+from potluck.deploy import codec, wire
 from potluck.deploy.wire import Envelope, WireError
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -106,10 +108,104 @@ def test_encode_decode_round_trip(env: Envelope) -> None:
 @FAST
 @given(envelopes(), st.integers(1, 300))
 def test_send_receive_round_trip_in_random_chunks(env: Envelope, chunk_bytes: int) -> None:
-    chunks = list(wire.send(env, chunk_bytes))
+    frames = list(wire.send(env, chunk_bytes))
+    chunks = [pb.Chunk.FromString(f) for f in frames]  # protobuf's own parser reads them
     assert all(len(c.data) <= chunk_bytes for c in chunks)
     assert [bool(c.sha256) for c in chunks] == [False] * (len(chunks) - 1) + [True]
-    assert_same(env, wire.receive(iter(chunks)))
+    assert b"".join(c.data for c in chunks) == wire.encode(env)
+    assert_same(env, wire.receive(iter(frames)))
+
+
+# The codec against protobuf's own implementation (upb)
+
+
+def _from_pb(msg: Any) -> Envelope:
+    """What upb parsed, as an Envelope."""
+    arrays = {a.name: _pb_tensor(a) for a in msg.arrays}
+    scalars = {s.name: getattr(s, s.WhichOneof("value")) for s in msg.scalars}
+    return Envelope(
+        msg.kind, msg.run_id, msg.round, msg.task_id, msg.client, arrays=arrays, scalars=scalars
+    )
+
+
+def _pb_tensor(array: Any) -> torch.Tensor:
+    dtype = getattr(torch, array.dtype)
+    if not array.data:
+        return torch.empty(list(array.shape), dtype=dtype)
+    return torch.frombuffer(bytearray(array.data), dtype=dtype).reshape(list(array.shape))
+
+
+@FAST
+@given(envelopes())
+def test_protobuf_reads_what_the_codec_writes_and_the_codec_reads_protobuf(env: Envelope) -> None:
+    assert_same(env, _from_pb(pb.Envelope.FromString(wire.encode(env))))
+    msg = pb.Envelope.FromString(wire.encode(env))
+    assert_same(env, wire.decode(msg.SerializeToString()))
+
+
+@FAST
+@given(envelopes(), envelopes())
+def test_concatenated_messages_merge_as_protobuf_merges_them(a: Envelope, b: Envelope) -> None:
+    _assert_parsed_as_protobuf_parses(wire.encode(a) + wire.encode(b))
+
+
+def _assert_parsed_as_protobuf_parses(data: bytes) -> None:
+    raw, msg = codec.parse_envelope(memoryview(data)), pb.Envelope.FromString(data)
+    assert (raw.kind, raw.run_id, raw.round, raw.task_id, raw.client) == (
+        msg.kind,
+        msg.run_id,
+        msg.round,
+        msg.task_id,
+        msg.client,
+    )
+    assert [(a.name, a.dtype, a.shape, bytes(a.data)) for a in raw.arrays] == [
+        (a.name, a.dtype, list(a.shape), a.data) for a in msg.arrays
+    ]
+    which = [(s, s.WhichOneof("value")) for s in msg.scalars]
+    theirs = [(s.name, _bits(getattr(s, w)) if w else None) for s, w in which]
+    assert [(s.name, _bits(s.value)) for s in raw.scalars] == theirs
+
+
+def _bits(value: object) -> object:
+    """Floats by their bits (NaN equals NaN)."""
+    return struct.pack("<d", value) if isinstance(value, float) else value
+
+
+def test_unknown_fields_are_skipped_and_unpacked_shapes_accepted() -> None:
+    unpacked = bytes([0x0A, 1]) + b"w" + bytes([0x12, 5]) + b"uint8"
+    unpacked += bytes([0x18, 2, 0x18, 1]) + bytes([0x22, 2]) + b"ab"  # shape [2, 1], 2 bytes
+    unknown = bytes([0x40, 5, 0x4A, 1]) + b"x"  # fields 8 (varint) and 9 (bytes)
+    data = bytes([0x0A, 4]) + b"task" + unknown + bytes([0x32, len(unpacked)]) + unpacked
+    env = wire.decode(data)
+    assert env.kind == "task" and env.arrays["w"].tolist() == [[97], [98]]
+    assert_same(env, _from_pb(pb.Envelope.FromString(data)))
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (bytes([0x08, 1]), "Envelope field 1 has wire type varint, expected length-delimited"),
+        (bytes([0x0A, 2, 0xFF, 0xFE]), "Envelope field 1 is not valid UTF-8"),
+        (bytes([0x0B]), "wire type 3 .groups"),
+        (bytes([0x0A, 9]) + b"abc", "field 1 claims 9 bytes, 3 remain"),
+        (bytes([0x18]) + b"\xff" * 11, "varint longer than 10 bytes"),
+        (bytes([0x00, 0]), "invalid field number 0"),
+        (bytes([0x39]) + b"1234", "field 7 is truncated"),
+    ],
+)
+def test_malformed_protobuf_is_named(data: bytes, match: str) -> None:
+    with pytest.raises(WireError, match=match):
+        wire.decode(data)
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_whatever_the_codec_accepts_protobuf_parses_the_same(data: bytes) -> None:
+    try:
+        codec.parse_envelope(memoryview(data))
+    except codec.CodecError:
+        return
+    _assert_parsed_as_protobuf_parses(data)
 
 
 def test_decoded_tensors_are_writable_owned_copies() -> None:
@@ -218,7 +314,7 @@ def test_mutated_encodings_raise_wire_error_or_decode(env: Envelope, mutations: 
 
 CHUNKS = st.lists(
     st.builds(
-        wire.pb.Chunk,
+        wire.Chunk,
         total=st.integers(0, 64),
         offset=st.integers(0, 64),
         data=st.binary(max_size=16),
@@ -241,8 +337,8 @@ def test_tampered_chunk_streams_raise_wire_error(env: Envelope, size: int, data:
     chunks = list(wire.send(env, size))
     i = data.draw(st.integers(0, len(chunks) - 1))
     op = data.draw(st.sampled_from(["drop", "repeat", "swap", "total", "offset", "byte", "sha"]))
-    tampered = [wire.pb.Chunk(total=c.total, offset=c.offset, data=c.data) for c in chunks]
-    tampered[-1].sha256 = chunks[-1].sha256
+    chunks = [codec.parse_chunk(f) for f in wire.send(env, size)]
+    tampered = list(chunks)
     target = tampered[i]
     if op == "drop":
         del tampered[i]
@@ -252,20 +348,22 @@ def test_tampered_chunk_streams_raise_wire_error(env: Envelope, size: int, data:
         j = data.draw(st.integers(0, len(chunks) - 1))
         tampered[i], tampered[j] = tampered[j], tampered[i]
     elif op == "total":
-        target.total += data.draw(st.integers(1, 1000))
+        tampered[i] = replace(target, total=target.total + data.draw(st.integers(1, 1000)))
     elif op == "offset":
-        target.offset += data.draw(st.integers(1, 1000))
+        tampered[i] = replace(target, offset=target.offset + data.draw(st.integers(1, 1000)))
     elif op == "byte" and target.data:
         pos = data.draw(st.integers(0, len(target.data) - 1))
-        target.data = target.data[:pos] + bytes([target.data[pos] ^ 1]) + target.data[pos + 1 :]
+        flipped = bytearray(target.data)
+        flipped[pos] ^= 1
+        tampered[i] = replace(target, data=bytes(flipped))
     else:
-        tampered[-1].sha256 = hashlib.sha256(b"other").digest()
-    unchanged = [c.SerializeToString() for c in tampered] == [c.SerializeToString() for c in chunks]
-    if unchanged:
-        assert_same(env, wire.receive(tampered))
+        tampered[-1] = replace(tampered[-1], sha256=hashlib.sha256(b"other").digest())
+    frames = [wire.frame(c) for c in tampered]
+    if frames == [wire.frame(c) for c in chunks]:
+        assert_same(env, wire.receive(frames))
     else:
         with pytest.raises(WireError):
-            wire.receive(tampered)
+            wire.receive(frames)
 
 
 # Structured bad inputs, each refused with a message naming the problem
@@ -273,11 +371,11 @@ def test_tampered_chunk_streams_raise_wire_error(env: Envelope, size: int, data:
 
 def _array(**fields: Any) -> Any:
     base: dict[str, Any] = {"name": "w", "dtype": "float32", "shape": [2], "data": bytes(8)}
-    return wire.pb.Array(**{**base, **fields})
+    return pb.Array(**{**base, **fields})
 
 
 def _envelope(**fields: Any) -> bytes:
-    return bytes(wire.pb.Envelope(**{"kind": "update", **fields}).SerializeToString())
+    return bytes(pb.Envelope(**{"kind": "update", **fields}).SerializeToString())
 
 
 @pytest.mark.parametrize(
@@ -297,9 +395,9 @@ def _envelope(**fields: Any) -> bytes:
         (_envelope(arrays=[_array(name="")]), "array name '' is empty"),
         (_envelope(arrays=[_array(name="x" * 201)]), "at most 200"),
         (_envelope(arrays=[_array(name="a\nb")]), "array name 'a\\\\nb'"),
-        (_envelope(scalars=[wire.pb.Scalar(name="n", int=1)] * 2), "duplicate scalar name 'n'"),
-        (_envelope(scalars=[wire.pb.Scalar(name="n")]), "scalar 'n' has no value"),
-        (_envelope(scalars=[wire.pb.Scalar(name=str(i), int=i) for i in range(10_001)]), "10000"),
+        (_envelope(scalars=[pb.Scalar(name="n", int=1)] * 2), "duplicate scalar name 'n'"),
+        (_envelope(scalars=[pb.Scalar(name="n")]), "scalar 'n' has no value"),
+        (_envelope(scalars=[pb.Scalar(name=str(i), int=i) for i in range(10_001)]), "10000"),
         (_envelope(round=-1), "round is -1"),
         (_envelope(task_id=bytes(65)), "task_id must be at most 64 bytes"),
         (_envelope(client="a\x00b"), "client"),
@@ -321,7 +419,7 @@ def _stream(data: bytes = b"0123456789", size: int = 4) -> list[Any]:
 
 
 def _tamper(chunks: list[Any], i: int, **fields: Any) -> list[Any]:
-    chunks[i] = wire.pb.Chunk(
+    chunks[i] = wire.Chunk(
         total=fields.get("total", chunks[i].total),
         offset=fields.get("offset", chunks[i].offset),
         data=fields.get("data", chunks[i].data),
@@ -344,7 +442,7 @@ def _tamper(chunks: list[Any], i: int, **fields: Any) -> list[Any]:
         (_tamper(_stream(), 2, sha256=b""), "no sha256"),
         (_tamper(_stream(), 2, sha256=bytes(32)), "checksum mismatch"),
         (_tamper(_stream(), 1, data=b"4567"[::-1]), "checksum mismatch"),
-        ([*_stream(), wire.pb.Chunk(total=10, offset=10)], "chunk 3 arrives after all 10 bytes"),
+        ([*_stream(), wire.Chunk(total=10, offset=10)], "chunk 3 arrives after all 10 bytes"),
     ],
 )
 def test_malformed_chunk_streams_are_refused(chunks: list[Any], problem: str) -> None:
@@ -387,19 +485,19 @@ def test_chunk_size_must_be_positive() -> None:
 
 
 class Echo:
-    def Call(self, request: Iterable[Any], context: Any) -> Iterator[Any]:
+    def Call(self, request: Iterable[bytes], context: Any) -> Iterator[bytes]:
         yield from wire.send(wire.receive(request))
 
 
 @pytest.fixture
 def echo_stub() -> Iterator[Any]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    wire.services.add_CoordinatorServicer_to_server(Echo(), server)
+    server.add_generic_rpc_handlers((wire.handler(Echo().Call),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield wire.services.CoordinatorStub(channel)
+        yield wire.caller(channel)
     finally:
         channel.close()
         server.stop(None)
@@ -415,9 +513,9 @@ def test_grpc_loopback_passes_a_20mb_envelope_in_chunks(echo_stub: Any) -> None:
         arrays={"delta": torch.randn(5_000_000)},
         scalars={"num_examples": 3},
     )
-    assert_same(env, wire.receive(echo_stub.Call(wire.send(env), timeout=60)))
+    assert_same(env, wire.receive(echo_stub(wire.send(env), timeout=60)))
     with pytest.raises(grpc.RpcError) as info:  # one 20 MB message exceeds gRPC's 4 MiB default
-        wire.receive(echo_stub.Call(wire.send(env, chunk_bytes=env.nbytes + 1024), timeout=60))
+        wire.receive(echo_stub(wire.send(env, chunk_bytes=env.nbytes + 1024), timeout=60))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -443,10 +541,9 @@ def test_atheris_harness_runs_clean() -> None:
 def test_encoded_parts_stream_like_their_concatenation(parts: list[bytes], size: int) -> None:
     data = b"".join(parts)
     enc = wire.Encoded(tuple(parts), hashlib.sha256(data).digest())
-    got = [(c.total, c.offset, c.data, c.sha256) for c in wire.send_encoded(enc, size)]
-    want = [(c.total, c.offset, c.data, c.sha256) for c in wire.to_chunks(data, size)]
-    assert got == want
-    assert wire.from_chunks(wire.send_encoded(enc, size)) == data
+    got = list(wire.send_encoded(enc, size))
+    assert got == [wire.frame(c) for c in wire.to_chunks(data, size)]
+    assert wire.from_chunks(codec.parse_chunk(f) for f in got) == data
 
 
 def test_a_shared_prefix_merges_with_each_message() -> None:

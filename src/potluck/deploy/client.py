@@ -195,9 +195,9 @@ class Site:
         import grpc
 
         if self._stub is None:
-            self._stub = wire.services.CoordinatorStub(self._channel())
+            self._stub = wire.caller(self._channel())
         try:
-            return wire.receive(self._stub.Call(wire.send(env)))
+            return wire.receive(self._stub(wire.send(env)))
         except grpc.RpcError as exc:
             code = exc.code().name if exc.code() else "UNKNOWN"
             raise _Retry(f"connection to {self.server} failed ({code}: {exc.details()})") from exc

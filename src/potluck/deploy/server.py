@@ -316,7 +316,7 @@ class Coordinator:
         self.hub, self.config, self.insecure = hub, config, insecure
         self.poll_timeout_s, self.max_bytes = poll_timeout_s, max_bytes
 
-    def Call(self, request: Iterable[Any], context: Any) -> Iterator[Any]:  # gRPC's name
+    def Call(self, request: Iterable[bytes], context: Any) -> Iterator[bytes]:  # gRPC's name
         peer = context.peer()
         certified = self._certified(context)  # known before the message is read
         try:
@@ -508,7 +508,7 @@ def serve(
         ("grpc.max_send_message_length", 4 * wire.DEFAULT_CHUNK_BYTES),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-    wire.services.add_CoordinatorServicer_to_server(coordinator, server)
+    server.add_generic_rpc_handlers((wire.handler(coordinator.Call),))
     if credentials is None:
         port = server.add_insecure_port(listen)
     else:

@@ -1,13 +1,15 @@
 """The wire format: envelopes of named tensors and scalars, serialized and streamed in chunks.
 
-An ``Envelope`` is one logical message between server and client (``potluck.proto``). It is
-encoded as a protobuf ``Envelope`` (each tensor as its dtype name, shape and raw little-endian
-bytes; nothing is pickled) and streamed as ``Chunk`` messages of at most ``chunk_bytes`` each,
-so a model of any size passes gRPC's per-message limit. The last chunk carries the SHA-256 of
-the whole payload. Everything read from the network is checked before use: a malformed,
-truncated, corrupted or oversized input raises ``WireError`` saying what is wrong, never
-another exception. Whether the *values* are acceptable (expected shapes, NaN/Inf) is the
-receiver's business (``Message.validate``; ``finite`` helps).
+An ``Envelope`` is one logical message between server and client. It is serialized as the
+protobuf ``Envelope`` of ``potluck.proto`` (each tensor as its dtype name, shape and raw
+little-endian bytes; nothing is pickled) by ``codec``, and streamed as ``Chunk`` messages of
+at most ``chunk_bytes`` of it each, so a model of any size passes gRPC's per-message limit.
+The last chunk carries the SHA-256 of the whole payload. gRPC moves the chunks as bytes
+(``handler``, ``caller``): ``codec`` reads them in place. Everything read from the network
+is checked before use: a malformed, truncated, corrupted or oversized input raises
+``WireError`` saying what is wrong, never another exception. Whether the *values* are
+acceptable (expected shapes, NaN/Inf) is the receiver's business (``Message.validate``;
+``finite`` helps).
 
 Example:
     >>> import torch
@@ -24,7 +26,7 @@ import hashlib
 import math
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,14 +34,14 @@ import grpc
 import torch
 
 from potluck.core.message import Message, MessageError
+from potluck.deploy import codec
+from potluck.deploy.codec import Chunk
 
 if sys.byteorder != "little":  # tensors travel as their raw in-memory bytes
     raise ImportError("potluck.deploy.wire supports little-endian hosts only")
 
-pb: Any
-services: Any
-pb, services = grpc.protos_and_services("potluck/deploy/potluck.proto")
-
+SERVICE = "potluck.v1.Coordinator"  # potluck.proto's service, with its one method
+METHOD = f"/{SERVICE}/Call"
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_BYTES = 256 << 20
 MAX_ITEMS = 10_000
@@ -127,22 +129,18 @@ def encode(env: Envelope) -> bytes:
         >>> decode(encode(Envelope("wait", "run-1"))).run_id
         'run-1'
     """
-    msg = pb.Envelope(
-        kind=env.kind, run_id=env.run_id, round=env.round, task_id=env.task_id, client=env.client
-    )
+    return b"".join(_parts(env))
+
+
+def _parts(env: Envelope) -> list[codec.Bytes]:
+    arrays = []
     for name, array in env.arrays.items():
         flat = array.detach().cpu().contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy().tobytes()
-        msg.arrays.add(name=name, dtype=_NAMES[array.dtype], shape=array.shape, data=data)
-    for name, value in env.scalars.items():
-        scalar = msg.scalars.add(name=name)
-        if isinstance(value, str):
-            scalar.text = value
-        elif isinstance(value, int):
-            scalar.int = value
-        else:
-            scalar.real = value
-    return bytes(msg.SerializeToString())
+        data = flat.view(torch.uint8).numpy().data  # the tensor's memory, not a copy
+        arrays.append((name, _NAMES[array.dtype], list(array.shape), data))
+    return codec.envelope_parts(
+        env.kind, env.run_id, env.round, env.task_id, env.client, arrays, list(env.scalars.items())
+    )
 
 
 @dataclass(frozen=True)
@@ -185,23 +183,24 @@ class Prefix:
         return Encoded((self.data, own), h.digest())
 
 
-def send_encoded(enc: Encoded, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Any]:
-    """``enc`` as ``pb.Chunk`` messages, without joining its parts first."""
+def send_encoded(enc: Encoded, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """``enc`` as serialized ``Chunk`` messages, each copying its piece of the parts once."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     total, offset = enc.nbytes, 0
-    pieces = _pieces(enc.parts, chunk_bytes)
     if total == 0:
-        yield pb.Chunk(total=0, offset=0, data=b"", sha256=enc.digest)
+        yield codec.chunk_frame(0, 0, [], enc.digest)
         return
-    for piece in pieces:
-        last = offset + len(piece) == total
-        yield pb.Chunk(total=total, offset=offset, data=piece, sha256=enc.digest if last else b"")
-        offset += len(piece)
+    for piece in _pieces(enc.parts, chunk_bytes):
+        size = sum(len(p) for p in piece)
+        last = offset + size == total
+        yield codec.chunk_frame(total, offset, piece, enc.digest if last else b"")
+        offset += size
 
 
-def _pieces(parts: tuple[bytes, ...], size: int) -> Iterator[bytes]:
-    """Consecutive ``size``-byte pieces of the concatenated ``parts`` (the last shorter)."""
+def _pieces(parts: tuple[bytes, ...], size: int) -> Iterator[list[memoryview]]:
+    """Consecutive ``size``-byte pieces of the concatenated ``parts`` (the last shorter),
+    each as views of the parts."""
     pending: list[memoryview] = []
     held = 0
     for part in parts:
@@ -212,40 +211,36 @@ def _pieces(parts: tuple[bytes, ...], size: int) -> Iterator[bytes]:
             held += take
             view = view[take:]
             if held == size:
-                yield b"".join(pending)
+                yield pending
                 pending, held = [], 0
     if held:
-        yield b"".join(pending)
+        yield pending
 
 
-def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+def decode(data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
     """Parse and check a serialized ``Envelope``; tensors are writable copies.
 
     Example:
-        >>> decode(b"\\x12")  # doctest: +ELLIPSIS
+        >>> decode(b"\\x12")
         Traceback (most recent call last):
         ...
-        potluck.deploy.wire.WireError: not a valid Envelope: Error parsing message ...
+        potluck.deploy.wire.WireError: not a valid Envelope: truncated varint
     """
     if len(data) > max_bytes:
         raise WireError(f"envelope of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     try:
-        msg = pb.Envelope.FromString(data)
-    except Exception as exc:  # protobuf raises DecodeError, or others on odd input
+        raw = codec.parse_envelope(memoryview(data), MAX_ITEMS, MAX_DIMS)
+    except codec.CodecError as exc:
         raise WireError(f"not a valid Envelope: {exc}") from None
-    if len(msg.arrays) > MAX_ITEMS or len(msg.scalars) > MAX_ITEMS:
-        raise WireError(
-            f"{len(msg.arrays)} arrays and {len(msg.scalars)} scalars, at most {MAX_ITEMS} each"
-        )
-    arrays = _unique("array", ((a.name, _tensor(a, max_bytes)) for a in msg.arrays))
-    scalars = _unique("scalar", ((s.name, _scalar(s)) for s in msg.scalars))
+    arrays = _unique("array", ((a.name, _tensor(a, max_bytes)) for a in raw.arrays))
+    scalars = _unique("scalar", ((s.name, _scalar(s)) for s in raw.scalars))
     return Envelope(
-        msg.kind, msg.run_id, msg.round, msg.task_id, msg.client, arrays=arrays, scalars=scalars
+        raw.kind, raw.run_id, raw.round, raw.task_id, raw.client, arrays=arrays, scalars=scalars
     )
 
 
-def to_chunks(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Any]:
-    """``data`` as ``pb.Chunk`` messages; the last carries the SHA-256 of the whole.
+def to_chunks(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+    """``data`` as ``Chunk`` messages; the last carries the SHA-256 of the whole.
 
     Example:
         >>> [(c.offset, len(c.data), len(c.sha256)) for c in to_chunks(b"abcde", 2)]
@@ -256,17 +251,26 @@ def to_chunks(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[A
     return _chunks(data, chunk_bytes)
 
 
-def _chunks(data: bytes, chunk_bytes: int) -> Iterator[Any]:
+def _chunks(data: bytes, chunk_bytes: int) -> Iterator[Chunk]:
     total, digest = len(data), hashlib.sha256(data).digest()
     last = max(total - 1, 0) // chunk_bytes * chunk_bytes
+    view = memoryview(data)
     for offset in range(0, last + 1, chunk_bytes):
-        piece = data[offset : offset + chunk_bytes]
-        yield pb.Chunk(
-            total=total, offset=offset, data=piece, sha256=digest if offset == last else b""
-        )
+        piece = view[offset : offset + chunk_bytes]
+        yield Chunk(total, offset, piece, digest if offset == last else b"")
 
 
-def from_chunks(chunks: Iterable[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+def frame(chunk: Chunk) -> bytes:
+    """``chunk`` serialized (what one gRPC message carries).
+
+    Example:
+        >>> codec.parse_chunk(frame(Chunk(3, 0, b"abc"))).total
+        3
+    """
+    return codec.chunk_frame(chunk.total, chunk.offset, [chunk.data], chunk.sha256)
+
+
+def from_chunks(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Reassemble and verify a chunk stream; stops at the first bad chunk.
 
     Example:
@@ -277,7 +281,7 @@ def from_chunks(chunks: Iterable[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> by
         ...
         potluck.deploy.wire.WireError: stream ended after 4 of 5 bytes (truncated)
     """
-    pieces: list[bytes] = []
+    pieces: list[codec.Bytes] = []
     sha = hashlib.sha256()
     total = filled = 0
     digest = b""
@@ -315,14 +319,40 @@ def from_chunks(chunks: Iterable[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> by
     return b"".join(pieces)  # one copy, none for a single piece
 
 
-def send(env: Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Any]:
-    """``env`` encoded and cut into ``pb.Chunk`` messages (what a gRPC stream carries)."""
-    return to_chunks(encode(env), chunk_bytes)
+def send(env: Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """``env`` serialized and cut into ``Chunk`` messages (what a gRPC stream carries)."""
+    return (frame(c) for c in to_chunks(encode(env), chunk_bytes))
 
 
-def receive(chunks: Iterable[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
-    """The envelope carried by a chunk stream, checked (``from_chunks`` + ``decode``)."""
-    return decode(from_chunks(chunks, max_bytes), max_bytes)
+def receive(frames: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """The envelope carried by a stream of serialized chunks, checked (``from_chunks`` +
+    ``decode``)."""
+    return decode(from_chunks(_parsed(frames), max_bytes), max_bytes)
+
+
+def _parsed(frames: Iterable[bytes]) -> Iterator[Chunk]:
+    for i, data in enumerate(frames):
+        try:
+            yield codec.parse_chunk(data)
+        except codec.CodecError as exc:
+            raise WireError(f"chunk {i} is not a valid Chunk: {exc}") from None
+
+
+def handler(call: Callable[[Iterator[bytes], Any], Iterator[bytes]]) -> Any:
+    """A gRPC handler serving ``call`` as ``Coordinator.Call``, chunks passed as bytes."""
+    method = grpc.stream_stream_rpc_method_handler(call)
+    return grpc.method_handlers_generic_handler(SERVICE, {"Call": method})
+
+
+def caller(channel: Any) -> Callable[..., Iterator[bytes]]:
+    """``Coordinator.Call`` on ``channel``: serialized chunks in, serialized chunks out.
+
+    Example:
+        >>> import grpc
+        >>> call = caller(grpc.insecure_channel("localhost:1"))
+        >>> # receive(call(send(Envelope("poll", "run-1", client="a")), timeout=5))
+    """
+    return channel.stream_stream(METHOD)
 
 
 def _check_fields(env: Envelope) -> None:
@@ -376,7 +406,7 @@ def _unique(what: str, items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _tensor(array: Any, max_bytes: int) -> torch.Tensor:
+def _tensor(array: codec.RawArray, max_bytes: int) -> torch.Tensor:
     name, shape, data = array.name, list(array.shape), array.data
     dtype = _DTYPES.get(array.dtype)
     if dtype is None:
@@ -394,16 +424,14 @@ def _tensor(array: Any, max_bytes: int) -> torch.Tensor:
             f"array {name!r} of shape {shape} and dtype {array.dtype} needs"
             f" {math.prod(shape) * itemsize} bytes, got {len(data)}"
         )
-    if dtype == torch.bool and data.translate(None, b"\x00\x01"):
+    if dtype == torch.bool and bytes(data).translate(None, b"\x00\x01"):
         raise WireError(f"array {name!r} of dtype bool holds bytes other than 0 and 1")
     if not data:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
-def _scalar(scalar: Any) -> int | float | str:
-    which = scalar.WhichOneof("value")
-    if which is None:
+def _scalar(scalar: codec.RawScalar) -> int | float | str:
+    if scalar.value is None:
         raise WireError(f"scalar {scalar.name!r} has no value")
-    value: int | float | str = getattr(scalar, which)
-    return value
+    return scalar.value
