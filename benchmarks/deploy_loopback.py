@@ -2,10 +2,9 @@
 
 The server is ``.venv/bin/potluck server`` in its own process, running an experiment of
 ``--clients`` clients that all take part in every round (model ``--model``, Fashion-MNIST,
-evaluation off, one torch thread), in four modes: mutual TLS (one EC client certificate per
-client, issued with ``potluck.deploy.certs``), ``--insecure``, mutual TLS with a server whose
-glibc keeps freed memory (``+malloc``: ``MALLOC_ENV``), and the same with proposals patched
-into the server process (``+proto``: ``apply_prototypes``). The clients are
+evaluation off, one torch thread), in three modes: mutual TLS (one EC client certificate per
+client, issued with ``potluck.deploy.certs``), ``--insecure``, and mutual TLS with glibc's
+default malloc behaviour (``tls+glibc``: ``deploy.reuse_memory = false``). The clients are
 *light*: a few processes (``--procs``) each run ``clients / procs`` clients as threads, each
 with its own gRPC channel (its own TCP and TLS connection). They do not train and never
 import torch: they join, long-poll, read each task (the header is parsed, every byte is
@@ -23,10 +22,10 @@ at 499 Hz and its CPU time over the rounds is split by symbol into buckets (page
 memcpy, SHA-256, ...). Right after each deployment, the raw transfer time of the same bytes:
 TCP over 127.0.0.1 in as many parallel streams as cores, 1 MiB writes; the same over TLS 1.3
 (Python's ``ssl``); AES-GCM alone (``cryptography``). *Overhead* = round latency / raw
-transfer time. Last, in fresh processes with and without ``MALLOC_ENV``, a per-stage profile
-of the server path for one envelope of the model's size (``wire.encode``, chunking and
-SHA-256, chunk (de)serialization as gRPC does it, ``wire.receive``, validation), the
-aggregation, the ``Hub`` alone, and two prototypes of cheaper paths.
+transfer time. Last, in a fresh process that tunes malloc as the server does, a per-stage
+profile of the server path for one envelope of the model's size (``wire.encode``, chunk
+frames and SHA-256, a round's weights encoded once, ``wire.receive``, validation), the
+aggregation (fresh stack, reused stack, running sum) and the ``Hub`` alone.
 
 Run from the repository root (the issue-4 setting is the default; about 5 minutes):
     .venv/bin/python benchmarks/deploy_loopback.py
@@ -64,9 +63,6 @@ CHUNK = 1 << 20  # wire.DEFAULT_CHUNK_BYTES (the light clients do not import wir
 EXAMPLES = 300  # num_examples each light client reports
 VENV_BIN = Path(sys.executable).parent
 PERF_HZ = 499
-# glibc: serve large blocks from the heap and keep freed memory, instead of a fresh mmap (and
-# a page fault per 4 KiB on first touch) for every buffer above the dynamic threshold
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
 def _pb() -> Any:
@@ -470,7 +466,7 @@ def make_pki(directory: Path, names: Sequence[str]) -> float:
     return time.perf_counter() - t0
 
 
-def experiment_toml(setup: Setup, store: Path) -> str:
+def experiment_toml(setup: Setup, store: Path, reuse_memory: bool = True) -> str:
     from potluck.config import ExperimentConfig
 
     cfg = ExperimentConfig.from_dict(
@@ -492,6 +488,7 @@ def experiment_toml(setup: Setup, store: Path) -> str:
                 "join_timeout_s": 600,
                 "poll_timeout_s": setup.poll_timeout_s,
                 "admit": setup.names,
+                "reuse_memory": reuse_memory,
             },
         }
     )
@@ -524,17 +521,15 @@ def _wait4(pid: int, timeout: float) -> tuple[int, Any]:
 
 def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
     """One deployment run; everything it measured. ``mode``: "tls" or "insecure", with
-    "+malloc" for a server whose glibc keeps freed memory (``MALLOC_ENV``) and "+proto" for
-    a server with ``apply_prototypes``."""
+    "+glibc" for a server that leaves glibc's malloc as it is (``deploy.reuse_memory``)."""
     from potluck.store.sqlite import RunStore
 
     run_dir = setup.work / mode
     store, logs = run_dir / "store", run_dir / "logs"
     logs.mkdir(parents=True)
     exp = run_dir / "exp.toml"
-    exp.write_text(experiment_toml(setup, store))
+    exp.write_text(experiment_toml(setup, store, reuse_memory="+glibc" not in mode))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    server_env = {**env, **(MALLOC_ENV if "+malloc" in mode else {})}
     if mode.startswith("tls"):
         tls_args = ["--cert", str(pki / "server-hub.pem"), "--key", str(pki / "server-hub.key")]
         tls_args += ["--client-ca", str(pki / "ca.pem")]
@@ -545,14 +540,12 @@ def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
     try:
         t_start = time.time()
         potluck = [str(VENV_BIN / "potluck")]
-        if "+proto" in mode:
-            potluck = [sys.executable, __file__, "--patched-server"]
         with server_log.open("wb") as out:
             server = subprocess.Popen(
                 [*potluck, "server", str(exp), "--store", str(store), *tls_args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=server_env,
+                env=env,
             )
         procs.append(server)
         port = _wait_for_port(server_log, server)
@@ -933,51 +926,54 @@ def _timed(fn: Callable[[], object], repeats: int = 9) -> float:
 
 def stage_profile(size: int, clients: int) -> dict[str, Any]:
     """Seconds per envelope of each step of the server path for a model of ``size`` floats
-    (median of 9), the whole path per envelope and per round (x ``clients``), checksums, and
-    two cheaper prototypes. Run in a fresh process (glibc's state matters: see MALLOC_ENV)."""
+    (median of 9), the whole path per envelope and per round (x ``clients``), checksums and
+    the aggregation. Run in a fresh process, with malloc tuned as the server tunes it."""
     import zlib
 
     import torch
 
     from potluck.aggregate.mean import WeightedMean
+    from potluck.aggregate.stack import StackBuffer
     from potluck.core.message import Message
-    from potluck.deploy import wire
+    from potluck.deploy import codec, wire
+    from potluck.deploy.memory import reuse_freed_memory
 
+    reuse_freed_memory()
     torch.set_num_threads(1)
-    pb, w = wire.pb, torch.randn(size)
-    task = wire.Envelope(
-        "task", "0123456789abcdef", round=1, task_id=os.urandom(16),
-        arrays={"w": w}, scalars={"op": "train", "work": 1.0},
+    w = torch.randn(size)
+    own = wire.Envelope(
+        "task", "0123456789abcdef", round=1, task_id=os.urandom(16), client="c000",
+        scalars={"op": "train", "work": 1.0},
     )  # fmt: skip
-    raw_update = UpdateEncoder(pb, size).chunks("0123456789abcdef", 1, os.urandom(16), "c000")
-    update = wire.receive(pb.Chunk.FromString(m) for m in raw_update)
+    task = wire.Envelope(**{**own.__dict__, "arrays": {"w": w}})
+    raw_update = UpdateEncoder(_pb(), size).chunks("0123456789abcdef", 1, os.urandom(16), "c000")
+    update = wire.receive(raw_update)
     assert update.arrays["m/delta"].shape == (size,) and update.scalars["num_examples"] == EXAMPLES
     data = wire.encode(task)
     chunks = list(wire.to_chunks(data))
-    up_chunks = [pb.Chunk.FromString(m) for m in raw_update]
+    up_chunks = [codec.parse_chunk(m) for m in raw_update]
     up_data = wire.from_chunks(up_chunks)
+    prefix = wire.Prefix(wire.Envelope("task", arrays={"w": w}))
 
     def validate(env: Any) -> None:
         msg = Message(arrays={"delta": env.arrays["m/delta"]}, scalars=dict(env.scalars))
         msg.validate({"delta": size})
 
-    def down() -> list[bytes]:  # what a gRPC thread does for one task
-        return [c.SerializeToString() for c in wire.send(task)]
+    def down() -> list[bytes]:  # what a gRPC thread does for one task (weights encoded once)
+        return list(wire.send_encoded(prefix.extend(own)))
 
     def up() -> None:  # and for one update
-        validate(wire.receive([pb.Chunk.FromString(m) for m in raw_update]))
+        validate(wire.receive(raw_update))
 
     stages = {
-        "down: wire.encode (tensor bytes, protobuf)": lambda: wire.encode(task),
-        "down: wire.to_chunks (SHA-256, Chunk messages)": lambda: list(wire.to_chunks(data)),
-        "down: Chunk.SerializeToString (gRPC's serializer)": lambda: [
-            c.SerializeToString() for c in chunks
+        "down: wire.encode (codec, tensor bytes referenced)": lambda: wire.encode(task),
+        "down: wire.Prefix (a round's weights, once per round)": lambda: wire.Prefix(task),
+        "down: chunk frames (one copy)": lambda: [wire.frame(c) for c in chunks],
+        "up: codec.parse_chunk (gRPC hands bytes)": lambda: [
+            codec.parse_chunk(m) for m in raw_update
         ],
-        "up: Chunk.FromString (gRPC's deserializer)": lambda: [
-            pb.Chunk.FromString(m) for m in raw_update
-        ],
-        "up: wire.from_chunks (copy, SHA-256)": lambda: wire.from_chunks(up_chunks),
-        "up: wire.decode (protobuf, tensor copy)": lambda: wire.decode(up_data),
+        "up: wire.from_chunks (SHA-256, one join)": lambda: wire.from_chunks(up_chunks),
+        "up: wire.decode (codec, tensor copy)": lambda: wire.decode(up_data),
         "up: Message.validate (dtype, shape, finite)": lambda: validate(update),
     }
     per = {k: _timed(fn) for k, fn in stages.items()}
@@ -985,12 +981,8 @@ def stage_profile(size: int, clients: int) -> dict[str, Any]:
     deltas = [torch.zeros(size) for _ in range(clients)]
     weights = torch.full((clients,), float(EXAMPLES), dtype=torch.float64)
     aggregate = _timed(lambda: WeightedMean()(torch.stack(deltas), weights), 3)
-
-    def reused_stack() -> float:
-        buffer = torch.zeros(clients, size)  # allocated (and touched) once, reused every round
-        return _timed(lambda: WeightedMean()(torch.stack(deltas, out=buffer), weights), 3)
-
-    reused = reused_stack()
+    kept = StackBuffer()
+    reused = _timed(lambda: WeightedMean()(kept.stack(deltas), weights), 3)
     running = torch.zeros(size)
 
     def running_sum() -> torch.Tensor:  # as the updates arrive: no (K, d) stack at all
@@ -1011,28 +1003,18 @@ def stage_profile(size: int, clients: int) -> dict[str, Any]:
         "torch.isfinite(delta).all()": _timed(lambda: bool(torch.isfinite(delta).all())),
         "torch.isfinite(delta.sum())": _timed(lambda: bool(torch.isfinite(delta.sum()))),
     }
-    once, per_task = _encode_once_prototype(wire, task)
-    lean = _timed(lambda: _lean_receive(wire, up_chunks))
     return {
         "envelope_bytes": {"task": len(data), "update": len(up_data)},
         "per_envelope_s": {**per, **whole},
         "per_round_s": {
             **{k: v * clients for k, v in whole.items()},
             "aggregate: torch.stack + WeightedMean": aggregate,
-            "aggregate: stack into a reused buffer + WeightedMean": reused,
+            "aggregate: StackBuffer (reused) + WeightedMean": reused,
             "aggregate: running weighted sum, no stack": streamed,
             "reference: first touch of a fresh (K, d) buffer": first_touch,
             "hub: hand out tasks, collect answers (no payload)": hub_round_seconds(clients),
         },
         "reference_per_envelope_s": reference,
-        "prototypes": {
-            "encode_once: per round, once (s)": once,
-            "encode_once: per task (s)": per_task,
-            "encode_once: per round (s)": once + clients * per_task,
-            "lean_receive: per update, validated (s)": lean,
-            "today: per update, validated (s)": whole["up: one update, whole path"],
-            "lean_receive: per round (s)": clients * lean,
-        },
     }
 
 
@@ -1075,237 +1057,6 @@ def hub_round_seconds(clients: int, rounds: int = 3) -> float:
     return statistics.median(times)
 
 
-def _encode_once_prototype(wire: Any, task: Any) -> tuple[float, float]:
-    """Prototype: the shared arrays serialized, hashed and cut into serialized chunk messages
-    once per round; per task only its header (appended: protobuf concatenation), a copy of
-    the hash state and the last chunk. Returns (once per round, per task) seconds; checks
-    that the result decodes to the task."""
-    import torch
-
-    pb = wire.pb
-    shared = pb.Envelope()
-    for name, array in task.arrays.items():
-        data = array.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        shared.arrays.add(name=name, dtype="float32", shape=list(array.shape), data=data)
-    state: dict[str, Any] = {}
-
-    def once() -> None:
-        body = shared.SerializeToString()
-        full = len(body) // CHUNK
-        state.update(body=body, full=full, hash=hashlib.sha256(body), prefix={})
-
-    def per_task() -> list[bytes]:
-        body, full = state["body"], state["full"]
-        head = pb.Envelope(kind="task", run_id=task.run_id, round=task.round,
-                           task_id=os.urandom(16))  # fmt: skip
-        head.scalars.add(name="op", text="train")
-        head.scalars.add(name="work", real=1.0)
-        tail_head = head.SerializeToString()
-        total = len(body) + len(tail_head)
-        prefix = state["prefix"].get(total)
-        if prefix is None:  # the same for every task of the round (header of fixed length)
-            prefix = state["prefix"][total] = [
-                pb.Chunk(
-                    total=total, offset=k * CHUNK, data=body[k * CHUNK : (k + 1) * CHUNK]
-                ).SerializeToString()
-                for k in range(full)
-            ]
-        h = state["hash"].copy()
-        h.update(tail_head)
-        tail = body[full * CHUNK :] + tail_head
-        last = pb.Chunk(total=total, offset=full * CHUNK, data=tail, sha256=h.digest())
-        return [*prefix, last.SerializeToString()]
-
-    def round_start() -> None:
-        once()
-        per_task()  # fills the prefix cache
-
-    t_once = _timed(round_start, 3)
-    back = wire.receive(pb.Chunk.FromString(m) for m in per_task())
-    assert back.kind == "task" and bool((back.arrays["w"] == task.arrays["w"]).all())
-    return t_once, _timed(per_task)
-
-
-def _lean_receive(wire: Any, chunks: Sequence[Any]) -> dict[str, Any]:
-    """Prototype of ``wire.receive`` + validation with fewer passes over the bytes: the chunks
-    go into one uninitialised buffer that is hashed and parsed as it is (``from_chunks``
-    zero-fills a bytearray and copies it into ``bytes`` again), each array is copied once
-    into its tensor, and finiteness is checked on the sum (one reduction; NaN or Inf makes it
-    non-finite, and only then would the exact element-wise check run)."""
-    import numpy as np
-    import torch
-
-    total = chunks[0].total
-    buffer = np.empty(total, dtype=np.uint8)  # not zero-filled
-    filled = 0
-    for c in chunks:
-        buffer[filled : filled + len(c.data)] = np.frombuffer(c.data, dtype=np.uint8)
-        filled += len(c.data)
-    view = memoryview(buffer)  # type: ignore[arg-type]
-    if filled != total or hashlib.sha256(view).digest() != chunks[-1].sha256:
-        raise ValueError("truncated or corrupted")
-    msg = wire.pb.Envelope.FromString(view)
-    out = {}
-    for a in msg.arrays:
-        tensor = torch.frombuffer(bytearray(a.data), dtype=torch.float32)
-        if not bool(torch.isfinite(tensor.sum())):
-            raise ValueError(f"{a.name} holds NaN or Inf")
-        out[a.name] = tensor
-    return out
-
-
-# ---- the proposals, patched into a server process (prototypes) ----------------------------
-
-
-def apply_prototypes() -> None:
-    """Patch this process's server path with three of the proposals (the "+proto" modes):
-
-    - a task's arrays are serialized, hashed and cut into ``Chunk`` messages once per round
-      (they are the same tensors for every client); per task only its header is serialized,
-      appended after the arrays (protobuf concatenation), and hashed from a copy of the
-      arrays' SHA-256 state;
-    - ``wire.from_chunks`` reassembles into one uninitialised buffer that ``decode`` parses in
-      place (today: a zero-filled ``bytearray``, ``chunk.data`` read twice, each read a copy,
-      and a final copy into ``bytes``);
-    - ``Message.validate`` checks finiteness on the sum first (finite iff every element is,
-      unless it overflows: then the element-wise check decides).
-
-    The checks and error messages are unchanged; the bytes on the wire differ only in field
-    order, which protobuf decoders accept.
-    """
-    import numpy as np
-    import torch
-
-    from potluck.core.message import Message, MessageError
-    from potluck.deploy import wire
-
-    pb, plain_send, lock = wire.pb, wire.send, threading.Lock()
-    cache: dict[str, Any] = {}
-
-    def body_of(env: Any) -> tuple[bytes, Any, dict[int, list[Any]]]:
-        key = tuple((name, id(a), a._version) for name, a in env.arrays.items())
-        with lock:
-            if cache.get("key") != key:
-                msg = pb.Envelope()
-                for name, array in env.arrays.items():
-                    flat = array.detach().cpu().contiguous().reshape(-1)
-                    data = flat.view(torch.uint8).numpy().tobytes()
-                    msg.arrays.add(
-                        name=name, dtype=wire._NAMES[array.dtype], shape=array.shape, data=data
-                    )
-                body = msg.SerializeToString()
-                refs = tuple(env.arrays.values())  # keeps the ids in the key alive
-                cache.update(key=key, refs=refs, body=body, hash=hashlib.sha256(body), prefix={})
-            return cache["body"], cache["hash"], cache["prefix"]
-
-    def send(env: Any, chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES) -> Iterator[Any]:
-        if env.kind != "task" or not env.arrays:
-            return plain_send(env, chunk_bytes)
-        body, digest, prefixes = body_of(env)
-        head = pb.Envelope(
-            kind=env.kind, run_id=env.run_id, round=env.round, task_id=env.task_id,
-            client=env.client,
-        )  # fmt: skip
-        for name, value in env.scalars.items():
-            scalar = head.scalars.add(name=name)
-            if isinstance(value, str):
-                scalar.text = value
-            elif isinstance(value, int):
-                scalar.int = value
-            else:
-                scalar.real = value
-        tail_head, c = head.SerializeToString(), chunk_bytes
-        total, full = len(body) + len(tail_head), len(body) // c
-        with lock:
-            prefix = prefixes.get(total)
-            if prefix is None:
-                prefix = prefixes[total] = [
-                    pb.Chunk(total=total, offset=k * c, data=body[k * c : (k + 1) * c])
-                    for k in range(full)
-                ]
-        h = digest.copy()
-        h.update(tail_head)
-        tail, out = body[full * c :] + tail_head, list(prefix)
-        for start in range(0, len(tail), c):
-            last = start + c >= len(tail)
-            piece = tail[start : start + c]
-            sha = h.digest() if last else b""
-            out.append(pb.Chunk(total=total, offset=full * c + start, data=piece, sha256=sha))
-        return iter(out)
-
-    def from_chunks(chunks: Any, max_bytes: int = wire.DEFAULT_MAX_BYTES) -> memoryview:
-        buffer: Any = None
-        total = filled = 0
-        digest = b""
-        for i, chunk in enumerate(chunks):
-            data = chunk.data  # each read of a bytes field copies it out of upb
-            if buffer is None:
-                total = chunk.total
-                if total > max_bytes:
-                    raise wire.WireError(
-                        f"envelope of {total} bytes exceeds the limit of {max_bytes} bytes"
-                    )
-                buffer = np.empty(total, dtype=np.uint8)
-            elif chunk.total != total:
-                raise wire.WireError(f"chunk {i} announces {chunk.total} bytes, the first {total}")
-            elif filled == total:
-                raise wire.WireError(f"chunk {i} arrives after all {total} bytes")
-            if chunk.offset != filled:
-                raise wire.WireError(
-                    f"chunk {i} starts at offset {chunk.offset}, expected {filled}"
-                    " (chunks reordered, overlapping or missing)"
-                )
-            end = filled + len(data)
-            if end > total:
-                raise wire.WireError(f"chunk {i} carries data past the announced {total} bytes")
-            if end == filled and total:
-                raise wire.WireError(f"chunk {i} is empty")
-            buffer[filled:end] = np.frombuffer(data, dtype=np.uint8)
-            filled, digest = end, chunk.sha256
-        if buffer is None:
-            raise wire.WireError("empty stream: no chunks")
-        if filled < total:
-            raise wire.WireError(f"stream ended after {filled} of {total} bytes (truncated)")
-        if not digest:
-            raise wire.WireError("the last chunk carries no sha256 checksum")
-        view = memoryview(buffer)
-        if hashlib.sha256(view).digest() != digest:
-            raise wire.WireError("sha256 checksum mismatch: the payload is corrupted")
-        return view
-
-    def validate(self: Message, expected: Any, source: str = "message") -> None:
-        for name, length in expected.items():
-            if name not in self.arrays:
-                raise MessageError(f"{source}: missing array {name!r}")
-            arr = self.arrays[name]
-            if not isinstance(arr, torch.Tensor):
-                raise MessageError(f"{source}: array {name!r} is {type(arr).__name__}")
-            if arr.dtype != torch.float32:
-                raise MessageError(f"{source}: array {name!r} has dtype {arr.dtype}, not float32")
-            if arr.dim() != 1 or arr.numel() != length:
-                raise MessageError(
-                    f"{source}: array {name!r} has shape {tuple(arr.shape)}, expected ({length},)"
-                )
-            if not (bool(torch.isfinite(arr.sum())) or bool(torch.isfinite(arr).all())):
-                raise MessageError(f"{source}: array {name!r} contains NaN or Inf")
-        for key, value in self.scalars.items():
-            if isinstance(value, float) and value != value:  # NaN
-                raise MessageError(f"{source}: scalar {key!r} is NaN")
-
-    wire.send = send
-    wire.from_chunks = from_chunks  # type: ignore[assignment]
-    Message.validate = validate  # type: ignore[method-assign]
-
-
-def patched_server_main(argv: Sequence[str]) -> None:
-    """``potluck ARGV...`` with ``apply_prototypes`` in effect."""
-    apply_prototypes()
-    from potluck.cli import main as potluck_main
-
-    sys.argv = ["potluck", *argv]
-    potluck_main()
-
-
 # ---- driver -------------------------------------------------------------------------------
 
 
@@ -1321,9 +1072,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["--light-client"]:
         light_client_main(argv[1])
         return
-    if argv[:1] == ["--patched-server"]:
-        patched_server_main(argv[1:])
-        return
     if argv[:1] == ["--stage-profile"]:
         result = stage_profile(int(argv[1]), int(argv[2]))
         Path(argv[3]).write_text(json.dumps(result, indent=1))
@@ -1333,13 +1081,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--procs", type=int, default=4, help="light client processes")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="cnn")
-    parser.add_argument("--modes", default="tls,insecure,tls+malloc,tls+malloc+proto")
+    parser.add_argument("--modes", default="tls,insecure,tls+glibc")
     parser.add_argument("--raw-repeats", type=int, default=3)
-    parser.add_argument(
-        "--malloc-env",
-        default=",".join(f"{k}={v}" for k, v in MALLOC_ENV.items()),
-        help="the server's environment in the +malloc modes (KEY=VALUE,...)",
-    )
     parser.add_argument("--name", default="deploy_loopback", help="results file name")
     parser.add_argument(
         "--perf",
@@ -1352,8 +1095,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--keep", type=Path, help="keep the work directory (logs, store) here")
     args = parser.parse_args(argv)
-    MALLOC_ENV.clear()
-    MALLOC_ENV.update(kv.split("=", 1) for kv in args.malloc_env.split(",") if kv)
 
     payload = header("deploy_loopback")
     size = model_size(args.model)
@@ -1396,16 +1137,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"peak RSS {run['server']['peak_rss_mib']:,.0f} MiB",
                 flush=True,
             )
-    profile = {}
-    for label, extra in (("default", {}), ("malloc", MALLOC_ENV)):
-        print(f"stage profile ({label} malloc) ...", flush=True)
-        out = Path(tempfile.mkstemp(suffix=".json")[1])
-        cmd = [sys.executable, __file__, "--stage-profile", str(size), str(args.clients), str(out)]
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", **extra})
-        profile[label] = json.loads(out.read_text())
-        out.unlink()
-        for k, v in profile[label]["per_round_s"].items():
-            print(f"  {k}: {v:.3f} s per round")
+    print("stage profile ...", flush=True)
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    cmd = [sys.executable, __file__, "--stage-profile", str(size), str(args.clients), str(out)]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    profile = json.loads(out.read_text())
+    out.unlink()
+    for k, v in profile["per_round_s"].items():
+        print(f"  {k}: {v:.3f} s per round")
     payload.update(
         setup={
             "clients": args.clients,
@@ -1415,7 +1154,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             "parameters": size,
             "model_bytes": 4 * size,
             "pki_seconds": pki_s,
-            "malloc_env": dict(MALLOC_ENV),
             "perf": perf,
         },
         deployments=results,
