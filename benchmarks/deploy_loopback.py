@@ -1079,7 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--procs", type=int, default=4, help="light client processes")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--modes", default="tls,insecure,tls+glibc")
     parser.add_argument("--raw-repeats", type=int, default=3)

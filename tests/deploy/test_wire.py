@@ -215,6 +215,19 @@ def test_decoded_tensors_are_writable_owned_copies() -> None:
     assert second.arrays["delta"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
+def test_received_tensors_view_one_buffer_each_in_its_own_place() -> None:
+    a0, b0 = torch.arange(1000.0), torch.arange(5000.0, 6000.0)
+    env = Envelope("update", arrays={"a": a0, "b": b0})
+    data = wire.encode(env)
+    back = wire.receive(wire.send(env, chunk_bytes=777))
+    a, b = back.arrays["a"], back.arrays["b"]
+    where = data.find(b0.numpy().tobytes()) - data.find(a0.numpy().tobytes())
+    assert b.data_ptr() - a.data_ptr() == where  # views of the one reassembled buffer
+    a.add_(1)
+    assert torch.equal(a, a0 + 1) and torch.equal(b, b0)
+    assert torch.equal(torch.stack([a, b]), torch.stack([a0 + 1, b0]))
+
+
 def test_non_contiguous_and_grad_tensors_are_sent_as_their_values() -> None:
     w = torch.arange(6.0, requires_grad=True)
     t = torch.arange(6, dtype=torch.int32).reshape(2, 3).t()

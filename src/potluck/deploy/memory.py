@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest accepted value on 64-bit hosts
-TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: trim only above 2 GiB free
+NEVER_TRIM = -1  # mallopt stores it as a size_t: SIZE_MAX, "trimming disabled" (mallopt(3))
 
 log = logging.getLogger("potluck.deploy")
 
@@ -38,7 +38,7 @@ def reuse_freed_memory(arenas: int = 1) -> bool:
     settings = {
         "M_ARENA_MAX": (_M_ARENA_MAX, arenas),
         "M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX),
-        "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, NEVER_TRIM),
     }
     refused = [name for name, (param, value) in settings.items() if mallopt(param, value) != 1]
     if refused:

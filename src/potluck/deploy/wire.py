@@ -217,8 +217,9 @@ def _pieces(parts: tuple[bytes, ...], size: int) -> Iterator[list[memoryview]]:
         yield pending
 
 
-def decode(data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
-    """Parse and check a serialized ``Envelope``; tensors are writable copies.
+def decode(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """Parse and check a serialized ``Envelope``. The tensors are writable: views of ``data``
+    if it is writable (``receive`` hands over a buffer nothing else holds), else copies.
 
     Example:
         >>> decode(b"\\x12")
@@ -228,11 +229,13 @@ def decode(data: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Enve
     """
     if len(data) > max_bytes:
         raise WireError(f"envelope of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    view = memoryview(data)
     try:
-        raw = codec.parse_envelope(memoryview(data), MAX_ITEMS, MAX_DIMS)
+        raw = codec.parse_envelope(view, MAX_ITEMS, MAX_DIMS)
     except codec.CodecError as exc:
         raise WireError(f"not a valid Envelope: {exc}") from None
-    arrays = _unique("array", ((a.name, _tensor(a, max_bytes)) for a in raw.arrays))
+    copy = view.readonly
+    arrays = _unique("array", ((a.name, _tensor(a, max_bytes, copy)) for a in raw.arrays))
     scalars = _unique("scalar", ((s.name, _scalar(s)) for s in raw.scalars))
     return Envelope(
         raw.kind, raw.run_id, raw.round, raw.task_id, raw.client, arrays=arrays, scalars=scalars
@@ -270,12 +273,12 @@ def frame(chunk: Chunk) -> bytes:
     return codec.chunk_frame(chunk.total, chunk.offset, [chunk.data], chunk.sha256)
 
 
-def from_chunks(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+def from_chunks(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_MAX_BYTES) -> bytearray:
     """Reassemble and verify a chunk stream; stops at the first bad chunk.
 
     Example:
         >>> from_chunks(to_chunks(b"abcde", 2))
-        b'abcde'
+        bytearray(b'abcde')
         >>> from_chunks(list(to_chunks(b"abcde", 2))[:2])
         Traceback (most recent call last):
         ...
@@ -316,7 +319,7 @@ def from_chunks(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_MAX_BYTES) -> 
         raise WireError("the last chunk carries no sha256 checksum")
     if sha.digest() != digest:
         raise WireError("sha256 checksum mismatch: the payload is corrupted")
-    return b"".join(pieces)  # one copy, none for a single piece
+    return bytearray().join(pieces)  # one copy, into a buffer decoded tensors may view
 
 
 def send(env: Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
@@ -406,7 +409,7 @@ def _unique(what: str, items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _tensor(array: codec.RawArray, max_bytes: int) -> torch.Tensor:
+def _tensor(array: codec.RawArray, max_bytes: int, copy: bool) -> torch.Tensor:
     name, shape, data = array.name, list(array.shape), array.data
     dtype = _DTYPES.get(array.dtype)
     if dtype is None:
@@ -428,7 +431,8 @@ def _tensor(array: codec.RawArray, max_bytes: int) -> torch.Tensor:
         raise WireError(f"array {name!r} of dtype bool holds bytes other than 0 and 1")
     if not data:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    buffer = bytearray(data) if copy else data  # a view may be unaligned: x86 and torch allow it
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def _scalar(scalar: codec.RawScalar) -> int | float | str:
