@@ -424,7 +424,7 @@ def server(
     insecure: Annotated[bool, typer.Option(help="no TLS, no client authentication")] = False,
 ) -> None:
     """Coordinate an experiment with real clients over gRPC (mutual TLS unless --insecure)."""
-    from potluck.deployment import ServerTLS, run_server
+    from potluck.deployment import ServerTLS, rounds_done, run_server
 
     _log_to_stderr()
     overrides = [*(set_ or []), *([f"deploy.listen={json.dumps(listen)}"] if listen else [])]
@@ -438,7 +438,7 @@ def server(
         _fail("the server needs --cert, --key and --client-ca (or an explicit --insecure)")
     else:
         tls = ServerTLS(cert, key, client_ca)
-    with _refused(), _progress(cfg.rounds, 0) as on_round:
+    with _refused(), _progress(cfg.rounds, rounds_done(cfg)) as on_round:
         result = run_server(cfg, tls=tls, revoked=revoked, on_round=on_round)
     _describe_end(result)
 

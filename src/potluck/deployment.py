@@ -119,6 +119,20 @@ def run_server(
         store.close()
 
 
+def rounds_done(cfg: ExperimentConfig) -> int:
+    """Rounds already committed by the unfinished run ``run_server`` would resume (else 0).
+
+    Example:
+        >>> rounds_done(ExperimentConfig.from_dict({"run": {"store": "none"}}))
+        0
+    """
+    if not cfg.run.name or not Path(cfg.run.store).exists():
+        return 0
+    with RunStore(cfg.run.store) as store:
+        run_id = _unfinished(store, cfg.run.name)
+        return store.get_run(run_id).last_round if run_id else 0
+
+
 def _unfinished(store: RunStore, name: str | None) -> str | None:
     if not name:
         return None

@@ -20,6 +20,7 @@ from conftest import PKI, SITES, Deployment, config, self_signed
 from potluck.client.program import ClientResult, RoundInput
 from potluck.deploy import wire
 from potluck.deploy.client import ClientTLS
+from potluck.deployment import rounds_done
 from potluck.engines.inline import InlineEngine
 from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
 from potluck.store.sqlite import RunStore
@@ -246,3 +247,21 @@ def test_show_prints_client_health(deployment: Make, pki: PKI, tmp_path: Path) -
     assert "clients (deployment)" in out.output and "site-4" in out.output
     js = CliRunner().invoke(app, ["show", "deployed", "--store", str(tmp_path / "runs"), "--json"])
     assert [h["name"] for h in json.loads(js.output)["client_health"]] == SITES
+
+
+def test_rounds_done_is_what_a_restarted_server_resumes_from(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "store")
+    assert rounds_done(cfg) == 0  # no store yet
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(rnd: int, _metrics: object) -> None:
+        if rnd == 2:
+            raise Stop
+
+    with RunStore(cfg.run.store) as store, pytest.raises(Stop):
+        run_experiment(cfg.build(), store, on_round=stop_after_two)
+    assert rounds_done(cfg) == 2
+    other = cfg.run.model_copy(update={"name": "another-run"})
+    assert rounds_done(cfg.model_copy(update={"run": other})) == 0
