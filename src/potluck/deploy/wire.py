@@ -289,7 +289,7 @@ def from_chunks(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_MAX_BYTES) -> 
     total = filled = 0
     digest = b""
     for i, chunk in enumerate(chunks):
-        data = chunk.data  # read once: each read copies the field out of protobuf
+        data = chunk.data
         if i == 0:
             total = chunk.total
             if total > max_bytes:
