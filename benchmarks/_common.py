@@ -194,14 +194,17 @@ def train_cohort(engine: Any, algorithm: Any, cohort: Any, w: Any, rnd: int) -> 
 def save_curves(
     fig: Any, axes: Sequence[Any], titles: Sequence[str], ylabel: str, suptitle: str, name: str
 ) -> Path:
-    """Label per-round curve panels (title, "round" axis, grid; y label and legend on the
-    first), lay out the matplotlib ``Figure`` and write ``benchmarks/plots/NAME.png``."""
-    for ax, title in zip(axes, titles, strict=True):
+    """Label per-round curve panels (title, "round" axis, grid; y label on the first; a legend
+    on the first and on every panel whose curves differ from it), lay out the matplotlib
+    ``Figure`` and write ``benchmarks/plots/NAME.png``."""
+    first = axes[0].get_legend_handles_labels()[1]
+    for i, (ax, title) in enumerate(zip(axes, titles, strict=True)):
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
+        if i == 0 or ax.get_legend_handles_labels()[1] != first:
+            ax.legend()
     axes[0].set_ylabel(ylabel)
-    axes[0].legend()
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()

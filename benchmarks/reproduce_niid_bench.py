@@ -8,6 +8,7 @@ McMahan's shards: 20 label-sorted shards of 3,000, two per client).
 
     .venv/bin/python benchmarks/reproduce_niid_bench.py            # the full 50 rounds
     .venv/bin/python benchmarks/reproduce_niid_bench.py --rounds 5 --partitions dir0.5
+    .venv/bin/python benchmarks/reproduce_niid_bench.py --plot-only   # redraw from the results
 
 The full grid takes about 7 hours on 2 cores (one round about 40 s at 1 thread with the
 inline engine; the vectorized engine is slower here: LeNet's convolutions under ``vmap``
@@ -119,9 +120,14 @@ def main() -> None:
     parser.add_argument("--partitions", default="iid,dir0.5,c2")
     parser.add_argument("--algorithms", default="fedavg,scaffold,fedprox,fednova")
     parser.add_argument("--engine", default="inline", help="inline or vectorized")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot, run nothing")
     args = parser.parse_args()
     partitions = args.partitions.split(",")
     name = result_name(args.rounds)
+    if args.plot_only:
+        runs = json.loads((RESULTS / f"{name}.json").read_text())["runs"]
+        plot(runs, [p for p in PARTITIONS if any(r["partition"] == p for r in runs)], name)
+        return
     source = header(name)["source"]  # the code this process imported, not a later HEAD
     for part in partitions:
         for algorithm in args.algorithms.split(","):
