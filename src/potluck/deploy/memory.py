@@ -4,10 +4,12 @@ A server round allocates and frees the same large buffers every round (each clie
 6.65 MB chunks and decoded update for the McMahan CNN). By default glibc serves such sizes
 with ``mmap`` and gives them back with ``munmap``, creates one arena per thread (up to 8 per
 core) whose heaps it shrinks, and trims the top of the heap: every round then faults in and
-zeroes fresh pages again. At 50 clients a third of the server's page faults per round were
-this (BENCHMARKS.md §9). ``reuse_freed_memory`` asks glibc (``mallopt``) for one arena, heap
+zeroes fresh pages again. ``reuse_freed_memory`` asks glibc (``mallopt``) for one arena, heap
 allocation up to the largest ``mmap`` threshold glibc accepts (32 MiB), and no trimming, so
-that the process keeps its peak and reuses it. Elsewhere than glibc it does nothing.
+that the process keeps its peak and reuses it: at 200 clients the server's page faults fell
+from 100-170 k per round to none once the heap had settled (BENCHMARKS.md §9). A library that
+calls ``malloc_trim`` itself still returns the memory (protobuf's Python runtime does, which
+is one reason for ``codec``). Elsewhere than glibc it does nothing.
 
 Example:
     >>> reuse_freed_memory()  # glibc accepts every setting
