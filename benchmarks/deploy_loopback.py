@@ -519,30 +519,79 @@ def _wait4(pid: int, timeout: float) -> tuple[int, Any]:
         time.sleep(0.05)
 
 
-def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
-    """One deployment run; everything it measured. ``mode``: "tls" or "insecure", with
-    "+glibc" for a server that leaves glibc's malloc as it is (``deploy.reuse_memory``)."""
-    from potluck.store.sqlite import RunStore
-
-    run_dir = setup.work / mode
-    store, logs = run_dir / "store", run_dir / "logs"
-    logs.mkdir(parents=True)
-    exp = run_dir / "exp.toml"
+def server_command(setup: Setup, mode: str, pki: Path, run_dir: Path) -> list[str]:
+    """The server process of ``mode``: ``potluck server`` ("tls", "insecure", "tls+glibc") or
+    the bare grpcio floor ("floor-tls", "floor-insecure"; ``grpc_floor.py``)."""
+    tls = "tls" in mode
+    if mode.startswith("floor-"):
+        spec = {
+            "clients": setup.clients,
+            "rounds": setup.rounds,
+            "model_size": setup.model_size,
+            "pki": str(pki) if tls else None,
+            "poll_timeout_s": setup.poll_timeout_s,
+            "out": str(run_dir / "floor-rounds.json"),
+        }
+        (run_dir / "floor.spec.json").write_text(json.dumps(spec))
+        return [
+            sys.executable,
+            str(Path(__file__).with_name("grpc_floor.py")),
+            str(run_dir / "floor.spec.json"),
+        ]
+    store, exp = run_dir / "store", run_dir / "exp.toml"
     exp.write_text(experiment_toml(setup, store, reuse_memory="+glibc" not in mode))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    if mode.startswith("tls"):
+    if tls:
         tls_args = ["--cert", str(pki / "server-hub.pem"), "--key", str(pki / "server-hub.key")]
         tls_args += ["--client-ca", str(pki / "ca.pem")]
     else:
         tls_args = ["--insecure"]
+    return [str(VENV_BIN / "potluck"), "server", str(exp), "--store", str(store), *tls_args]
+
+
+@dataclass(frozen=True)
+class FloorRound:
+    """A round of the floor server, shaped like the run store's rounds for ``analyse``."""
+
+    round: int
+    committed_at: str
+    metrics: dict[str, Any]
+
+
+def rounds_of(mode: str, run_dir: Path) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The rounds and client health the server of ``mode`` recorded."""
+    if mode.startswith("floor-"):
+        log = json.loads((run_dir / "floor-rounds.json").read_text())
+        rounds: list[Any] = [
+            FloorRound(
+                r["round"],
+                datetime.fromtimestamp(r["started_at"] + r["round_seconds"]).isoformat(),
+                {**r, "updates": None, "failed": None, "refused": None},
+            )
+            for r in log
+        ]
+        return rounds, []
+    from potluck.store.sqlite import RunStore
+
+    with RunStore(run_dir / "store") as st:
+        run = st.list_runs()[0]
+        return list(st.rounds(run.run_id)), list(st.health(run.run_id))
+
+
+def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
+    """One deployment run; everything it measured. ``mode``: "tls" or "insecure", with
+    "+glibc" for a server that leaves glibc's malloc as it is (``deploy.reuse_memory``), or
+    "floor-tls" / "floor-insecure" for the bare grpcio server (``grpc_floor.py``)."""
+    run_dir = setup.work / mode
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     server_log = logs / "server.log"
     procs: list[subprocess.Popen[bytes]] = []
     try:
         t_start = time.time()
-        potluck = [str(VENV_BIN / "potluck")]
         with server_log.open("wb") as out:
             server = subprocess.Popen(
-                [*potluck, "server", str(exp), "--store", str(store), *tls_args],
+                server_command(setup, mode, pki, run_dir),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -562,7 +611,7 @@ def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
             spec = {
                 "server": f"127.0.0.1:{port}",
                 "names": names[i * per : (i + 1) * per],
-                "pki": str(pki) if mode.startswith("tls") else None,
+                "pki": str(pki) if "tls" in mode else None,
                 "model_size": setup.model_size,
                 "poll_timeout_s": setup.poll_timeout_s,
                 "out": str(out_path),
@@ -599,10 +648,7 @@ def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    with RunStore(store) as st:
-        run = st.list_runs()[0]
-        rounds = st.rounds(run.run_id)
-        health = st.health(run.run_id)
+    rounds, health = rounds_of(mode, run_dir)
     result = analyse(
         setup,
         mode,
@@ -710,7 +756,8 @@ def phase_profiles(data: Path, rounds: Sequence[dict[str, Any]]) -> dict[str, An
         tasks, acks = r["all_tasks_received_after_s"], r["all_updates_acked_after_s"]
         phases["tasks out"].append((start, start + tasks))
         phases["updates in"].append((start + tasks, start + acks))
-        phases["after the last update"].append((start + acks, start + r["round_seconds"]))
+        end = max(start + r["round_seconds"], start + acks)  # a floor round ends before its acks
+        phases["after the last update"].append((start + acks, end))
     return {phase: perf_profile(data, windows, top=10) for phase, windows in phases.items()}
 
 
@@ -1047,7 +1094,7 @@ def hub_round_seconds(clients: int, rounds: int = 3) -> float:
         for cid in range(clients):
             task_id = secrets.token_bytes(16)
             env = wire.Envelope("task", "run", round=rnd, task_id=task_id)
-            tasks.append(Task(task_id, cid, "train", rnd, env))
+            tasks.append(Task(task_id, cid, "train", rnd, wire.Encoded((wire.encode(env),), b"")))
         t0 = time.perf_counter()
         hub.run(tasks, 60)
         times.append(time.perf_counter() - t0)
@@ -1081,7 +1128,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--procs", type=int, default=4, help="light client processes")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", default="cnn")
-    parser.add_argument("--modes", default="tls,insecure,tls+glibc")
+    parser.add_argument(
+        "--modes",
+        default="tls,insecure,floor-tls,floor-insecure",
+        help="tls, insecure, tls+glibc (potluck server); floor-tls, floor-insecure (bare grpcio)",
+    )
     parser.add_argument("--raw-repeats", type=int, default=3)
     parser.add_argument("--name", default="deploy_loopback", help="results file name")
     parser.add_argument(
