@@ -4,7 +4,10 @@ The server is ``.venv/bin/potluck server`` in its own process, running an experi
 ``--clients`` clients that all take part in every round (model ``--model``, Fashion-MNIST,
 evaluation off, one torch thread), in three modes: mutual TLS (one EC client certificate per
 client, issued with ``potluck.deploy.certs``), ``--insecure``, and mutual TLS with glibc's
-default malloc behaviour (``tls+glibc``: ``deploy.reuse_memory = false``). The clients are
+default malloc behaviour (``tls+glibc``: ``deploy.reuse_memory = false``). Two more modes,
+``floor-tls`` and ``floor-insecure``, serve the same clients with a bare grpcio server that
+only moves the bytes (``grpc_floor.py``): the transport's floor under potluck's round time,
+measured in the same run. The clients are
 *light*: a few processes (``--procs``) each run ``clients / procs`` clients as threads, each
 with its own gRPC channel (its own TCP and TLS connection). They do not train and never
 import torch: they join, long-poll, read each task (the header is parsed, every byte is

@@ -44,7 +44,9 @@ class Floor:
         body = pb.Envelope()
         body.arrays.add(name="w", dtype="float32", shape=[size], data=bytes(4 * size))
         self.body = body.SerializeToString()
-        self.cv = threading.Condition()
+        self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)  # the round loop waits here
+        self.polls = threading.Condition(self.lock)  # the polling clients wait here
         self.round = 0  # the open round (0: not started)
         self.done = False
         self.polling: set[str] = set()  # clients that polled (ready for round 1)
@@ -86,14 +88,14 @@ class Floor:
 
     def poll(self, name: str) -> list[bytes]:
         deadline = time.monotonic() + self.poll_s
-        with self.cv:
+        with self.lock:
             self.polling.add(name)
             self.cv.notify_all()
             while not self.done and (self.round == 0 or name in self.served):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return self.frame(self.pb.Envelope(kind="wait", run_id="floor"))
-                self.cv.wait(left)
+                self.polls.wait(left)
             if self.done:
                 return self.frame(self.pb.Envelope(kind="done", run_id="floor"))
             self.served.add(name)
@@ -119,13 +121,13 @@ class Floor:
                 self.log.append({"round": rnd, "started_at": time.time()})
                 self.log[-1].update(bytes_down=0, bytes_up=0)
                 self.round = rnd
-                self.cv.notify_all()
+                self.polls.notify_all()
                 while self.updates < self.clients:
                     self.cv.wait()
                 self.log[-1]["round_seconds"] = time.time() - self.log[-1]["started_at"]
-        with self.cv:
+        with self.lock:
             self.done = True
-            self.cv.notify_all()
+            self.polls.notify_all()
 
 
 def credentials(pki: Path) -> Any:

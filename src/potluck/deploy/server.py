@@ -110,7 +110,14 @@ class Task:
 
 @dataclass
 class Hub:
-    """Thread-safe meeting point of the gRPC threads (clients) and the round loop (server)."""
+    """Thread-safe meeting point of the gRPC threads (clients) and the round loop (server).
+
+    One lock, and a condition per waiter: the round loop waits on ``_cv`` (clients ready,
+    answers in), each long-polling client on its own condition (a task for it, the end). An
+    answer wakes the round loop only, and a task only its client: with one shared condition,
+    each of a round's K answers would wake every client already polling for the next round
+    (O(K^2) wake-ups per round).
+    """
 
     run_id: str
     num_clients: int
@@ -121,7 +128,9 @@ class Hub:
     finished: bool = False
 
     def __post_init__(self) -> None:
-        self._cv = threading.Condition()
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)  # the round loop's
+        self._polls: dict[int, threading.Condition] = {}  # each polling client's
         self._queues: dict[int, deque[Task]] = {}
         self._open: dict[bytes, Task] = {}
         self._names: dict[int, str] = {h.client: n for n, h in self.health.items()}
@@ -153,12 +162,13 @@ class Hub:
                 self._ready.add(name)
                 self._cv.notify_all()
             queue = self._queues.setdefault(cid, deque())
+            wake = self._poll_condition(cid)
             while not queue and not self.finished:
                 self._seen(name)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                self._cv.wait(left)
+                wake.wait(left)
             self._seen(name)
             if not queue:
                 return None
@@ -216,7 +226,7 @@ class Hub:
                     continue  # closed below as failed: nobody would take it
                 self._open[task.task_id] = task
                 self._queues.setdefault(task.client, deque()).append(task)
-            self._cv.notify_all()
+                self._poll_condition(task.client).notify_all()
             while any(t.answer is None and t.task_id in self._open for t in tasks):
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -245,8 +255,16 @@ class Hub:
         with self._cv:
             self.finished = True
             self._cv.notify_all()
+            for wake in self._polls.values():
+                wake.notify_all()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _poll_condition(self, cid: int) -> threading.Condition:
+        wake = self._polls.get(cid)
+        if wake is None:
+            wake = self._polls[cid] = threading.Condition(self._lock)
+        return wake
 
     def _close(self, task: Task) -> None:
         was_open = self._open.pop(task.task_id, None) is not None

@@ -1,0 +1,113 @@
+"""The ``Hub`` alone: tasks reach their clients, answers reach the round loop, and nothing
+else wakes anyone (no gRPC; the clients are threads)."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from potluck.deploy import wire
+from potluck.deploy.server import Hub, Task
+
+
+def task(cid: int, rnd: int = 1) -> Task:
+    task_id = secrets.token_bytes(16)
+    env = wire.Envelope("task", "run", round=rnd, task_id=task_id)
+    return Task(task_id, cid, "train", rnd, wire.Encoded((wire.encode(env),), b""))
+
+
+def answer_of(t: Task) -> wire.Envelope:
+    return wire.Envelope("update", "run", round=t.round, task_id=t.task_id)
+
+
+def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def waiting(hub: Hub, cid: int) -> bool:
+    """Whether a thread is blocked in ``next_task`` for client ``cid``."""
+    wake = hub._polls.get(cid)
+    return wake is not None and len(wake._waiters) > 0  # type: ignore[attr-defined]
+
+
+def test_answers_do_not_wake_clients_polling_for_the_next_round() -> None:
+    names = ["a", "b", "c"]
+    hub = Hub("run", 3, admit=names)
+    for name in names:
+        hub.join(name)
+    got: dict[str, Any] = {}
+    idle = [
+        threading.Thread(target=lambda n=n: got.update({n: hub.next_task(n, 30)})) for n in "bc"
+    ]
+    for t in idle:
+        t.start()
+    until(lambda: waiting(hub, 1) and waiting(hub, 2))
+    wakeups = {1: 0, 2: 0}
+    for cid in wakeups:  # count each time a poller goes back to waiting
+        wake = hub._polls[cid]
+        inner = wake.wait
+
+        def counted(timeout: float | None = None, cid: int = cid, inner: Any = inner) -> bool:
+            wakeups[cid] += 1
+            return bool(inner(timeout))
+
+        wake.wait = counted  # type: ignore[method-assign]
+
+    def client_a() -> None:
+        t = hub.next_task("a", 10)
+        assert t is not None
+        hub.answer("a", answer_of(t))
+
+    worker = threading.Thread(target=client_a)
+    worker.start()
+    answers = hub.run([task(0)], timeout=10)
+    worker.join()
+    assert answers[0] is not None and answers[0].kind == "update"
+    until(lambda: waiting(hub, 1) and waiting(hub, 2))  # a woken poller is back by now
+    assert wakeups == {1: 0, 2: 0}  # a's task and answer woke neither b nor c
+    hub.finish()
+    for t in idle:
+        t.join(5)
+    assert got == {"b": None, "c": None}  # told the run is over
+
+
+def test_each_task_reaches_its_own_client_and_every_answer_comes_back() -> None:
+    names = [f"c{i}" for i in range(20)]
+    hub = Hub("run", len(names), admit=names)
+    seen: dict[str, list[int]] = {n: [] for n in names}
+
+    def client(name: str) -> None:
+        hub.join(name)
+        while (t := hub.next_task(name, 5)) is not None:
+            seen[name].append(t.client)
+            hub.answer(name, answer_of(t))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    hub.wait_for_clients(len(names), 10)
+    for rnd in (1, 2):
+        answers = hub.run([task(cid, rnd) for cid in range(len(names))], timeout=10)
+        assert [a.round if a else None for a in answers] == [rnd] * len(names)
+    hub.finish()
+    for t in threads:
+        t.join(10)
+    assert seen == {n: [i, i] for i, n in enumerate(names)}
+    assert all(h["rounds_completed"] == 2 for h in hub.snapshot())
+
+
+def test_a_task_for_a_client_that_does_not_poll_is_closed_at_the_deadline() -> None:
+    hub = Hub("run", 2, admit=["a", "b"])
+    hub.join("a")
+    hub.join("b")
+    t0 = time.monotonic()
+    assert hub.run([task(0)], timeout=0.3) == [None]
+    assert time.monotonic() - t0 < 5
+    health = {h["name"]: h for h in hub.snapshot()}
+    assert health["a"]["failures"] == 1 and "never polled" in health["a"]["last_error"]
