@@ -97,7 +97,7 @@ def run_server(
     if tls is None:
         log.warning("INSECURE: no TLS, clients are not authenticated (--insecure)")
     if dep.reuse_memory and reuse_freed_memory():  # before gRPC's threads start
-        log.info("malloc: one arena, freed buffers kept for reuse (deploy.reuse_memory)")
+        log.info("malloc: an arena per core, freed buffers kept for reuse (deploy.reuse_memory)")
     server, port = serve(coordinator, dep.listen, tls.credentials() if tls else None)
     log.info("listening on %s (port %d), run %s", dep.listen, port, hub.run_id)
     if on_listening is not None:
