@@ -11,7 +11,7 @@ faults fell from 100-170 k per round to a few tens of thousands or none once the
 settled (BENCHMARKS.md §9). One arena per core rather than one for the whole process: gRPC's
 event-engine threads (about one per core) allocate as they send and receive, and with a single
 arena they queued for its lock (malloc took 0.69 CPU-s per TLS round at 200 clients on two
-cores, 0.46 s with two arenas, at the same peak memory). A library that
+cores, 0.46-0.60 s in two runs with two arenas, at the same peak memory). A library that
 calls ``malloc_trim`` itself still returns the memory (protobuf's Python runtime does, which
 is one reason for ``codec``). Elsewhere than glibc it does nothing.
 
