@@ -30,7 +30,7 @@ profile of the server path for one envelope of the model's size (``wire.encode``
 frames and SHA-256, a round's weights encoded once, ``wire.receive``, validation), the
 aggregation (fresh stack, reused stack, running sum) and the ``Hub`` alone.
 
-Run from the repository root (the issue-4 setting is the default; about 5 minutes):
+Run from the repository root (the issue-4 setting is the default; about 7 minutes):
     .venv/bin/python benchmarks/deploy_loopback.py
 Small, for development:
     .venv/bin/python benchmarks/deploy_loopback.py --clients 20 --procs 2 --rounds 2
