@@ -4,8 +4,9 @@ A server for ``deploy_loopback``'s light clients that speaks the same protocol a
 ``potluck server`` (join, long-poll, task, update, ack, done, over ``Coordinator.Call`` with
 the same chunks and the same TLS credentials) and does nothing else: no potluck code, no
 checksum, no decoding, no validation, no aggregation, no store. Each round's task is the
-model's bytes framed once per round (every task of a round is the same bytes but for its
-16-byte task id); an update is received to its last byte and acknowledged unread. A round
+model's bytes framed once per round, the same bytes for every client (its task id is left at
+zero: nothing checks the answers); an update is received to its last byte and acknowledged
+unread. A round
 starts when every client polls and ends when the last update's last byte has arrived.
 
 Its rounds are therefore what any Python grpcio server with 200 handler threads (potluck's
