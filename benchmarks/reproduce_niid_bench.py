@@ -30,6 +30,7 @@ from typing import Any
 from _common import RESULTS, header, save_curves, write_result
 
 from potluck.config import ExperimentConfig
+from potluck.core.message import MessageError
 from potluck.orchestrator import run_experiment
 
 PUBLISHED = {  # best test accuracy (%) reported by NIID-Bench, Fashion-MNIST
@@ -67,10 +68,20 @@ def config(algorithm: str, partition: str, rounds: int, engine: str) -> Experime
 
 
 def run_one(algorithm: str, partition: str, rounds: int, engine: str) -> dict[str, Any]:
+    """One run's test accuracy per round. A run whose clients' updates turn NaN or Inf is
+    stopped by the server (``MessageError``); it keeps its curve up to there and says where
+    and why in ``diverged``."""
     t0 = time.perf_counter()
-    result = run_experiment(config(algorithm, partition, rounds, engine).build())
-    accuracy = [m["test_accuracy"] for m in result.history]
-    return {
+    accuracy: list[float] = []
+    diverged = None
+    experiment = config(algorithm, partition, rounds, engine).build()
+    try:
+        run_experiment(experiment, on_round=lambda _, m: accuracy.append(m["test_accuracy"]))
+    except MessageError as exc:
+        if not accuracy:
+            raise
+        diverged = {"round": len(accuracy) + 1, "reason": str(exc)}
+    run = {
         "algorithm": algorithm,
         "partition": partition,
         "accuracy": accuracy,
@@ -79,6 +90,7 @@ def run_one(algorithm: str, partition: str, rounds: int, engine: str) -> dict[st
         "published_best": PUBLISHED[algorithm][partition] / 100,
         "seconds": time.perf_counter() - t0,
     }
+    return run if diverged is None else {**run, "diverged": diverged}
 
 
 def result_name(rounds: int) -> str:
@@ -135,7 +147,8 @@ def main() -> None:
             run = run_one(algorithm, part, args.rounds, args.engine)
             print(
                 f"{algorithm:9s} {part:7s} best={run['best']:.4f} final={run['final']:.4f}"
-                f" published={run['published_best']:.4f} ({run['seconds']:.0f} s)",
+                f" published={run['published_best']:.4f} ({run['seconds']:.0f} s)"
+                + (f" diverged: {run['diverged']}" if "diverged" in run else ""),
                 flush=True,
             )
             run.update(engine=args.engine, source=source)
