@@ -115,7 +115,9 @@ def plot(runs: list[dict[str, Any]], partitions: list[str], name: str) -> None:
     for ax, part in zip(axes, partitions, strict=True):
         for run in (r for r in runs if r["partition"] == part):
             rounds = range(1, len(run["accuracy"]) + 1)
-            ax.plot(rounds, run["accuracy"], label=run["algorithm"])
+            line = ax.plot(rounds, run["accuracy"], label=run["algorithm"])[0]
+            if "diverged" in run:  # an x where the run stopped: NaN or Inf updates next round
+                ax.plot(rounds[-1], run["accuracy"][-1], "x", color=line.get_color(), ms=9)
     save_curves(
         fig,
         axes,
