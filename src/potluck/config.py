@@ -44,10 +44,11 @@ class _Section(BaseModel):
 class PartitionConfig(_Section):
     """How the dataset is split among clients."""
 
-    kind: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "dirichlet"
+    kind: Literal["iid", "dirichlet", "shards", "labels", "quantity", "natural"] = "dirichlet"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet)")
     min_size: int = Field(10, ge=1, description="minimum samples per client (dirichlet)")
     shards_per_client: int = Field(2, ge=1, description="shards per client (shards)")
+    labels_per_client: int = Field(2, ge=1, description="distinct labels per client (labels)")
     distribution: Literal["lognormal", "powerlaw"] = "lognormal"
     sigma: float = Field(1.0, gt=0, description="lognormal sigma (quantity)")
     exponent: float = Field(1.5, gt=0, description="power-law exponent (quantity)")
@@ -57,6 +58,7 @@ class PartitionConfig(_Section):
             "iid": {},
             "dirichlet": {"alpha": self.alpha, "min_size": self.min_size},
             "shards": {"shards_per_client": self.shards_per_client},
+            "labels": {"labels_per_client": self.labels_per_client},
             "quantity": {
                 "distribution": self.distribution,
                 "sigma": self.sigma,

@@ -15,6 +15,7 @@ from potluck.data.partition import (
     Partition,
     dirichlet,
     iid,
+    label_quantity,
     make_partition,
     natural,
     quantity_skew,
@@ -91,6 +92,58 @@ def test_shards_covers_every_sample_once(case: tuple[np.ndarray, int, int], per:
     # Inexact division: shard sizes differ by at most one.
     lo = len(labels) // (k * per)
     assert part.sizes().min() >= lo * per and part.sizes().max() <= (lo + 1) * per
+
+
+@st.composite
+def label_quantity_case(draw: st.DrawFn) -> tuple[np.ndarray, int, int, int]:
+    classes = draw(st.integers(1, 8))
+    per = draw(st.integers(1, classes))
+    k = draw(st.integers(classes, 3 * classes))
+    counts = draw(st.lists(st.integers(k, k + 20), min_size=classes, max_size=classes))
+    codes = np.array(sorted(draw(st.sets(st.integers(-3, 30), min_size=classes, max_size=classes))))
+    labels = np.repeat(codes, counts)
+    seed = draw(st.integers(0, 2**32 - 1))
+    return np.random.default_rng(seed).permutation(labels), k, per, seed
+
+
+@FAST
+@given(label_quantity_case())
+def test_label_quantity_gives_each_client_exactly_k_labels(
+    case: tuple[np.ndarray, int, int, int],
+) -> None:
+    labels, k, per, seed = case
+    part = label_quantity(labels, k, per, np.random.default_rng(seed))
+    assert_exact_cover(part, len(labels))
+    codes = np.unique(labels)
+    held = [set(labels[part.client(c)].tolist()) for c in range(k)]
+    assert all(len(h) == per for h in held)
+    assert all(codes[c % len(codes)] in held[c] for c in range(k))
+    for code in codes:  # each label is split evenly among the clients holding it
+        shares = [int((labels[part.client(c)] == code).sum()) for c in range(k) if code in held[c]]
+        assert max(shares) - min(shares) <= 1
+
+
+def test_label_quantity_niid_bench_setting() -> None:
+    labels = np.repeat(np.arange(10), 6000)
+    part = label_quantity(labels, 10, 2, np.random.default_rng(0))
+    assert_exact_cover(part, len(labels))
+    for c in range(10):
+        own = labels[part.client(c)]
+        assert len(np.unique(own)) == 2 and c in own
+    # The second label is uniform over the other nine: across seeds, client 0 gets each.
+    seconds = {
+        int(
+            np.setdiff1d(
+                labels[label_quantity(labels, 10, 2, np.random.default_rng(s)).client(0)], [0]
+            )[0]
+        )
+        for s in range(100)
+    }
+    assert seconds == set(range(1, 10))
+    # labels_per_client = all labels is a stratified IID split.
+    full = label_quantity(labels, 10, 10, np.random.default_rng(0))
+    assert (full.sizes() == 6000).all()
+    assert all(len(np.unique(labels[full.client(c)])) == 10 for c in range(10))
 
 
 @FAST
@@ -185,6 +238,15 @@ def test_partition_validates_offsets() -> None:
         (lambda r: dirichlet(np.zeros(10), 2, 1.0, r), "labels must be a 1-D integer array"),
         (lambda r: shards(np.zeros(10, int), 6, 2, r), "12 shards exceed the 10 samples"),
         (lambda r: quantity_skew(10, 2, r, distribution="zipf"), "'lognormal' or 'powerlaw'"),
+        (
+            lambda r: label_quantity(np.arange(10) % 5, 4, 2, r),
+            "num_clients >= the 5 distinct labels",
+        ),
+        (
+            lambda r: label_quantity(np.arange(10) % 5, 5, 6, r),
+            r"labels_per_client must be in \[1, 5\], got 6",
+        ),
+        (lambda r: label_quantity(np.array([0, 1]), 3, 1, r), "client 2 got no samples"),
         (lambda r: quantity_skew(10, 2, r, sigma=-1.0), "sigma must be > 0"),
         (lambda r: quantity_skew(10, 4, r, min_size=3), "min_size=3 for 4 clients"),
     ],
@@ -204,6 +266,7 @@ def test_make_partition_dispatch_and_errors() -> None:
     assert make_partition("iid", num_clients=4, **kw).num_clients == 4
     assert make_partition("dirichlet", num_clients=4, alpha=1.0, min_size=5, **kw).num_clients == 4
     assert make_partition("shards", num_clients=5, shards_per_client=2, **kw).num_clients == 5
+    assert make_partition("labels", num_clients=5, labels_per_client=2, **kw).num_clients == 5
     assert make_partition("quantity", num_clients=3, distribution="powerlaw", **kw).num_clients == 3
     assert make_partition("natural", num_clients=0, **kw).num_clients == 5
     assert make_partition("natural", num_clients=5, **kw).num_clients == 5

@@ -26,6 +26,7 @@ __all__ = [
     "Partition",
     "dirichlet",
     "iid",
+    "label_quantity",
     "make_partition",
     "natural",
     "quantity_skew",
@@ -262,6 +263,64 @@ def shards(
     return _from_sizes(order[positions], client_sizes)
 
 
+def label_quantity(
+    labels: np.ndarray, num_clients: int, labels_per_client: int, rng: np.random.Generator
+) -> Partition:
+    """Quantity-based label imbalance ("#C=k") of NIID-Bench (Li, Diao, Chen, He 2022,
+    "Federated Learning on Non-IID Data Silos: An Experimental Study", ICDE).
+
+    Client ``c`` holds the ``c % L``-th of the ``L`` distinct labels plus ``k - 1`` other
+    labels drawn uniformly without replacement (``k = labels_per_client``); the samples of
+    each label are shuffled and split evenly among the clients holding it. Unlike
+    :func:`shards`, every client holds exactly ``k`` labels. ``num_clients >= L`` is required,
+    so that every label has a holder and every sample is assigned.
+
+    Example:
+        >>> labels = np.repeat(np.arange(10), 100)
+        >>> part = label_quantity(labels, 10, 2, np.random.default_rng(0))
+        >>> [len(np.unique(labels[part.client(c)])) for c in range(10)]
+        [2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    """
+    labels = _check_labels(labels)
+    order = np.argsort(labels, kind="stable")
+    classes, class_sizes = np.unique(labels[order], return_counts=True)
+    _check_count("labels_per_client", labels_per_client, 1, len(classes))
+    _check_count("num_clients", num_clients, 1)
+    if num_clients < len(classes):
+        raise ValueError(
+            f"label_quantity needs num_clients >= the {len(classes)} distinct labels so that "
+            f"every label has a holder, got num_clients={num_clients}"
+        )
+    held = _held_labels(num_clients, len(classes), labels_per_client, rng)
+    owner = np.concatenate(
+        [
+            np.repeat(holders, _even_sizes(size, len(holders)))
+            for holders, size in zip(map(np.flatnonzero, held.T), class_sizes, strict=True)
+        ]
+    )
+    part = _from_assignment(owner, _shuffle_within_classes(order, class_sizes, rng), num_clients)
+    empty = np.flatnonzero(part.sizes() == 0)
+    if len(empty):
+        raise ValueError(
+            f"label_quantity: client {int(empty[0])} got no samples: its labels have fewer "
+            f"samples than holders; lower num_clients or raise labels_per_client"
+        )
+    return part
+
+
+def _held_labels(
+    num_clients: int, num_labels: int, per_client: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``(num_clients, num_labels)`` mask: label ``c % L`` plus ``per_client - 1`` random others."""
+    own = np.arange(num_clients) % num_labels
+    keys = rng.random((num_clients, num_labels))
+    keys[np.arange(num_clients), own] = -1.0  # always among the per_client smallest
+    chosen = np.argpartition(keys, per_client - 1, axis=1)[:, :per_client]
+    held = np.zeros((num_clients, num_labels), dtype=bool)
+    held[np.arange(num_clients)[:, None], chosen] = True
+    return held
+
+
 def quantity_skew(
     num_samples: int,
     num_clients: int,
@@ -330,10 +389,15 @@ PARTITION_KINDS: dict[str, tuple[str, ...]] = {
     "iid": (),
     "dirichlet": ("alpha", "min_size", "max_retries"),
     "shards": ("shards_per_client",),
+    "labels": ("labels_per_client",),
     "quantity": ("distribution", "sigma", "exponent", "min_size"),
     "natural": (),
 }
-_REQUIRED = {"dirichlet": ("alpha",), "shards": ("shards_per_client",)}
+_REQUIRED = {
+    "dirichlet": ("alpha",),
+    "shards": ("shards_per_client",),
+    "labels": ("labels_per_client",),
+}
 
 
 def make_partition(
@@ -374,6 +438,8 @@ def make_partition(
         return dirichlet(labels, num_clients, rng=rng, **options)
     if kind == "shards":
         return shards(labels, num_clients, rng=rng, **options)
+    if kind == "labels":
+        return label_quantity(labels, num_clients, rng=rng, **options)
     return quantity_skew(n, num_clients, rng, **options)
 
 
