@@ -120,6 +120,22 @@ def test_data_describe(store: Path) -> None:
     assert stats["num_clients"] == 8 and stats["labels_per_client"]["max"] <= 4
     assert stats["total_train"] + sum(c["test"] for c in stats["clients"]) == 1437
     code, out = invoke(
+        "data",
+        "describe",
+        "--set",
+        'data.dataset="digits"',
+        "--set",
+        "data.num_clients=12",
+        "--set",
+        'data.partition.kind="labels"',
+        "--set",
+        "data.partition.labels_per_client=3",
+        "--json",
+    )
+    assert code == 0, out
+    per_client = json.loads(out)["labels_per_client"]  # NIID-Bench's #C=3: exactly three
+    assert per_client["min"] == per_client["max"] == 3
+    code, out = invoke(
         "data", "describe", "--set", 'data.dataset="digits"', "--set", "data.num_clients=8"
     )
     assert code == 0 and "label_entropy" in out
