@@ -101,36 +101,24 @@ def test_unknown_run(store: Path) -> None:
     assert code == 2 and "nope" in out
 
 
+def describe(*overrides: str) -> tuple[int, str]:
+    """``potluck data describe --json`` of digits with ``--set`` for each override."""
+    sets = [arg for o in ('data.dataset="digits"', *overrides) for arg in ("--set", o)]
+    return invoke("data", "describe", *sets, "--json")
+
+
 def test_data_describe(store: Path) -> None:
-    code, out = invoke(
-        "data",
-        "describe",
-        "--set",
-        'data.dataset="digits"',
-        "--set",
-        "data.num_clients=8",
-        "--set",
-        'data.partition.kind="shards"',
-        "--json",
-    )
+    code, out = describe("data.num_clients=8", 'data.partition.kind="shards"')
     assert code == 0, out
     stats = json.loads(out)
     # shards are cut from label-sorted data: 2 shards give at most 2 labels, plus at most
     # one more per shard where a shard straddles a label boundary
     assert stats["num_clients"] == 8 and stats["labels_per_client"]["max"] <= 4
     assert stats["total_train"] + sum(c["test"] for c in stats["clients"]) == 1437
-    code, out = invoke(
-        "data",
-        "describe",
-        "--set",
-        'data.dataset="digits"',
-        "--set",
+    code, out = describe(
         "data.num_clients=12",
-        "--set",
         'data.partition.kind="labels"',
-        "--set",
         "data.partition.labels_per_client=3",
-        "--json",
     )
     assert code == 0, out
     per_client = json.loads(out)["labels_per_client"]  # NIID-Bench's #C=3: exactly three
@@ -138,4 +126,4 @@ def test_data_describe(store: Path) -> None:
     code, out = invoke(
         "data", "describe", "--set", 'data.dataset="digits"', "--set", "data.num_clients=8"
     )
-    assert code == 0 and "label_entropy" in out
+    assert code == 0 and "label_entropy" in out  # the table, without --json
