@@ -47,6 +47,7 @@ PARTITIONS: dict[str, dict[str, Any]] = {
     "c2": {"kind": "labels", "labels_per_client": 2},
     "shards": {"kind": "shards", "shards_per_client": 2},
 }
+TITLES = {"iid": "IID", "dir0.5": "Dir(0.5)", "c2": "#C=2", "shards": "#C=2 as McMahan's shards"}
 
 
 def config(algorithm: str, partition: str, rounds: int, engine: str) -> ExperimentConfig:
@@ -124,7 +125,7 @@ def plot(runs: list[dict[str, Any]], partitions: list[str], name: str) -> None:
     save_curves(
         fig,
         axes,
-        partitions,
+        [TITLES[p] for p in partitions],
         "test accuracy",
         "NIID-Bench, Fashion-MNIST, reproduced with potluck",
         name,
