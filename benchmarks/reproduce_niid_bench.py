@@ -12,7 +12,7 @@ label-sorted shards of 3,000), compared against the same published #C=2 numbers.
     .venv/bin/python benchmarks/reproduce_niid_bench.py --rounds 5 --partitions dir0.5
     .venv/bin/python benchmarks/reproduce_niid_bench.py --plot-only   # redraw from the results
 
-The full grid takes about 7 hours on 2 cores (one round about 40 s at 1 thread with the
+The full grid (16 runs) takes about 9 CPU-hours (one round about 40 s at 1 thread with the
 inline engine; the vectorized engine is slower here: LeNet's convolutions under ``vmap``
 become grouped convolutions), so it can be run a few algorithms or partitions at a time:
 each invocation adds its runs to the result file (same rounds) and replaces runs of the
@@ -135,7 +135,7 @@ def plot(runs: list[dict[str, Any]], partitions: list[str], name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--partitions", default="iid,dir0.5,c2")
+    parser.add_argument("--partitions", default=",".join(PARTITIONS))
     parser.add_argument("--algorithms", default="fedavg,scaffold,fedprox,fednova")
     parser.add_argument("--engine", default="inline", help="inline or vectorized")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot, run nothing")
