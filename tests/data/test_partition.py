@@ -98,12 +98,12 @@ def test_shards_covers_every_sample_once(case: tuple[np.ndarray, int, int], per:
 def label_quantity_case(draw: st.DrawFn) -> tuple[np.ndarray, int, int, int]:
     classes = draw(st.integers(1, 8))
     per = draw(st.integers(1, classes))
-    k = draw(st.integers(classes, 3 * classes))
-    counts = draw(st.lists(st.integers(k, k + 20), min_size=classes, max_size=classes))
+    clients = draw(st.integers(classes, 3 * classes))
+    counts = draw(st.lists(st.integers(clients, clients + 20), min_size=classes, max_size=classes))
     codes = np.array(sorted(draw(st.sets(st.integers(-3, 30), min_size=classes, max_size=classes))))
     labels = np.repeat(codes, counts)
     seed = draw(st.integers(0, 2**32 - 1))
-    return np.random.default_rng(seed).permutation(labels), k, per, seed
+    return np.random.default_rng(seed).permutation(labels), clients, per, seed
 
 
 @FAST
@@ -111,15 +111,17 @@ def label_quantity_case(draw: st.DrawFn) -> tuple[np.ndarray, int, int, int]:
 def test_label_quantity_gives_each_client_exactly_k_labels(
     case: tuple[np.ndarray, int, int, int],
 ) -> None:
-    labels, k, per, seed = case
-    part = label_quantity(labels, k, per, np.random.default_rng(seed))
+    labels, clients, per, seed = case
+    part = label_quantity(labels, clients, per, np.random.default_rng(seed))
     assert_exact_cover(part, len(labels))
     codes = np.unique(labels)
-    held = [set(labels[part.client(c)].tolist()) for c in range(k)]
+    held = [set(labels[part.client(c)].tolist()) for c in range(clients)]
     assert all(len(h) == per for h in held)
-    assert all(codes[c % len(codes)] in held[c] for c in range(k))
+    assert all(codes[c % len(codes)] in held[c] for c in range(clients))
     for code in codes:  # each label is split evenly among the clients holding it
-        shares = [int((labels[part.client(c)] == code).sum()) for c in range(k) if code in held[c]]
+        shares = [
+            int((labels[part.client(c)] == code).sum()) for c in range(clients) if code in held[c]
+        ]
         assert max(shares) - min(shares) <= 1
 
 
