@@ -134,10 +134,11 @@ def resume(
     if info.status == "finished":
         console.print(f"run {run_id} already finished ({info.last_round} rounds)")
         return
-    if not info.config or "data" not in info.config:
+    why = info.config.get("not_resumable") if info.config else "it has no stored config"
+    if why:
         _fail(
-            f"run {run_id} was started from Python, not a config: resume it with "
-            "potluck.resume_experiment(experiment, store, run_id)"
+            f"run {run_id} cannot be rebuilt from its stored config: {why}. Resume it from "
+            "Python with potluck.resume_experiment(experiment, store, run_id)"
         )
     cfg = _load_config_dict(info.config)
     experiment = _build(cfg)
@@ -341,7 +342,7 @@ def _fmt_metric(key: str, value: Any) -> str:
 def _describe_start(cfg: ExperimentConfig, exp: Experiment) -> None:
     fed = exp.federation
     console.print(
-        f"[bold]potluck[/] {cfg.algorithm.name} on {cfg.data.dataset} "
+        f"[bold]potluck[/] {exp.algorithm.name} on {cfg.data.dataset} "
         f"({fed.num_clients} clients, {cfg.data.partition.kind} partition), model "
         f"{cfg.model.name}, {exp.algorithm.sampler.cohort_size(fed.num_clients)} clients/round, "
         f"{exp.rounds} rounds, engine {exp.engine}, seed {exp.seed}"

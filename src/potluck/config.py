@@ -4,27 +4,37 @@ Every field is validated before anything starts; a wrong key, type or value is r
 a message naming the field and what is allowed. ``--set key=value`` overrides use dotted keys
 (``client.lr=0.1``) and TOML literals for values.
 
+The algorithm's parts each have a section of their own, validated by that part's own
+parameters through the registry (``potluck.core.registry``): ``[algorithm]`` (a named
+algorithm and its parameters), ``[sampler]``, ``[stragglers]``, ``[client]`` (the local
+optimizer), ``[[terms]]``, ``[[transforms]]``, ``[[downlink]]``, ``[aggregator]`` and
+``[server]``; each has a ``name`` (a registered one, or an import path such as
+``"my_lab.agg:Median"``). A validated config holds every part written out in full, so it
+is stored, resumed and deployed exactly.
+
 Example:
     >>> cfg = ExperimentConfig.from_dict({"rounds": 3}, overrides=["client.lr=0.2"])
-    >>> cfg.rounds, cfg.client.lr, cfg.data.dataset
+    >>> cfg.rounds, cfg.client["lr"], cfg.data.dataset
     (3, 0.2, 'fashion_mnist')
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from potluck.core.registry import NotNameable, RegistryError
+
 if TYPE_CHECKING:
     from potluck.algorithms.base import Algorithm
+    from potluck.core.task import Task
     from potluck.data.federation import Federation
-    from potluck.optim.base import ServerOptimizer
     from potluck.orchestrator import Experiment
 
 
@@ -79,6 +89,10 @@ class DataConfig(_Section):
     partition: PartitionConfig = PartitionConfig()
     synthetic_alpha: float = Field(1.0, ge=0, description="Synthetic(alpha, beta): alpha")
     synthetic_beta: float = Field(1.0, ge=0, description="Synthetic(alpha, beta): beta")
+    seed: int | None = Field(None, ge=0, description="partition seed (default: the run's)")
+    federation: str | None = Field(
+        None, description="pkg.module:build, a function returning your Federation"
+    )
 
     def source_options(self) -> dict[str, Any]:
         if self.dataset != "synthetic":
@@ -94,77 +108,27 @@ class ModelConfig(_Section):
     name: Literal["logreg", "mlp", "mlp2nn", "cnn", "small_cnn", "lenet5"] = "small_cnn"
 
 
-class SamplerConfig(_Section):
-    """Which clients take part each round: a count or a fraction."""
+class TaskConfig(_Section):
+    """The user's task by import path (instead of a built-in ``[model]``): ``name`` a
+    ``Task`` or a function returning one, or ``model`` a model factory with optional
+    ``loss`` and ``correct`` functions."""
 
-    clients_per_round: int | None = Field(10, ge=1)
-    fraction: float | None = Field(None, gt=0, le=1)
-    min_clients: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _one_of(self) -> SamplerConfig:
-        if self.fraction is not None and "clients_per_round" not in self.model_fields_set:
-            return self.model_copy(update={"clients_per_round": None})
-        if (self.clients_per_round is None) == (self.fraction is None):
-            raise ValueError("set exactly one of sampler.clients_per_round or sampler.fraction")
-        return self
-
-
-class ClientConfig(_Section):
-    """Local training: epochs of mini-batch SGD."""
-
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-
-
-class ServerConfig(_Section):
-    """Server optimizer on the pseudo-gradient: SGD (lr 1 = FedAvg; momentum = FedAvgM),
-    or FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021) with beta1, beta2, tau."""
-
-    optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = "sgd"
-    lr: float = Field(1.0, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
-    beta1: float = Field(0.9, ge=0, lt=1, description="adaptive only")
-    beta2: float = Field(0.99, ge=0, lt=1, description="adam and yogi only")
-    tau: float = Field(1e-3, gt=0, description="adaptive only: adaptivity degree")
-
-    def build(self) -> ServerOptimizer:
-        from potluck import optim
-
-        if self.optimizer == "sgd":
-            return optim.ServerSGD(self.lr, self.momentum)
-        if self.optimizer == "adagrad":
-            return optim.ServerAdagrad(self.lr, beta1=self.beta1, tau=self.tau)
-        adaptive = {"adam": optim.ServerAdam, "yogi": optim.ServerYogi}[self.optimizer]
-        return adaptive(self.lr, beta1=self.beta1, beta2=self.beta2, tau=self.tau)
-
-
-class AlgorithmConfig(_Section):
-    """The named algorithm and its own hyperparameters."""
-
-    name: Literal[
-        "fedavg", "fedsgd", "fedprox", "scaffold", "fednova", "qffl", "fedper", "ditto"
-    ] = "fedavg"
-    mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
-    q: float = Field(1.0, ge=0, description="q-FFL fairness parameter (0 = FedAvg objective)")
-    lam: float = Field(0.1, ge=0, description="Ditto: personal model's pull to the global one")
-    personal_layers: list[str] = Field(
-        default_factory=list,
-        description="FedPer: parameter-name prefixes kept local (default: last layer)",
-    )
-    stragglers: float = Field(
-        0.0, ge=0, le=1, description="share of each cohort doing 1..E epochs (FedProx: kept)"
-    )
-    clip_norm: float | None = Field(None, gt=0, description="L2-clip each update (None = off)")
+    name: str | None = Field(None, description="pkg.module:task (a Task or a function)")
+    model: str | None = Field(None, description="pkg.module:Model (a model factory)")
+    loss: str | None = Field(None, description="pkg.module:loss (mean loss of a batch)")
+    correct: str | None = Field(None, description="pkg.module:correct (correct count)")
 
     @model_validator(mode="after")
-    def _fedsgd_has_no_stragglers(self) -> AlgorithmConfig:
-        if self.name == "fedsgd" and self.stragglers:
-            raise ValueError("fedsgd takes one step per client: stragglers do not apply")
+    def _one_way(self) -> TaskConfig:
+        if self.name and (self.model or self.loss or self.correct):
+            raise ValueError("give task.name, or task.model (with loss, correct), not both")
+        if (self.loss or self.correct) and not self.model:
+            raise ValueError("task.loss and task.correct need task.model")
         return self
+
+    @property
+    def given(self) -> bool:
+        return bool(self.name or self.model)
 
 
 class EvaluationConfig(_Section):
@@ -216,29 +180,49 @@ class DeployConfig(_Section):
         return value
 
 
+FORMAT = 2  # revision 2: a section per part (format 1: one [algorithm] bag of fields)
+PART_SECTIONS = ("sampler", "stragglers", "client", "aggregator", "server")
+CHAIN_SECTIONS = ("terms", "transforms", "downlink")
+# the default experiment's local training, below whatever a preset or the config sets
+DEFAULT_PARTS: dict[str, Any] = {"client": {"name": "sgd", "epochs": 2, "batch_size": 32, "lr": 0.1}}
+
+
 class ExperimentConfig(_Section):
     """A whole experiment; the defaults are potluck's default experiment."""
 
+    format: Literal[2] = FORMAT
     seed: int = Field(0, ge=0)
     rounds: int = Field(20, ge=1)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
-    sampler: SamplerConfig = SamplerConfig()
-    client: ClientConfig = ClientConfig()
-    server: ServerConfig = ServerConfig()
+    task: TaskConfig = TaskConfig()
+    algorithm: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"})
+    sampler: dict[str, Any] = Field(default_factory=dict)
+    stragglers: dict[str, Any] = Field(default_factory=dict)
+    client: dict[str, Any] = Field(default_factory=dict)
+    terms: list[dict[str, Any]] | None = None
+    transforms: list[dict[str, Any]] | None = None
+    downlink: list[dict[str, Any]] | None = None
+    aggregator: dict[str, Any] = Field(default_factory=dict)
+    server: dict[str, Any] = Field(default_factory=dict)
     evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
     deploy: DeployConfig = DeployConfig()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
-        """Validate ``data`` after applying ``key=value`` overrides; ConfigError if invalid."""
-        merged = _apply_overrides(data, overrides)
+        """Validate ``data`` after applying ``key=value`` overrides; ConfigError if invalid.
+        The algorithm's parts are written out in full (``algorithm_parts().to_config()``)."""
+        merged = upgrade(_apply_overrides(data, overrides))
         try:
-            return cls.model_validate(merged)
+            cfg = cls.model_validate(merged)
         except ValidationError as exc:
             raise ConfigError(_format_errors(exc)) from None
+        try:
+            written = cfg.algorithm_parts().to_config()
+        except (RegistryError, NotNameable, ValueError, TypeError) as exc:
+            raise ConfigError(f"invalid experiment configuration: {exc}") from None
+        return cfg.model_copy(update=written)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -264,24 +248,14 @@ class ExperimentConfig(_Section):
         """The runnable ``Experiment`` (loads the dataset, builds the partition)."""
         import torch
 
-        from potluck.core.task import Task
-        from potluck.models import build_model
         from potluck.orchestrator import Evaluation, Experiment
 
         federation = self.build_federation()
-        source = federation.source
-        model_name, dataset = self.model.name, self.data.dataset
-        task = Task(
-            model_fn=lambda: build_model(
-                model_name, input_shape=source.input_shape, num_classes=source.num_classes
-            ),
-            name=f"{dataset}/{model_name}",
-        )
         # float results depend on the intra-op thread count: fix it in the stored config so a
         # resumed run computes exactly as the interrupted one did
         run = self.run.model_copy(update={"threads": self.run.threads or torch.get_num_threads()})
         return Experiment(
-            task=task,
+            task=self.build_task(federation),
             federation=federation,
             algorithm=self.algorithm_parts(),
             rounds=self.rounds,
@@ -297,60 +271,186 @@ class ExperimentConfig(_Section):
             config=self.model_copy(update={"run": run}).to_dict(),
         )
 
+    def build_task(self, federation: Federation) -> Task:
+        """The task: the user's (``[task]``) or the built-in ``[model]`` for the data."""
+        from potluck.core.registry import load_path
+        from potluck.core.task import Task
+        from potluck.deployment import load_task
+        from potluck.models import build_model
+
+        t = self.task
+        if t.name:
+            return load_task(t.name)
+        if t.model:
+            extra = {k: load_path(v, f"task.{k}") for k, v in (("loss_fn", t.loss), ("correct_fn", t.correct)) if v}
+            return Task(model_fn=load_path(t.model, "task.model"), name=t.model, **extra)
+        source, model_name = federation.source, self.model.name
+        return Task(
+            model_fn=lambda: build_model(
+                model_name, input_shape=source.input_shape, num_classes=source.num_classes
+            ),
+            name=f"{self.data.dataset}/{model_name}",
+        )
+
     def build_federation(self) -> Federation:
-        """The federation this config describes (loads the dataset, builds the partition)."""
+        """The federation this config describes (loads the dataset, builds the partition),
+        or the user's, built by ``data.federation``."""
         from potluck.data.federation import Federation
 
         data = self.data
+        if data.federation:
+            return Federation.load(data.federation)
         return Federation.from_config(
             data.dataset,
             num_clients=data.num_clients,
             partition=data.partition.kind,
             partition_options=data.partition.options(),
             test_fraction=data.test_fraction,
-            seed=self.seed,
+            seed=self.seed if data.seed is None else data.seed,
             path=data.path,
             source_options=data.source_options(),
         )
 
     def algorithm_parts(self) -> Algorithm:
-        """The named algorithm with this config's hyperparameters."""
-        from potluck import algorithms
-        from potluck.updates import ClipNorm
+        """The algorithm: the named one, its parts overridden by the sections given."""
+        from potluck.algorithms.base import from_config
 
-        s, c, sv, a = self.sampler, self.client, self.server, self.algorithm
-        clip = (ClipNorm(a.clip_norm),) if a.clip_norm else ()
-        cohort: dict[str, Any] = {
-            "clients_per_round": s.clients_per_round,
-            "fraction": s.fraction,
-            "min_clients": s.min_clients,
-            "transforms": clip,
-        }
-        if a.name == "fedsgd":
-            return replace(algorithms.fedsgd(**cohort), server=sv.build())
-        local: dict[str, Any] = {
-            "epochs": c.epochs,
-            "batch_size": c.batch_size,
-            "lr": c.lr,
-            "momentum": c.momentum,
-            "weight_decay": c.weight_decay,
-            "server": sv.build(),
-            "stragglers": a.stragglers,
-        }
-        if a.name == "fedprox":
-            return algorithms.fedprox(mu=a.mu, **cohort, **local)
-        if a.name == "qffl":
-            return algorithms.qffl(q=a.q, **cohort, **local)
-        if a.name == "ditto":
-            return algorithms.ditto(lam=a.lam, **cohort, **local)
-        if a.name == "fedper":
-            return algorithms.fedper(personal_layers=tuple(a.personal_layers), **cohort, **local)
-        named = {
-            "fedavg": algorithms.fedavg,
-            "scaffold": algorithms.scaffold,
-            "fednova": algorithms.fednova,
-        }
-        return named[a.name](**cohort, **local)
+        given = self.model_fields_set
+        sections: dict[str, Any] = {"algorithm": self.algorithm}
+        for name in PART_SECTIONS:
+            if name in given or getattr(self, name):
+                sections[name] = getattr(self, name)
+        for name in CHAIN_SECTIONS:
+            if getattr(self, name) is not None:
+                sections[name] = getattr(self, name)
+        return from_config(sections, defaults=DEFAULT_PARTS)
+
+
+def describe_experiment(experiment: Experiment) -> dict[str, Any]:
+    """The config of an experiment built in Python, from which ``potluck resume`` rebuilds
+    it; what has no name (a lambda model, an in-memory federation, a part defined in
+    ``__main__``) is listed under ``not_resumable`` with what to do about it.
+
+    Example:
+        >>> import torch
+        >>> from potluck import Experiment, Federation, Task
+        >>> from potluck.algorithms import fedavg
+        >>> fed = Federation.from_config("digits", num_clients=4, partition="iid")
+        >>> exp = Experiment(Task(lambda: torch.nn.Linear(64, 10)), fed,
+        ...                  fedavg(clients_per_round=2), rounds=1)
+        >>> describe_experiment(exp)["not_resumable"]  # doctest: +ELLIPSIS
+        'task: the model factory <lambda> is a lambda: define a named function at module level...'
+    """
+    from potluck.core.registry import import_path
+
+    problems: list[str] = []
+    out: dict[str, Any] = {"format": FORMAT, "seed": experiment.seed, "rounds": experiment.rounds}
+    out["data"] = _data_section(experiment, problems)
+    task = experiment.task
+    if task.ref:
+        out["task"] = {"name": task.ref}
+    else:
+        section = {}
+        for key, fn in (("model", task.model_fn), ("loss", task.loss_fn), ("correct", task.correct_fn)):
+            try:
+                section[key] = import_path(fn)
+            except NotNameable as exc:
+                what = {"model": "model factory", "loss": "loss", "correct": "correct count"}[key]
+                problems.append(f"task: the {what} {exc}")
+        out["task"] = section
+    try:
+        out.update(experiment.algorithm.to_config())
+    except NotNameable as exc:
+        problems.append(f"algorithm: {exc}")
+    out["evaluation"] = dataclasses.asdict(experiment.evaluation)
+    out["run"] = {
+        k: v
+        for k, v in {
+            "engine": experiment.engine,
+            "workers": experiment.workers,
+            "ray_address": experiment.ray_address,
+            "checkpoint_every": experiment.checkpoint_every,
+            "threads": experiment.threads,
+            "name": experiment.name,
+        }.items()
+        if v is not None
+    }
+    out["deploy"] = {"min_updates": experiment.min_updates}
+    if problems:
+        out["not_resumable"] = "; ".join(problems)
+    return out
+
+
+def _data_section(experiment: Experiment, problems: list[str]) -> dict[str, Any]:
+    recipe = experiment.federation.recipe
+    if recipe is None:
+        problems.append(
+            "data: the federation was built in memory (e.g. Federation.from_client_data): "
+            "build it in a function of an importable module and pass "
+            "Federation.load('pkg.module:build'), so a run can rebuild it"
+        )
+        return {}
+    if "federation" in recipe:
+        return {"federation": recipe["federation"]}
+    options = dict(recipe["source_options"])
+    section: dict[str, Any] = {
+        "dataset": recipe["dataset"],
+        "num_clients": recipe["num_clients"] or options.get("num_clients", 0),
+        "test_fraction": recipe["test_fraction"],
+        "partition": {"kind": recipe["partition"], **recipe["partition_options"]},
+    }
+    if recipe["path"]:
+        section["path"] = recipe["path"]
+    if recipe["seed"] != experiment.seed:
+        section["seed"] = recipe["seed"]
+    for key in ("alpha", "beta"):
+        if key in options:
+            section[f"synthetic_{key}"] = options[key]
+    return section
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A config of format 1 (before revision 2: ``[algorithm]`` with ``mu``, ``q``, ``lam``,
+    ``personal_layers``, ``stragglers`` and ``clip_norm``, ``[server] optimizer``) in the
+    current format; other configs unchanged.
+
+    Example:
+        >>> upgrade({"algorithm": {"name": "fedprox", "mu": 0.1, "q": 1.0, "stragglers": 0.5}})
+        {'algorithm': {'name': 'fedprox', 'mu': 0.1}, 'stragglers': {'fraction': 0.5}}
+    """
+    if "format" in data or not _legacy(data):
+        return data
+    out = {k: v for k, v in data.items()}
+    algo = dict(out.get("algorithm") or {})
+    name = algo.get("name", "fedavg")
+    own = {"fedprox": ("mu",), "qffl": ("q",), "ditto": ("lam",), "fedper": ("personal_layers",)}
+    head = {"name": name, **{k: algo[k] for k in own.get(name, ()) if k in algo}}
+    if "label" in algo:
+        head["label"] = algo["label"]
+    out["algorithm"] = head
+    if algo.get("stragglers"):
+        out["stragglers"] = {**out.get("stragglers", {}), "fraction": algo["stragglers"]}
+    if algo.get("clip_norm"):
+        keep = [{"name": "keep_local", "layers": algo.get("personal_layers", [])}]
+        out["transforms"] = (keep if name == "fedper" else []) + [
+            {"name": "clip", "max_norm": algo["clip_norm"]}
+        ]
+    server = dict(out.get("server") or {})
+    if "optimizer" in server:
+        kind = server.pop("optimizer")
+        keep_keys = {"sgd": ("lr", "momentum"), "adagrad": ("lr", "beta1", "tau")}
+        wanted = keep_keys.get(kind, ("lr", "beta1", "beta2", "tau"))
+        out["server"] = {"name": kind, **{k: server[k] for k in wanted if k in server}}
+    return out
+
+
+def _legacy(data: Mapping[str, Any]) -> bool:
+    algo, server = data.get("algorithm") or {}, data.get("server") or {}
+    if not isinstance(algo, Mapping) or not isinstance(server, Mapping):
+        return False
+    if "optimizer" in server or {"stragglers", "clip_norm"} & set(algo):
+        return True
+    return len({"mu", "q", "lam", "personal_layers"} & set(algo)) > 1
 
 
 def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -402,4 +502,8 @@ def _allowed_hint(loc: tuple[int | str, ...]) -> str:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return ""
         model = annotation
-    return "; allowed: " + ", ".join(model.model_fields)
+    import difflib
+
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; allowed: " + ", ".join(model.model_fields)

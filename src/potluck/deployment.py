@@ -15,7 +15,7 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,17 +167,20 @@ def load_task(ref: str) -> Task:
     task = obj if isinstance(obj, Task) else obj()
     if not isinstance(task, Task):
         raise ValueError(f"{ref} is {type(task).__name__}, not a potluck Task")
-    return task
+    return replace(task, ref=ref)
 
 
 def load_site_data(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` from an ``.npz`` file with arrays ``x`` and ``y`` (float features, integer
-    labels), checked for shape, dtype and finiteness."""
+    """``(x, y)`` from an ``.npz`` file with arrays ``x`` and ``y`` (features: floats become
+    float32, integers such as token ids int64; integer labels), checked for shape, dtype and
+    finiteness."""
     with np.load(path, allow_pickle=False) as npz:
         missing = {"x", "y"} - set(npz.files)
         if missing:
             raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {npz.files})")
-        x, y = npz["x"].astype(np.float32), npz["y"]
+        x, y = npz["x"], npz["y"]
+    integer = np.issubdtype(x.dtype, np.integer) and x.dtype != np.uint8
+    x = x.astype(np.int64 if integer else np.float32)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
         raise ValueError(f"{path}: y must be 1-D integer labels, one per row of x")
     if not np.isfinite(x).all():

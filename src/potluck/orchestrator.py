@@ -1,8 +1,13 @@
-"""The round loop: sample, broadcast, train locally, collect, aggregate, step, evaluate, commit.
+"""The round loop: sample, run the round's stages, aggregate, step, evaluate, commit.
 
-Each round is committed to the run store (metrics, per-client metrics, checkpoint with the
-algorithm state) before the next begins; ``resume_experiment`` continues a killed run from
-its last checkpoint and ends with the same metrics as an uninterrupted run.
+A round samples a cohort, lets parts with stages of their own run them (``before_train``),
+runs the ``train`` stage on the engine, lets parts finish their stages (``after_train``),
+decodes and validates the updates, aggregates them, decodes the aggregate, lets the terms'
+server halves move it and the server optimizer step. Each round is committed to the run
+store (metrics, per-client metrics, the client states it produced, and a checkpoint with
+every part's server state in its own named slots) before the next begins;
+``resume_experiment`` continues a killed run from its last checkpoint and ends with the
+same metrics as an uninterrupted run.
 
 Example:
     >>> import torch
@@ -21,13 +26,14 @@ Example:
     >>> result = run_experiment(exp)
     >>> sorted(result.history[-1])[:3]
     ['bytes_down', 'bytes_up', 'cohort_size']
+    >>> sorted(result.state_dict())
+    ['bias', 'weight']
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,9 +45,11 @@ import torch
 
 from potluck.aggregate.stack import StackBuffer
 from potluck.algorithms.base import Algorithm
-from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
-from potluck.client.rules import Tensors, Uploaded
+from potluck.client.program import ClientProgram, EvalResult, parse_evaluation
 from potluck.core.message import Message, MessageError
+from potluck.core.params import ParamSpec
+from potluck.core.parts import Context, Contributions, State, part_context
+from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
 from potluck.data.federation import Federation
@@ -54,6 +62,7 @@ _log = logging.getLogger("potluck")
 EngineFactory = Callable[[ClientProgram], Engine]
 RoundCallback = Callable[[int, Mapping[str, float]], None]
 TIMING_METRICS = frozenset({"round_seconds"})
+PerClient = list[tuple[int, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,8 @@ class Evaluation:
 
     ``every``: every k rounds (and always after the last). ``centralized``: on the held-out
     test set. ``federated_clients``: how many clients' local test sets (sampled each time;
-    0 = none, -1 = all) give a weighted federated accuracy, and a personalised one where the
-    rule keeps personal models. ``finetune_epochs``: also report the accuracy after that
+    0 = none, -1 = all) give a weighted federated accuracy, and a personalised one where a
+    term keeps personal models. ``finetune_epochs``: also report the accuracy after that
     many epochs of local fine-tuning of the global model (0 = off).
     """
 
@@ -86,7 +95,11 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Experiment:
-    """Everything a run needs: task, federation, algorithm, schedule, seed and engine."""
+    """Everything a run needs: task, federation, algorithm, schedule, seed and engine.
+
+    ``config`` is the experiment's config when it came from one (``ExperimentConfig.build``);
+    otherwise ``describe`` writes one from the parts, naming what has no name.
+    """
 
     task: Task
     federation: Federation
@@ -110,6 +123,11 @@ class Experiment:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.min_updates < 1:
             raise ValueError(f"min_updates must be >= 1, got {self.min_updates}")
+        if not isinstance(self.algorithm, Algorithm):
+            raise TypeError(
+                f"algorithm must be a potluck Algorithm (e.g. potluck.algorithms.fedavg(...)),"
+                f" got {type(self.algorithm).__name__}"
+            )
         EngineOptions(self.workers, self.threads, self.ray_address)  # validates them
         self.algorithm.sampler.cohort_size(self.federation.num_clients)
 
@@ -118,28 +136,27 @@ class Experiment:
         return EngineOptions(self.workers, self.threads, self.ray_address)
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able record of the experiment (its config if it came from one)."""
+        """A JSON-able record of the experiment: its config, from which ``potluck resume``
+        rebuilds it. Where a piece has no name (a lambda, an in-memory federation), the
+        record says under ``not_resumable`` what to name to make it resumable."""
         if self.config is not None:
             return dict(self.config)
-        return {
-            "name": self.name,
-            "task": self.task.name,
-            "algorithm": repr(self.algorithm),
-            "rounds": self.rounds,
-            "seed": self.seed,
-            "num_clients": self.federation.num_clients,
-            "engine": self.engine,
-        }
+        from potluck.config import describe_experiment
+
+        return describe_experiment(self)
 
 
 @dataclass
 class RunResult:
-    """The outcome of a run: its id, the final global weights and per-round metrics."""
+    """The outcome of a run: its id, the final global weights, per-round metrics and, where
+    a term keeps one, each client's personal model (flat, like ``weights``)."""
 
     run_id: str | None
     weights: torch.Tensor
     history: list[dict[str, float]]
     run_dir: Path | None = None
+    spec: ParamSpec | None = None
+    personal: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def final(self) -> dict[str, float]:
@@ -149,38 +166,56 @@ class RunResult:
             merged.update(metrics)
         return merged
 
+    def state_dict(self, client: int | None = None) -> dict[str, torch.Tensor]:
+        """The trained model's parameters by name (``model.load_state_dict(...,
+        strict=False)`` loads them); with ``client``, that client's personal model."""
+        if self.spec is None:
+            raise ValueError("this result has no parameter spec")
+        if client is None:
+            flat = self.weights
+        elif client in self.personal:
+            flat = self.personal[client]
+        else:
+            raise KeyError(
+                f"client {client} has no personal model (clients with one: "
+                f"{sorted(self.personal)[:10]}{'...' if len(self.personal) > 10 else ''})"
+            )
+        return {k: v.clone() for k, v in self.spec.unflatten(flat).items()}
+
 
 @dataclass
 class _State:
-    """Everything the server carries from round to round (all of it checkpointed)."""
+    """Everything the server carries from round to round (all of it checkpointed): the
+    global weights and each part's server state, by namespace."""
 
     round: int
     w: torch.Tensor
-    server: dict[str, torch.Tensor]
-    rule: dict[str, torch.Tensor]
+    slots: dict[str, State]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "global": self.w,
-            **{f"server/{k}": v for k, v in self.server.items()},
-            **{f"rule/{k}": v for k, v in self.rule.items()},
-        }
+        out = {"global": self.w}
+        for ns, state in self.slots.items():
+            out.update({f"{ns}/{k}": v for k, v in state.items()})
+        return out
 
     @classmethod
     def from_checkpoint(cls, round: int, ckpt: Checkpoint) -> _State:
-        t = ckpt.tensors
-        return cls(round, t["global"], _prefixed(t, "server/"), _prefixed(t, "rule/"))
+        slots: dict[str, State] = {}
+        for key, t in ckpt.tensors.items():
+            if key != "global":
+                ns, _, name = key.partition("/")
+                slots.setdefault(ns, {})[name] = t
+        return cls(round, ckpt.tensors["global"], slots)
 
 
 @dataclass(frozen=True)
-class _Collected:
-    """The validated uploads of one round, stacked for aggregation."""
+class _Update:
+    """One accepted update, decoded and checked."""
 
-    deltas: torch.Tensor
-    weights: torch.Tensor
-    uploads: list[Uploaded]
-    per_client: list[tuple[int, dict[str, float]]]
-    accepted: set[int]
+    client: int
+    message: Message
+    weight: float
+    metrics: dict[str, float]
 
 
 def resolve_engine(experiment: Experiment) -> tuple[Experiment, str]:
@@ -202,14 +237,19 @@ def resolve_engine(experiment: Experiment) -> tuple[Experiment, str]:
     cohort = algo.sampler.cohort_size(fed.num_clients)
     mean_examples = round(float(fed.num_examples_all().mean())) if fed.num_clients else 0
     run_steps = experiment.rounds * cohort * algo.local.num_steps(mean_examples)
-    with torch.random.fork_rng():
-        model = experiment.task.build_model()
-    name, why = choose_engine(model, algo.rule, cohort, experiment.engine_options, run_steps)
+    program = _program(experiment)
+    name, why = choose_engine(program, cohort, experiment.engine_options, run_steps)
     config = experiment.config
     if config is not None and isinstance(config.get("run"), Mapping):
         config = {**config, "run": {**config["run"], "engine": name}}
     _log.info("engine auto: %s (%s)", name, why)
     return replace(experiment, engine=name, config=config), f"auto: {why}"
+
+
+def _program(exp: Experiment) -> ClientProgram:
+    return exp.algorithm.client_program(
+        exp.task, exp.federation, seed=exp.seed, finetune_epochs=exp.evaluation.finetune_epochs
+    )
 
 
 def run_experiment(
@@ -221,19 +261,15 @@ def run_experiment(
 ) -> RunResult:
     """Run ``experiment`` from round 1; record it in ``store`` if one is given.
 
-    Algorithms whose clients keep state (SCAFFOLD) keep it in a run store; without one, a
-    temporary store is used and removed afterwards. ``engine`` makes the engine from the
-    client program instead of ``experiment.engine`` (the deployment server passes its gRPC
-    engine this way).
+    Without a store, client state (SCAFFOLD's ``c_i``, an error-feedback residual) is kept
+    in memory for the run; give a store for large stateful federations. ``engine`` makes the
+    engine from the client program instead of ``experiment.engine`` (the deployment server
+    passes its gRPC engine this way).
     """
     if engine is None:
         experiment, _ = resolve_engine(experiment)
     loop = _Loop(experiment, on_round, engine)  # builds the model: bad tasks fail before storing
     opened = _open(store)
-    if opened is None and experiment.algorithm.rule.client_state:
-        with tempfile.TemporaryDirectory(prefix="potluck-states-") as tmp, RunStore(tmp) as temp:
-            loop.record_to(temp, temp.create_run(experiment.describe()), keep=False)
-            return loop.run(None)
     if opened is not None:
         loop.record_to(opened, opened.create_run(experiment.describe(), experiment.name))
     return loop.run(None)
@@ -268,8 +304,69 @@ def _open(store: RunStore | str | Path | None) -> RunStore | None:
     return RunStore(store)
 
 
-def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+class RoundStages:
+    """The stages of one round as parts' server halves drive them (``before_train`` and
+    ``after_train``): ``run`` sends a part's stage to the round's current ``members`` and
+    returns the answers of those that answered; the others have dropped out of the round.
+    ``leave`` puts a message in a member's inbox for the ``train`` stage (a transform's
+    ``encode`` finds it in ``ctx.inbox``)."""
+
+    def __init__(self, loop: _Loop, engine: Engine, rnd: int, members: np.ndarray) -> None:
+        self.loop, self.engine, self.round = loop, engine, rnd
+        self.members = members
+        self.states: dict[int, dict[str, State]] = {
+            int(c): {ns: dict(s) for ns, s in st.items()}
+            for c, st in zip(members, loop._client_states(members), strict=True)
+        }
+        self.changed: dict[int, set[str]] = {}
+        self.inbox: dict[int, dict[str, Message]] = {}
+        self.bytes_up: dict[int, int] = {}
+        self.bytes_down: dict[int, int] = {}
+
+    def run(
+        self,
+        stage: str,
+        shared: Message | None = None,
+        payloads: Mapping[int, Message] | None = None,
+    ) -> dict[int, Message]:
+        """Stage ``stage`` (``"<namespace>:<name>"`` for a part's own) for every member."""
+        replies = self._send(stage, shared or Message(), payloads or {})
+        return {c: r.message for c, r in replies.items()}
+
+    def leave(self, client: int, namespace: str, message: Message) -> None:
+        self.inbox.setdefault(int(client), {})[namespace] = message
+
+    def _send(
+        self, stage: str, shared: Message, payloads: Mapping[int, Message]
+    ) -> dict[int, Reply]:
+        clients = self.members
+        own = tuple(payloads.get(int(c), Message()) for c in clients)
+        states = tuple(self.states[int(c)] for c in clients)
+        answers = (
+            self.engine.run_stage(StageJob(stage, self.round, shared, clients, own, states))
+            if len(clients)
+            else []
+        )
+        out: dict[int, Reply] = {}
+        for c, p, reply in zip(clients, own, answers, strict=True):
+            cid = int(c)
+            self.bytes_down[cid] = self.bytes_down.get(cid, 0) + shared.nbytes + p.nbytes
+            if reply is None:
+                continue
+            try:
+                self.loop._check_state(cid, reply)
+            except MessageError as exc:
+                if not self.engine.remote:
+                    raise
+                _log.warning("refused %s", exc)
+                continue
+            self.bytes_up[cid] = self.bytes_up.get(cid, 0) + reply.message.nbytes
+            for ns, state in reply.state.items():
+                self.states[cid][ns] = dict(state)
+                self.changed.setdefault(cid, set()).add(ns)
+            out[cid] = reply
+        self.members = np.array([c for c in clients if int(c) in out], dtype=np.int64)
+        return out
 
 
 class _Loop:
@@ -280,17 +377,17 @@ class _Loop:
     ) -> None:
         self.exp, self.on_round = exp, on_round
         self.store: RunStore | None = None
-        self.run_id, self.keep = "", True
+        self.run_id = ""
+        self.memory_states: dict[int, dict[str, State]] = {}  # runs without a store
         self.seeds = Seeds(exp.seed)
-        self.program = exp.algorithm.client_program(
-            exp.task,
-            exp.federation,
-            seed=exp.seed,
-            finetune_epochs=exp.evaluation.finetune_epochs,
-        )
-        self.rule = self.program.rule  # bound to the model's parameters
+        self.program = _program(exp)
+        self.parts = dict(self.program.parts)  # bound to the model's parameters
         self.stack = StackBuffer()  # the round's (K, d) updates, in memory reused each round
         self.num_clients = exp.federation.num_clients
+        self.staged = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "before_train")]
+        self.finishing = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "after_train")]
+        self.stateful = {ns for ns in self.parts if ns.startswith(("terms.", "transforms."))}
+        self.stateful |= {ns for ns, p in self.parts.items() if hasattr(p, "client_stage")}
         # an engine that cannot run this experiment refuses here, before any run is stored
         if engine is not None:
             self.engine = engine(self.program)
@@ -299,11 +396,11 @@ class _Loop:
             raise ValueError('engine "auto" must be resolved first: see resolve_engine')
         self.engine = make_engine(exp.engine, self.program, exp.engine_options)
 
-    def record_to(self, store: RunStore, run_id: str, keep: bool = True) -> None:
-        """Commit every round to ``store`` under ``run_id``; ``keep=False``: a scratch store.
-        An engine with an ``attach(store, run_id)`` method (the gRPC engine, for client
-        health) is told where the run is recorded."""
-        self.store, self.run_id, self.keep = store, run_id, keep
+    def record_to(self, store: RunStore, run_id: str) -> None:
+        """Commit every round to ``store`` under ``run_id``. An engine with an
+        ``attach(store, run_id)`` method (the gRPC engine, for client health) is told where
+        the run is recorded."""
+        self.store, self.run_id = store, run_id
         attach = getattr(self.engine, "attach", None)
         if attach is not None:
             attach(store, run_id)
@@ -313,8 +410,7 @@ class _Loop:
         if exp.threads is not None:
             torch.set_num_threads(exp.threads)
         if start is None:
-            w0 = self.program.initial_weights()
-            start = _State(0, w0, exp.algorithm.server.init(w0), self.rule.server_init(w0))
+            start = self._initial_state()
         self.program.spec.check(start.w, "checkpointed global weights")
         history = [r.metrics for r in self.store.rounds(self.run_id)] if self.store else []
         engine, state = self.engine, start
@@ -331,10 +427,44 @@ class _Loop:
             raise
         finally:
             engine.close()
-        result = RunResult(self.run_id if self.keep else None, state.w, history)
-        if self.store and self.keep:
+        result = RunResult(
+            self.run_id or None, state.w, history, spec=self.program.spec, personal={}
+        )
+        if self.program.personal is not None:
+            result.personal = self._personal_models(state.w)
+        if self.store:
             result.run_dir = self._finish(result)
         return result
+
+    def _initial_state(self) -> _State:
+        w0 = self.program.initial_weights()
+        slots: dict[str, State] = {}
+        for ns, part in self.parts.items():
+            if ns == "sampler":
+                state = part.init(self.num_clients)
+            elif ns.startswith("terms.") or ns.startswith("transforms."):
+                state = part.server_init(w0)
+            elif hasattr(part, "init") and ns in ("aggregator", "server"):
+                state = part.init(w0)
+            else:
+                continue
+            if state:
+                slots[ns] = dict(state)
+        return _State(0, w0, slots)
+
+    def _personal_models(self, w: torch.Tensor) -> dict[int, torch.Tensor]:
+        clients = self._clients_with_state()
+        out: dict[int, torch.Tensor] = {}
+        for cid, state in zip(clients, self._client_states(clients), strict=True):
+            personal = self.program.personal_model(w, state)
+            if personal is not None:
+                out[int(cid)] = personal
+        return out
+
+    def _clients_with_state(self) -> np.ndarray:
+        if self.store is None:
+            return np.array(sorted(self.memory_states), dtype=np.int64)
+        return np.array(self.store.clients_with_state(self.run_id), dtype=np.int64)
 
     def _finish(self, result: RunResult) -> Path:
         from potluck.report.plots import write_report
@@ -354,50 +484,60 @@ class _Loop:
         )
         return info.run_dir
 
+    # ---- one round ---------------------------------------------------------------------
+
+    def _ctx(self, ns: str, rnd: int, client: int | None = None) -> Context:
+        return part_context(self.exp.seed, rnd, ns, client, num_clients=self.num_clients)
+
     def _round(
         self, engine: Engine, state: _State, rnd: int
-    ) -> tuple[_State, dict[str, float], list[tuple[int, dict[str, float]]], dict[int, Tensors]]:
+    ) -> tuple[_State, dict[str, float], PerClient, dict[int, dict[str, State]]]:
         algo, t0 = self.exp.algorithm, time.perf_counter()
-        cohort = algo.sampler.sample(self.num_clients, self.seeds.numpy("sampling", rnd))
+        slots = {ns: dict(s) for ns, s in state.slots.items()}
+        sampling = Context(self.exp.seed, rnd, ("sampling", rnd), num_clients=self.num_clients)
+        cohort, slots["sampler"] = algo.sampler.sample(
+            self.num_clients, slots.get("sampler", {}), sampling
+        )
         work, reports = algo.stragglers.plan(
             len(cohort), algo.local.epochs, self.seeds.numpy("stragglers", rnd)
         )
-        active = cohort[reports]
-        broadcast = self.rule.broadcast(state.rule)
-        states = self._client_states(active)
-        job = RoundInput(rnd, state.w, active, broadcast, states, work[reports])
-        results = engine.train(job) if len(active) else []
-        reported = [(int(c), r) for c, r in zip(active, results, strict=True) if r is not None]
-        up = self._collect(reported, tolerant=engine.remote)
-        new_state = state
-        if len(up.uploads) >= max(1, self.exp.min_updates):
-            mean_delta = algo.aggregator(up.deltas, up.weights)
-            mean_delta, rule_state = self.rule.server_update(
-                state.rule, mean_delta, up.uploads, up.weights, self.num_clients
-            )
-            w, server_state = algo.server.step(state.w, mean_delta, state.server)
-            new_state = _State(rnd, w, server_state, rule_state)
-        elif len(active):
+        stages = RoundStages(self, engine, rnd, cohort[reports])
+        for ns, part in self.staged:
+            slots[ns] = dict(part.before_train(stages, slots.get(ns, {}), self._ctx(ns, rnd)))
+        shares = dict(zip((int(c) for c in cohort[reports]), work[reports], strict=True))
+        payloads = {c: self._train_payload(shares[c], stages.inbox.get(c, {})) for c in stages.members}
+        trained = stages._send(TRAIN, self._broadcast(state.w, slots), payloads)
+        for ns, part in self.finishing:
+            slots[ns] = dict(part.after_train(stages, slots.get(ns, {}), self._ctx(ns, rnd)))
+        updates = self._collect(rnd, trained, tolerant=engine.remote)
+        new_state = self._step(state, slots, updates, rnd)
+        active = len(cohort[reports])
+        if new_state.w is state.w and active:
             _log.warning(
-                "round %d: %d of at least %d updates arrived; the model is not moved",
+                "round %d: %d updates with total weight %g (need at least %d, with a positive "
+                "weight); the model is not moved",
                 rnd,
-                len(up.uploads),
+                len(updates),
+                sum(u.weight for u in updates),
                 self.exp.min_updates,
             )
-        new_state.round = rnd
-        down = state.w.numel() + sum(v.numel() for v in broadcast.values())
         metrics = {
             "cohort_size": float(len(cohort)),
-            "updates": float(len(up.uploads)),
-            "train_loss": _weighted_mean(up.per_client, "train_loss"),
-            "bytes_up": float(sum(r.message.nbytes for _, r in reported)),
-            "bytes_down": float(len(active) * down * 4),
+            "updates": float(len(updates)),
+            "train_loss": _weighted_mean([(u.client, u.metrics) for u in updates], "train_loss"),
+            "bytes_up": float(sum(stages.bytes_up.values())),
+            "bytes_down": float(sum(stages.bytes_down.values())),
         }
         if engine.remote:
-            metrics["failed"] = float(len(active) - len(reported))
-            metrics["refused"] = float(len(reported) - len(up.uploads))
-        client_states = {cid: r.state for cid, r in reported if r.state and cid in up.accepted}
-        per_client = up.per_client
+            metrics["failed"] = float(active - len(trained))
+            metrics["refused"] = float(len(trained) - len(updates))
+        accepted = {u.client for u in updates}
+        client_states = {
+            c: {ns: stages.states[c][ns] for ns in changed}
+            for c, changed in stages.changed.items()
+            if c in accepted
+        }
+        per_client = self._per_client(updates, stages)
         if self.exp.evaluation.due(rnd, self.exp.rounds):
             evaluated, per_eval = self._evaluate(engine, new_state.w, rnd, client_states)
             metrics.update(evaluated)
@@ -405,57 +545,127 @@ class _Loop:
         metrics["round_seconds"] = time.perf_counter() - t0
         return new_state, metrics, per_client, client_states
 
-    def _client_states(
-        self, cohort: np.ndarray, fresh: Mapping[int, Tensors] | None = None
-    ) -> tuple[Tensors, ...]:
-        """Cohort members' persistent states: ``fresh`` (this round's) over the stored ones."""
-        if not self.rule.client_state or self.store is None:
-            return tuple({} for _ in cohort)
-        stored = self.store.client_states(self.run_id, [int(c) for c in cohort])
-        fresh = fresh or {}
-        return tuple(fresh.get(int(c), s) for c, s in zip(cohort, stored, strict=True))
+    def _train_payload(self, work: float, inbox: Mapping[str, Message]) -> Message:
+        arrays = {f"{ns}/{k}": v for ns, m in inbox.items() for k, v in m.arrays.items()}
+        scalars: dict[str, int | float | str] = {
+            f"{ns}/{k}": v for ns, m in inbox.items() for k, v in m.scalars.items()
+        }
+        scalars["work"] = float(work)
+        return Message(arrays, scalars)
 
-    def _collect(
-        self, reported: Sequence[tuple[int, ClientResult]], tolerant: bool = False
-    ) -> _Collected:
+    def _broadcast(self, w: torch.Tensor, slots: Mapping[str, State]) -> Message:
+        """The ``train`` stage's shared message: the global weights and each term's
+        broadcast, encoded by the downlink transforms."""
+        arrays = {"w": w}
+        for ns, term in zip(self.program.term_ns, self.program.terms, strict=True):
+            arrays.update({f"{ns}/{k}": v for k, v in term.broadcast(slots.get(ns, {})).items()})
+        message = Message(arrays)
+        for down in self.exp.algorithm.downlink:
+            message = down.encode(message)
+        return message
+
+    def _step(
+        self, state: _State, slots: dict[str, State], updates: list[_Update], rnd: int
+    ) -> _State:
+        """Aggregate, decode the aggregate, the terms' server halves, the server step."""
+        weights = torch.tensor([u.weight for u in updates], dtype=torch.float64)
+        if len(updates) < self.exp.min_updates or not float(weights.sum()) > 0:
+            return _State(rnd, state.w, slots)  # the model does not move
+        algo = self.exp.algorithm
+        deltas = self.stack.stack([u.message.arrays["delta"] for u in updates])
+        aggregate, slots["aggregator"] = algo.aggregator.aggregate(
+            deltas, weights, slots.get("aggregator", {}), self._ctx("aggregator", rnd)
+        )
+        for ns, transform in reversed(list(zip(self.program.transform_ns, self.program.transforms, strict=True))):
+            aggregate, slots[ns] = transform.decode_aggregate(
+                aggregate, slots.get(ns, {}), self._ctx(ns, rnd)
+            )
+        clients = np.array([u.client for u in updates], dtype=np.int64)
+        for ns, term in reversed(list(zip(self.program.term_ns, self.program.terms, strict=True))):
+            mine = _contributions(ns, clients, weights, updates)
+            aggregate, slots[ns] = term.server_update(
+                slots.get(ns, {}), aggregate, mine, self._ctx(ns, rnd)
+            )
+        w, slots["server"] = algo.server.step(
+            state.w, aggregate, slots.get("server", {}), self._ctx("server", rnd)
+        )
+        return _State(rnd, w, {ns: s for ns, s in slots.items() if s})
+
+    def _client_states(
+        self, clients: np.ndarray, fresh: Mapping[int, Mapping[str, State]] | None = None
+    ) -> tuple[ClientState, ...]:
+        """Clients' persistent states by part namespace: ``fresh`` (this round's) over the
+        stored ones."""
+        fresh = fresh or {}
+        if self.store is None:
+            stored = [self.memory_states.get(int(c), {}) for c in clients]
+        else:
+            stored = [_by_namespace(s) for s in self.store.client_states(self.run_id, [int(c) for c in clients])]
+        return tuple(
+            {**s, **fresh.get(int(c), {})} for c, s in zip(clients, stored, strict=True)
+        )
+
+    def _check_state(self, cid: int, reply: Reply) -> None:
+        for ns, state in reply.state.items():
+            if ns not in self.stateful:
+                raise MessageError(
+                    f"client {cid} sent state for {ns!r}, which is not a part of this run "
+                    "that keeps client state"
+                )
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor):
+                    raise MessageError(f"client {cid}: state {ns}/{name} is not a tensor")
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise MessageError(f"client {cid}: state {ns}/{name} contains NaN or Inf")
+
+    def _collect(self, rnd: int, replies: Mapping[int, Reply], tolerant: bool) -> list[_Update]:
         """Decode and validate the reported updates. An invalid one stops the run, unless
         ``tolerant`` (remote clients): then it is refused, logged and left out."""
-        uploads, per_client, weights, accepted = [], [], [], set()
-        for cid, result in reported:
+        updates = []
+        for cid, reply in replies.items():
             try:
-                upload, numeric, weight = self._validated(cid, result.message)
+                updates.append(self._validated(rnd, cid, reply.message))
             except MessageError as exc:
                 if not tolerant:
                     raise
                 _log.warning("refused %s", exc)
-                continue
-            uploads.append(upload)
-            per_client.append((cid, numeric))
-            weights.append(weight)
-            accepted.add(cid)
-        if not uploads:
-            size = self.program.spec.size
-            return _Collected(torch.zeros(0, size), torch.zeros(0), [], [], accepted)
-        deltas = self.stack.stack([u.arrays["delta"] for u in uploads])
-        weight_t = torch.tensor(weights, dtype=torch.float64)
-        return _Collected(deltas, weight_t, uploads, per_client, accepted)
+        return updates
 
-    def _validated(self, cid: int, raw: Message) -> tuple[Uploaded, dict[str, float], float]:
-        spec, algo = self.program.spec, self.exp.algorithm
-        expected = {"delta": spec.size, **{name: spec.size for name in self.rule.uploads}}
+    def _validated(self, rnd: int, cid: int, raw: Message) -> _Update:
         source = f"update from client {cid}"
-        msg = algo.transforms.decode(raw)
+        msg = raw
+        for ns, transform in reversed(list(zip(self.program.transform_ns, self.program.transforms, strict=True))):
+            msg = transform.decode(msg, self._ctx(ns, rnd, cid))
+        size = self.program.spec.size
+        expected = {"delta": size}
+        numbers = ["num_examples", "num_steps", "weight"]
+        for ns, term in zip(self.program.term_ns, self.program.terms, strict=True):
+            expected.update({f"{ns}/{name}": size for name in term.uploads})
+            numbers += [f"{ns}/{name}" for name in term.upload_scalars]
         msg.validate(expected, source=source)
-        numeric = {k: float(v) for k, v in msg.scalars.items() if isinstance(v, int | float)}
-        key = "weight" if "weight" in msg.scalars else "num_examples"
-        weight = msg.scalar(key, source=source)
-        if not math.isfinite(weight) or weight < 0:
-            raise MessageError(f"{source}: scalar {key!r} must be finite and >= 0, got {weight}")
-        return Uploaded(msg.arrays, msg.scalars), numeric, weight
+        extra = sorted(set(msg.arrays) - set(expected))
+        if extra:
+            raise MessageError(f"{source}: unexpected arrays {extra[:5]}")
+        values = {key: msg.scalar(key, source=source) for key in numbers}
+        for key, value in values.items():
+            if not math.isfinite(value) or (value < 0 and key in numbers[:3]):
+                raise MessageError(f"{source}: scalar {key!r} must be finite and >= 0, got {value}")
+        metrics = {k: float(v) for k, v in msg.scalars.items() if _is_number(v)}
+        return _Update(cid, msg, values["weight"], metrics)
+
+    def _per_client(self, updates: Sequence[_Update], stages: RoundStages) -> PerClient:
+        out: PerClient = []
+        for u in updates:
+            traffic = {
+                "bytes_up": float(stages.bytes_up.get(u.client, 0)),
+                "bytes_down": float(stages.bytes_down.get(u.client, 0)),
+            }
+            out.append((u.client, {**u.metrics, **traffic}))
+        return out
 
     def _evaluate(
-        self, engine: Engine, w: torch.Tensor, rnd: int, fresh: Mapping[int, Tensors]
-    ) -> tuple[dict[str, float], list[tuple[int, dict[str, float]]]]:
+        self, engine: Engine, w: torch.Tensor, rnd: int, fresh: Mapping[int, Mapping[str, State]]
+    ) -> tuple[dict[str, float], PerClient]:
         """Round metrics and per-client metrics of centralised and federated evaluation."""
         ev, out = self.exp.evaluation, dict[str, float]()
         if ev.centralized:
@@ -470,8 +680,24 @@ class _Loop:
         clients = np.sort(
             rng.choice(self.num_clients, size=min(k, self.num_clients), replace=False)
         )
-        answered = engine.evaluate(clients, w, self._client_states(clients, fresh))
-        pairs = [(int(c), r) for c, r in zip(clients, answered, strict=True) if r is not None]
+        job = StageJob(
+            EVALUATE,
+            rnd,
+            Message({"w": w}),
+            clients,
+            tuple(Message() for _ in clients),
+            self._client_states(clients, fresh),
+        )
+        pairs: list[tuple[int, dict[str, EvalResult]]] = []
+        for c, reply in zip(clients, engine.run_stage(job), strict=True):
+            if reply is None:
+                continue
+            try:
+                pairs.append((int(c), parse_evaluation(reply.message, f"client {int(c)}")))
+            except MessageError as exc:
+                if not engine.remote:
+                    raise
+                _log.warning("refused %s", exc)
         results = [r for _, r in pairs]
         for kind, prefix in (
             ("global", "fed"),
@@ -491,23 +717,54 @@ class _Loop:
         self,
         state: _State,
         metrics: dict[str, float],
-        per_client: list[tuple[int, dict[str, float]]],
-        client_states: dict[int, Tensors],
+        per_client: PerClient,
+        client_states: dict[int, dict[str, State]],
     ) -> None:
         if self.store is None:
+            for cid, states in client_states.items():
+                self.memory_states.setdefault(cid, {}).update(states)
             return
         exp = self.exp
         ckpt = None
         if state.round % exp.checkpoint_every == 0 or state.round == exp.rounds:
             ckpt = Checkpoint(tensors=state.tensors(), meta={"round": state.round})
+        flat = {
+            cid: {f"{ns}/{k}": v for ns, s in states.items() for k, v in s.items()}
+            for cid, states in client_states.items()
+        }
         self.store.commit_round(
-            self.run_id, state.round, metrics, per_client, ckpt, client_states=client_states
+            self.run_id, state.round, metrics, per_client, ckpt, client_states=flat
         )
 
 
-def _merge_clients(
-    *groups: list[tuple[int, dict[str, float]]],
-) -> list[tuple[int, dict[str, float]]]:
+def _by_namespace(flat: Mapping[str, torch.Tensor]) -> dict[str, State]:
+    out: dict[str, State] = {}
+    for name, t in flat.items():
+        ns, _, key = name.partition("/")
+        out.setdefault(ns, {})[key] = t
+    return out
+
+
+def _contributions(
+    ns: str, clients: np.ndarray, weights: torch.Tensor, updates: Sequence[_Update]
+) -> Contributions:
+    prefix = f"{ns}/"
+    arrays = tuple(
+        {k[len(prefix) :]: v for k, v in u.message.arrays.items() if k.startswith(prefix)}
+        for u in updates
+    )
+    scalars = tuple(
+        {k[len(prefix) :]: v for k, v in u.message.scalars.items() if k.startswith(prefix)}
+        for u in updates
+    )
+    return Contributions(clients, weights, arrays, scalars)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _merge_clients(*groups: PerClient) -> PerClient:
     merged: dict[int, dict[str, float]] = {}
     for group in groups:
         for cid, metrics in group:
@@ -515,7 +772,7 @@ def _merge_clients(
     return [(cid, m) for cid, m in merged.items() if m]
 
 
-def _weighted_mean(per_client: list[tuple[int, dict[str, float]]], key: str) -> float:
+def _weighted_mean(per_client: PerClient, key: str) -> float:
     pairs = [(m[key], m["num_examples"]) for _, m in per_client if key in m]
     total = sum(n for _, n in pairs)
     return sum(v * n for v, n in pairs) / total if total else math.nan

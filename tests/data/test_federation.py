@@ -9,7 +9,16 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from potluck.data import Federation, describe, iid, label_entropy, load_source
+from potluck.data import (
+    ArrayDataset,
+    ClientData,
+    Federation,
+    Partition,
+    describe,
+    iid,
+    label_entropy,
+    load_source,
+)
 
 
 def digits_federation(test_fraction: float) -> Federation:
@@ -198,3 +207,218 @@ def test_describe_scales_to_many_clients() -> None:
     stats = describe(Federation(src, part), max_rows=5)
     assert stats["num_clients"] == part.num_clients and len(stats["clients"]) == 5
     assert stats["labels_per_client"]["max"] <= 2
+
+
+# --------------------------------------------------------------------------- client_tests
+
+
+def windows(ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Next-character examples: x = ids[i:i+width], y = ids[i+width], stride 1 (overlapping)."""
+    x = np.lib.stride_tricks.sliding_window_view(ids[:-1], width)
+    return np.ascontiguousarray(x), ids[width:]
+
+
+def test_client_tests_are_exactly_the_given_sets_and_train_is_unsplit() -> None:
+    rng = np.random.default_rng(0)
+    clients = [(rng.random((n, 4)), rng.integers(0, 3, n)) for n in (5, 7, 3)]
+    tests = [
+        (rng.random((2, 4)), np.array([0, 5])),  # label 5 only here: num_classes counts it
+        (np.zeros((0, 4)), np.zeros(0, np.int64)),  # an empty test set
+        (torch.rand(4, 4), torch.tensor([1, 1, 2, 0])),
+    ]
+    fed = Federation.from_client_data(clients, client_tests=tests, seed=3)
+    assert fed.source.num_classes == 6 and "local_test=6 examples" in repr(fed)
+    for cid, ((x, y), (tx, ty)) in enumerate(zip(clients, tests, strict=True)):
+        data = fed.client(cid)
+        np.testing.assert_array_equal(data.x_train, x.astype(np.float32))  # all of it, in order
+        np.testing.assert_array_equal(data.y_train, y)
+        np.testing.assert_array_equal(data.x_test, np.asarray(tx, np.float32).reshape(-1, 4))
+        np.testing.assert_array_equal(data.y_test, np.asarray(ty))
+        assert data.x_test.dtype == np.float32 and data.y_test.dtype == np.int64
+        assert fed.num_examples(cid) == len(y)
+    assert fed.client(1).x_test.shape == (0, 4)
+    assert fed.num_examples_all().tolist() == [5, 7, 3]
+    assert fed.num_test_examples_all().tolist() == [2, 0, 4]
+    other_seed = Federation.from_client_data(clients, client_tests=tests, seed=4)
+    np.testing.assert_array_equal(other_seed.client(2).x_train, fed.client(2).x_train)
+
+
+def test_client_tests_accept_datasets_and_empty_ones_of_any_shape() -> None:
+    x, y = torch.randn(6, 3), torch.arange(6) % 2
+    tests = [TensorDataset(x[:2], y[:2]), (torch.empty(0), torch.empty(0, dtype=torch.long))]
+    fed = Federation.from_client_data([(x, y), (x, y)], client_tests=tests)
+    np.testing.assert_array_equal(fed.client(0).x_test, x[:2].numpy())
+    assert fed.client(1).x_test.shape == (0, 3) and fed.client(1).x_test.dtype == np.float32
+
+
+def test_client_tests_do_not_leak_overlapping_windows() -> None:
+    """A random split of overlapping next-character windows puts each test answer in train;
+    held-out text per client does not."""
+    rng = np.random.default_rng(0)
+    texts = [rng.integers(0, 26, 400) for _ in range(3)]
+    width, cut = 8, 320
+    clients = [windows(t[:cut], width) for t in texts]
+    tests = [windows(t[cut:], width) for t in texts]
+
+    def leaks(data: ClientData) -> int:
+        train_rows = set(map(bytes, data.x_train))
+        return sum(
+            bytes(x) in train_rows or bytes(np.append(x[1:], y)) in train_rows
+            for x, y in zip(data.x_test, data.y_test, strict=True)
+        )
+
+    split = Federation.from_client_data([windows(t, width) for t in texts], test_fraction=0.2)
+    assert all(leaks(split.client(c)) > 0 for c in range(3))
+    held_out = Federation.from_client_data(clients, client_tests=tests)
+    for c in range(3):
+        data = held_out.client(c)
+        assert leaks(data) == 0 and len(data.y_test) == 400 - cut - width
+        assert data.x_train.dtype == np.int64  # token ids stay integers
+
+
+def test_client_tests_errors_name_both_parameters() -> None:
+    ok = (np.zeros((3, 4), np.float32), np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="client_tests has 1 test sets but clients has 2 clients"):
+        Federation.from_client_data([ok, ok], client_tests=[ok])
+    with pytest.raises(ValueError, match=r"client_tests and test_fraction=0\.2 exclude each other"):
+        Federation.from_client_data([ok], client_tests=[ok], test_fraction=0.2)
+    with pytest.raises(ValueError, match=r"client 1 test set: feature shape \(2,\) differs"):
+        Federation.from_client_data([ok, ok], client_tests=[ok, (np.zeros((1, 2)), [0])])
+    with pytest.raises(ValueError, match="client 0 test set: labels must be >= 0"):
+        Federation.from_client_data([ok], client_tests=[(np.zeros((1, 4)), np.array([-1]))])
+    with pytest.raises(ValueError, match="num_classes=2 but the data has label 4"):
+        Federation.from_client_data(
+            [ok], client_tests=[(np.zeros((1, 4)), np.array([4]))], num_classes=2
+        )
+
+
+def test_federation_constructor_validates_local_test() -> None:
+    base = Federation.from_client_data(
+        [(np.zeros((3, 2)), np.array([0, 1, 1]))] * 2,
+        client_tests=[(np.ones((1, 2)), np.array([1]))] * 2,
+    )
+    src, part = base.source, base.partition
+    test, test_part = base.local_test, base.local_test_partition
+    assert test is not None and test_part is not None
+    with pytest.raises(ValueError, match="local_test and local_test_partition together"):
+        Federation(src, part, test_fraction=0, local_test=test)
+    with pytest.raises(ValueError, match="test_fraction must be 0 when each client's test set"):
+        Federation(src, part, local_test=test, local_test_partition=test_part)
+    one = Partition.from_lists([np.array([0, 1])])
+    with pytest.raises(ValueError, match="local_test_partition has 1 clients but partition has 2"):
+        Federation(src, part, test_fraction=0, local_test=test, local_test_partition=one)
+    far = Partition.from_lists([np.array([0]), np.array([5])])
+    with pytest.raises(ValueError, match=r"local_test_partition indices must lie in \[0, 2\)"):
+        Federation(src, part, test_fraction=0, local_test=test, local_test_partition=far)
+    ints = ArrayDataset(np.zeros((2, 2), np.int64), np.array([0, 1]))
+    with pytest.raises(ValueError, match="local_test: inputs are integer but client_data's"):
+        Federation(src, part, test_fraction=0, local_test=ints, local_test_partition=test_part)
+    wide = ArrayDataset(np.zeros((2, 3), np.float32), np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"local_test: feature shape \(3,\) != input_shape"):
+        Federation(src, part, test_fraction=0, local_test=wide, local_test_partition=test_part)
+    big = ArrayDataset(np.zeros((2, 2), np.float32), np.array([0, 7]))
+    with pytest.raises(ValueError, match=r"local_test: labels must lie in \[0, 2\)"):
+        Federation(src, part, test_fraction=0, local_test=big, local_test_partition=test_part)
+
+
+def test_describe_runs_on_client_tests() -> None:
+    clients = [(np.zeros((4, 1)), np.array([0, 0, 1, 1])), (np.zeros((2, 1)), np.array([2, 2]))]
+    tests = [(np.zeros((1, 1)), np.array([1])), (np.zeros((3, 1)), np.array([0, 2, 2]))]
+    stats = describe(Federation.from_client_data(clients, client_tests=tests))
+    assert stats["num_clients"] == 2 and stats["total_train"] == 6
+    assert [row["train"] for row in stats["clients"]] == [4, 2]
+    assert stats["labels_per_client"] == {"mean": 1.5, "min": 1.0, "max": 2.0}
+
+
+# --------------------------------------------------------------------------- integer inputs
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.int64, np.uint64])
+def test_integer_inputs_stay_int64(dtype: type) -> None:
+    clients = [(np.arange(12).reshape(4, 3).astype(dtype), np.array([0, 1, 2, 3]))] * 2
+    fed = Federation.from_client_data(clients, test=(clients[0][0][:1], np.array([1])))
+    data = fed.client(1)
+    assert data.x_train.dtype == np.int64 and data.x_test.dtype == np.int64
+    assert fed.source.train.integer_features and fed.source.test.x.dtype == np.int64
+    np.testing.assert_array_equal(np.sort(data.x_train, axis=0), np.arange(12).reshape(4, 3))
+
+
+def test_default_empty_test_set_takes_the_integer_dtype() -> None:
+    fed = Federation.from_client_data([(torch.arange(6).reshape(3, 2), torch.tensor([0, 1, 1]))])
+    assert fed.source.test.x.dtype == np.int64 and fed.source.test.x.shape == (0, 2)
+    fed = Federation.from_client_data(
+        [(np.ones((3, 2), np.int32), np.array([0, 1, 1]))],
+        test=(np.zeros((0, 2)), np.zeros(0, int)),
+    )
+    assert fed.source.test.x.dtype == np.int64  # an empty float test set adopts integers
+
+
+def test_embedding_model_consumes_client_token_ids() -> None:
+    ids = np.random.default_rng(0).integers(0, 50, 200)
+    fed = Federation.from_client_data([windows(ids[:100], 5), windows(ids[100:], 5)])
+    data = fed.client(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(50, 4), torch.nn.Flatten(), torch.nn.Linear(20, 50)
+    )
+    logits = model(torch.from_numpy(data.x_train))
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(data.y_train))
+    assert logits.shape == (95, 50) and torch.isfinite(loss)
+
+
+def test_bool_and_float_inputs_become_float32() -> None:
+    flags = np.array([[True, False], [False, True]])
+    fed = Federation.from_client_data([(flags, np.array([0, 1])), (np.ones((2, 2)), [1, 0])])
+    assert fed.client(0).x_train.dtype == np.float32
+    assert sorted(fed.client(0).x_train.tolist()) == [[0.0, 1.0], [1.0, 0.0]]
+
+
+def test_mixed_integer_and_float_inputs_are_refused() -> None:
+    ints, floats = np.zeros((2, 3), np.int64), np.zeros((2, 3), np.float32)
+    y = np.array([0, 1])
+    with pytest.raises(
+        ValueError,
+        match=r"integer and float inputs are mixed: integer x in client 0, client 2, float x "
+        r"in client 1; use one kind",
+    ):
+        Federation.from_client_data([(ints, y), (floats, y), (ints, y)])
+    with pytest.raises(ValueError, match=r"integer x in client 0, float x in test;"):
+        Federation.from_client_data([(ints, y)], test=(floats, y))
+    with pytest.raises(ValueError, match="float x in client 1 test set"):
+        Federation.from_client_data([(ints, y)] * 2, client_tests=[(ints, y), (floats, y)])
+    many = [(ints, y)] * 5 + [(floats, y)]
+    with pytest.raises(ValueError, match="client 0, client 1, client 2 and 2 more, float x"):
+        Federation.from_client_data(many)
+
+
+def test_uint64_beyond_int64_is_refused() -> None:
+    x = np.array([[2**63]], np.uint64)
+    with pytest.raises(ValueError, match="client 0: x holds 9223372036854775808, beyond int64"):
+        Federation.from_client_data([(x, np.array([0]))])
+
+
+# --------------------------------------------------------------------------- NaN / Inf
+
+
+def test_nan_and_inf_are_refused_naming_the_client_and_split() -> None:
+    ok = (np.zeros((3, 2)), np.array([0, 1, 1]))
+    nan = np.zeros((3, 2))
+    nan[1, 0] = np.nan
+    with pytest.raises(
+        ValueError,
+        match=r"client 2: x has NaN or Inf in 1 of 3 train examples \(first at row 1;.*"
+        r"clean or impute the data",
+    ):
+        Federation.from_client_data([ok, ok, (nan, ok[1])])
+    inf = np.zeros((4, 2), np.float32)
+    inf[[2, 3], 1] = -np.inf
+    with pytest.raises(
+        ValueError, match=r"client 1 test set: x has NaN or Inf in 2 of 4 test examples .*row 2"
+    ):
+        Federation.from_client_data([ok, ok], client_tests=[ok, (inf, np.zeros(4, int))])
+    with pytest.raises(ValueError, match=r"^test: x has NaN or Inf in 1 of 3 test examples"):
+        Federation.from_client_data([ok], test=(nan, ok[1]))
+    huge = np.full((1, 2), 1e300)  # finite in float64, Inf in float32
+    with pytest.raises(ValueError, match=r"client 0: x has NaN or Inf.*float32's range"):
+        Federation.from_client_data([(huge, np.array([0]))])
+    with pytest.raises(ValueError, match="client 0: x has NaN or Inf"):
+        Federation.from_client_data([(torch.tensor([[float("nan")]]), torch.tensor([0]))])

@@ -200,3 +200,30 @@ def test_array_dataset_validation() -> None:
         DataSource("d", ArrayDataset(x, y), ArrayDataset(x, y), 3, (3,))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         DataSource("d", ArrayDataset(x, y), ArrayDataset(x, y), 2, (2,))
+
+
+def test_array_dataset_integer_inputs() -> None:
+    y = np.array([0, 1, 2])
+    for dtype in (np.int64, np.int32):
+        x = np.arange(6, dtype=dtype).reshape(3, 2)
+        ds = ArrayDataset(x, y)
+        assert ds.integer_features and ds.features() is x  # unchanged, no copy
+        assert ds.features(np.array([2])).dtype == dtype
+        assert ds.subset(np.array([0, 1])).x.dtype == dtype
+    assert not ArrayDataset(np.zeros((3, 2), np.float32), y).integer_features
+    codes = ArrayDataset(np.zeros((3, 2), np.uint8), y, decode=(1.0, 0.0))
+    assert not codes.integer_features and codes.features().dtype == np.float32
+    for bad in (np.uint8, np.int16, np.float64, np.bool_):
+        with pytest.raises(ValueError, match=r"x must be a float32 array \(or an int64/int32"):
+            ArrayDataset(np.zeros((3, 2), bad), y)
+    with pytest.raises(ValueError, match=r"x must be a uint8 array \(with decode\)"):
+        ArrayDataset(np.zeros((3, 2), np.int64), y, decode=(1.0, 0.0))
+
+
+def test_data_source_refuses_integer_train_with_float_test() -> None:
+    y = np.array([0, 1])
+    ints = ArrayDataset(np.zeros((2, 3), np.int64), y)
+    floats = ArrayDataset(np.zeros((2, 3), np.float32), y)
+    assert DataSource("d", ints, ints, 2, (3,)).train.integer_features
+    with pytest.raises(ValueError, match="d: train inputs are integer but test inputs are float"):
+        DataSource("d", ints, floats, 2, (3,))

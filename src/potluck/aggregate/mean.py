@@ -4,8 +4,10 @@ One fused reduction over the stacked (K, d) buffer: ``weights @ deltas``.
 
 Example:
     >>> import torch
+    >>> from potluck.core.parts import part_context
     >>> deltas = torch.tensor([[1.0, 0.8, 0.5], [1.2, 0.9, 0.6], [0.9, 0.7, 0.4]])
-    >>> agg = WeightedMean()(deltas, torch.tensor([100.0, 200.0, 700.0]))
+    >>> weights = torch.tensor([100.0, 200.0, 700.0])
+    >>> agg, _ = WeightedMean().aggregate(deltas, weights, {}, part_context(0, 1, "aggregator"))
     >>> [round(v, 6) for v in agg.tolist()]
     [0.97, 0.75, 0.45]
 """
@@ -15,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from potluck.core.parts import Context, State
+from potluck.core.registry import register
 
 
 def check_stack(deltas: torch.Tensor, weights: torch.Tensor) -> None:
@@ -31,12 +36,18 @@ def check_stack(deltas: torch.Tensor, weights: torch.Tensor) -> None:
         raise ValueError("weights must be non-negative with a positive sum")
 
 
+@register("aggregator", "mean")
 @dataclass(frozen=True)
 class WeightedMean:
     """``sum_k w_k delta_k / sum_k w_k``, weights usually the clients' example counts."""
 
-    def __call__(self, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def init(self, w: torch.Tensor) -> State:
+        return {}
+
+    def aggregate(
+        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
+    ) -> tuple[torch.Tensor, State]:
         check_stack(deltas, weights)
         w = weights.to(torch.float64)
         w = (w / w.sum()).to(deltas.dtype)
-        return w @ deltas
+        return w @ deltas, state

@@ -4,21 +4,25 @@ number of local steps (momentum-aware) and the aggregate rescaled by the effecti
 
 Example:
     >>> algo = fednova(clients_per_round=10, epochs=10, batch_size=64, lr=0.01, momentum=0.9)
-    >>> algo.name, algo.rule.momentum
-    ('fednova', 0.9)
+    >>> algo.name, algo.terms
+    ('fednova', (FedNova(momentum=None),))
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
-from potluck.algorithms.base import Algorithm
-from potluck.algorithms.fedavg import fedavg
-from potluck.client.rules import FedNova
+from potluck.algorithms.base import Algorithm, preset
+from potluck.algorithms.fedavg import compose, fedavg
+from potluck.client.terms import FedNova
+
+
+@preset("fednova")
+def fednova_parts() -> dict[str, Any]:
+    """The normalising term (its momentum: the local optimizer's)."""
+    return {"terms": (FedNova(),)}
 
 
 def fednova(**fedavg_args: Any) -> Algorithm:
     """FedNova; arguments as for ``fedavg`` (the local momentum sets the normaliser)."""
-    base = fedavg(**fedavg_args)
-    return replace(base, name="fednova", rule=FedNova(momentum=base.local.momentum))
+    return compose("fednova", fednova_parts(), fedavg(**fedavg_args))

@@ -1,100 +1,103 @@
-"""Personalisation rules: FedPer (shared body, local head) and Ditto (a personal model
-regularised towards the global one). Both keep per-client state across rounds and give
-each client a personalised model for evaluation.
+"""Personalisation terms: FedPer (shared body, local head) and Ditto (a personal model
+regularised towards the global one). Both keep per-client state across rounds and give each
+client a personalised model for evaluation (``personalize``); an algorithm has at most one
+(a declared gift, ``Need.PERSONAL_MODEL``).
 
 Example:
     >>> import torch
+    >>> from potluck.client.sgd import LocalSGD
     >>> from potluck.core.params import ParamSpec
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    >>> rule = FedPer().bind(ParamSpec.from_module(net))  # the last layer ("1.") stays local
-    >>> int(rule.mask.sum()), len(rule.mask)
+    >>> term = FedPer().bind(ParamSpec.from_module(net), LocalSGD())  # "1." stays local
+    >>> int(term.mask.sum()), len(term.mask)
     (3, 9)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
-from potluck.client.rules import PlainRule, RuleOutput, Tensors
+from potluck.client.terms import Term
 from potluck.core.params import ParamSpec
+from potluck.core.parts import ClientView, LocalOptimizer, LocalResult, Need, State, TermOutput
+from potluck.core.registry import register
 
 
-def layer_mask(spec: ParamSpec, prefixes: tuple[str, ...]) -> torch.Tensor:
-    """Boolean (d,) mask of the parameters whose names start with any of ``prefixes``;
-    no prefixes means the last layer (the module owning the last parameter)."""
-    if not prefixes:
-        prefixes = (spec.names[-1].rsplit(".", 1)[0] + ".",)
-    parts = [
-        torch.full((n,), any(name.startswith(p) for p in prefixes), dtype=torch.bool)
-        for name, n in zip(spec.names, spec.numels, strict=True)
-    ]
-    mask = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
-    if not bool(mask.any()):
-        raise ValueError(f"no parameter matches personal layers {prefixes}; names: {spec.names}")
-    if bool(mask.all()):
-        raise ValueError(f"personal layers {prefixes} cover every parameter: nothing is shared")
-    return mask
-
-
-@dataclass(frozen=True, kw_only=True)
-class FedPer(PlainRule):
+@register("term", "fedper")
+@dataclass(frozen=True)
+class FedPer(Term):
     """FedPer (Arivazhagan et al. 2019, "Federated Learning with Personalization Layers"):
     the layers named by ``personal_layers`` (name prefixes; default: the last layer) never
     leave the client. Each client trains body and head from the global body and its own head;
-    only the body's delta is uploaded (the head's is zero, so the global head stays put)."""
+    the head's delta is zero, so the global head stays put (the ``fedper`` algorithm also
+    adds ``KeepLocal``, so the head's coordinates are not even sent)."""
 
     personal_layers: tuple[str, ...] = ()
-    name: str = "fedper"
-    client_state: tuple[str, ...] = ("head",)
-    mask: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    mask: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)
+    gives: ClassVar[frozenset[str]] = frozenset({Need.PERSONAL_MODEL})
 
-    def bind(self, spec: ParamSpec) -> FedPer:
-        return replace(self, mask=layer_mask(spec, self.personal_layers))
+    def bind(self, spec: ParamSpec, optimizer: LocalOptimizer) -> FedPer:
+        bound = replace(self)
+        object.__setattr__(bound, "mask", spec.layer_mask(self.personal_layers))
+        return bound
 
     def _mask(self) -> torch.Tensor:
         if self.mask is None:
-            raise RuntimeError("FedPer must be bound to a model's ParamSpec first (rule.bind)")
+            raise RuntimeError("FedPer must be bound to a model's ParamSpec first (term.bind)")
         return self.mask
 
-    def begin(self, w_global: torch.Tensor, broadcast: Tensors, state: Tensors) -> Tensors:
+    def begin(
+        self, client: ClientView, w_global: torch.Tensor, broadcast: State, state: State
+    ) -> State:
         head = state.get("head")
         return {"head": w_global[self._mask()] if head is None else head}
 
-    def start(self, w_global: torch.Tensor, rule_state: Tensors) -> torch.Tensor:
-        w = w_global.clone()
-        w[self._mask()] = rule_state["head"]
+    def start(self, w: torch.Tensor, work: State) -> torch.Tensor:
+        w = w.clone()
+        w[self._mask()] = work["head"]
         return w
 
-    def finish(
-        self, w_global: torch.Tensor, w: torch.Tensor, rule_state: Tensors, steps: int, lr: float
-    ) -> RuleOutput:
+    def finish(self, client: ClientView, result: LocalResult, work: State) -> TermOutput:
         mask = self._mask()
-        delta = torch.where(mask, torch.zeros_like(w), w - w_global)
-        return RuleOutput(arrays={"delta": delta}, state={"head": w[mask].clone()})
+        delta = torch.where(mask, torch.zeros_like(result.delta), result.delta)
+        return TermOutput(delta=delta, state={"head": result.w[mask].clone()})
 
-    def personal_model(self, w_global: torch.Tensor, state: Tensors) -> torch.Tensor | None:
+    def personalize(self, w_global: torch.Tensor, state: State) -> torch.Tensor | None:
         if "head" not in state:
             return None
         return self.start(w_global, {"head": state["head"]})
 
 
-@dataclass(frozen=True, kw_only=True)
-class Ditto(PlainRule):
+@register("term", "ditto")
+@dataclass(frozen=True)
+class Ditto(Term):
     """Ditto (Li, Hu, Beirami, Smith 2021, "Ditto: Fair and Robust Federated Learning Through
     Personalization", ICML): the global model is trained as in FedAvg; each client also keeps
     a personal model ``v_k`` and, every time it is sampled, takes the same number of local
-    steps on ``F_k(v) + lambda/2 ||v - w_global||^2`` from its previous ``v_k``
-    (``lambda = 0``: purely local models; large ``lambda``: the global model)."""
+    steps on ``F_k(v) + lam/2 ||v - w_global||^2`` from its previous ``v_k`` (``lam = 0``:
+    purely local models; large ``lam``: the global model)."""
 
-    personal_lambda: float | None = 0.1
-    name: str = "ditto"
-    client_state: tuple[str, ...] = ("personal",)
+    lam: float = 0.1
+    gives: ClassVar[frozenset[str]] = frozenset({Need.PERSONAL_MODEL})
 
     def __post_init__(self) -> None:
-        if self.personal_lambda is None or self.personal_lambda < 0:
-            raise ValueError(f"Ditto lambda must be >= 0, got {self.personal_lambda}")
+        if not self.lam >= 0:
+            raise ValueError(f"Ditto lam must be >= 0, got {self.lam}")
 
-    def personal_model(self, w_global: torch.Tensor, state: Tensors) -> torch.Tensor | None:
+    def begin(
+        self, client: ClientView, w_global: torch.Tensor, broadcast: State, state: State
+    ) -> State:
+        return {"personal": state.get("personal", w_global), "anchor": w_global}
+
+    def finish(self, client: ClientView, result: LocalResult, work: State) -> TermOutput:
+        anchor, lam = work["anchor"], self.lam
+        v, _, _ = client.local_steps(
+            work["personal"], lambda v_, g: g + lam * (v_ - anchor), "personal"
+        )
+        return TermOutput(state={"personal": v})
+
+    def personalize(self, w_global: torch.Tensor, state: State) -> torch.Tensor | None:
         return state.get("personal")

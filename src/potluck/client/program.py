@@ -1,44 +1,56 @@
 """``ClientProgram``: what a client runs, independent of the engine that runs it.
 
-It holds one model instance (built once), the federation's data access, the local rule and
-the update transforms. ``train(cid, w, round)`` returns the client's encoded update message,
-``evaluate(cid, w)`` its local test metrics. Every random choice derives from the run seed.
-A ``LocalRule`` (FedProx, SCAFFOLD, FedNova, ...) corrects the gradient, may read and
-return per-client state, and may add arrays and scalars to the upload.
+It holds one model instance (built once), the federation's data access and the algorithm's
+client-side parts: the local optimizer and its chain of gradient terms, the update
+transforms and the downlink's decoding. Engines hand it a ``StageJob`` (``run_stage``) and
+get one ``Reply`` per member: ``train`` (local training; the reply is the encoded update
+and the client's new state), ``evaluate`` (loss and correct-count sums on the local test
+split) or a part's own stage. Every random choice derives from the run seed.
 
 Example:
     >>> import torch
+    >>> from potluck.algorithms import fedavg
     >>> from potluck.core.task import Task
     >>> from potluck.data import Federation
     >>> fed = Federation.from_client_data([(torch.randn(20, 4), torch.arange(20) % 3)] * 2)
-    >>> program = ClientProgram(Task(lambda: torch.nn.Linear(4, 3)), fed, LocalSGD(), seed=0)
-    >>> msg = program.train(0, program.initial_weights(), round=1).message
+    >>> program = ClientProgram(Task(lambda: torch.nn.Linear(4, 3)), fed, fedavg(), seed=0)
+    >>> msg = program.train(0, 1, program.initial_weights()).message
     >>> msg.arrays["delta"].shape, msg.scalars["num_examples"]
     (torch.Size([15]), 20)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
-from potluck.client.rules import LocalRule, PlainRule, RuleOutput, Tensors
-from potluck.client.sgd import LocalSGD
-from potluck.core.message import Message
+from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
+from potluck.core.parts import (
+    Context,
+    LocalOptimizer,
+    LocalResult,
+    Need,
+    State,
+    gives,
+    part_context,
+)
+from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
 from potluck.core.seeding import Seeds
-from potluck.core.task import Task
-from potluck.updates.base import Chain, EncodeContext
+from potluck.core.task import Task, check_outputs, cross_entropy
 
 if TYPE_CHECKING:
+    from potluck.algorithms.base import Algorithm
     from potluck.data.federation import ClientData, Federation
 
 EVAL_BATCH = 256  # faster than 1024 on this CPU (benchmarks/default_run.py)
+EVAL_KINDS = ("global", "personal", "finetuned")
+Correction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def batch_order(n: int, b: int, total: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -62,36 +74,6 @@ def batch_order(n: int, b: int, total: int, gen: torch.Generator) -> Iterator[to
 
 
 @dataclass(frozen=True)
-class ClientResult:
-    """A client's encoded upload and its new persistent state (kept on the client)."""
-
-    message: Message
-    state: Tensors
-
-
-@dataclass(frozen=True)
-class RoundInput:
-    """What the server hands an engine for one round.
-
-    ``states[k]`` is cohort member k's persistent state (empty for stateless rules);
-    ``work[k]`` in (0, 1] the share of its local steps it completes (1 = all; stragglers'
-    partial work is less).
-    """
-
-    round: int
-    w: torch.Tensor
-    cohort: np.ndarray
-    broadcast: Tensors
-    states: tuple[Tensors, ...]
-    work: np.ndarray
-
-    def __post_init__(self) -> None:
-        k = len(self.cohort)
-        if len(self.states) != k or self.work.shape != (k,):
-            raise ValueError(f"RoundInput: states and work must have one entry per client ({k})")
-
-
-@dataclass(frozen=True)
 class EvalResult:
     """Sums over a test set: mean loss is ``loss_sum / n``, accuracy ``correct / n``."""
 
@@ -108,37 +90,308 @@ class EvalResult:
         return self.correct / self.n if self.n else float("nan")
 
 
+def evaluation_message(results: Mapping[str, EvalResult]) -> Message:
+    """An evaluation reply: ``<kind>/loss_sum``, ``<kind>/correct`` and ``<kind>/n``."""
+    scalars: dict[str, int | float | str] = {}
+    for kind, r in results.items():
+        scalars.update({f"{kind}/loss_sum": r.loss_sum, f"{kind}/correct": r.correct})
+        scalars[f"{kind}/n"] = r.n
+    return Message(scalars=scalars)
+
+
+def parse_evaluation(message: Message, source: str) -> dict[str, EvalResult]:
+    """The sums of an evaluation reply, checked (``MessageError`` naming ``source``).
+
+    Example:
+        >>> parse_evaluation(evaluation_message({"global": EvalResult(1.5, 2, 4)}), "client 0")
+        {'global': EvalResult(loss_sum=1.5, correct=2, n=4)}
+        >>> parse_evaluation(Message(scalars={"global/n": 4}), "client 3")
+        Traceback (most recent call last):
+        ...
+        potluck.core.message.MessageError: evaluation from client 3: missing or non-numeric global sums
+    """
+    out: dict[str, EvalResult] = {}
+    s = message.scalars
+    for kind in EVAL_KINDS:
+        if f"{kind}/n" not in s:
+            continue
+        loss, correct, n = (s.get(f"{kind}/{k}") for k in ("loss_sum", "correct", "n"))
+        if not _number(loss) or not _integer(correct) or not _integer(n):
+            raise MessageError(f"evaluation from {source}: missing or non-numeric {kind} sums")
+        assert isinstance(loss, int | float) and isinstance(correct, int) and isinstance(n, int)
+        if not (np.isfinite(loss) and 0 <= correct <= n):
+            raise MessageError(
+                f"evaluation from {source}: {kind} sums out of range (loss {loss}, "
+                f"{correct} correct of {n})"
+            )
+        out[kind] = EvalResult(float(loss), correct, n)
+    if "global" not in out:
+        raise MessageError(f"evaluation from {source}: no global sums")
+    return out
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _integer(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class _Client:
+    """The ``ClientView`` a term sees: this client's data and round, the term's context."""
+
+    program: ClientProgram
+    ctx: Context
+    x: torch.Tensor
+    y: torch.Tensor
+    steps: int
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.y)
+
+    @property
+    def optimizer(self) -> LocalOptimizer:
+        return self.program.optimizer
+
+    def train_loss(self, w: torch.Tensor) -> float:
+        return self.program.evaluate_arrays(w, self.x.numpy(), self.y.numpy()).loss
+
+    def local_steps(
+        self, w: torch.Tensor, correct: Correction, stream: str
+    ) -> tuple[torch.Tensor, float, int]:
+        cid = self.ctx.client if self.ctx.client is not None else 0
+        gen = self.program.seeds.torch(stream, self.ctx.round, cid)
+        return self.program._local_steps(w, correct, self.x, self.y, self.steps, gen)
+
+
+@dataclass
+class Prepared:
+    """A client's local training set up: its terms' working states and where it starts."""
+
+    cid: int
+    round: int
+    w_global: torch.Tensor
+    w_start: torch.Tensor
+    steps: int
+    views: list[_Client]
+    works: list[State]
+    state: ClientState
+
+
 class ClientProgram:
-    """Runs local training and evaluation for any client of a federation, reusing one model."""
+    """Runs every stage for any client of a federation, reusing one model."""
 
     def __init__(
         self,
         task: Task,
         federation: Federation,
-        optimizer: LocalSGD,
+        algorithm: Algorithm,
         *,
-        rule: LocalRule | None = None,
-        transforms: Chain | None = None,
-        finetune: LocalSGD | None = None,
         seed: int = 0,
+        finetune_epochs: int = 0,
     ) -> None:
-        self.task = task
-        self.federation = federation
-        self.optimizer = optimizer
-        self.rule: LocalRule = rule or PlainRule()
-        self.transforms = transforms or Chain()
-        self.finetune = finetune
-        self.seeds = Seeds(seed)
+        self.task, self.federation, self.algorithm = task, federation, algorithm
+        self.optimizer = algorithm.local
+        self.seed, self.seeds = seed, Seeds(seed)
         with torch.random.fork_rng():
             torch.manual_seed(self.seeds.integer("init"))
             self.model = task.build_model()
         self.spec = ParamSpec.from_module(self.model)
-        self.rule = self.rule.bind(self.spec)
+        named = dict(algorithm.parts())
+        self.term_ns = [ns for ns, _ in algorithm.parts() if ns.startswith("terms.")]
+        self.transform_ns = [ns for ns, _ in algorithm.parts() if ns.startswith("transforms.")]
+        self.terms = [named[ns].bind(self.spec, self.optimizer) for ns in self.term_ns]
+        self.transforms = [named[ns].bind(self.spec) for ns in self.transform_ns]
+        self.parts = {**named, **dict(zip(self.term_ns, self.terms, strict=True))}
+        self.parts.update(zip(self.transform_ns, self.transforms, strict=True))
+        self.personal = next(
+            (i for i, t in enumerate(self.terms) if Need.PERSONAL_MODEL in gives(t)), None
+        )
+        self.finetune: LocalOptimizer | None = None
+        if finetune_epochs:
+            self.finetune = replace(self.optimizer, epochs=finetune_epochs, max_steps=None)  # type: ignore[type-var]
         self._w0 = self.spec.from_module_values(self.model)
+        self._check_task()
 
     def initial_weights(self) -> torch.Tensor:
         """The global model at round 0 (a copy; deterministic in the run seed)."""
         return self._w0.clone()
+
+    # ---- stages --------------------------------------------------------------------------
+
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        """Every member's reply to ``job``, one after another."""
+        members = zip(job.clients, job.payloads, job.states, strict=True)
+        if job.stage == TRAIN:
+            w, broadcasts = self.open(job.shared)
+            return [
+                self.train(int(c), job.round, w, broadcasts, s, float(p.scalars.get("work", 1.0)))
+                for c, p, s in members
+            ]
+        if job.stage == EVALUATE:
+            w = job.shared.arrays["w"]
+            self.spec.check(w, "the evaluated global weights")
+            return [Reply(evaluation_message(self.evaluate(int(c), w, s))) for c, _, s in members]
+        ns, stage = self._part_stage(job.stage)
+        part = self.parts[ns]
+        out: list[Reply | None] = []
+        for c, payload, state in members:
+            ctx = part_context(self.seed, job.round, ns, int(c), inbox=payload)
+            answer, new = part.client_stage(stage, job.shared, state.get(ns, {}), ctx)
+            out.append(None if answer is None else Reply(answer, {ns: new} if new else {}))
+        return out
+
+    def _part_stage(self, stage: str) -> tuple[str, str]:
+        ns, sep, name = stage.partition(":")
+        part = self.parts.get(ns)
+        if not sep or part is None or not hasattr(part, "client_stage"):
+            raise ValueError(
+                f"unknown stage {stage!r}: stages are 'train', 'evaluate' and "
+                "'<part namespace>:<stage>' of a part with client_stage"
+            )
+        return ns, name
+
+    def open(self, shared: Message) -> tuple[torch.Tensor, dict[str, State]]:
+        """The broadcast as this client sees it: decoded by the downlink transforms (in
+        reverse), split into the global weights and each term's broadcast."""
+        for down in reversed(self.algorithm.downlink):
+            shared = down.decode(shared)
+        arrays = dict(shared.arrays)
+        w = arrays.pop("w", None)
+        if not isinstance(w, torch.Tensor):
+            raise MessageError("the broadcast carries no global weights 'w'")
+        self.spec.check(w, "the broadcast global weights")
+        broadcasts: dict[str, State] = {}
+        for name, t in arrays.items():
+            ns, _, key = name.rpartition("/")
+            broadcasts.setdefault(ns, {})[key] = t
+        return w, broadcasts
+
+    def cost(self, job: StageJob) -> list[int]:
+        """Each member's estimated cost (local steps for ``train``, else 1): how engines
+        split a stage among workers."""
+        if job.stage != TRAIN:
+            return [1] * len(job.clients)
+        pairs = zip(job.clients, job.payloads, strict=True)
+        return [max(1, self.steps_for(int(c), float(p.scalars.get("work", 1.0)))) for c, p in pairs]
+
+    # ---- training ------------------------------------------------------------------------
+
+    def steps_for(self, cid: int, work: float = 1.0) -> int:
+        """Local steps client ``cid`` takes when it completes ``work`` of its epochs."""
+        full = self.optimizer.num_steps(self.federation.num_examples(cid))
+        return min(full, max(1, int(work * full))) if full else 0
+
+    def train(
+        self,
+        cid: int,
+        round: int,
+        w_global: torch.Tensor,
+        broadcasts: Mapping[str, State] | None = None,
+        state: ClientState | None = None,
+        work: float = 1.0,
+    ) -> Reply:
+        """Train client ``cid`` from ``w_global``: its encoded upload and new state."""
+        prep = self.prepare(cid, round, w_global, broadcasts or {}, state or {}, work)
+        view = prep.views[0] if prep.views else self._view(cid, round, "local", prep.steps)
+        w, loss_sum, seen = self._local_steps(
+            prep.w_start,
+            self.correction(prep.works),
+            view.x,
+            view.y,
+            prep.steps,
+            self.seeds.torch("batch", round, cid),
+        )
+        return self.conclude(prep, w, loss_sum, seen)
+
+    def prepare(
+        self,
+        cid: int,
+        round: int,
+        w_global: torch.Tensor,
+        broadcasts: Mapping[str, State],
+        state: ClientState,
+        work: float = 1.0,
+    ) -> Prepared:
+        """Everything before the local steps: the dropout seed, each term's ``begin`` and
+        ``start``. Every engine trains from here."""
+        torch.default_generator.manual_seed(self.seeds.integer("dropout", round, cid))
+        steps = self.steps_for(cid, work)
+        views = [self._view(cid, round, ns, steps) for ns in self.term_ns]
+        works = [
+            term.begin(view, w_global, broadcasts.get(ns, {}), state.get(ns, {}))
+            for ns, term, view in zip(self.term_ns, self.terms, views, strict=True)
+        ]
+        self.model.train()
+        w = w_global
+        for term, work_state in zip(self.terms, works, strict=True):
+            w = term.start(w, work_state)
+        return Prepared(cid, round, w_global, w, steps, views, works, state)
+
+    def correction(self, works: Sequence[State]) -> Correction:
+        """The terms' gradient corrections in chain order, as one function of (w, grad)."""
+        terms = self.terms
+        if not terms:
+            return _identity
+        if len(terms) == 1:
+            term, work = terms[0], works[0]
+            return lambda w, g: term.gradient(w, g, work)
+
+        def chained(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            for term, work in zip(terms, works, strict=True):
+                g = term.gradient(w, g, work)
+            return g
+
+        return chained
+
+    def conclude(self, prep: Prepared, w: torch.Tensor, loss_sum: float, seen: int) -> Reply:
+        """Everything after the local steps: the terms' ``finish`` in chain order, the upload
+        and its encoding by the transforms (each with its client state)."""
+        n = self.federation.num_examples(prep.cid)
+        result = LocalResult(prep.w_global, w, w - prep.w_global, float(n), prep.steps)
+        arrays: dict[str, torch.Tensor] = {}
+        scalars: dict[str, int | float | str] = {"num_examples": n, "num_steps": prep.steps}
+        new_state: dict[str, State] = {}
+        chain = zip(self.term_ns, self.terms, prep.views, prep.works, strict=True)
+        for ns, term, view, work_state in chain:
+            out = term.finish(view, result, work_state)
+            if out.delta is not None or out.weight is not None:
+                result = replace(
+                    result,
+                    delta=result.delta if out.delta is None else out.delta,
+                    weight=result.weight if out.weight is None else float(out.weight),
+                )
+            arrays.update({f"{ns}/{k}": v for k, v in out.arrays.items()})
+            scalars.update({f"{ns}/{k}": v for k, v in out.scalars.items()})
+            if out.state:
+                new_state[ns] = out.state
+        if seen:
+            scalars["train_loss"] = loss_sum / seen
+        scalars["weight"] = result.weight
+        message = Message(arrays={"delta": result.delta, **arrays}, scalars=scalars)
+        for ns, transform in zip(self.transform_ns, self.transforms, strict=True):
+            ctx = part_context(self.seed, prep.round, ns, prep.cid)
+            message, t_state = transform.encode(message, prep.state.get(ns, {}), ctx)
+            if t_state:
+                new_state[ns] = t_state
+        return Reply(message, new_state)
+
+    def _view(self, cid: int, round: int, ns: str, steps: int) -> _Client:
+        data = self._data(cid)
+        ctx = part_context(self.seed, round, ns, cid, num_clients=self.federation.num_clients)
+        return _Client(self, ctx, data[0], data[1], steps)
+
+    def _data(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = getattr(self, "_cached", None)
+        if cached is not None and cached[0] == cid:
+            return cached[1]
+        data = self.federation.client(cid)
+        tensors = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+        self._cached = (cid, tensors)
+        return tensors
 
     def _forward(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, self.spec.unflatten(w), (x,))
@@ -160,108 +413,15 @@ class ClientProgram:
         )
         return torch.cat([g.reshape(-1) for g in grads]), loss.detach()
 
-    def steps_for(self, cid: int, work: float = 1.0) -> int:
-        """Local steps client ``cid`` takes when it completes ``work`` of its epochs."""
-        full = self.optimizer.num_steps(self.federation.num_examples(cid))
-        return min(full, max(1, int(work * full))) if full else 0
-
-    def train(
-        self,
-        cid: int,
-        w_global: torch.Tensor,
-        round: int,
-        *,
-        broadcast: Tensors | None = None,
-        state: Tensors | None = None,
-        work: float = 1.0,
-    ) -> ClientResult:
-        """Train client ``cid`` from ``w_global``: its encoded upload and new state."""
-        data = self.federation.client(cid)
-        x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-        torch.default_generator.manual_seed(self.seeds.integer("dropout", round, cid))
-        state = dict(state or {})
-        if self.rule.needs_global_loss:
-            at_global = self.evaluate_arrays(w_global, data.x_train, data.y_train)
-            state["global_loss"] = torch.tensor(at_global.loss)
-        self.model.train()
-        rule, rule_state = self.rule, self.rule.begin(w_global, broadcast or {}, state)
-        total = self.steps_for(cid, work)
-        w, loss_sum, seen = self._local_steps(
-            rule.start(w_global, rule_state),
-            lambda w_, g: rule.gradient(w_, g, rule_state),
-            x,
-            y,
-            total,
-            self.seeds.torch("batch", round, cid),
-        )
-        out = rule.finish(w_global, w, rule_state, total, self.optimizer.lr)
-        new_state = dict(out.state)
-        if rule.personal_lambda is not None:
-            gen = self.seeds.torch("personal", round, cid)
-            new_state["personal"] = self._ditto_personal(
-                state.get("personal", w_global), w_global, rule.personal_lambda, x, y, total, gen
-            )
-        msg = self.upload(int(cid), round, w_global, w, out, (total, len(y)), (loss_sum, seen))
-        return ClientResult(msg, new_state)
-
-    def upload(
-        self,
-        cid: int,
-        round: int,
-        w_global: torch.Tensor,
-        w: torch.Tensor,
-        out: RuleOutput,
-        counts: tuple[int, int],
-        loss: tuple[float, int],
-    ) -> Message:
-        """The encoded upload of client ``cid`` that trained from ``w_global`` to ``w``:
-        ``counts`` = (steps, examples), ``loss`` = (sum of batch loss x size, examples seen)."""
-        (steps, num_examples), (loss_sum, seen) = counts, loss
-        scalars: dict[str, int | float | str] = {"num_examples": num_examples, "num_steps": steps}
-        if seen:
-            scalars["train_loss"] = loss_sum / seen
-        msg = Message(
-            arrays={"delta": w - w_global, **out.arrays}, scalars={**scalars, **out.scalars}
-        )
-        return self.transforms.encode(msg, EncodeContext(client_id=cid, round=round))
-
-    def _ditto_personal(
-        self,
-        v: torch.Tensor,
-        w_global: torch.Tensor,
-        lam: float,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        total: int,
-        gen: torch.Generator,
-    ) -> torch.Tensor:
-        """``total`` steps on ``F_k(v) + lam/2 ||v - w_global||^2`` from ``v`` (Ditto)."""
-        v, _, _ = self._local_steps(v, lambda v_, g: g + lam * (v_ - w_global), x, y, total, gen)
-        return v
-
-    def run_round(self, job: RoundInput) -> list[ClientResult]:
-        """Train every cohort member of ``job`` one after another."""
-        return [
-            self.train(
-                int(cid),
-                job.w,
-                job.round,
-                broadcast=job.broadcast,
-                state=state,
-                work=float(work),
-            )
-            for cid, state, work in zip(job.cohort, job.states, job.work, strict=True)
-        ]
-
     def _local_steps(
         self,
         w: torch.Tensor,
-        correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        correct: Correction,
         x: torch.Tensor,
         y: torch.Tensor,
         total: int,
         gen: torch.Generator,
-        optimizer: LocalSGD | None = None,
+        optimizer: LocalOptimizer | None = None,
     ) -> tuple[torch.Tensor, float, int]:
         """``total`` mini-batch steps from ``w``, each gradient passed through ``correct``;
         (weights, summed batch loss, examples seen)."""
@@ -273,6 +433,8 @@ class ClientProgram:
             loss_sum += float(loss) * len(idx)
             seen += len(idx)
         return w, loss_sum, seen
+
+    # ---- evaluation ----------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate_arrays(self, w: torch.Tensor, x: np.ndarray, y: np.ndarray) -> EvalResult:
@@ -294,14 +456,14 @@ class ClientProgram:
         return self.evaluate_arrays(w, test.features(rows), test.y[rows])
 
     def evaluate(
-        self, cid: int, w: torch.Tensor, state: Tensors | None = None
+        self, cid: int, w: torch.Tensor, state: ClientState | None = None
     ) -> dict[str, EvalResult]:
         """Client ``cid``'s local test metrics: of the global model (``"global"``), of its
-        personalised model if the rule keeps one (``"personal"``), and of the global model
-        after local fine-tuning if configured (``"finetuned"``)."""
+        personal model if a term keeps one (``"personal"``), and of the global model after
+        local fine-tuning if configured (``"finetuned"``)."""
         data = self.federation.client(cid)
         out = {"global": self.evaluate_arrays(w, data.x_test, data.y_test)}
-        personal = self.rule.personal_model(w, state or {})
+        personal = self.personal_model(w, state or {})
         if personal is not None:
             out["personal"] = self.evaluate_arrays(personal, data.x_test, data.y_test)
         if self.finetune is not None:
@@ -310,11 +472,12 @@ class ClientProgram:
             )
         return out
 
-    def evaluate_clients(
-        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
-    ) -> list[dict[str, EvalResult]]:
-        """``evaluate`` for each client, one after another."""
-        return [self.evaluate(int(c), w, state) for c, state in zip(clients, states, strict=True)]
+    def personal_model(self, w: torch.Tensor, state: ClientState) -> torch.Tensor | None:
+        """The client's personal model (from the term that keeps one), or ``None``."""
+        if self.personal is None:
+            return None
+        ns = self.term_ns[self.personal]
+        return self.terms[self.personal].personalize(w, dict(state.get(ns, {})))
 
     def _finetune(self, cid: int, w: torch.Tensor, data: ClientData) -> torch.Tensor:
         """The global model after ``finetune`` local SGD on the client's training data."""
@@ -323,5 +486,41 @@ class ClientProgram:
         steps = self.finetune.num_steps(len(y))
         self.model.train()
         gen = self.seeds.torch("finetune", cid)
-        tuned, _, _ = self._local_steps(w, lambda _w, g: g, x, y, steps, gen, self.finetune)
+        tuned, _, _ = self._local_steps(w, _identity, x, y, steps, gen, self.finetune)
         return tuned
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def _check_task(self) -> None:
+        """Refuse, before any training, a model whose outputs do not fit the task: run it on
+        two examples of the first client with data, and check every label of the
+        federation against the model's number of outputs."""
+        fed = self.federation
+        probe = next((c for c in range(min(fed.num_clients, 50)) if fed.num_examples(c)), None)
+        if probe is None:
+            return
+        data = fed.client(probe)
+        x, y = torch.from_numpy(data.x_train[:2]), torch.from_numpy(data.y_train[:2])
+        out = check_outputs(self.task, self.model, x, y, where=f"client {probe}")
+        if out.dim() == 2 and self.task.loss_fn is cross_entropy:
+            _check_labels(fed, int(out.shape[1]))
+
+
+def _check_labels(fed: Federation, outputs: int) -> None:
+    """Every label below the model's ``outputs``; else name the first client holding one."""
+    labels = fed.source.train.y
+    bad = np.flatnonzero(labels[fed.partition.indices] >= outputs) if len(labels) else []
+    if not len(bad):
+        return
+    sizes = fed.partition.sizes()
+    client = int(np.searchsorted(np.cumsum(sizes), bad[0], side="right"))
+    label = int(labels[fed.partition.indices[bad[0]]])
+    raise ValueError(
+        f"client {client} has label {label} but the model has {outputs} outputs: give the "
+        f"model at least {int(labels.max()) + 1} outputs (num_classes), or relabel the data"
+    )
+
+
+def _identity(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return g
+

@@ -18,31 +18,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import ceil
+from typing import Literal
 
 import torch
+
+from potluck.core.parts import Need
+from potluck.core.registry import register
 
 OptState = dict[str, torch.Tensor]
 
 
+@register("optimizer", "sgd")
 @dataclass(frozen=True)
 class LocalSGD:
     """``epochs`` passes of mini-batch SGD over the client's data.
 
-    ``batch_size=None`` means full batch. ``max_steps`` caps the total number of steps.
+    ``batch_size="full"`` (or ``None``) means full batch. ``max_steps`` caps the total
+    number of steps.
     """
 
     epochs: int = 1
-    batch_size: int | None = 32
+    batch_size: int | Literal["full"] | None = 32
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", "full")
         if self.epochs < 1:
             raise ValueError(f"local epochs must be >= 1, got {self.epochs}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None (full batch), got {self.batch_size}")
+        if self.batch_size != "full" and not (
+            isinstance(self.batch_size, int) and self.batch_size >= 1
+        ):
+            raise ValueError(f'batch_size must be >= 1 or "full", got {self.batch_size!r}')
         if not self.lr > 0:
             raise ValueError(f"client lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -52,8 +62,15 @@ class LocalSGD:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
 
+    @property
+    def gives(self) -> frozenset[str]:
+        """More than one local step, unless ``max_steps`` is 1."""
+        return frozenset() if self.max_steps == 1 else frozenset({Need.SEVERAL_LOCAL_STEPS})
+
     def batch_len(self, num_examples: int) -> int:
-        return num_examples if self.batch_size is None else min(self.batch_size, num_examples)
+        if not isinstance(self.batch_size, int):
+            return num_examples
+        return min(self.batch_size, num_examples)
 
     def num_steps(self, num_examples: int) -> int:
         """Steps this rule takes on a client with ``num_examples`` examples."""

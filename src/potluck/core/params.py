@@ -106,6 +106,28 @@ class ParamSpec:
                 f"{what} has shape {tuple(flat.shape)}, expected ({self.size},) for this model"
             )
 
+    def layer_mask(self, prefixes: tuple[str, ...] | list[str]) -> torch.Tensor:
+        """Boolean (d,) mask of the parameters whose names start with any of ``prefixes``;
+        no prefixes means the last layer (the module owning the last parameter). Refuses
+        a mask that selects nothing or everything.
+
+        Example:
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+            >>> int(ParamSpec.from_module(net).layer_mask(()).sum())  # "1.": 2 weights, 1 bias
+            3
+        """
+        chosen = tuple(prefixes) or (self.names[-1].rsplit(".", 1)[0] + ".",)
+        parts = [
+            torch.full((n,), any(name.startswith(p) for p in chosen), dtype=torch.bool)
+            for name, n in zip(self.names, self.numels, strict=True)
+        ]
+        mask = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+        if not bool(mask.any()):
+            raise ValueError(f"no parameter matches layers {chosen}; names: {self.names}")
+        if bool(mask.all()):
+            raise ValueError(f"layers {chosen} cover every parameter: nothing is shared")
+        return mask
+
     def from_module_values(self, module: torch.nn.Module) -> torch.Tensor:
         """The module's current parameter values as a flat vector."""
         params = dict(module.named_parameters())

@@ -49,10 +49,12 @@ __all__ = [
 class ArrayDataset:
     """Examples ``x`` (``(n, *feature_shape)``) with int64 labels ``y`` (``(n,)``).
 
-    ``x`` holds float32 features, or, with ``decode = (scale, shift)``, uint8 codes whose
-    features are ``x * scale + shift`` in float32 (a quarter of the memory: Fashion-MNIST's
-    training images take 47 MB instead of 188 MB). Read features with ``features(idx)``.
-    ``groups`` optionally holds a natural client key per example (writer, user, device).
+    ``x`` holds float32 features; or int64/int32 integer inputs (token ids, category codes,
+    for an embedding layer), which ``features`` returns unchanged; or, with
+    ``decode = (scale, shift)``, uint8 codes whose features are ``x * scale + shift`` in
+    float32 (a quarter of the memory: Fashion-MNIST's training images take 47 MB instead of
+    188 MB). Read features with ``features(idx)``. ``groups`` optionally holds a natural
+    client key per example (writer, user, device).
 
     Example:
         >>> ds = ArrayDataset(np.zeros((3, 2), np.float32), np.array([0, 1, 1]))
@@ -62,6 +64,9 @@ class ArrayDataset:
         ...                      decode=(1 / 255, -0.5))
         >>> codes.features().ravel().tolist()
         [-0.5, 0.5]
+        >>> tokens = ArrayDataset(np.array([[5, 7], [7, 2]]), np.array([2, 0]))
+        >>> tokens.features(np.array([1])).tolist(), tokens.integer_features
+        ([[7, 2]], True)
     """
 
     x: np.ndarray
@@ -70,9 +75,13 @@ class ArrayDataset:
     decode: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        dtype = np.float32 if self.decode is None else np.uint8
-        if not isinstance(self.x, np.ndarray) or self.x.dtype != dtype or self.x.ndim < 1:
-            what = "float32 array" if self.decode is None else "uint8 array (with decode)"
+        allowed = _X_DTYPES if self.decode is None else (np.dtype(np.uint8),)
+        if not isinstance(self.x, np.ndarray) or self.x.dtype not in allowed or self.x.ndim < 1:
+            what = (
+                "float32 array (or an int64/int32 array of integer inputs)"
+                if self.decode is None
+                else "uint8 array (with decode)"
+            )
             raise ValueError(f"ArrayDataset.x must be a {what} (n, ...), got {_desc(self.x)}")
         n = len(self.x)
         _check_int_vector("ArrayDataset.y", self.y, n)
@@ -82,9 +91,20 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def integer_features(self) -> bool:
+        """Whether ``features()`` gives integer inputs (token ids) rather than float32.
+
+        Example:
+            >>> ArrayDataset(np.zeros((1, 2), np.int32), np.array([0])).integer_features
+            True
+        """
+        return self.decode is None and self.x.dtype.kind == "i"
+
     def features(self, idx: np.ndarray | slice | None = None) -> np.ndarray:
-        """Float32 features of the examples at ``idx`` (all by default), decoded if stored as
-        codes; a new array either way only when decoding (else a view or NumPy's gather)."""
+        """Features of the examples at ``idx`` (all by default): float32, decoded if stored as
+        codes, or the integer inputs unchanged; a new array only when decoding (else a view
+        or NumPy's gather)."""
         x = self.x if idx is None else self.x[idx]
         if self.decode is None:
             return x
@@ -97,6 +117,9 @@ class ArrayDataset:
         """The examples at positions ``idx`` (a copy)."""
         groups = None if self.groups is None else self.groups[idx]
         return ArrayDataset(self.x[idx], self.y[idx], groups, self.decode)
+
+
+_X_DTYPES = (np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int32))
 
 
 def _desc(a: object) -> str:
@@ -131,6 +154,12 @@ class DataSource:
     def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.train.integer_features != self.test.integer_features:
+            kinds = {True: "integer", False: "float"}
+            raise ValueError(
+                f"{self.name}: train inputs are {kinds[self.train.integer_features]} but test "
+                f"inputs are {kinds[self.test.integer_features]}; use one kind for both"
+            )
         for split in ("train", "test"):
             ds: ArrayDataset = getattr(self, split)
             if ds.x.shape[1:] != tuple(self.input_shape):

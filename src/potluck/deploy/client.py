@@ -2,11 +2,12 @@
 
 A site dials the server, joins (the server answers with its client id and the experiment),
 builds the same ``ClientProgram`` a simulation would (``program_for``: the experiment's model
-or the user's task, the algorithm's local rule and transforms, the run seed, over its own
-data; see ``potluck.deployment.site_program``), then
-long-polls for tasks: ``train`` (local steps from the global weights; the answer is the
-encoded update and the client's new state) or ``evaluate`` (loss and accuracy sums on its
-local test split). When the connection drops it reconnects with exponential backoff and
+or the user's task, the algorithm's client-side parts, the run seed, over its own data; see
+``potluck.deployment.site_program``), then long-polls for tasks, each one member's part of a
+stage (``records.job_from_task``): ``train`` (local steps from the global weights; the
+answer is the encoded update and the client's new state), ``evaluate`` (loss and accuracy
+sums on its local test split) or a part's own stage; the answer is the program's reply
+(``records.reply_to_message``), or ``declined``. When the connection drops it reconnects with exponential backoff and
 jitter; it can be restarted at any time (the server re-sends whatever is still open).
 
 Example (shell):
@@ -29,6 +30,8 @@ from typing import Any
 import torch
 
 from potluck.client.program import ClientProgram
+from potluck.core import records
+from potluck.core.message import MessageError
 from potluck.deploy import wire
 
 log = logging.getLogger("potluck.deploy")
@@ -147,30 +150,20 @@ class Site:
         return self._program[2], cid
 
     def _work(self, program: ClientProgram, cid: int, task: wire.Envelope) -> wire.Envelope:
-        arrays = task.arrays
-        w = arrays["w"]
-        state = {k[2:]: v for k, v in arrays.items() if k.startswith("s/")}
-        op, t0 = task.scalars.get("op"), time.perf_counter()
-        if op == "train":
-            broadcast = {k[2:]: v for k, v in arrays.items() if k.startswith("b/")}
-            work = float(task.scalars.get("work", 1.0))
-            res = program.train(cid, w, task.round, broadcast=broadcast, state=state, work=work)
-            out = {**{f"m/{k}": v for k, v in res.message.arrays.items()}}
-            out.update({f"s/{k}": v for k, v in res.state.items()})
-            log.info(
-                "round %d: trained %s steps in %.2f s",
-                task.round,
-                res.message.scalars.get("num_steps"),
-                time.perf_counter() - t0,
-            )
-            return self._answer("update", task, out, dict(res.message.scalars))
-        if op == "evaluate":
-            sums: dict[str, int | float | str] = {}
-            for kind, r in program.evaluate(cid, w, state).items():
-                sums.update({f"{kind}/loss_sum": r.loss_sum, f"{kind}/correct": r.correct})
-                sums[f"{kind}/n"] = r.n
-            return self._answer("evaluation", task, {}, sums)
-        raise _Retry(f"unknown task op {op!r}")
+        stage, t0 = str(task.scalars.get("stage", "")), time.perf_counter()
+        try:
+            job = records.job_from_task(stage, task.round, cid, task.message())
+            reply = program.run_stage(job)[0]
+        except (records.RecordError, MessageError, ValueError) as exc:
+            raise _Retry(f"round {task.round}: cannot do stage {stage!r}: {exc}") from exc
+        if reply is None:
+            log.info("round %d: declined stage %s", task.round, stage)
+            return self._answer("declined", task, {}, {})
+        log.info(
+            "round %d: %s done in %.2f s", task.round, stage, time.perf_counter() - t0
+        )
+        message = records.reply_to_message(reply)
+        return self._answer("reply", task, dict(message.arrays), dict(message.scalars))
 
     def _answer(
         self,

@@ -1,11 +1,12 @@
 """The deployment server: a gRPC coordinator and the ``grpc`` engine that uses it.
 
 The round loop is the simulation's (``orchestrator.run_experiment``); only the engine differs.
-``GrpcEngine.train`` turns each cohort member's work into a *task* (the global weights, the
-rule's broadcast, the client's state, its work share, and a fresh random task id) and waits
-until every member has answered or the round deadline passes. Clients dial out and long-poll
-(``poll``), train, and answer (``update``); nothing is pushed to them, so sites behind NAT or
-firewalls that only allow outgoing connections can take part.
+``GrpcEngine.run_stage`` turns each member's part of a stage (``train``, ``evaluate``, a
+part's own) into a *task* (the stage's shared message, the member's payload and state, and
+a fresh random task id; ``records.task_message``) and waits until every member has answered
+or the round deadline passes. Clients dial out and long-poll (``poll``), work, and answer
+(``reply``, or ``declined`` for a client that drops out of the stage); nothing is pushed to
+them, so sites behind NAT or firewalls that only allow outgoing connections can take part.
 
 Every request is one envelope (``wire.Envelope``) streamed in chunks over a single RPC,
 ``Coordinator.Call``. The server refuses, logs and counts, and otherwise ignores:
@@ -44,14 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
-from potluck.client.rules import Tensors
-from potluck.core.message import Message
+from potluck.client.program import ClientProgram, EvalResult
+from potluck.core.records import RecordError, Reply, StageJob, reply_from_message, task_message
 from potluck.deploy import wire
 from potluck.store.sqlite import RunStore
 
 log = logging.getLogger("potluck.deploy")
-EVAL_KINDS = ("global", "personal", "finetuned")
+ANSWERS = ("reply", "declined")
 
 
 class Refused(Exception):
@@ -190,7 +190,7 @@ class Hub:
                 )
             if task.client != cid:
                 raise Refused(f"task belongs to client {task.client}, not to {cid} ({name!r})")
-            if env.round != task.round or env.kind != _ANSWER[task.op]:
+            if env.round != task.round or env.kind not in ANSWERS:
                 raise Refused(f"answer does not match its task (round {task.round}, {task.op})")
             task.answer = env
             del self._open[env.task_id]
@@ -313,9 +313,6 @@ class Hub:
         self.health[name].last_seen = time.time()
 
 
-_ANSWER = {"train": "update", "evaluate": "evaluation"}
-
-
 # ---- the gRPC servicer --------------------------------------------------------------------
 
 
@@ -381,7 +378,7 @@ class Coordinator:
             if task is not None:
                 return task.payload
             return wire.Envelope("done" if hub.finished else "wait", hub.run_id)
-        if env.kind in _ANSWER.values():
+        if env.kind in ANSWERS:
             if env.run_id != hub.run_id:
                 raise Refused(f"answer for run {env.run_id!r}, this is {hub.run_id!r}")
             hub.answer(name, env)
@@ -418,34 +415,17 @@ class GrpcEngine:
         """Record client health in ``store`` under ``run_id`` (called by the round loop)."""
         self.store, self.run_id = store, run_id
 
-    def train(self, job: RoundInput) -> list[ClientResult | None]:
-        shared = self._shared({"w": job.w, **{f"b/{k}": v for k, v in job.broadcast.items()}})
-        tasks = [
-            self._task(
-                shared,
-                int(cid),
-                "train",
-                job.round,
-                {f"s/{k}": v for k, v in state.items()},
-                {"work": float(work)},
-            )
-            for cid, state, work in zip(job.cohort, job.states, job.work, strict=True)
-        ]
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        tasks = []
+        shared: wire.Prefix | None = None
+        for k, cid in enumerate(job.clients):
+            common, own = task_message(job, k)
+            if shared is None:  # the stage's shared message, encoded and hashed once
+                shared = wire.Prefix(wire.Envelope("task", arrays=common.arrays, scalars=common.scalars))
+            tasks.append(self._task(shared, int(cid), job.stage, job.round, own.arrays, own.scalars))
         answers = self.hub.run(tasks, self.round_timeout_s)
         self._report()
-        return [None if a is None else _result(a) for a in answers]
-
-    def evaluate(
-        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
-    ) -> list[dict[str, EvalResult] | None]:
-        shared = self._shared({"w": w})
-        tasks = [
-            self._task(shared, int(c), "evaluate", 0, {f"s/{k}": v for k, v in s.items()})
-            for c, s in zip(clients, states, strict=True)
-        ]
-        answers = self.hub.run(tasks, self.round_timeout_s)
-        self._report()
-        return [None if a is None else _evaluation(a) for a in answers]
+        return [_reply(a) for a in answers]
 
     def evaluate_test(self, w: torch.Tensor) -> EvalResult:
         """Centralised evaluation on the server (its copy of the test set)."""
@@ -454,10 +434,6 @@ class GrpcEngine:
     def close(self) -> None:
         self.hub.finish()
         self._report()
-
-    def _shared(self, arrays: Mapping[str, torch.Tensor]) -> wire.Prefix:
-        """What every task of a round carries (the weights), encoded and hashed once."""
-        return wire.Prefix(wire.Envelope("task", arrays=arrays))
 
     def _task(
         self,
@@ -476,7 +452,7 @@ class GrpcEngine:
             round=round,
             task_id=task_id,
             arrays=arrays,
-            scalars={"op": op, **(scalars or {})},
+            scalars={"stage": op, **(scalars or {})},
         )
         return Task(task_id, cid, op, round, shared.extend(own))
 
@@ -485,29 +461,16 @@ class GrpcEngine:
             self.store.update_health(self.run_id, self.hub.snapshot())
 
 
-def _result(env: wire.Envelope) -> ClientResult | None:
-    arrays = {k[2:]: v for k, v in env.arrays.items() if k.startswith("m/")}
-    state = {k[2:]: v for k, v in env.arrays.items() if k.startswith("s/")}
-    return ClientResult(Message(arrays=arrays, scalars=dict(env.scalars)), state)
-
-
-def _evaluation(env: wire.Envelope) -> dict[str, EvalResult] | None:
-    """An evaluation answer's sums, or None (refused) if they do not add up."""
-    out: dict[str, EvalResult] = {}
-    for kind in EVAL_KINDS:
-        if f"{kind}/n" not in env.scalars:
-            continue
-        try:
-            loss = float(env.scalars[f"{kind}/loss_sum"])
-            correct, n = int(env.scalars[f"{kind}/correct"]), int(env.scalars[f"{kind}/n"])
-        except (KeyError, TypeError, ValueError):
-            log.warning("refused evaluation: missing or non-numeric %s sums", kind)
-            return None
-        if not (np.isfinite(loss) and 0 <= correct <= n):
-            log.warning("refused evaluation: %s sums out of range", kind)
-            return None
-        out[kind] = EvalResult(loss, correct, n)
-    return out if "global" in out else None
+def _reply(env: wire.Envelope | None) -> Reply | None:
+    """A member's answer: its reply, or None if it declined, did not answer, or sent
+    something that is not a reply record (refused and logged)."""
+    if env is None or env.kind == "declined":
+        return None
+    try:
+        return reply_from_message(env.message())
+    except RecordError as exc:
+        log.warning("refused the answer of client %r: %s", env.client, exc)
+        return None
 
 
 def serve(

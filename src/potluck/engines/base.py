@@ -1,8 +1,10 @@
 """The engine protocol, the engine registry and the ``auto`` choice.
 
-An engine runs a ``ClientProgram`` for a cohort: ``train`` returns one ``ClientResult``
-(encoded upload and new client state) per cohort member, in cohort order; ``evaluate`` one
-``EvalResult`` per client; ``evaluate_test`` the sums on the held-out test set.
+An engine runs a ``ClientProgram`` for the members of a stage: ``run_stage`` returns one
+``Reply`` (upload and new client state) per member, in order, or ``None`` for a member that
+dropped out; ``evaluate_test`` the sums on the held-out test set. Engines register by name
+(``register("engine", name)`` on a factory ``(program, options) -> Engine``), so a user's
+engine is named by import path like any part.
 
 Example:
     >>> available_engines()[:3]
@@ -16,12 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.rnn import RNNBase
 
-from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
-from potluck.client.rules import LocalRule, Tensors
+from potluck.client.program import ClientProgram, EvalResult
+from potluck.core import registry
+from potluck.core.records import Reply, StageJob
 
 ENGINES = ("inline", "vectorized", "pool", "ray")
 
@@ -29,19 +32,15 @@ ENGINES = ("inline", "vectorized", "pool", "ray")
 class Engine(Protocol):
     """Executes client work; interchangeable by construction (same program, same seeds).
 
-    ``train`` and ``evaluate`` return one entry per client, in order; a ``remote`` engine
-    (clients across a network) may return None for a client that failed or missed the
-    deadline, and the server then refuses that client's bad updates instead of stopping.
+    ``run_stage`` returns one entry per member, in order; ``None`` is a member that dropped
+    out (a part's stage may decline; a ``remote`` engine's client may fail or miss the
+    deadline, and the server then refuses that client's bad answers instead of stopping).
     """
 
     name: str
     remote: bool
 
-    def train(self, job: RoundInput) -> Sequence[ClientResult | None]: ...
-
-    def evaluate(
-        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
-    ) -> Sequence[dict[str, EvalResult] | None]: ...
+    def run_stage(self, job: StageJob) -> Sequence[Reply | None]: ...
 
     def evaluate_test(self, w: torch.Tensor) -> EvalResult:
         """The centralised evaluation (``ClientProgram.evaluate_test``), where it is fastest."""
@@ -76,40 +75,54 @@ def available_engines() -> list[str]:
 
 
 def make_engine(name: str, program: ClientProgram, options: EngineOptions | None = None) -> Engine:
-    """Engine ``name`` running ``program``; a clear error for unknown names."""
-    opts = options or EngineOptions()
-    if name == "inline":
-        from potluck.engines.inline import InlineEngine
-
-        return InlineEngine(program)
-    if name == "vectorized":
-        from potluck.engines.vectorized import VectorizedEngine
-
-        return VectorizedEngine(program)
-    if name == "pool":
-        from potluck.engines.pool import PoolEngine, usable_cores
-
-        workers = opts.workers or usable_cores()
-        return PoolEngine(program, workers, threads=opts.per_worker_threads(workers))
-    if name == "ray":
-        if "ray" not in available_engines():
-            raise ValueError('engine "ray" needs the ray package: pip install "potluck[ray]"')
-        from potluck.engines.ray import RayEngine
-
-        return RayEngine(program, opts)
+    """Engine ``name`` (registered, or an import path) running ``program``."""
     hint = {
         "auto": ' ("auto" is resolved by the orchestrator: resolve_engine)',
         "grpc": ' ("grpc" has real clients: start the run with potluck server)',
-    }.get(name, "")
-    raise ValueError(f"unknown engine {name!r}; available: {', '.join(available_engines())}{hint}")
+    }.get(name)
+    if hint is not None:
+        raise ValueError(f"engine {name!r} cannot be made here{hint}")
+    if name == "ray" and "ray" not in available_engines():
+        raise ValueError('engine "ray" needs the ray package: pip install "potluck[ray]"')
+    factory = registry.lookup("engine", name, "run.engine")
+    engine: Engine = factory(program, options or EngineOptions())
+    return engine
+
+
+@registry.register("engine", "inline")
+def _inline(program: ClientProgram, options: EngineOptions) -> Engine:
+    from potluck.engines.inline import InlineEngine
+
+    return InlineEngine(program)
+
+
+@registry.register("engine", "vectorized")
+def _vectorized(program: ClientProgram, options: EngineOptions) -> Engine:
+    from potluck.engines.vectorized import VectorizedEngine
+
+    return VectorizedEngine(program)
+
+
+@registry.register("engine", "pool")
+def _pool(program: ClientProgram, options: EngineOptions) -> Engine:
+    from potluck.engines.pool import PoolEngine, usable_cores
+
+    workers = options.workers or usable_cores()
+    return PoolEngine(program, workers, threads=options.per_worker_threads(workers))
+
+
+@registry.register("engine", "ray")
+def _ray(program: ClientProgram, options: EngineOptions) -> Engine:
+    from potluck.engines.ray import RayEngine
+
+    return RayEngine(program, options)
 
 
 VECTORIZE_MIN_STEPS = 20_000  # local steps in a run that amortise torch.func's ~1 s start
 
 
 def choose_engine(
-    model: torch.nn.Module,
-    rule: LocalRule,
+    program: ClientProgram,
     cohort_size: int,
     options: EngineOptions,
     run_steps: int | None = None,
@@ -122,11 +135,16 @@ def choose_engine(
     (``torch.func`` loads its compiler stack), so it pays only in runs of at least
     ``VECTORIZE_MIN_STEPS`` local steps (``run_steps``: rounds x cohort x steps per client);
     LeNet's convolutions become grouped convolutions under ``vmap`` and run 1.6x slower;
+    recurrent layers have no batching rule (an LSTM ran 3.7x slower vectorized than inline);
     pool workers run one client per core.
 
     Example:
-        >>> from potluck.client.rules import PlainRule
-        >>> choose_engine(torch.nn.Linear(4, 2), PlainRule(), 10, EngineOptions(), 10**6)[0]
+        >>> from potluck.algorithms import fedavg
+        >>> from potluck.core.task import Task
+        >>> from potluck.data import Federation
+        >>> fed = Federation.from_client_data([(torch.randn(8, 4), torch.arange(8) % 2)] * 3)
+        >>> program = ClientProgram(Task(lambda: torch.nn.Linear(4, 2)), fed, fedavg())
+        >>> choose_engine(program, 10, EngineOptions(), 10**6)[0]
         'vectorized'
     """
     from potluck.engines.pool import usable_cores
@@ -136,8 +154,9 @@ def choose_engine(
         return "ray", f"a Ray cluster address was given ({options.ray_address})"
     if cohort_size < 2:
         return "inline", "one client per round: there is nothing to run side by side"
-    problem = vectorizing_problem(model, rule)
-    convs = [n for n, m in model.named_modules() if isinstance(m, _ConvNd)]
+    model = program.model
+    problem = vectorizing_problem(program)
+    convs = [n for n, m in model.named_modules() if isinstance(m, _ConvNd | RNNBase)]
     short = run_steps is not None and run_steps < VECTORIZE_MIN_STEPS
     if problem is None and not convs and not short:
         return "vectorized", (
@@ -147,8 +166,9 @@ def choose_engine(
     if problem is not None:
         why_not = problem
     elif convs:
+        kind = type(dict(model.named_modules())[convs[0]]).__name__
         why_not = (
-            f"convolutions (module {convs[0]!r}) run slower batched under vmap on CPU than "
+            f"{kind} layers (module {convs[0]!r}) run slower batched under vmap on CPU than "
             "one client at a time"
         )
     else:

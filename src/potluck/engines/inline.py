@@ -6,24 +6,26 @@ construction, no serialisation).
 Example:
     >>> import numpy as np
     >>> import torch
-    >>> from potluck.client import ClientProgram, LocalSGD
-    >>> from potluck.client.program import RoundInput
+    >>> from potluck.algorithms import fedavg
+    >>> from potluck.client import ClientProgram
+    >>> from potluck.core.message import Message
+    >>> from potluck.core.records import StageJob
     >>> from potluck.core.task import Task
     >>> from potluck.data import Federation
     >>> fed = Federation.from_client_data([(torch.randn(8, 2), torch.arange(8) % 2)] * 3)
-    >>> engine = InlineEngine(ClientProgram(Task(lambda: torch.nn.Linear(2, 2)), fed, LocalSGD()))
-    >>> job = RoundInput(1, torch.zeros(6), np.array([0, 2]), {}, ({}, {}), np.ones(2))
-    >>> len(engine.train(job))
+    >>> engine = InlineEngine(ClientProgram(Task(lambda: torch.nn.Linear(2, 2)), fed, fedavg()))
+    >>> job = StageJob("train", 1, Message({"w": torch.zeros(6)}), np.array([0, 2]),
+    ...                (Message(), Message()), ({}, {}))
+    >>> len(engine.run_stage(job))
     2
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
-from potluck.client.rules import Tensors
+from potluck.client.program import ClientProgram, EvalResult
+from potluck.core.records import Reply, StageJob
 
 
 class InlineEngine:
@@ -35,13 +37,8 @@ class InlineEngine:
     def __init__(self, program: ClientProgram) -> None:
         self.program = program
 
-    def train(self, job: RoundInput) -> list[ClientResult]:
-        return self.program.run_round(job)
-
-    def evaluate(
-        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
-    ) -> list[dict[str, EvalResult]]:
-        return self.program.evaluate_clients(clients, w, states)
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        return self.program.run_stage(job)
 
     def evaluate_test(self, w: torch.Tensor) -> EvalResult:
         """Centralised evaluation in this process."""

@@ -4,13 +4,14 @@ Workers are forked once, when the engine is made, so each inherits the client pr
 model, federation data: copy-on-write, nothing is rebuilt or pickled) and then lives for the
 whole run. Each round:
 
-1. the server writes the global weights and the broadcast once into a shared-memory slab that
-   every worker reads;
-2. the cohort is split into one shard per worker by local steps (``worker.assign``); each
-   worker's clients' states go into that worker's input slab;
-3. each worker runs ``ClientProgram.run_round`` on its shard (so every client gets exactly what
-   the inline engine gives it: the same seeds, batches and steps) and writes the encoded uploads
-   and new states into its output slab;
+1. the server writes a stage's shared message (the broadcast) once into a shared-memory slab
+   that every worker reads;
+2. the members are split into one shard per worker by cost (``worker.assign``); each
+   worker's members' payloads and states go into that worker's input slab
+   (``records.pack_job``);
+3. each worker runs ``ClientProgram.run_stage`` on its shard (so every client gets exactly
+   what the inline engine gives it: the same seeds, batches and steps) and writes the replies
+   into its output slab (``records.pack_replies``);
 4. over the pipe go only commands, slab layouts (names, dtypes, shapes, offsets) and scalars.
 
 A slab that is too small is replaced by a larger one (the worker says how large). A worker
@@ -21,15 +22,18 @@ default: one process per core parallelises small models far better than intra-op
 Example:
     >>> import numpy as np
     >>> import torch
-    >>> from potluck.client import ClientProgram, LocalSGD
-    >>> from potluck.client.program import RoundInput
+    >>> from potluck.algorithms import fedavg
+    >>> from potluck.client import ClientProgram
+    >>> from potluck.core.message import Message
+    >>> from potluck.core.records import StageJob
     >>> from potluck.core.task import Task
     >>> from potluck.data import Federation
     >>> fed = Federation.from_client_data([(torch.randn(8, 2), torch.arange(8) % 2)] * 3)
-    >>> program = ClientProgram(Task(lambda: torch.nn.Linear(2, 2)), fed, LocalSGD())
+    >>> program = ClientProgram(Task(lambda: torch.nn.Linear(2, 2)), fed, fedavg())
     >>> engine = PoolEngine(program, workers=2)
-    >>> job = RoundInput(1, torch.zeros(6), np.array([0, 2]), {}, ({}, {}), np.ones(2))
-    >>> [r.message.scalars["num_steps"] for r in engine.train(job)]
+    >>> job = StageJob("train", 1, Message({"w": torch.zeros(6)}), np.array([0, 2]),
+    ...                (Message(), Message()), ({}, {}))
+    >>> [r.message.scalars["num_steps"] for r in engine.run_stage(job)]
     [1, 1]
     >>> engine.close()
 """
@@ -49,25 +53,18 @@ import numpy as np
 import torch
 import torch.multiprocessing  # registers shared-tensor pickling for the pipes
 
-from potluck.client.program import (
-    EVAL_BATCH,
-    ClientProgram,
-    ClientResult,
-    EvalResult,
-    RoundInput,
+from potluck.client.program import EVAL_BATCH, ClientProgram, EvalResult
+from potluck.core.message import Message
+from potluck.core.records import (
+    Packed,
+    Reply,
+    StageJob,
+    pack_job,
+    pack_replies,
+    unpack_job,
+    unpack_replies,
 )
-from potluck.client.rules import Tensors
-from potluck.engines.worker import (
-    Records,
-    assign,
-    cohort_costs,
-    gather,
-    pack_results,
-    pack_states,
-    shard_job,
-    unpack_results,
-    unpack_states,
-)
+from potluck.engines.worker import gather, shards
 
 _ALIGN = 64
 Layout = tuple[tuple[str, str, tuple[int, ...], int], ...]
@@ -175,27 +172,16 @@ class PoolEngine:
 
     # ---- the Engine protocol ----
 
-    def train(self, job: RoundInput) -> list[ClientResult]:
-        shards = self._shards(cohort_costs(self.program, job))
-        self._put_global({"w": job.w, **job.broadcast})
-        for i, positions in shards.items():
-            part = shard_job(job, positions)
-            self._send_states(i, part.states)
-            self._send(i, ("train", part.round, part.cohort, part.work))
-        replies = self._collect(_described(shards, job.cohort))
-        parts = [unpack_results(replies[i]) for i in shards]
-        return gather(parts, list(shards.values()), len(job.cohort))
-
-    def evaluate(
-        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
-    ) -> list[dict[str, EvalResult]]:
-        shards = self._shards([1] * len(clients))
-        self._put_global({"w": w})
-        for i, positions in shards.items():
-            self._send_states(i, tuple(states[int(p)] for p in positions))
-            self._send(i, ("evaluate", clients[positions]))
-        replies = self._collect(_described(shards, clients))
-        return gather([replies[i] for i in shards], list(shards.values()), len(clients))
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        parts = self._shards(self.program.cost(job))
+        self._put_global(job.shared.arrays)
+        for i, positions in parts.items():
+            packed = pack_job(job.subset(positions))
+            layout = self._write_input(i, packed.tensors)
+            members = (job.clients[positions], packed.scalars)
+            self._send(i, ("stage", job.stage, job.round, dict(job.shared.scalars), layout, members))
+        replies = self._collect(_described(parts, job.clients))
+        return gather([replies[i] for i in parts], list(parts.values()), len(job.clients))
 
     def evaluate_test(self, w: torch.Tensor) -> EvalResult:
         """The centralised evaluation split over the workers at multiples of the evaluation
@@ -238,8 +224,7 @@ class PoolEngine:
     def _shards(self, costs: list[int]) -> dict[int, np.ndarray]:
         if self._closed:
             raise PoolError("the pool engine is closed")
-        shards = assign(costs, self.workers)
-        return {i: s for i, s in enumerate(shards) if len(s)}
+        return shards(costs, self.workers)
 
     def _send(self, i: int, msg: tuple[Any, ...]) -> None:
         try:
@@ -257,14 +242,14 @@ class PoolEngine:
         for i in range(self.workers):
             self._send(i, ("global", layout))
 
-    def _send_states(self, i: int, states: tuple[Tensors, ...]) -> None:
-        tensors = pack_states(states)
+    def _write_input(self, i: int, tensors: Mapping[str, torch.Tensor]) -> Layout:
         layout = self._inputs[i].write(tensors)
         if layout is None:
             self._inputs[i] = Slab(Slab.required(tensors) * 2)
             self._send(i, ("slab", "in", self._inputs[i].buf))
             layout = self._inputs[i].write(tensors)
-        self._send(i, ("states", layout, len(states)))
+        assert layout is not None
+        return layout
 
     def _collect(self, work: Mapping[int, str]) -> dict[int, Any]:
         """Wait for every busy worker's reply (``work``: worker -> what it handles, for error
@@ -300,7 +285,7 @@ class PoolEngine:
         if reply[0] == "evaluated":
             return reply[1]
         _, scalars, layout = reply
-        return Records(scalars, self._outputs[i].read(layout))
+        return unpack_replies(self._outputs[i].read(layout), scalars)
 
     def _fail(self, i: int, during: str) -> NoReturn:
         proc = self._procs[i]
@@ -317,7 +302,7 @@ def _serve(conn: Connection, program: ClientProgram, threads: int, slabs: dict[s
     """A worker's loop: commands in, results out through the slabs, until "stop"."""
     torch.set_num_threads(threads)
     layouts: dict[str, Any] = {}
-    pending: Records | None = None
+    pending: Packed | None = None
     while True:
         try:
             msg = conn.recv()
@@ -331,15 +316,12 @@ def _serve(conn: Connection, program: ClientProgram, threads: int, slabs: dict[s
                 slabs[msg[1]] = Slab(0, buf=msg[2])
             elif op == "global":
                 layouts["global"] = msg[1]
-            elif op == "states":
-                layouts["states"] = (msg[1], msg[2])
-            elif op == "train":
-                g = slabs["global"].read(layouts["global"])
-                w = g.pop("w")
-                layout, n = layouts["states"]
-                states = unpack_states(slabs["in"].read(layout), n)
-                job = RoundInput(msg[1], w, msg[2], g, states, msg[3])
-                pending = pack_results(program.run_round(job))
+            elif op == "stage":
+                _, stage, rnd, shared_scalars, layout, (clients, scalars) = msg
+                shared = Message(slabs["global"].read(layouts["global"]), shared_scalars)
+                packed = Packed(slabs["in"].read(layout), scalars)
+                job = unpack_job(stage, rnd, shared, clients, packed)
+                pending = Packed(*pack_replies(program.run_stage(job)))
                 _reply(conn, slabs["out"], pending)
             elif op == "fetch":
                 assert pending is not None
@@ -347,20 +329,15 @@ def _serve(conn: Connection, program: ClientProgram, threads: int, slabs: dict[s
             elif op == "central":
                 w = slabs["global"].read(layouts["global"])["w"]
                 conn.send(("evaluated", program.evaluate_test(w, slice(msg[1], msg[2]))))
-            elif op == "evaluate":
-                w = slabs["global"].read(layouts["global"])["w"]
-                layout, n = layouts["states"]
-                states = unpack_states(slabs["in"].read(layout), n)
-                conn.send(("evaluated", program.evaluate_clients(msg[1], w, states)))
             else:
                 raise ValueError(f"unknown command {op!r}")
         except Exception:
             conn.send(("error", traceback.format_exc()))
 
 
-def _reply(conn: Connection, out: Slab, records: Records) -> None:
-    layout = out.write(records.tensors)
+def _reply(conn: Connection, out: Slab, packed: Packed) -> None:
+    layout = out.write(packed.tensors)
     if layout is None:
-        conn.send(("grow", Slab.required(records.tensors) * 5 // 4))
+        conn.send(("grow", Slab.required(packed.tensors) * 5 // 4))
     else:
-        conn.send(("done", records.scalars, layout))
+        conn.send(("done", packed.scalars, layout))

@@ -8,16 +8,16 @@ builds no cluster manager of its own.
 - The client program (task, model, federation) is put in Ray's object store once; each
   actor (one CPU each, ``workers`` of them, default one per CPU of the cluster) builds
   nothing else and keeps it for the run.
-- Each round the global weights and the broadcast go into the object store once (actors on
-  the same node read them without copying); the cohort is split by local steps as in the pool
-  engine (``worker.assign``) and each actor runs ``ClientProgram.run_round`` on its shard, so
-  clients get exactly what the inline engine gives them.
-- Results come back as records (scalars plus one mapping of numpy arrays, which Ray keeps
-  in shared memory), never as pickled messages.
+- Each stage's shared message (the broadcast) goes into the object store once (actors on
+  the same node read it without copying); the members are split by cost as in the pool
+  engine (``worker.assign``) and each actor runs ``ClientProgram.run_stage`` on its shard,
+  so clients get exactly what the inline engine gives them.
+- Jobs and replies travel packed by ``potluck.core.records`` (scalars plus one mapping of
+  numpy arrays, which Ray keeps in shared memory), never as pickled messages.
 
 Example (needs ``pip install "potluck[ray]"``; starts a local Ray):
     >>> engine = RayEngine(program, EngineOptions(workers=2))  # doctest: +SKIP
-    >>> results = engine.train(job)  # doctest: +SKIP
+    >>> replies = engine.run_stage(job)  # doctest: +SKIP
     >>> engine.close()  # doctest: +SKIP
 """
 
@@ -31,20 +31,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
-from potluck.client.rules import Tensors
-from potluck.engines.base import EngineOptions
-from potluck.engines.worker import (
-    Records,
-    assign,
-    cohort_costs,
-    gather,
-    pack_results,
-    pack_states,
-    shard_job,
-    unpack_results,
-    unpack_states,
+from potluck.client.program import ClientProgram, EvalResult
+from potluck.core.message import Message, Scalar
+from potluck.core.records import (
+    Packed,
+    Reply,
+    StageJob,
+    pack_job,
+    pack_replies,
+    unpack_job,
+    unpack_replies,
 )
+from potluck.engines.base import EngineOptions
+from potluck.engines.worker import gather, shards
 
 Arrays = dict[str, np.ndarray]
 
@@ -53,42 +52,50 @@ class RayEngineError(RuntimeError):
     """A Ray actor failed or died."""
 
 
+_BF16 = "\x00bfloat16"  # NumPy has no bfloat16: such arrays travel as int16 bits
+
+
 def _to_numpy(tensors: Mapping[str, torch.Tensor]) -> Arrays:
-    return {k: t.detach().cpu().numpy() for k, t in tensors.items()}
+    out: Arrays = {}
+    for k, t in tensors.items():
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            out[k + _BF16] = t.view(torch.int16).numpy()
+        else:
+            out[k] = t.numpy()
+    return out
 
 
 def _to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor(a) for k, a in arrays.items()}  # copies: Ray's arrays are read-only
+    out = {}
+    for k, a in arrays.items():
+        t = torch.tensor(a)  # a copy: Ray's arrays are read-only
+        if k.endswith(_BF16):
+            out[k.removesuffix(_BF16)] = t.view(torch.bfloat16)
+        else:
+            out[k] = t
+    return out
 
 
 class RayWorker:
-    """What one actor runs: the client program on shards of a cohort."""
+    """What one actor runs: the client program on shards of a stage."""
 
     def __init__(self, program: ClientProgram, threads: int) -> None:
         torch.set_num_threads(threads)
         self.program = program
 
-    def train(
+    def run_stage(
         self,
+        stage: str,
         round: int,
-        shared: Arrays,
-        cohort: np.ndarray,
-        states: Arrays,
-        work: np.ndarray,
-    ) -> tuple[list[dict[str, int | float | str]], Arrays]:
-        g = _to_torch(shared)
-        w = g.pop("w")
-        job = RoundInput(round, w, cohort, g, unpack_states(_to_torch(states), len(cohort)), work)
-        records = pack_results(self.program.run_round(job))
-        return records.scalars, _to_numpy(records.tensors)
-
-    def evaluate(
-        self, clients: np.ndarray, shared: Arrays, states: Arrays
-    ) -> list[dict[str, EvalResult]]:
-        w = torch.tensor(shared["w"])
-        return self.program.evaluate_clients(
-            clients, w, unpack_states(_to_torch(states), len(clients))
-        )
+        shared: tuple[Arrays, dict[str, Scalar]],
+        clients: np.ndarray,
+        packed: tuple[Arrays, list[dict[str, Scalar]]],
+    ) -> tuple[Arrays, list[dict[str, Scalar]]]:
+        message = Message(_to_torch(shared[0]), shared[1])
+        job = unpack_job(stage, round, message, clients, Packed(_to_torch(packed[0]), packed[1]))
+        tensors, scalars = pack_replies(self.program.run_stage(job))
+        return _to_numpy(tensors), scalars
 
 
 class RayEngine:
@@ -120,30 +127,22 @@ class RayEngine:
         self._actors: list[Any] = [actor.remote(program_ref, threads) for _ in range(self.workers)]
         self._closed = False
 
-    def train(self, job: RoundInput) -> list[ClientResult]:
-        shards = self._shards(cohort_costs(self.program, job))
-        shared = self._ray.put(_to_numpy({"w": job.w, **job.broadcast}))
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        parts = self._shards(self.program.cost(job))
+        shared = self._ray.put((_to_numpy(job.shared.arrays), dict(job.shared.scalars)))
         calls = {}
-        for i, positions in shards.items():
-            part = shard_job(job, positions)
-            states = _to_numpy(pack_states(part.states))
-            calls[i] = self._actors[i].train.remote(
-                part.round, shared, part.cohort, states, part.work
+        for i, positions in parts.items():
+            packed = pack_job(job.subset(positions))
+            calls[i] = self._actors[i].run_stage.remote(
+                job.stage,
+                job.round,
+                shared,
+                job.clients[positions],
+                (_to_numpy(packed.tensors), packed.scalars),
             )
-        replies = self._get(calls, job.cohort, shards)
-        parts = [unpack_results(Records(s, _to_torch(t))) for s, t in replies]
-        return gather(parts, list(shards.values()), len(job.cohort))
-
-    def evaluate(
-        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
-    ) -> list[dict[str, EvalResult]]:
-        shards = self._shards([1] * len(clients))
-        shared = self._ray.put(_to_numpy({"w": w}))
-        calls = {}
-        for i, positions in shards.items():
-            part_states = _to_numpy(pack_states(tuple(states[int(p)] for p in positions)))
-            calls[i] = self._actors[i].evaluate.remote(clients[positions], shared, part_states)
-        return gather(self._get(calls, clients, shards), list(shards.values()), len(clients))
+        replies = self._get(calls, job.clients, parts)
+        unpacked = [unpack_replies(_to_torch(t), s) for t, s in replies]
+        return gather(unpacked, list(parts.values()), len(job.clients))
 
     def evaluate_test(self, w: torch.Tensor) -> EvalResult:
         """Centralised evaluation in this process."""
@@ -163,7 +162,7 @@ class RayEngine:
     def _shards(self, costs: list[int]) -> dict[int, np.ndarray]:
         if self._closed:
             raise RayEngineError("the Ray engine is closed")
-        return {i: s for i, s in enumerate(assign(costs, self.workers)) if len(s)}
+        return shards(costs, self.workers)
 
     def _get(
         self, calls: Mapping[int, Any], cohort: np.ndarray, shards: Mapping[int, np.ndarray]

@@ -18,13 +18,17 @@ the same way). Each client gets exactly what ``ClientProgram.train`` gives it al
   alone (under a nested ``vmap``); for a mean loss (what ``Task`` asks for) this is the
   mean over the real examples, and so is its gradient (padded rows get weight exactly 0).
   The model must therefore treat examples independently: batch-norm without running
-  statistics (batch statistics) and dropout (vmap randomness cannot reproduce the inline
-  engine's draws) are refused.
-- **Rules.** ``begin``/``start``/``finish`` run per client before and after the step loop;
-  ``gradient`` is ``vmap``-ed over the clients with their stacked rule states. q-FFL's loss
-  at the global model uses ``ClientProgram.evaluate_arrays`` per client, as the inline
-  engine does. Ditto's second (personal) model is refused: use ``engine = "inline"``.
-- **Uploads** are built and encoded per client after training, exactly as inline.
+  statistics (batch statistics) is refused, and so is any random operation in a training
+  step (dropout, also inside an ``nn.LSTM``: vmap's randomness cannot reproduce the inline
+  engine's draws), found by one probe step under ``vmap`` when the engine is made, before
+  anything is stored.
+- **Terms.** ``ClientProgram.prepare`` (each term's ``begin`` and ``start``) and
+  ``ClientProgram.conclude`` (``finish``, the upload and its encoding) run per client, as
+  inline; the chain's ``gradient`` is ``vmap``-ed over the clients with their stacked
+  working states. A term that declares it needs one client at a time
+  (``Need.ONE_CLIENT_AT_A_TIME``) is refused. Whatever a term's ``finish`` trains per client
+  (Ditto's personal model) runs there, one client at a time.
+- **Other stages** (evaluation, a protocol's own) run as in the inline engine.
 
 Results agree with the inline engine up to float32 rounding: batched matmuls and the
 masked mean sum in a different order (about 1e-7 relative per step; see
@@ -33,15 +37,18 @@ masked mean sum in a different order (about 1e-7 relative per step; see
 Example:
     >>> import numpy as np
     >>> import torch
-    >>> from potluck.client import ClientProgram, LocalSGD
-    >>> from potluck.client.program import RoundInput
+    >>> from potluck.algorithms import fedavg
+    >>> from potluck.client import ClientProgram
+    >>> from potluck.core.message import Message
+    >>> from potluck.core.records import StageJob
     >>> from potluck.core.task import Task
     >>> from potluck.data import Federation
     >>> fed = Federation.from_client_data([(torch.randn(8, 2), torch.arange(8) % 2)] * 3)
-    >>> program = ClientProgram(Task(lambda: torch.nn.Linear(2, 2)), fed, LocalSGD())
+    >>> program = ClientProgram(Task(lambda: torch.nn.Linear(2, 2)), fed, fedavg())
     >>> engine = VectorizedEngine(program, max_clients=2)
-    >>> job = RoundInput(1, torch.zeros(6), np.array([0, 2]), {}, ({}, {}), np.ones(2))
-    >>> [r.message.scalars["num_steps"] for r in engine.train(job)]
+    >>> job = StageJob("train", 1, Message({"w": torch.zeros(6)}), np.array([0, 2]),
+    ...                (Message(), Message()), ({}, {}))
+    >>> [r.message.scalars["num_steps"] for r in engine.run_stage(job)]
     [1, 1]
 """
 
@@ -49,78 +56,119 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from potluck.client.program import (
-    ClientProgram,
-    ClientResult,
-    RoundInput,
-    batch_order,
-)
-from potluck.client.rules import LocalRule, Tensors
+from potluck.client.program import ClientProgram, Prepared, batch_order
 from potluck.client.sgd import OptState
+from potluck.core.parts import Need, State, describe_part, needs
+from potluck.core.records import TRAIN, Reply, StageJob
 from potluck.engines.inline import InlineEngine
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes for one chunk's stacked vectors and batches
 _VECTORS_PER_CLIENT = 8  # w, gradient (per layer and joined), corrected, new w, momentum x2, ...
-_DROPOUT = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
 
 
 def check_vectorizable(program: ClientProgram) -> None:
     """Raise ``ValueError`` if the vectorized engine cannot give ``program``'s clients exactly
-    what the inline engine gives them (dropout, batch statistics, a second personal model).
+    what the inline engine gives them: a part that needs one client at a time, batch
+    statistics, or a training step that draws random numbers (dropout) or has no batching
+    rule, found by one probe step under ``vmap``.
 
     Example:
         >>> import torch
-        >>> from potluck.client import ClientProgram, LocalSGD
+        >>> from potluck.algorithms import fedavg
+        >>> from potluck.client import ClientProgram
         >>> from potluck.core.task import Task
         >>> from potluck.data import Federation
         >>> fed = Federation.from_client_data([(torch.randn(4, 2), torch.arange(4) % 2)])
         >>> net = lambda: torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
-        >>> check_vectorizable(ClientProgram(Task(net), fed, LocalSGD()))  # doctest: +ELLIPSIS
+        >>> check_vectorizable(ClientProgram(Task(net), fed, fedavg()))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: the vectorized engine cannot train models with dropout (module '1' ...
+        ValueError: the vectorized engine cannot batch this model's training step: ...
     """
-    problem = vectorizing_problem(program.model, program.rule)
+    problem = vectorizing_problem(program, probe=True)
     if problem is not None:
         raise ValueError(problem)
 
 
-def vectorizing_problem(model: nn.Module, rule: LocalRule) -> str | None:
-    """Why the vectorized engine cannot train ``model`` under ``rule``, or None if it can."""
-    if rule.personal_lambda is not None:
-        return (
-            f"the vectorized engine does not support rule {rule.name!r}: it trains a second, "
-            'personal model per client (Ditto). Use engine = "inline".'
-        )
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if isinstance(module, _DROPOUT):
+def vectorizing_problem(program: ClientProgram, probe: bool = False) -> str | None:
+    """Why the vectorized engine cannot train ``program``'s clients, or None if it can;
+    ``probe``: also run one vmapped step (about a second the first time)."""
+    for ns, part in program.algorithm.parts():
+        if Need.ONE_CLIENT_AT_A_TIME in needs(part):
             return (
-                f"the vectorized engine cannot train models with dropout (module {name!r} is "
-                f"{kind}): vmap draws different random masks than the inline engine. "
-                'Use engine = "inline".'
+                f"the vectorized engine trains clients side by side, but {describe_part(ns, part)}"
+                f' needs {Need.ONE_CLIENT_AT_A_TIME}. Use engine = "pool" or "inline".'
             )
+    for name, module in program.model.named_modules():
         if isinstance(module, _BatchNorm):
             return (
                 f"the vectorized engine cannot train models with batch statistics (module "
-                f"{name!r} is {kind}): padded examples would change them. Use GroupNorm or "
-                'LayerNorm, or engine = "inline".'
+                f"{name!r} is {type(module).__name__}): padded examples would change them. Use "
+                'GroupNorm or LayerNorm, or engine = "pool" or "inline".'
             )
+    if probe:
+        return _probe(program)
     return None
+
+
+def _probe(program: ClientProgram) -> str | None:
+    """Run one vmapped training step of two copies of the first client with data."""
+    fed = program.federation
+    cid = next((c for c in range(min(fed.num_clients, 50)) if fed.num_examples(c)), None)
+    if cid is None:
+        return None
+    engine = VectorizedEngine.__new__(VectorizedEngine)
+    engine.program = program
+    engine._grads = vmap(grad_and_value(engine._client_loss))
+    engine._correct = vmap(_chain(program))
+    w = program.initial_weights()
+    try:
+        with torch.random.fork_rng():
+            prep = program.prepare(cid, 0, w, _zero_broadcasts(program, w), {})
+            x_all, y_all = program._data(cid)
+            x = torch.stack([x_all[:2], x_all[:2]])
+            y = torch.stack([y_all[:2], y_all[:2]])
+            mask = torch.ones(y.shape)
+            stacked_w = torch.stack([prep.w_start, prep.w_start])
+            grads, _ = engine._grads(engine._params(stacked_w), x, y, mask)
+            g = torch.cat([grads[n].reshape(2, -1) for n in program.spec.names], 1)
+            works = [{k: torch.stack([v, v]) for k, v in work.items()} for work in prep.works]
+            engine._correct(stacked_w, g, works)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (
+            "the vectorized engine cannot batch this model's training step: one probe step "
+            f"under torch.func.vmap failed ({type(exc).__name__}: {first}). Dropout (also an "
+            "LSTM's dropout) draws other random masks under vmap than one client at a time; "
+            'other operations have no batching rule. Use engine = "pool" or "inline".'
+        )
+    return None
+
+
+def _zero_broadcasts(program: ClientProgram, w: torch.Tensor) -> dict[str, State]:
+    return {
+        ns: term.broadcast(term.server_init(w))
+        for ns, term in zip(program.term_ns, program.terms, strict=True)
+    }
+
+
+def _chain(program: ClientProgram) -> Any:
+    """The terms' gradient corrections as one pure function of (w, g, works)."""
+    terms = program.terms
+
+    def correct(w: torch.Tensor, g: torch.Tensor, works: list[State]) -> torch.Tensor:
+        for term, work in zip(terms, works, strict=True):
+            g = term.gradient(w, g, work)
+        return g
+
+    return correct
 
 
 @dataclass(frozen=True)
@@ -166,24 +214,29 @@ class VectorizedEngine(InlineEngine):
         self.memory_budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET
         self.chunk_size = self._fitting_chunk()
         self._grads = vmap(grad_and_value(self._client_loss))
-        self._correct = vmap(program.rule.gradient)
+        self._correct = vmap(_chain(program))
 
     # -- training ------------------------------------------------------------------------------
 
-    def train(self, job: RoundInput) -> list[ClientResult]:
-        """One ``ClientResult`` per cohort member, in cohort order (as ``InlineEngine``)."""
-        results: dict[int, ClientResult] = {}
-        for chunk in self._chunks(len(job.cohort)):
-            results.update(self._train_chunk(job, chunk))
-        return [results[k] for k in range(len(job.cohort))]
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        """One reply per member, in order (as ``InlineEngine``); ``train`` batched."""
+        if job.stage != TRAIN:
+            return self.program.run_stage(job)
+        w, broadcasts = self.program.open(job.shared)
+        results: dict[int, Reply] = {}
+        for chunk in self._chunks(len(job.clients)):
+            results.update(self._train_chunk(job, w, broadcasts, chunk))
+        return [results[k] for k in range(len(job.clients))]
 
     def _fitting_chunk(self) -> int:
         """Clients trained together: ``max_clients``, capped by a coarse memory estimate
         (stacked weight-sized vectors plus inputs of the largest batch)."""
         p = self.program
-        batch = p.optimizer.batch_size or max(
-            (p.federation.num_examples(c) for c in range(p.federation.num_clients)), default=1
-        )
+        batch = p.optimizer.batch_size
+        if not isinstance(batch, int):  # full batch: the largest client's
+            batch = max(
+                (p.federation.num_examples(c) for c in range(p.federation.num_clients)), default=1
+            )
         example = prod(p.federation.source.input_shape)
         per_client = 4 * (_VECTORS_PER_CLIENT * p.spec.size + 2 * batch * example)
         fits = max(1, self.memory_budget // per_client)
@@ -193,59 +246,52 @@ class VectorizedEngine(InlineEngine):
         size = self.chunk_size
         return [range(start, min(start + size, k)) for start in range(0, k, size)]
 
-    def _train_chunk(self, job: RoundInput, chunk: range) -> dict[int, ClientResult]:
-        program, rule = self.program, self.program.rule
-        program.model.train()
-        states = [self._client_state(job, k) for k in chunk]
-        rule_states = [rule.begin(job.w, job.broadcast or {}, s) for s in states]
-        cohort = self._schedule(job, chunk)
-        order = [k - chunk.start for k in cohort.positions]
-        w = torch.stack([rule.start(job.w, rule_states[i]) for i in order])
-        stacked = {key: torch.stack([rule_states[i][key] for i in order]) for key in rule_states[0]}
-        w, loss_sums, seen = self._steps(w, stacked, cohort)
-        return {
-            k: self._finish(
-                job,
-                k,
-                w[row],
-                rule_states[k - chunk.start],
-                (cohort.steps[row], cohort.num_examples[row]),
-                (loss_sums[row], seen[row]),
+    def _train_chunk(
+        self, job: StageJob, w_global: torch.Tensor, broadcasts: dict[str, State], chunk: range
+    ) -> dict[int, Reply]:
+        program = self.program
+        preps = {
+            k: program.prepare(
+                int(job.clients[k]),
+                job.round,
+                w_global,
+                broadcasts,
+                job.states[k],
+                float(job.payloads[k].scalars.get("work", 1.0)),
             )
+            for k in chunk
+        }
+        cohort = self._schedule(job, preps)
+        w = torch.stack([preps[k].w_start for k in cohort.positions])
+        works = [
+            {key: torch.stack([preps[k].works[t][key] for k in cohort.positions]) for key in work}
+            for t, work in enumerate(preps[chunk.start].works)
+        ]
+        w, loss_sums, seen = self._steps(w, works, cohort)
+        return {
+            k: program.conclude(preps[k], w[row], loss_sums[row], seen[row])
             for row, k in enumerate(cohort.positions)
         }
 
-    def _client_state(self, job: RoundInput, k: int) -> Tensors:
-        """Member ``k``'s state as ``ClientProgram.train`` sees it (q-FFL: with its loss at the
-        global model, computed by the same code)."""
-        state = dict(job.states[k] or {})
-        if self.program.rule.needs_global_loss:
-            data = self.program.federation.client(int(job.cohort[k]))
-            at_global = self.program.evaluate_arrays(job.w, data.x_train, data.y_train)
-            state["global_loss"] = torch.tensor(at_global.loss)
-        return state
-
-    def _schedule(self, job: RoundInput, chunk: range) -> _Cohort:
+    def _schedule(self, job: StageJob, preps: dict[int, Prepared]) -> _Cohort:
         """Gather the chunk's data and draw every member's batches (``batch_order``)."""
         p = self.program
-        steps = {k: p.steps_for(int(job.cohort[k]), float(job.work[k])) for k in chunk}
-        positions = sorted(chunk, key=lambda k: -steps[k])  # stable: ties keep cohort order
-        data = [p.federation.client(int(job.cohort[k])) for k in positions]
-        sizes = [len(d.y_train) for d in data]
-        xs = [torch.from_numpy(d.x_train) for d in data]
-        ys = [torch.from_numpy(d.y_train) for d in data]
-        total = [steps[k] for k in positions]
+        positions = sorted(preps, key=lambda k: -preps[k].steps)  # stable: ties keep order
+        data = [p._data(preps[k].cid) for k in positions]
+        sizes = [len(y) for _, y in data]
+        total = [preps[k].steps for k in positions]
         offsets = np.cumsum([0, *sizes[:-1]])
         batches = [
             list(batch_order(n, p.optimizer.batch_len(n), t, p.seeds.torch("batch", job.round, c)))
-            for n, t, c in zip(sizes, total, (int(job.cohort[k]) for k in positions), strict=True)
+            for n, t, c in zip(sizes, total, (preps[k].cid for k in positions), strict=True)
         ]
         index, mask = _pad_batches(batches, offsets)
         active = [sum(t > s for t in total) for s in range(index.shape[0])]
+        xs, ys = [x for x, _ in data], [y for _, y in data]
         return _Cohort(positions, total, sizes, torch.cat(xs), torch.cat(ys), index, mask, active)
 
     def _steps(
-        self, w: torch.Tensor, rule_state: Tensors, cohort: _Cohort
+        self, w: torch.Tensor, works: list[State], cohort: _Cohort
     ) -> tuple[torch.Tensor, list[float], list[int]]:
         """All members' local steps: the final stacked weights, and per member the sum of
         batch loss x batch size and the examples seen (as ``ClientProgram`` accumulates)."""
@@ -257,13 +303,13 @@ class VectorizedEngine(InlineEngine):
             w_a, state_a = w[:a], {key: v[:a] for key, v in opt_state.items()}
             grads, loss = self._grads(self._params(w_a), cohort.x[idx], cohort.y[idx], m)
             g = torch.cat([grads[name].reshape(a, -1) for name in self.program.spec.names], 1)
-            g = self._correct(w_a, g, {key: v[:a] for key, v in rule_state.items()})
+            g = self._correct(w_a, g, [{key: v[:a] for key, v in wk.items()} for wk in works])
             w_a, state_a = opt.step(w_a, state_a, g)
             w, opt_state = _replace_prefix(w, w_a), _replace_state(opt_state, state_a)
             step_losses[s, :a] = loss.double() * m.sum(1).double()
         return w, step_losses.sum(0).tolist(), cohort.mask.sum((0, 2)).long().tolist()
 
-    def _params(self, w: torch.Tensor) -> Tensors:
+    def _params(self, w: torch.Tensor) -> State:
         """Stacked (K, ...) views of the model's parameters in ``w`` (K, d). Per-layer leaves,
         as in ``ClientProgram._grad``, so the gradient is not scattered into full-length
         buffers per parameter; the joined gradient is their concatenation."""
@@ -274,7 +320,7 @@ class VectorizedEngine(InlineEngine):
         return out
 
     def _client_loss(
-        self, params: Tensors, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+        self, params: State, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """One client's mean loss over the real (mask 1) examples of a padded batch."""
         logits = functional_call(self.program.model, params, (x,))
@@ -283,23 +329,6 @@ class VectorizedEngine(InlineEngine):
 
     def _example_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.program.task.loss_fn(logits.unsqueeze(0), y.unsqueeze(0))
-
-    def _finish(
-        self,
-        job: RoundInput,
-        k: int,
-        w: torch.Tensor,
-        rule_state: Tensors,
-        counts: tuple[int, int],
-        loss: tuple[float, int],
-    ) -> ClientResult:
-        """Member ``k``'s upload and new state from its trained weights, as inline:
-        ``counts`` = (steps, examples), ``loss`` = (sum of batch loss x size, examples seen)."""
-        p, cid = self.program, int(job.cohort[k])
-        torch.default_generator.manual_seed(p.seeds.integer("dropout", job.round, cid))
-        out = p.rule.finish(job.w, w, rule_state, counts[0], p.optimizer.lr)
-        msg = p.upload(cid, job.round, job.w, w, out, counts, loss)
-        return ClientResult(msg, dict(out.state))
 
 
 def _pad_batches(

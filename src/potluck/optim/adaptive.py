@@ -23,7 +23,8 @@ from dataclasses import KW_ONLY, dataclass
 
 import torch
 
-State = dict[str, torch.Tensor]
+from potluck.core.parts import Context, State
+from potluck.core.registry import register
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class _AdaptiveServer(ABC):
         return {"m": torch.zeros_like(w), "v": torch.full_like(w, self.tau**2)}
 
     def step(
-        self, w: torch.Tensor, mean_delta: torch.Tensor, state: State
+        self, w: torch.Tensor, mean_delta: torch.Tensor, state: State, ctx: Context | None = None
     ) -> tuple[torch.Tensor, State]:
         m = self.beta1 * state["m"] + (1 - self.beta1) * mean_delta
         v = self._second_moment(state["v"], mean_delta.square())
@@ -71,6 +72,7 @@ class _DecayingSecondMoment(_AdaptiveServer, ABC):
             raise ValueError(f"{type(self).__name__} beta2 must be in [0, 1), got {self.beta2}")
 
 
+@register("server", "adagrad")
 @dataclass(frozen=True)
 class ServerAdagrad(_AdaptiveServer):
     """FedAdagrad (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2).
@@ -89,6 +91,7 @@ class ServerAdagrad(_AdaptiveServer):
         return v + delta_sq
 
 
+@register("server", "adam")
 @dataclass(frozen=True)
 class ServerAdam(_DecayingSecondMoment):
     """FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2).
@@ -107,6 +110,7 @@ class ServerAdam(_DecayingSecondMoment):
         return self.beta2 * v + (1 - self.beta2) * delta_sq
 
 
+@register("server", "yogi")
 @dataclass(frozen=True)
 class ServerYogi(_DecayingSecondMoment):
     """FedYogi (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2).

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-State = dict[str, torch.Tensor]
+from potluck.core.parts import Context, Need, State
+from potluck.core.registry import register
 
 
+@register("server", "sgd")
 @dataclass(frozen=True)
 class ServerSGD:
     """``w <- w - lr * m`` with ``m = momentum * m + g`` and pseudo-gradient ``g = -delta``."""
@@ -35,11 +37,17 @@ class ServerSGD:
         if not 0 <= self.momentum < 1:
             raise ValueError(f"server momentum must be in [0, 1), got {self.momentum}")
 
+    @property
+    def gives(self) -> frozenset[str]:
+        """The plain step ``w + mean_delta`` when ``lr`` is 1 without momentum."""
+        plain = self.lr == 1.0 and not self.momentum
+        return frozenset({Need.PLAIN_SERVER_STEP}) if plain else frozenset()
+
     def init(self, w: torch.Tensor) -> State:
         return {"momentum": torch.zeros_like(w)} if self.momentum else {}
 
     def step(
-        self, w: torch.Tensor, mean_delta: torch.Tensor, state: State
+        self, w: torch.Tensor, mean_delta: torch.Tensor, state: State, ctx: Context | None = None
     ) -> tuple[torch.Tensor, State]:
         if not self.momentum:
             return w + self.lr * mean_delta, state

@@ -20,10 +20,15 @@ from typing import Literal
 
 import numpy as np
 
+from potluck.core.parts import Need
+from potluck.core.registry import register
 
+
+@register("stragglers", "random")
 @dataclass(frozen=True)
 class Stragglers:
-    """A share of each cohort that completes only part of its local epochs."""
+    """A share of each cohort that completes only part of its local epochs (a declared need
+    of several local steps when ``fraction > 0``)."""
 
     fraction: float = 0.0
     mode: Literal["drop", "partial"] = "partial"
@@ -33,6 +38,10 @@ class Stragglers:
             raise ValueError(f"stragglers fraction must be in [0, 1], got {self.fraction}")
         if self.mode not in ("drop", "partial"):
             raise ValueError(f"stragglers mode must be 'drop' or 'partial', got {self.mode!r}")
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({Need.SEVERAL_LOCAL_STEPS}) if self.fraction else frozenset()
 
     def plan(
         self, cohort_size: int, epochs: int, rng: np.random.Generator

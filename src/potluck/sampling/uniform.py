@@ -1,9 +1,9 @@
 """Uniform sampling without replacement, by count or fraction (McMahan et al. 2017's C).
 
 Example:
-    >>> import numpy as np
+    >>> from potluck.core.parts import Context
     >>> sampler = UniformSampler(fraction=0.1, min_clients=2)
-    >>> cohort = sampler.sample(100, np.random.default_rng(0))
+    >>> cohort, _ = sampler.sample(100, {}, Context(seed=0, round=1, stream=("sampling", 1)))
     >>> len(cohort), bool((np.diff(cohort) > 0).all())
     (10, True)
 """
@@ -14,18 +14,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from potluck.core.parts import Context, State
+from potluck.core.registry import register
 
+DEFAULT_COHORT = 10
+
+
+@register("sampler", "uniform")
 @dataclass(frozen=True)
 class UniformSampler:
-    """Sample ``clients_per_round`` clients, or ``max(fraction * N, min_clients)``."""
+    """Sample ``clients_per_round`` clients, or ``max(fraction * N, min_clients)``; with
+    neither given, 10 clients per round."""
 
     clients_per_round: int | None = None
     fraction: float | None = None
     min_clients: int = 1
 
     def __post_init__(self) -> None:
-        if (self.clients_per_round is None) == (self.fraction is None):
-            raise ValueError("give exactly one of clients_per_round or fraction")
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("give one of clients_per_round or fraction, not both")
         if self.clients_per_round is not None and self.clients_per_round < 1:
             raise ValueError(f"clients_per_round must be >= 1, got {self.clients_per_round}")
         if self.fraction is not None and not 0 < self.fraction <= 1:
@@ -33,11 +40,14 @@ class UniformSampler:
         if self.min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
 
+    def init(self, num_clients: int) -> State:
+        return {}
+
     def cohort_size(self, num_clients: int) -> int:
-        if self.clients_per_round is not None:
-            k = self.clients_per_round
+        if self.fraction is not None:
+            k = max(round(self.fraction * num_clients), self.min_clients)
         else:
-            k = max(round(float(self.fraction or 0) * num_clients), self.min_clients)
+            k = self.clients_per_round or DEFAULT_COHORT
         if k > num_clients or self.min_clients > num_clients:
             raise ValueError(
                 f"cannot sample {max(k, self.min_clients)} clients per round from a "
@@ -45,7 +55,8 @@ class UniformSampler:
             )
         return max(k, self.min_clients)
 
-    def sample(self, num_clients: int, rng: np.random.Generator) -> np.ndarray:
-        """Sorted unique client ids (int64)."""
+    def sample(self, num_clients: int, state: State, ctx: Context) -> tuple[np.ndarray, State]:
+        """Sorted unique client ids (int64); the state is unchanged (there is none)."""
         k = self.cohort_size(num_clients)
-        return np.sort(rng.choice(num_clients, size=k, replace=False)).astype(np.int64)
+        cohort = ctx.rng().choice(num_clients, size=k, replace=False)
+        return np.sort(cohort).astype(np.int64), state

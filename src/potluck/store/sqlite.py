@@ -118,7 +118,25 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (run, name)
         ) WITHOUT ROWID""",
     ),
+    (  # client state of any part: any dtype and shape (before: 1-D float32 only)
+        "ALTER TABLE client_state ADD COLUMN dtype TEXT NOT NULL DEFAULT 'float32'",
+        "ALTER TABLE client_state ADD COLUMN shape TEXT",
+    ),
 )
+STATE_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.uint8,
+        torch.bool,
+    )
+}
 HEALTH_FIELDS = (
     "name",
     "client",
@@ -321,7 +339,8 @@ class RunStore:
             self._check_next_round(key, run_id, round)
             self._insert_round(key, round, round_rows, client_rows, relpath)
             self._conn.executemany(
-                "INSERT INTO client_state VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO client_state (run, round, client, name, data, dtype, shape)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(key, round, *row) for row in state_rows],
             )
             if relpath is not None:
@@ -363,7 +382,7 @@ class RunStore:
         return [(rnd, client, m) for (rnd, client), m in out.items()]
 
     def client_states(self, run_id: str, clients: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """Each client's newest committed state vectors (an empty dict for a new client)."""
+        """Each client's newest committed state tensors (an empty dict for a new client)."""
         key = self._run_key(run_id)
         found: dict[int, dict[str, torch.Tensor]] = {}
         wanted = sorted({int(c) for c in clients})
@@ -371,14 +390,21 @@ class RunStore:
             chunk = wanted[start : start + _IN_CHUNK]
             marks = ",".join("?" * len(chunk))
             rows = self._conn.execute(
-                "SELECT client, name, MAX(round), data FROM client_state"
+                "SELECT client, name, MAX(round), data, dtype, shape FROM client_state"
                 f" WHERE run = ? AND client IN ({marks}) GROUP BY client, name",
                 (key, *chunk),
             )
-            for client, name, _, data in rows:
-                vec = torch.frombuffer(bytearray(data), dtype=torch.float32)
-                found.setdefault(client, {})[name] = vec
+            for client, name, _, data, dtype, shape in rows:
+                found.setdefault(client, {})[name] = _state_tensor(data, dtype, shape)
         return [found.get(int(c), {}) for c in clients]
+
+    def clients_with_state(self, run_id: str) -> list[int]:
+        """The clients that have committed state in run ``run_id``, ascending."""
+        key = self._run_key(run_id)
+        rows = self._conn.execute(
+            "SELECT DISTINCT client FROM client_state WHERE run = ? ORDER BY client", (key,)
+        )
+        return [int(r[0]) for r in rows]
 
     def update_health(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert or replace deployed clients' health rows (keys: ``HEALTH_FIELDS``; ``name``
@@ -585,20 +611,32 @@ def _client_rows(
 
 def _state_rows(
     states: Mapping[int, Mapping[str, torch.Tensor]], round: int
-) -> list[tuple[int, str, bytes]]:
-    """``(client, name, float32 bytes)`` rows; 1-D finite float32 vectors only."""
-    rows: list[tuple[int, str, bytes]] = []
+) -> list[tuple[int, str, bytes, str, str | None]]:
+    """``(client, name, bytes, dtype, shape)`` rows (shape ``None`` for 1-D); tensors of the
+    ``STATE_DTYPES``, finite where floating point."""
+    rows: list[tuple[int, str, bytes, str, str | None]] = []
     for client, named in states.items():
         if isinstance(client, bool) or not isinstance(client, numbers.Integral):
             raise TypeError(f"round {round}: client state key must be an int, got {client!r}")
-        for name, vec in named.items():
+        for name, t in named.items():
             where = f"round {round}: state {name!r} of client {client}"
-            if not isinstance(vec, torch.Tensor) or vec.dtype != torch.float32 or vec.dim() != 1:
-                raise TypeError(f"{where} must be a 1-D float32 tensor")
-            if not bool(torch.isfinite(vec).all()):
+            dtype = str(t.dtype).removeprefix("torch.") if isinstance(t, torch.Tensor) else None
+            if dtype not in STATE_DTYPES:
+                raise TypeError(f"{where} must be a tensor of {sorted(STATE_DTYPES)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{where} contains NaN or Inf")
-            rows.append((int(client), name, vec.detach().contiguous().numpy().tobytes()))
+            data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            shape = None if t.dim() == 1 else json.dumps(list(t.shape))
+            rows.append((int(client), name, data, dtype, shape))
     return rows
+
+
+def _state_tensor(data: bytes, dtype: str, shape: str | None) -> torch.Tensor:
+    if not data:
+        flat = torch.empty(0, dtype=STATE_DTYPES[dtype])
+    else:
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(STATE_DTYPES[dtype])
+    return flat if shape is None else flat.reshape(json.loads(shape))
 
 
 def _from_sql(value: float | None) -> float:

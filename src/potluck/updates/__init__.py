@@ -1,6 +1,7 @@
 """Update transforms: a chain applied to each update, ``encode`` on the client and
-``decode`` on the server (modelled on optax's composable transformations)."""
+``decode`` on the server (modelled on optax's composable transformations), and downlink
+transforms of the broadcast."""
 
-from potluck.updates.base import Chain, ClipNorm, EncodeContext, Transform
+from potluck.updates.base import Cast, ClipNorm, KeepLocal, Transform
 
-__all__ = ["Chain", "ClipNorm", "EncodeContext", "Transform"]
+__all__ = ["Cast", "ClipNorm", "KeepLocal", "Transform"]

@@ -1,0 +1,386 @@
+"""The five parts of an algorithm as protocols with explicit state and randomness.
+
+Every part follows the optax / FedJAX shape: ``init`` makes its state, then pure updates
+take the state and a ``Context`` and return the new state. Nothing a part needs between
+rounds lives on the part object: a pool worker or a Ray actor holds a *copy* of it and a
+resumed run a *new* one. The orchestrator keeps server-side state in the round's
+checkpoint, keyed by (part, name), and client-side state in the run store, keyed by
+(client, part, name); parts never touch the store or torch's global generator.
+
+- ``Sampler``: which clients take part (``init``, ``sample``).
+- ``LocalOptimizer`` plus a chain of ``GradientTerm`` s: local training (``client/``).
+- ``Transform``: the update on its way out, ``encode`` on the client, ``decode`` on the
+  server per message, and optionally ``decode_aggregate`` of the aggregate; ``Downlink``
+  the broadcast on its way down.
+- ``Aggregator``: combines the updates (``init``, ``aggregate``).
+- ``ServerOptimizer``: moves the global model (``init``, ``step``).
+
+Any part may also declare what it ``needs`` and ``gives`` (see ``Need``) so impossible
+combinations are refused before a run starts, and may run extra *stages* of a round
+(``before_train`` / ``after_train`` on the server, ``client_stage`` on the client).
+
+Example:
+    >>> ctx = Context(seed=0, round=3, stream=("noise", 3, 7), client=7)
+    >>> a = torch.randn(2, generator=ctx.generator())
+    >>> b = torch.randn(2, generator=Context(0, 3, ("noise", 3, 7), client=7).generator())
+    >>> bool(torch.equal(a, b))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from potluck.core.message import Message, Scalar
+from potluck.core.seeding import Key, Seeds
+
+if TYPE_CHECKING:
+    from potluck.core.params import ParamSpec
+
+State = dict[str, torch.Tensor]
+
+
+class Need(StrEnum):
+    """What a part may need from, or give to, the rest of an algorithm."""
+
+    INDIVIDUAL_UPDATES = "individual updates"
+    ONLY_THE_SUM = "only the sum of the updates"
+    BOUNDED_SENSITIVITY = "a bounded sensitivity (a clip before it)"
+    PLAIN_SERVER_STEP = "the server step w + mean delta (server SGD, lr 1, no momentum)"
+    PERSONAL_MODEL = "a personal model per client"
+    SEVERAL_LOCAL_STEPS = "more than one local step per client"
+    ONE_CLIENT_AT_A_TIME = "one client at a time (no batching of clients)"
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where a part is called: the round, the client (``None`` on the server), and the
+    part's random stream, derived from the run seed and ``stream`` (by default
+    ``(part namespace, round, client)``). ``num_clients`` is the federation's size;
+    ``inbox`` what an earlier stage of the round left for this client and part."""
+
+    seed: int
+    round: int
+    stream: tuple[Key, ...]
+    client: int | None = None
+    num_clients: int = 0
+    inbox: Message | None = None
+
+    def generator(self, *path: Key) -> torch.Generator:
+        """A torch generator of this part's stream (``path`` for sub-streams)."""
+        return Seeds(self.seed).torch(*self.stream, *path)
+
+    def rng(self, *path: Key) -> np.random.Generator:
+        """A NumPy generator of this part's stream."""
+        return Seeds(self.seed).numpy(*self.stream, *path)
+
+
+def part_context(
+    seed: int, round: int, namespace: str, client: int | None = None, **extra: Any
+) -> Context:
+    """The context of part ``namespace`` in ``round`` (for ``client``): its stream is
+    ``(namespace, round[, client])``.
+
+    Example:
+        >>> part_context(0, 2, "transforms.0.clip", client=5).stream
+        ('transforms.0.clip', 2, 5)
+    """
+    stream: tuple[Key, ...] = (namespace, round) if client is None else (namespace, round, client)
+    return Context(seed, round, stream, client, **extra)
+
+
+# ---- part 1: the sampler -------------------------------------------------------------------
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Which clients take part in a round."""
+
+    def init(self, num_clients: int) -> State: ...
+
+    def cohort_size(self, num_clients: int) -> int:
+        """The cohort size (expected size, for random ones); raises if impossible."""
+        ...
+
+    def sample(self, num_clients: int, state: State, ctx: Context) -> tuple[np.ndarray, State]:
+        """Sorted unique client ids (int64) and the new state."""
+        ...
+
+
+# ---- part 2: local training ----------------------------------------------------------------
+
+
+@runtime_checkable
+class LocalOptimizer(Protocol):
+    """The client's base optimizer: a pure step over flat float32 tensors."""
+
+    @property
+    def lr(self) -> float: ...
+
+    @property
+    def momentum(self) -> float: ...
+
+    @property
+    def epochs(self) -> int: ...
+
+    def num_steps(self, num_examples: int) -> int: ...
+
+    def batch_len(self, num_examples: int) -> int: ...
+
+    def init(self, w: torch.Tensor) -> State: ...
+
+    def step(
+        self, w: torch.Tensor, state: State, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, State]: ...
+
+
+class ClientView(Protocol):
+    """What a gradient term may ask of the client it runs on (``ClientProgram`` gives it)."""
+
+    @property
+    def ctx(self) -> Context: ...
+
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def steps(self) -> int:
+        """Local steps this client takes this round."""
+        ...
+
+    @property
+    def optimizer(self) -> LocalOptimizer: ...
+
+    def train_loss(self, w: torch.Tensor) -> float:
+        """Mean training loss of weights ``w`` on this client's training data."""
+        ...
+
+    def local_steps(
+        self, w: torch.Tensor, correct: Any, stream: str
+    ) -> tuple[torch.Tensor, float, int]:
+        """This round's number of local steps from ``w`` on this client's data, each gradient
+        passed through ``correct(w, g)``, batches drawn from sub-stream ``stream``:
+        (weights, summed batch loss, examples seen)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """Local training's outcome as the terms' ``finish`` sees it, in chain order: ``delta``
+    and ``weight`` are the upload so far (earlier terms may have replaced them)."""
+
+    w_global: torch.Tensor
+    w: torch.Tensor
+    delta: torch.Tensor
+    weight: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class TermOutput:
+    """What a term's ``finish`` returns: a replacement ``delta`` or aggregation ``weight``
+    (``None``: keep), arrays and scalars to upload (under the term's namespace) and the
+    client's new state for this term."""
+
+    delta: torch.Tensor | None = None
+    weight: float | None = None
+    arrays: State = field(default_factory=dict)
+    scalars: dict[str, Scalar] = field(default_factory=dict)
+    state: State = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Contributions:
+    """The round's accepted updates as one part's server half sees them: the aggregation
+    weights and, per update, the arrays and scalars that part uploaded."""
+
+    clients: np.ndarray
+    weights: torch.Tensor
+    arrays: tuple[Mapping[str, torch.Tensor], ...]
+    scalars: tuple[Mapping[str, Scalar], ...]
+
+
+@runtime_checkable
+class GradientTerm(Protocol):
+    """One member of local training's chain (FedProx's proximal term, SCAFFOLD's
+    correction, ...), with its server half. ``potluck.client.terms.Term`` has defaults for
+    every hook; ``gradient`` must be pure tensor code (the vectorized engine ``vmap`` s it).
+
+    ``uploads`` names the (d,)-vectors and ``upload_scalars`` the numbers its ``finish``
+    sends, so the server can check them before the term's ``server_update`` reads them.
+    """
+
+    uploads: tuple[str, ...]
+    upload_scalars: tuple[str, ...]
+
+    def bind(self, spec: ParamSpec, optimizer: LocalOptimizer) -> GradientTerm: ...
+
+    def server_init(self, w: torch.Tensor) -> State: ...
+
+    def broadcast(self, state: State) -> State: ...
+
+    def begin(self, client: ClientView, w_global: torch.Tensor, broadcast: State, state: State) -> State:
+        """The term's working state for this local training (from its client state)."""
+        ...
+
+    def start(self, w: torch.Tensor, work: State) -> torch.Tensor: ...
+
+    def gradient(self, w: torch.Tensor, grad: torch.Tensor, work: State) -> torch.Tensor: ...
+
+    def finish(self, client: ClientView, result: LocalResult, work: State) -> TermOutput: ...
+
+    def server_update(
+        self, state: State, aggregate: torch.Tensor, contributions: Contributions, ctx: Context
+    ) -> tuple[torch.Tensor, State]: ...
+
+    def personalize(self, w_global: torch.Tensor, state: State) -> torch.Tensor | None:
+        """The client's personal model for evaluation, or ``None``."""
+        ...
+
+
+# ---- part 3: update transforms ------------------------------------------------------------
+
+
+@runtime_checkable
+class Transform(Protocol):
+    """One stage of the update pipeline (``potluck.updates.Transform`` has defaults).
+
+    ``encode`` runs on the client with the transform's client state; ``decode`` on the
+    server per message (dequantise, unpack); ``decode_aggregate`` on the aggregate (unmask a
+    secure sum), with the transform's server state.
+    """
+
+    def bind(self, spec: ParamSpec) -> Transform: ...
+
+    def server_init(self, w: torch.Tensor) -> State: ...
+
+    def encode(self, message: Message, state: State, ctx: Context) -> tuple[Message, State]: ...
+
+    def decode(self, message: Message, ctx: Context) -> Message: ...
+
+    def decode_aggregate(
+        self, aggregate: torch.Tensor, state: State, ctx: Context
+    ) -> tuple[torch.Tensor, State]: ...
+
+
+@runtime_checkable
+class Downlink(Protocol):
+    """A broadcast transform: ``encode`` once per round on the server, ``decode`` on each
+    client."""
+
+    def encode(self, message: Message) -> Message: ...
+
+    def decode(self, message: Message) -> Message: ...
+
+
+# ---- part 4: the aggregator ---------------------------------------------------------------
+
+
+@runtime_checkable
+class Aggregator(Protocol):
+    """How the server combines a (K, d) stack of updates with (K,) weights."""
+
+    def init(self, w: torch.Tensor) -> State: ...
+
+    def aggregate(
+        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
+    ) -> tuple[torch.Tensor, State]: ...
+
+
+# ---- part 5: the server optimizer ---------------------------------------------------------
+
+
+@runtime_checkable
+class ServerOptimizer(Protocol):
+    """How the aggregate (the negative pseudo-gradient) moves the global model."""
+
+    def init(self, w: torch.Tensor) -> State: ...
+
+    def step(
+        self, w: torch.Tensor, mean_delta: torch.Tensor, state: State, ctx: Context
+    ) -> tuple[torch.Tensor, State]: ...
+
+
+# ---- declared needs -------------------------------------------------------------------------
+
+
+def needs(part: object) -> frozenset[str]:
+    """What ``part`` declares it needs (an attribute or property ``needs``; none if absent).
+
+    Example:
+        >>> from potluck.client.terms import QFFL
+        >>> sorted(needs(QFFL()))
+        ['the server step w + mean delta (server SGD, lr 1, no momentum)']
+    """
+    return frozenset(getattr(part, "needs", ()))
+
+
+def gives(part: object) -> frozenset[str]:
+    """What ``part`` declares it gives."""
+    return frozenset(getattr(part, "gives", ()))
+
+
+def describe_part(namespace: str, part: object) -> str:
+    """``namespace (ClassName)``, how messages name a part.
+
+    Example:
+        >>> from potluck.aggregate import WeightedMean
+        >>> describe_part("aggregator", WeightedMean())
+        'aggregator (WeightedMean)'
+    """
+    return f"{namespace} ({type(part).__name__})"
+
+
+def composition_problems(parts: Sequence[tuple[str, object]]) -> list[str]:
+    """Why ``parts`` (namespace, part, in algorithm order: sampler, stragglers, local
+    optimizer, terms, transforms, downlink, aggregator, server) cannot work together; empty
+    if they can. A need is met by a part that gives it; ``BOUNDED_SENSITIVITY`` only by a
+    transform *before* the one that needs it.
+
+    Example:
+        >>> from potluck.client.terms import Ditto
+        >>> from potluck.client.personal import FedPer
+        >>> composition_problems([("terms.0.ditto", Ditto()), ("terms.1.fedper", FedPer())])
+        ... # doctest: +ELLIPSIS
+        ['terms.0.ditto (Ditto) and terms.1.fedper (FedPer) both give a personal model...']
+    """
+    problems: list[str] = []
+    givers: dict[str, list[int]] = {}
+    for i, (_, part) in enumerate(parts):
+        for gift in gives(part):
+            givers.setdefault(gift, []).append(i)
+    personal = givers.get(Need.PERSONAL_MODEL, [])
+    if len(personal) > 1:
+        a, b = (describe_part(*parts[i]) for i in personal[:2])
+        problems.append(
+            f"{a} and {b} both give a personal model per client: an algorithm keeps at most one"
+        )
+    for i, (ns, part) in enumerate(parts):
+        for need in needs(part):
+            problem = _unmet(need, i, parts, givers)
+            if problem:
+                problems.append(f"{describe_part(ns, part)} needs {need}, but {problem}")
+    return problems
+
+
+def _unmet(
+    need: str, i: int, parts: Sequence[tuple[str, object]], givers: Mapping[str, list[int]]
+) -> str | None:
+    if need == Need.INDIVIDUAL_UPDATES:
+        summed = givers.get(Need.ONLY_THE_SUM, [])
+        if summed:
+            return f"{describe_part(*parts[summed[0]])} gives the server only their sum"
+        return None
+    if need == Need.BOUNDED_SENSITIVITY:
+        if any(j < i for j in givers.get(need, [])):
+            return None
+        return "no transform before it bounds it: put a clip (e.g. ClipNorm) first"
+    if need in givers:
+        return None
+    return "no part of the algorithm gives it"
