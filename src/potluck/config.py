@@ -180,11 +180,13 @@ class DeployConfig(_Section):
         return value
 
 
-FORMAT = 2  # revision 2: a section per part (format 1: one [algorithm] bag of fields)
+FORMAT: Literal[2] = 2  # revision 2: a section per part (format 1: one [algorithm] bag of fields)
 PART_SECTIONS = ("sampler", "stragglers", "client", "aggregator", "server")
 CHAIN_SECTIONS = ("terms", "transforms", "downlink")
 # the default experiment's local training, below whatever a preset or the config sets
-DEFAULT_PARTS: dict[str, Any] = {"client": {"name": "sgd", "epochs": 2, "batch_size": 32, "lr": 0.1}}
+DEFAULT_PARTS: dict[str, Any] = {
+    "client": {"name": "sgd", "epochs": 2, "batch_size": 32, "lr": 0.1}
+}
 
 
 class ExperimentConfig(_Section):
@@ -282,7 +284,11 @@ class ExperimentConfig(_Section):
         if t.name:
             return load_task(t.name)
         if t.model:
-            extra = {k: load_path(v, f"task.{k}") for k, v in (("loss_fn", t.loss), ("correct_fn", t.correct)) if v}
+            extra = {
+                k: load_path(v, f"task.{k}")
+                for k, v in (("loss_fn", t.loss), ("correct_fn", t.correct))
+                if v
+            }
             return Task(model_fn=load_path(t.model, "task.model"), name=t.model, **extra)
         source, model_name = federation.source, self.model.name
         return Task(
@@ -351,7 +357,11 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
         out["task"] = {"name": task.ref}
     else:
         section = {}
-        for key, fn in (("model", task.model_fn), ("loss", task.loss_fn), ("correct", task.correct_fn)):
+        for key, fn in (
+            ("model", task.model_fn),
+            ("loss", task.loss_fn),
+            ("correct", task.correct_fn),
+        ):
             try:
                 section[key] = import_path(fn)
             except NotNameable as exc:

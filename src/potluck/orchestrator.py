@@ -382,6 +382,9 @@ class _Loop:
         self.seeds = Seeds(exp.seed)
         self.program = _program(exp)
         self.parts = dict(self.program.parts)  # bound to the model's parameters
+        program = self.program
+        self.terms = list(zip(program.term_ns, program.terms, strict=True))
+        self.transforms = list(zip(program.transform_ns, program.transforms, strict=True))
         self.stack = StackBuffer()  # the round's (K, d) updates, in memory reused each round
         self.num_clients = exp.federation.num_clients
         self.staged = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "before_train")]
@@ -505,7 +508,9 @@ class _Loop:
         for ns, part in self.staged:
             slots[ns] = dict(part.before_train(stages, slots.get(ns, {}), self._ctx(ns, rnd)))
         shares = dict(zip((int(c) for c in cohort[reports]), work[reports], strict=True))
-        payloads = {c: self._train_payload(shares[c], stages.inbox.get(c, {})) for c in stages.members}
+        payloads = {
+            c: self._train_payload(shares[c], stages.inbox.get(c, {})) for c in stages.members
+        }
         trained = stages._send(TRAIN, self._broadcast(state.w, slots), payloads)
         for ns, part in self.finishing:
             slots[ns] = dict(part.after_train(stages, slots.get(ns, {}), self._ctx(ns, rnd)))
@@ -557,7 +562,7 @@ class _Loop:
         """The ``train`` stage's shared message: the global weights and each term's
         broadcast, encoded by the downlink transforms."""
         arrays = {"w": w}
-        for ns, term in zip(self.program.term_ns, self.program.terms, strict=True):
+        for ns, term in self.terms:
             arrays.update({f"{ns}/{k}": v for k, v in term.broadcast(slots.get(ns, {})).items()})
         message = Message(arrays)
         for down in self.exp.algorithm.downlink:
@@ -576,12 +581,14 @@ class _Loop:
         aggregate, slots["aggregator"] = algo.aggregator.aggregate(
             deltas, weights, slots.get("aggregator", {}), self._ctx("aggregator", rnd)
         )
-        for ns, transform in reversed(list(zip(self.program.transform_ns, self.program.transforms, strict=True))):
+        for ns, transform in reversed(
+            list(zip(self.program.transform_ns, self.program.transforms, strict=True))
+        ):
             aggregate, slots[ns] = transform.decode_aggregate(
                 aggregate, slots.get(ns, {}), self._ctx(ns, rnd)
             )
         clients = np.array([u.client for u in updates], dtype=np.int64)
-        for ns, term in reversed(list(zip(self.program.term_ns, self.program.terms, strict=True))):
+        for ns, term in reversed(self.terms):
             mine = _contributions(ns, clients, weights, updates)
             aggregate, slots[ns] = term.server_update(
                 slots.get(ns, {}), aggregate, mine, self._ctx(ns, rnd)
@@ -600,10 +607,11 @@ class _Loop:
         if self.store is None:
             stored = [self.memory_states.get(int(c), {}) for c in clients]
         else:
-            stored = [_by_namespace(s) for s in self.store.client_states(self.run_id, [int(c) for c in clients])]
-        return tuple(
-            {**s, **fresh.get(int(c), {})} for c, s in zip(clients, stored, strict=True)
-        )
+            stored = [
+                _by_namespace(s)
+                for s in self.store.client_states(self.run_id, [int(c) for c in clients])
+            ]
+        return tuple({**s, **fresh.get(int(c), {})} for c, s in zip(clients, stored, strict=True))
 
     def _check_state(self, cid: int, reply: Reply) -> None:
         for ns, state in reply.state.items():
@@ -634,12 +642,14 @@ class _Loop:
     def _validated(self, rnd: int, cid: int, raw: Message) -> _Update:
         source = f"update from client {cid}"
         msg = raw
-        for ns, transform in reversed(list(zip(self.program.transform_ns, self.program.transforms, strict=True))):
+        for ns, transform in reversed(
+            list(zip(self.program.transform_ns, self.program.transforms, strict=True))
+        ):
             msg = transform.decode(msg, self._ctx(ns, rnd, cid))
         size = self.program.spec.size
         expected = {"delta": size}
         numbers = ["num_examples", "num_steps", "weight"]
-        for ns, term in zip(self.program.term_ns, self.program.terms, strict=True):
+        for ns, term in self.terms:
             expected.update({f"{ns}/{name}": size for name in term.uploads})
             numbers += [f"{ns}/{name}" for name in term.upload_scalars]
         msg.validate(expected, source=source)

@@ -81,9 +81,7 @@ class Algorithm:
         problems = [p for ns, part in self.parts() if (p := _protocol_problem(ns, part))]
         problems += composition_problems(self.parts())
         if problems:
-            raise ValueError(
-                f"algorithm {self.name!r} cannot run: " + "; ".join(problems)
-            )
+            raise ValueError(f"algorithm {self.name!r} cannot run: " + "; ".join(problems))
 
     def parts(self) -> list[tuple[str, Any]]:
         """Every part with its namespace, in the order a round uses them.
@@ -122,9 +120,7 @@ class Algorithm:
         """
         from potluck.client.program import ClientProgram
 
-        return ClientProgram(
-            task, federation, self, seed=seed, finetune_epochs=finetune_epochs
-        )
+        return ClientProgram(task, federation, self, seed=seed, finetune_epochs=finetune_epochs)
 
     def to_config(self) -> dict[str, Any]:
         """The config sections of this algorithm (``algorithm``, ``sampler``, ``client``,
@@ -163,15 +159,15 @@ def _protocol_problem(ns: str, part: Any) -> str | None:
     if protocol is None or isinstance(part, protocol):
         return None
     missing = [
-        name
-        for name in dir(protocol)
-        if not name.startswith("_") and not hasattr(part, name)
+        name for name in dir(protocol) if not name.startswith("_") and not hasattr(part, name)
     ]
     return f"{ns} ({type(part).__name__}) is not a {protocol.__name__}: it lacks {missing}"
 
 
 def _label_config(name: str) -> dict[str, Any]:
-    return {"name": name} if name in registry.names("algorithm") else {"name": "fedavg", "label": name}
+    return (
+        {"name": name} if name in registry.names("algorithm") else {"name": "fedavg", "label": name}
+    )
 
 
 # ---- presets: the named algorithms --------------------------------------------------------
@@ -256,4 +252,3 @@ def _default_name(kind: str) -> str:
         "server": ServerSGD,
     }
     return registry.name_of(kind, defaults[kind])
-

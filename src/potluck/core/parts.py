@@ -225,7 +225,9 @@ class GradientTerm(Protocol):
 
     def broadcast(self, state: State) -> State: ...
 
-    def begin(self, client: ClientView, w_global: torch.Tensor, broadcast: State, state: State) -> State:
+    def begin(
+        self, client: ClientView, w_global: torch.Tensor, broadcast: State, state: State
+    ) -> State:
         """The term's working state for this local training (from its client state)."""
         ...
 
@@ -318,12 +320,12 @@ def needs(part: object) -> frozenset[str]:
         >>> sorted(needs(QFFL()))
         ['the server step w + mean delta (server SGD, lr 1, no momentum)']
     """
-    return frozenset(getattr(part, "needs", ()))
+    return frozenset(str(n) for n in getattr(part, "needs", ()))
 
 
 def gives(part: object) -> frozenset[str]:
     """What ``part`` declares it gives."""
-    return frozenset(getattr(part, "gives", ()))
+    return frozenset(str(g) for g in getattr(part, "gives", ()))
 
 
 def describe_part(namespace: str, part: object) -> str:
@@ -344,8 +346,7 @@ def composition_problems(parts: Sequence[tuple[str, object]]) -> list[str]:
     transform *before* the one that needs it.
 
     Example:
-        >>> from potluck.client.terms import Ditto
-        >>> from potluck.client.personal import FedPer
+        >>> from potluck.client.personal import Ditto, FedPer
         >>> composition_problems([("terms.0.ditto", Ditto()), ("terms.1.fedper", FedPer())])
         ... # doctest: +ELLIPSIS
         ['terms.0.ditto (Ditto) and terms.1.fedper (FedPer) both give a personal model...']

@@ -111,7 +111,9 @@ def unpack_job(
     return StageJob(stage, round, shared, clients, payloads, tuple(states))
 
 
-def pack_replies(replies: Sequence[Reply | None]) -> tuple[dict[str, torch.Tensor], list[dict[str, Scalar]]]:
+def pack_replies(
+    replies: Sequence[Reply | None],
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Scalar]]]:
     """Replies as one flat tensor mapping and a list of scalars (a dropout: one marker)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: list[dict[str, Scalar]] = []

@@ -16,7 +16,7 @@ Example:
     >>> build_part("aggregator", {"name": "meen"}, "aggregator")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    potluck.core.registry.RegistryError: aggregator.name: unknown aggregator 'meen' (did you mean 'mean'?); ...
+    potluck.core.registry.RegistryError: aggregator.name: unknown aggregator 'meen' (did you ...
 """
 
 from __future__ import annotations
@@ -290,7 +290,9 @@ def _accepted(factory: Any) -> list[str] | None:
         return None
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
-    return [n for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [
+        n for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
 
 
 def _label(factory: Any) -> str:

@@ -227,10 +227,10 @@ class Federation:
         can be resumed from the command line (``[data] federation = "..."``).
 
         Example:
-            >>> Federation.load("nope")
+            >>> Federation.load("nope")  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            potluck.core.registry.RegistryError: data.federation: expected 'package.module:Name', got 'nope'
+            potluck.core.registry.RegistryError: data.federation: expected ...
         """
         from potluck.core.registry import load_path
 

@@ -7,8 +7,9 @@ or the user's task, the algorithm's client-side parts, the run seed, over its ow
 stage (``records.job_from_task``): ``train`` (local steps from the global weights; the
 answer is the encoded update and the client's new state), ``evaluate`` (loss and accuracy
 sums on its local test split) or a part's own stage; the answer is the program's reply
-(``records.reply_to_message``), or ``declined``. When the connection drops it reconnects with exponential backoff and
-jitter; it can be restarted at any time (the server re-sends whatever is still open).
+(``records.reply_to_message``), or ``declined``. When the connection drops it reconnects
+with exponential backoff and jitter; it can be restarted at any time (the server re-sends
+whatever is still open).
 
 Example (shell):
     potluck client --server coordinator.example.org:50051 --data site.npz \\
@@ -159,9 +160,7 @@ class Site:
         if reply is None:
             log.info("round %d: declined stage %s", task.round, stage)
             return self._answer("declined", task, {}, {})
-        log.info(
-            "round %d: %s done in %.2f s", task.round, stage, time.perf_counter() - t0
-        )
+        log.info("round %d: %s done in %.2f s", task.round, stage, time.perf_counter() - t0)
         message = records.reply_to_message(reply)
         return self._answer("reply", task, dict(message.arrays), dict(message.scalars))
 

@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from potluck.client.program import ClientProgram, EvalResult
@@ -421,8 +420,12 @@ class GrpcEngine:
         for k, cid in enumerate(job.clients):
             common, own = task_message(job, k)
             if shared is None:  # the stage's shared message, encoded and hashed once
-                shared = wire.Prefix(wire.Envelope("task", arrays=common.arrays, scalars=common.scalars))
-            tasks.append(self._task(shared, int(cid), job.stage, job.round, own.arrays, own.scalars))
+                shared = wire.Prefix(
+                    wire.Envelope("task", arrays=common.arrays, scalars=common.scalars)
+                )
+            tasks.append(
+                self._task(shared, int(cid), job.stage, job.round, own.arrays, own.scalars)
+            )
         answers = self.hub.run(tasks, self.round_timeout_s)
         self._report()
         return [_reply(a) for a in answers]

@@ -179,7 +179,9 @@ class PoolEngine:
             packed = pack_job(job.subset(positions))
             layout = self._write_input(i, packed.tensors)
             members = (job.clients[positions], packed.scalars)
-            self._send(i, ("stage", job.stage, job.round, dict(job.shared.scalars), layout, members))
+            self._send(
+                i, ("stage", job.stage, job.round, dict(job.shared.scalars), layout, members)
+            )
         replies = self._collect(_described(parts, job.clients))
         return gather([replies[i] for i in parts], list(parts.values()), len(job.clients))
 

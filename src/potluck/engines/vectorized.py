@@ -232,7 +232,7 @@ class VectorizedEngine(InlineEngine):
         """Clients trained together: ``max_clients``, capped by a coarse memory estimate
         (stacked weight-sized vectors plus inputs of the largest batch)."""
         p = self.program
-        batch = p.optimizer.batch_size
+        batch = getattr(p.optimizer, "batch_size", "full")
         if not isinstance(batch, int):  # full batch: the largest client's
             batch = max(
                 (p.federation.num_examples(c) for c in range(p.federation.num_clients)), default=1
