@@ -3,17 +3,16 @@ report, bad updates refused without stopping the run, and ``min_updates``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
-from potluck.client.program import ClientProgram, ClientResult, EvalResult, RoundInput
-from potluck.client.rules import Tensors
+from potluck.client.program import ClientProgram
 from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError
+from potluck.core.parts import Context
+from potluck.core.records import TRAIN, Reply, StageJob
 from potluck.engines.inline import InlineEngine
 from potluck.orchestrator import TIMING_METRICS, Experiment, run_experiment
 
@@ -41,42 +40,39 @@ class Flaky(InlineEngine):
         super().__init__(program)
         self.fail, self.corrupt = fail, corrupt
 
-    def train(self, job: RoundInput) -> Sequence[ClientResult | None]:
-        out: list[ClientResult | None] = []
-        for cid, res in zip(job.cohort, self.program.run_round(job), strict=True):
-            how = self.corrupt.get(int(cid))
-            out.append(None if int(cid) in self.fail else _corrupted(res, how))
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        out: list[Reply | None] = []
+        for cid, reply in zip(job.clients, self.program.run_stage(job), strict=True):
+            if int(cid) in self.fail or reply is None:
+                out.append(None)
+            elif job.stage == TRAIN:
+                out.append(_corrupted(reply, self.corrupt.get(int(cid))))
+            else:
+                out.append(reply)
         return out
 
-    def evaluate(
-        self, clients: np.ndarray, w: torch.Tensor, states: tuple[Tensors, ...]
-    ) -> Sequence[dict[str, EvalResult] | None]:
-        results = self.program.evaluate_clients(clients, w, states)
-        return [None if int(c) in self.fail else r for c, r in zip(clients, results, strict=True)]
 
-
-def _corrupted(res: ClientResult, how: str | None) -> ClientResult:
-    delta = res.message.arrays["delta"]
-    scalars = dict(res.message.scalars)
+def _corrupted(reply: Reply, how: str | None) -> Reply:
+    arrays = dict(reply.message.arrays)
+    scalars = dict(reply.message.scalars)
     if how == "nan":
-        delta = delta.clone()
-        delta[0] = float("nan")
+        arrays["delta"] = arrays["delta"].clone()
+        arrays["delta"][0] = float("nan")
     elif how == "shape":
-        delta = delta[:-1]
+        arrays["delta"] = arrays["delta"][:-1]
     elif how == "weight":
-        scalars["num_examples"] = -5
-    return ClientResult(Message(arrays={"delta": delta}, scalars=scalars), res.state)
+        scalars["weight"] = -5.0
+    return Reply(Message(arrays=arrays, scalars=scalars), reply.state)
 
 
 def cohorts(exp: Experiment) -> list[list[int]]:
-    from potluck.core.seeding import Seeds
-
-    seeds = Seeds(exp.seed)
-    n = exp.federation.num_clients
-    return [
-        exp.algorithm.sampler.sample(n, seeds.numpy("sampling", r)).tolist()
-        for r in range(1, exp.rounds + 1)
-    ]
+    sampler, n = exp.algorithm.sampler, exp.federation.num_clients
+    state = sampler.init(n)
+    out = []
+    for r in range(1, exp.rounds + 1):
+        cohort, state = sampler.sample(n, state, Context(exp.seed, r, ("sampling", r)))
+        out.append(cohort.tolist())
+    return out
 
 
 def test_failed_and_refused_clients_are_left_out_and_counted() -> None:
@@ -113,8 +109,7 @@ def test_too_few_updates_leave_the_model_where_it_was() -> None:
     assert result.history[0]["updates"] == 2.0
     # round 1 did not move the model: its test accuracy is that of the initial weights
     program = exp.algorithm.client_program(exp.task, exp.federation, seed=exp.seed)
-    test = exp.federation.source.test
-    at_init = program.evaluate_arrays(program.initial_weights(), test.x, test.y).accuracy
+    at_init = program.evaluate_test(program.initial_weights()).accuracy
     assert result.history[0]["test_accuracy"] == at_init
     assert initial.history[0]["test_accuracy"] != at_init
 

@@ -304,12 +304,41 @@ def _open(store: RunStore | str | Path | None) -> RunStore | None:
     return RunStore(store)
 
 
+class PartStages:
+    """A round's stages as one part's server half drives them (its ``before_train`` and
+    ``after_train`` hooks get one): ``run("commit")`` sends the part's stage ``commit`` (its
+    ``client_stage`` answers on each client) to the round's current ``members`` and returns
+    the answers of those that answered; the others have dropped out of the round. ``leave``
+    puts a message in a member's inbox for the ``train`` stage (the part's ``encode`` finds
+    it in ``ctx.inbox``); ``report`` adds a round metric ``<namespace>/<name>``."""
+
+    def __init__(self, stages: RoundStages, namespace: str) -> None:
+        self._stages, self.namespace = stages, namespace
+
+    @property
+    def members(self) -> np.ndarray:
+        return self._stages.members
+
+    @property
+    def round(self) -> int:
+        return self._stages.round
+
+    def run(
+        self, stage: str, shared: Message | None = None, payloads: Mapping[int, Message] | None = None
+    ) -> dict[int, Message]:
+        return self._stages.run(f"{self.namespace}:{stage}", shared, payloads)
+
+    def leave(self, client: int, message: Message) -> None:
+        self._stages.inbox.setdefault(int(client), {})[self.namespace] = message
+
+    def report(self, name: str, value: float) -> None:
+        self._stages.metrics[f"{self.namespace}/{name}"] = float(value)
+
+
 class RoundStages:
-    """The stages of one round as parts' server halves drive them (``before_train`` and
-    ``after_train``): ``run`` sends a part's stage to the round's current ``members`` and
-    returns the answers of those that answered; the others have dropped out of the round.
-    ``leave`` puts a message in a member's inbox for the ``train`` stage (a transform's
-    ``encode`` finds it in ``ctx.inbox``)."""
+    """The stages of one round: ``run`` sends a stage to the round's current ``members`` and
+    returns the answers of those that answered (the others drop out of the round), keeping
+    each member's client state and the bytes each way."""
 
     def __init__(self, loop: _Loop, engine: Engine, rnd: int, members: np.ndarray) -> None:
         self.loop, self.engine, self.round = loop, engine, rnd
@@ -320,6 +349,7 @@ class RoundStages:
         }
         self.changed: dict[int, set[str]] = {}
         self.inbox: dict[int, dict[str, Message]] = {}
+        self.metrics: dict[str, float] = {}
         self.bytes_up: dict[int, int] = {}
         self.bytes_down: dict[int, int] = {}
 
@@ -332,9 +362,6 @@ class RoundStages:
         """Stage ``stage`` (``"<namespace>:<name>"`` for a part's own) for every member."""
         replies = self._send(stage, shared or Message(), payloads or {})
         return {c: r.message for c, r in replies.items()}
-
-    def leave(self, client: int, namespace: str, message: Message) -> None:
-        self.inbox.setdefault(int(client), {})[namespace] = message
 
     def _send(
         self, stage: str, shared: Message, payloads: Mapping[int, Message]
@@ -506,14 +533,16 @@ class _Loop:
         )
         stages = RoundStages(self, engine, rnd, cohort[reports])
         for ns, part in self.staged:
-            slots[ns] = dict(part.before_train(stages, slots.get(ns, {}), self._ctx(ns, rnd)))
+            view = PartStages(stages, ns)
+            slots[ns] = dict(part.before_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
         shares = dict(zip((int(c) for c in cohort[reports]), work[reports], strict=True))
         payloads = {
             c: self._train_payload(shares[c], stages.inbox.get(c, {})) for c in stages.members
         }
         trained = stages._send(TRAIN, self._broadcast(state.w, slots), payloads)
         for ns, part in self.finishing:
-            slots[ns] = dict(part.after_train(stages, slots.get(ns, {}), self._ctx(ns, rnd)))
+            view = PartStages(stages, ns)
+            slots[ns] = dict(part.after_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
         updates = self._collect(rnd, trained, tolerant=engine.remote)
         new_state = self._step(state, slots, updates, rnd)
         active = len(cohort[reports])
@@ -532,6 +561,7 @@ class _Loop:
             "train_loss": _weighted_mean([(u.client, u.metrics) for u in updates], "train_loss"),
             "bytes_up": float(sum(stages.bytes_up.values())),
             "bytes_down": float(sum(stages.bytes_down.values())),
+            **stages.metrics,
         }
         if engine.remote:
             metrics["failed"] = float(active - len(trained))

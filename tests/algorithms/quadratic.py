@@ -1,4 +1,4 @@
-"""Quadratic client objectives for tests of local rules.
+"""Quadratic client objectives for tests of local training and its gradient terms.
 
 Client i's data rows all encode ``(A_i, b_i)``; its loss is the batch mean of
 ``0.5 (w - b_i)^T A_i (w - b_i)``, so full-batch gradients are exact and optima are known.

@@ -1,4 +1,5 @@
-"""Defining behaviour of FedProx, SCAFFOLD and FedNova on quadratic client objectives.
+"""Defining behaviour of the FedProx, SCAFFOLD and FedNova terms (alone and composed in one
+chain) on quadratic client objectives.
 
 Client i has data rows that all encode ``(A_i, b_i)``; its loss is the mean over the batch of
 ``0.5 (w - b_i)^T A_i (w - b_i)``, so full-batch gradients are exact and optima are known.
@@ -16,14 +17,16 @@ from quadratic import A, B, D, optimum, quadratic_federation, quadratic_task, ru
 from torch import nn
 
 from potluck import Experiment, Federation, Task, run_experiment
-from potluck.algorithms import fedavg, fednova, fedprox, scaffold
+from potluck.algorithms import Algorithm, fedavg, fednova, fedprox, scaffold
 from potluck.client import ClientProgram, LocalSGD
-from potluck.client.rules import FedNova, FedProx, Uploaded
+from potluck.client.terms import FedNova, FedProx, Scaffold
 from potluck.core.message import MessageError
+from potluck.core.params import ParamSpec
+from potluck.core.parts import Contributions, LocalResult, part_context
 from potluck.orchestrator import Evaluation
 from potluck.store.sqlite import RunStore
 
-COMMON = {"clients_per_round": 3, "epochs": 10, "batch_size": None, "lr": 0.05}
+COMMON = {"clients_per_round": 3, "epochs": 10, "batch_size": "full", "lr": 0.05}
 
 
 def test_scaffold_reaches_the_exact_optimum_where_fedavg_is_biased() -> None:
@@ -58,9 +61,11 @@ def test_scaffold_keeps_control_variates_per_client_in_the_store(tmp_path) -> No
     seen = {cid for _, cid, _ in store.client_metrics(result.run_id)}
     states = store.client_states(result.run_id, list(range(12)))
     assert {c for c in range(12) if states[c]} == seen  # exactly the clients that trained
-    assert all(states[c]["c_i"].shape == (D,) for c in seen)
+    assert all(set(states[c]) == {"terms.0.scaffold/c_i"} for c in seen)
+    assert all(states[c]["terms.0.scaffold/c_i"].shape == (D,) for c in seen)
     _, ckpt = store.latest_checkpoint(result.run_id)
-    assert "rule/c" in ckpt.tensors  # the server control variate is checkpointed
+    # the server control variate is checkpointed in the term's own slot
+    assert ckpt.tensors["terms.0.scaffold/c"].shape == (D,)
 
 
 def test_fedprox_local_model_is_the_proximal_point() -> None:
@@ -69,9 +74,10 @@ def test_fedprox_local_model_is_the_proximal_point() -> None:
     w0 = torch.tensor([0.5, -0.5])
     drift = []
     for mu in (0.0, 1.0, 100.0):
-        sgd = LocalSGD(epochs=2000, batch_size=None, lr=0.009)  # stable: 0.009 * 120 < 2
-        program = ClientProgram(quadratic_task(), fed, sgd, rule=FedProx(mu=mu))
-        local = w0 + program.train(0, w0, round=1).message.arrays["delta"]
+        sgd = LocalSGD(epochs=2000, batch_size="full", lr=0.009)  # stable: 0.009 * 120 < 2
+        algo = Algorithm(local=sgd, terms=(FedProx(mu=mu),))
+        program = ClientProgram(quadratic_task(), fed, algo)
+        local = w0 + program.train(0, 1, w0).message.arrays["delta"]
         expected = torch.linalg.solve(A[0] + mu * torch.eye(D), A[0] @ B[0] + mu * w0)
         torch.testing.assert_close(local, expected, atol=1e-4, rtol=0)
         drift.append(float(torch.linalg.vector_norm(local - w0)))
@@ -99,19 +105,25 @@ def test_fedprox_aggregates_stragglers_partial_work_fedavg_drops_them() -> None:
     assert [m["updates"] for m in runs["fedprox"]] == [10.0, 10.0, 10.0]
 
 
+def _local_result(w0: torch.Tensor, delta: torch.Tensor, steps: int) -> LocalResult:
+    return LocalResult(w0, w0 + delta, delta, weight=1.0, steps=steps)
+
+
 def test_fednova_normaliser_and_aggregate_by_hand() -> None:
-    rule = FedNova()
-    assert rule.normaliser(4) == 4.0
+    term = FedNova()
+    assert term.normaliser(4) == 4.0
     # momentum 0.5, 2 steps: w2 = w0 - lr g1 - lr (0.5 g1 + g2): coefficients 1.5 + 1 = 2.5
     assert FedNova(momentum=0.5).normaliser(2) == pytest.approx(2.5)
     w0 = torch.zeros(2)
-    out1 = rule.finish(w0, torch.tensor([2.0, 4.0]), {}, steps=2, lr=0.1)
-    out2 = rule.finish(w0, torch.tensor([4.0, 4.0]), {}, steps=4, lr=0.1)
-    assert out1.arrays["delta"].tolist() == [1.0, 2.0] and out1.scalars["fednova_a"] == 2.0
-    uploads = [Uploaded(o.arrays, o.scalars) for o in (out1, out2)]
-    weights = torch.tensor([1.0, 1.0])
-    mean = (out1.arrays["delta"] + out2.arrays["delta"]) / 2  # [1, 1.5]
-    agg, _ = rule.server_update({}, mean, uploads, weights, num_clients=2)
+    out1 = term.finish(None, _local_result(w0, torch.tensor([2.0, 4.0]), steps=2), {})
+    out2 = term.finish(None, _local_result(w0, torch.tensor([4.0, 4.0]), steps=4), {})
+    assert out1.delta.tolist() == [1.0, 2.0] and out1.scalars["a"] == 2.0
+    assert out1.weight is None  # the aggregation weight is left as it was
+    contributions = Contributions(
+        np.array([0, 1]), torch.tensor([1.0, 1.0]), ({}, {}), (out1.scalars, out2.scalars)
+    )
+    mean = (out1.delta + out2.delta) / 2  # [1, 1.5]
+    agg, _ = term.server_update({}, mean, contributions, part_context(0, 1, "terms.0.fednova"))
     # tau_eff = (2 + 4) / 2 = 3
     assert agg.tolist() == [3.0, 4.5]
 
@@ -137,7 +149,7 @@ def test_fednova_removes_objective_inconsistency_of_unequal_local_steps() -> Non
     assert float(finals["fedavg"][0]) > float(target[0]) + 0.07
 
 
-def test_rule_parameters_are_validated() -> None:
+def test_term_parameters_are_validated() -> None:
     with pytest.raises(ValueError, match="FedProx mu must be >= 0"):
         FedProx(mu=-1)
     with pytest.raises(ValueError, match=r"FedNova momentum must be in \[0, 1\)"):
@@ -173,7 +185,9 @@ def test_scaffold_resume_is_exact(tmp_path) -> None:
     resumed = resume_experiment(exp, store, info.run_id)  # from the round-3 checkpoint
     assert torch.equal(resumed.weights, full)
     np.testing.assert_array_equal([r.round for r in store.rounds(info.run_id)], range(1, 9))
-    assert replace(algo).rule.client_state == ("c_i",)
+    # the only client state is SCAFFOLD's c_i, stored under the term's namespace
+    states = store.client_states(info.run_id, store.clients_with_state(info.run_id))
+    assert states and all(set(s) == {"terms.0.scaffold/c_i"} for s in states)
 
 
 def test_scaffold_scales_to_100000_virtual_clients(tmp_path) -> None:
@@ -213,8 +227,105 @@ def test_scaffold_with_local_momentum_still_reaches_the_optimum() -> None:
     w_star = optimum(A, B, [10, 10, 10])
     args = {"clients_per_round": 3, "epochs": 10, "batch_size": None, "lr": 0.01, "momentum": 0.9}
     algo = scaffold(**args)
-    assert algo.rule.momentum == 0.9
+    assert algo.terms == (Scaffold(momentum=None),)  # None: the local optimizer's momentum
+    spec = ParamSpec.from_module(nn.Linear(1, 1))
+    assert algo.terms[0].bind(spec, algo.local).momentum == 0.9
     assert torch.linalg.vector_norm(run_quadratic(algo, rounds=200) - w_star) < 1e-4
-    naive = replace(algo, rule=replace(algo.rule, momentum=0.0))
+    naive = replace(algo, terms=(Scaffold(momentum=0.0),))
+    assert naive.terms[0].bind(spec, algo.local).momentum == 0.0  # an explicit value stays
     with pytest.raises(MessageError, match="NaN or Inf"):
         run_quadratic(naive, rounds=200)
+
+
+def _train_with(
+    terms: tuple, w0: torch.Tensor, broadcast: dict, state: dict, sgd: LocalSGD
+) -> tuple[ClientProgram, object]:
+    """Client 0's reply with ``terms``; ``broadcast`` and ``state`` go to every SCAFFOLD term."""
+    fed = quadratic_federation(A, B, [10, 10, 10])
+    program = ClientProgram(quadratic_task(), fed, Algorithm(local=sgd, terms=terms))
+    scaffolds = [ns for ns in program.term_ns if ns.endswith(".scaffold")]
+    reply = program.train(
+        0,
+        1,
+        w0,
+        broadcasts={ns: broadcast for ns in scaffolds},
+        state={ns: state for ns in scaffolds},
+    )
+    return program, reply
+
+
+def test_fedprox_and_scaffold_compose_in_one_chain() -> None:
+    """Both corrections apply: many local steps on F_k(w) + mu/2 ||w - w0||^2 + (c - c_k).w
+    land on (A_k + mu I)^-1 (A_k b_k + mu w0 - (c - c_k)), which neither term alone reaches."""
+    w0, mu = torch.tensor([0.5, -0.5]), 1.0
+    c, c_k = torch.tensor([0.3, -0.2]), torch.tensor([-0.4, 0.1])
+    sgd = LocalSGD(epochs=2000, batch_size="full", lr=0.009)  # 2000 full-batch steps
+    broadcast, state = {"c": c}, {"c_i": c_k}
+    program, both = _train_with((FedProx(mu=mu), Scaffold()), w0, broadcast, state, sgd)
+    assert program.term_ns == ["terms.0.fedprox", "terms.1.scaffold"]
+    w_both = w0 + both.message.arrays["delta"]
+    expected = torch.linalg.solve(A[0] + mu * torch.eye(D), A[0] @ B[0] + mu * w0 - (c - c_k))
+    torch.testing.assert_close(w_both, expected, atol=1e-4, rtol=0)
+    alone = {
+        "fedprox": _train_with((FedProx(mu=mu),), w0, broadcast, state, sgd)[1],
+        "scaffold": _train_with((Scaffold(),), w0, broadcast, state, sgd)[1],
+    }
+    for reply in alone.values():
+        w_alone = w0 + reply.message.arrays["delta"]
+        assert float(torch.linalg.vector_norm(w_both - w_alone)) > 0.05
+    # the chain's order does not matter for the gradient corrections
+    _, swapped = _train_with((Scaffold(), FedProx(mu=mu)), w0, broadcast, state, sgd)
+    torch.testing.assert_close(swapped.message.arrays["delta"], both.message.arrays["delta"])
+    # SCAFFOLD's client half still runs in the chain, under its own namespace:
+    # c_k+ = c_k - c + (w0 - w) / (K lr), uploaded as delta_c = c_k+ - c_k
+    assert set(both.message.arrays) == {"delta", "terms.1.scaffold/delta_c"}
+    assert set(both.state) == {"terms.1.scaffold"}
+    c_new = c_k - c + (w0 - w_both) / (2000 * 0.009)
+    torch.testing.assert_close(both.state["terms.1.scaffold"]["c_i"], c_new)
+    torch.testing.assert_close(both.message.arrays["terms.1.scaffold/delta_c"], c_new - c_k)
+
+
+def test_scaffold_with_fedprox_still_reaches_the_exact_optimum() -> None:
+    w_star = optimum(A, B, [10, 10, 10])
+    algo = fedprox(mu=1.0, terms=(Scaffold(),), **COMMON)
+    assert algo.terms == (FedProx(mu=1.0), Scaffold())  # the preset's term goes first
+    w = run_quadratic(algo, rounds=150)
+    assert torch.linalg.vector_norm(w - w_star) < 1e-4
+    # FedProx alone keeps FedAvg's drift (0.13 away here): SCAFFOLD's correction removes it
+    w_prox = run_quadratic(fedprox(mu=1.0, **COMMON), rounds=150)
+    assert torch.linalg.vector_norm(w_prox - w_star) > 0.1
+
+
+def test_fednova_normalises_the_fedprox_update() -> None:
+    """Composed, FedProx shapes the local steps and FedNova divides their delta by a_k."""
+    fed = quadratic_federation(A, B, [10, 10, 10])
+    w0 = torch.tensor([0.5, -0.5])
+    sgd = LocalSGD(epochs=4, batch_size=5, lr=0.01)  # 2 batches per epoch: 8 steps
+    replies = {}
+    for name, terms in (("prox", (FedProx(mu=2.0),)), ("both", (FedNova(), FedProx(mu=2.0)))):
+        program = ClientProgram(quadratic_task(), fed, Algorithm(local=sgd, terms=terms))
+        replies[name] = program.train(0, 1, w0).message
+    both, prox = replies["both"], replies["prox"]
+    assert both.scalars["num_steps"] == 8 and both.scalars["terms.0.fednova/a"] == 8.0
+    torch.testing.assert_close(both.arrays["delta"], prox.arrays["delta"] / 8)
+    assert both.scalars["weight"] == prox.scalars["weight"] == 10  # the example count
+
+
+def test_fednova_with_fedprox_removes_the_objective_inconsistency() -> None:
+    """As in the FedNova test above, one client takes 10x the steps; FedProx alone stays at
+    FedAvg's step-weighted fixed point (0.9899), FedNova + FedProx lands near 10/11."""
+    a, b, sizes = [torch.eye(D)] * 2, [torch.zeros(D), torch.ones(D)], [2, 20]
+    args = {"clients_per_round": 2, "epochs": 1, "batch_size": 1, "lr": 0.002}
+    fed = quadratic_federation(a, b, sizes)
+    target = optimum(a, b, sizes)
+    finals = {}
+    for name, algo in (
+        ("fedprox", fedprox(mu=0.1, **args)),
+        ("both", fednova(terms=(FedProx(mu=0.1),), **args)),
+    ):
+        exp = Experiment(
+            quadratic_task(), fed, algo, rounds=400, evaluation=Evaluation(centralized=False)
+        )
+        finals[name] = run_experiment(exp).weights
+    assert torch.allclose(finals["both"], target, atol=3e-3)
+    assert float(finals["fedprox"][0]) > float(target[0]) + 0.07

@@ -25,13 +25,16 @@ with atheris.instrument_imports(include=["potluck.deploy.wire"]):
 
 SEED = wire.encode(
     wire.Envelope(
-        "update",
+        "reply",
         "run-1",
         round=3,
         task_id=bytes(16),
         client="site-a",
-        arrays={"m/delta": torch.arange(6.0).reshape(2, 3), "mask": torch.tensor([True, False])},
-        scalars={"num_examples": 12, "loss": 0.5, "note": "ok"},
+        arrays={
+            "0/m/delta": torch.arange(6.0).reshape(2, 3),
+            "0/s/transforms.0.mask/keep": torch.tensor([True, False]),
+        },
+        scalars={"num_examples": 12, "train_loss": 0.5, "note": "ok"},
     )
 )
 

@@ -1,15 +1,17 @@
 """A deployment on loopback, in this process: a gRPC server (mutual TLS) and five sites.
 
 The deployed run equals the simulation of the same experiment; a client that never answers
-hits the deadline; malformed, replayed, impersonating and poisoned messages are refused with
-a logged reason while the run goes on; bad certificates are refused at the handshake.
+hits the deadline; malformed, replayed, impersonating and poisoned messages, and replies
+that do not fit the run (unexpected arrays, state for a part the run does not have, records
+of another form, answers of another kind), are refused with a logged reason while the run
+goes on; bad certificates are refused at the handshake.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -17,7 +19,9 @@ import pytest
 import torch
 from conftest import PKI, SITES, Deployment, config, self_signed
 
-from potluck.client.program import ClientResult, RoundInput
+from potluck.core import records
+from potluck.core.message import Message
+from potluck.core.records import Reply, StageJob
 from potluck.deploy import wire
 from potluck.deploy.client import ClientTLS
 from potluck.deployment import rounds_done
@@ -42,14 +46,9 @@ class Without(InlineEngine):
         super().__init__(program)
         self.missing = missing
 
-    def train(self, job: RoundInput) -> Sequence[ClientResult | None]:
-        results = self.program.run_round(job)
-        pairs = zip(job.cohort, results, strict=True)
-        return [None if int(c) in self.missing else r for c, r in pairs]
-
-    def evaluate(self, clients, w, states):  # type: ignore[no-untyped-def]
-        results = self.program.evaluate_clients(clients, w, states)
-        pairs = zip(clients, results, strict=True)
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        replies = self.program.run_stage(job)
+        pairs = zip(job.clients, replies, strict=True)
         return [None if int(c) in self.missing else r for c, r in pairs]
 
 
@@ -74,6 +73,24 @@ def call(s: Callable[..., Iterator[bytes]], env: wire.Envelope) -> wire.Envelope
 def health(store: Path) -> dict[str, dict[str, object]]:
     with RunStore(store) as st:
         return {h["name"]: h for h in st.health(st.resolve("deployed"))}
+
+
+def answer(task: wire.Envelope, reply: Reply, kind: str = "reply") -> wire.Envelope:
+    """``reply`` to ``task`` from site-4, packed as a deployed client packs it."""
+    message = records.reply_to_message(reply)
+    return wire.Envelope(
+        kind, task.run_id, task.round, task.task_id, "site-4",
+        arrays=message.arrays, scalars=message.scalars,
+    )  # fmt: skip
+
+
+def upload(
+    delta: torch.Tensor, delta_c: torch.Tensor | None = None, **arrays: torch.Tensor
+) -> Message:
+    """A SCAFFOLD upload (the run's algorithm) with every scalar the round loop checks."""
+    scaffold = {"terms.0.scaffold/delta_c": torch.zeros_like(delta) if delta_c is None else delta_c}
+    scalars = {"num_examples": 10, "num_steps": 1, "weight": 10.0, "train_loss": 1.0}
+    return Message({"delta": delta, **scaffold, **arrays}, scalars)
 
 
 def test_deployment_over_mutual_tls_equals_the_simulation(
@@ -129,7 +146,7 @@ def test_bad_messages_are_refused_and_leave_the_model_untouched(
         dep.site(name, pki.client(name))
     rogue = stub(dep.port, pki.client("site-4"))
     run_id = call(rogue, wire.Envelope("join", client="site-4")).run_id
-    replies, previous, ops = [], None, set()
+    replies, previous, stages = [], None, set()
     while (task := call(rogue, wire.Envelope("poll", run_id, client="site-4"))).kind != "done":
         if task.kind != "task":
             continue
@@ -137,29 +154,19 @@ def test_bad_messages_are_refused_and_leave_the_model_untouched(
         replies.append(wire.receive(rogue(iter([wire.frame(garbage)]), timeout=30)))
         if previous is not None:  # replay the answer to an earlier task
             replies.append(call(rogue, previous))
-        ops.add(task.scalars["op"])
-        w = task.arrays["w"]
-        poisoned = {"m/delta": torch.full_like(w, float("nan"))}
-        if task.scalars["op"] == "evaluate":
-            answer = wire.Envelope(
-                "evaluation", run_id, task.round, task.task_id, "site-4",
-                scalars={"global/loss_sum": 1.0, "global/correct": 99, "global/n": 3},
-            )  # fmt: skip
+        stages.add(task.scalars["stage"])
+        w = task.arrays["b/w"]
+        if task.scalars["stage"] == "evaluate":
+            sums = {"global/loss_sum": 1.0, "global/correct": 99, "global/n": 3}
+            forged = answer(task, Reply(Message(scalars=sums)))
         elif task.round % 2:
-            answer = wire.Envelope(
-                "update", run_id, task.round, task.task_id, "site-4", arrays=poisoned,
-                scalars={"num_examples": 10},
-            )  # fmt: skip
+            forged = answer(task, Reply(upload(torch.full_like(w, float("nan")))))
         else:
-            short = {"m/delta": torch.zeros(len(w) - 1)}
-            answer = wire.Envelope(
-                "update", run_id, task.round, task.task_id, "site-4", arrays=short,
-                scalars={"num_examples": 10},
-            )  # fmt: skip
-        impostor = wire.Envelope(answer.kind, run_id, task.round, task.task_id, "site-0")
+            forged = answer(task, Reply(upload(torch.zeros(len(w) - 1), torch.zeros_like(w))))
+        impostor = wire.Envelope(forged.kind, run_id, task.round, task.task_id, "site-0")
         replies.append(call(rogue, impostor))
-        replies.append(call(rogue, answer))
-        previous = answer
+        replies.append(call(rogue, forged))
+        previous = forged
     result = dep.finish()
     reasons = [r.scalars.get("reason", "") for r in replies if r.kind == "refused"]
     assert any("malformed message" in str(r) for r in reasons)
@@ -168,7 +175,7 @@ def test_bad_messages_are_refused_and_leave_the_model_untouched(
     log = caplog.text
     assert "malformed message" in log and "claims to be" in log
     assert "contains NaN or Inf" in log and "expected (" in log
-    assert ops == {"train", "evaluate"} and "refused evaluation" in log
+    assert stages == {"train", "evaluate"} and "refused evaluation" in log
     # the rogue's updates and evaluations left no trace: as if it had never answered
     sim = simulate(tmp_path / "sim", missing={4}, round_timeout_s=3)
     assert torch.equal(result.weights, sim.weights)
@@ -176,6 +183,68 @@ def test_bad_messages_are_refused_and_leave_the_model_untouched(
     assert received == [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(sim)]
     sampled = [m["cohort_size"] - m["updates"] for m in result.history]
     assert sum(m["refused"] for m in result.history) == sum(sampled) > 0
+
+
+def test_replies_that_do_not_fit_the_run_are_refused(
+    deployment: Make, pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="potluck")
+    dep = deployment(pki.server(), round_timeout_s=3)
+    for name in SITES[:4]:
+        dep.site(name, pki.client(name))
+    rogue = stub(dep.port, pki.client("site-4"))
+    run_id = call(rogue, wire.Envelope("join", client="site-4")).run_id
+    replies, trained, tasks = [], [], 0
+    while (task := call(rogue, wire.Envelope("poll", run_id, client="site-4"))).kind != "done":
+        if task.kind != "task":
+            continue
+        tasks += 1
+        w = task.arrays["b/w"]
+        good = upload(torch.zeros_like(w))
+        # an answer of revision 1's kinds and names: refused, the task stays open
+        legacy = {"m/delta": torch.zeros_like(w)}
+        old = wire.Envelope(
+            "evaluation" if task.scalars["stage"] == "evaluate" else "update", run_id,
+            task.round, task.task_id, "site-4", arrays=legacy, scalars={"num_examples": 10},
+        )  # fmt: skip
+        replies.append(call(rogue, old))
+        if task.scalars["stage"] == "evaluate":
+            replies.append(call(rogue, wire.Envelope(
+                "declined", run_id, task.round, task.task_id, "site-4"
+            )))  # fmt: skip
+            continue
+        trained.append(task.round)
+        if len(trained) == 1:  # an array the algorithm does not upload
+            extra = Message({**good.arrays, "extra": torch.zeros_like(w)}, good.scalars)
+            forged = answer(task, Reply(extra))
+        elif len(trained) == 2:  # client state for a part this run does not have
+            foreign = {"terms.1.fedprox": {"w_prev": torch.zeros_like(w)}}
+            forged = answer(task, Reply(good, foreign))
+        else:  # the update under revision 1's names, in a reply
+            forged = wire.Envelope(
+                "reply", run_id, task.round, task.task_id, "site-4", arrays=legacy,
+                scalars=dict(good.scalars),
+            )  # fmt: skip
+        replies.append(call(rogue, forged))
+    result = dep.finish()
+    assert trained == [1, 2, 3]  # site-4 is in every round's cohort: each forgery was sent
+    kinds = [r.kind for r in replies]
+    assert kinds.count("refused") == kinds.count("ack") == tasks > len(trained)
+    reasons = [str(r.scalars.get("reason", "")) for r in replies if r.kind == "refused"]
+    assert all("unknown request kind" in r for r in reasons), reasons
+    assert {"unknown request kind 'update'", "unknown request kind 'evaluation'"} <= set(reasons)
+    log = caplog.text
+    assert "update from client 4: unexpected arrays ['extra']" in log
+    assert "client 4 sent state for 'terms.1.fedprox'" in log
+    assert "refused the answer of client 'site-4'" in log and "'m/delta'" in log
+    # none of it left a trace: as if site-4 had never answered
+    sim = simulate(tmp_path / "sim", missing={4}, round_timeout_s=3)
+    assert torch.equal(result.weights, sim.weights)
+    received = [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(result)]
+    assert received == [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(sim)]
+    assert result.history[0]["refused"] == 1  # a bad update (the unexpected array)
+    left_out = [m["failed"] + m["refused"] for m in result.history]
+    assert left_out == [m["failed"] for m in sim.history] == [1, 1, 1]
 
 
 def _self_signed(tmp: Path, name: str) -> ClientTLS:

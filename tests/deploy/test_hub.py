@@ -15,12 +15,12 @@ from potluck.deploy.server import Hub, Task
 
 def task(cid: int, rnd: int = 1) -> Task:
     task_id = secrets.token_bytes(16)
-    env = wire.Envelope("task", "run", round=rnd, task_id=task_id)
+    env = wire.Envelope("task", "run", round=rnd, task_id=task_id, scalars={"stage": "train"})
     return Task(task_id, cid, "train", rnd, wire.Encoded((wire.encode(env),), b""))
 
 
 def answer_of(t: Task) -> wire.Envelope:
-    return wire.Envelope("update", "run", round=t.round, task_id=t.task_id)
+    return wire.Envelope("reply", "run", round=t.round, task_id=t.task_id)
 
 
 def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -68,7 +68,7 @@ def test_answers_do_not_wake_clients_polling_for_the_next_round() -> None:
     worker.start()
     answers = hub.run([task(0)], timeout=10)
     worker.join()
-    assert answers[0] is not None and answers[0].kind == "update"
+    assert answers[0] is not None and answers[0].kind == "reply"
     until(lambda: waiting(hub, 1) and waiting(hub, 2))  # a woken poller is back by now
     assert wakeups == {1: 0, 2: 0}  # a's task and answer woke neither b nor c
     hub.finish()

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proto_oracle import pb
 
+from potluck.core import records
 from potluck.core.message import Message, MessageError
+from potluck.core.records import StageJob
 from potluck.deploy import codec, wire
 from potluck.deploy.wire import Envelope, WireError
 
@@ -209,15 +212,15 @@ def test_whatever_the_codec_accepts_protobuf_parses_the_same(data: bytes) -> Non
 
 
 def test_decoded_tensors_are_writable_owned_copies() -> None:
-    data = wire.encode(Envelope("update", arrays={"delta": torch.arange(4.0)}))
+    data = wire.encode(Envelope("reply", arrays={"0/m/delta": torch.arange(4.0)}))
     first, second = wire.decode(data), wire.decode(data)
-    first.arrays["delta"].add_(1)
-    assert second.arrays["delta"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    first.arrays["0/m/delta"].add_(1)
+    assert second.arrays["0/m/delta"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_received_tensors_view_one_buffer_each_in_its_own_place() -> None:
     a0, b0 = torch.arange(1000.0), torch.arange(5000.0, 6000.0)
-    env = Envelope("update", arrays={"a": a0, "b": b0})
+    env = Envelope("reply", arrays={"a": a0, "b": b0})
     data = wire.encode(env)
     back = wire.receive(wire.send(env, chunk_bytes=777))
     a, b = back.arrays["a"], back.arrays["b"]
@@ -249,18 +252,18 @@ def test_empty_payload_is_one_chunk() -> None:
 
 def test_message_and_finite() -> None:
     env = Envelope(
-        "update",
-        arrays={"delta": torch.zeros(3), "extra": torch.tensor([0.0, math.nan])},
+        "reply",
+        arrays={"0/m/delta": torch.zeros(3), "0/m/extra": torch.tensor([0.0, math.nan])},
         scalars={"num_examples": 7},
     )
     message = env.message()
     assert isinstance(message, Message)
     assert message.scalar("num_examples") == 7.0
-    message.validate({"delta": 3})
+    message.validate({"0/m/delta": 3})
     with pytest.raises(MessageError, match="NaN"):
-        message.validate({"extra": 2})
-    assert wire.finite(env) == "extra"
-    assert wire.finite(Envelope("update", arrays={"n": torch.tensor([1, 2])})) is None
+        message.validate({"0/m/extra": 2})
+    assert wire.finite(env) == "0/m/extra"
+    assert wire.finite(Envelope("reply", arrays={"0/m/n": torch.tensor([1, 2])})) is None
 
 
 def test_large_model_streams_in_chunks() -> None:
@@ -388,7 +391,7 @@ def _array(**fields: Any) -> Any:
 
 
 def _envelope(**fields: Any) -> bytes:
-    return bytes(pb.Envelope(**{"kind": "update", **fields}).SerializeToString())
+    return bytes(pb.Envelope(**{"kind": "reply", **fields}).SerializeToString())
 
 
 @pytest.mark.parametrize(
@@ -422,7 +425,7 @@ def test_malformed_envelopes_are_refused(data: bytes, problem: str) -> None:
 
 
 def test_oversized_envelope_is_refused() -> None:
-    data = wire.encode(Envelope("update", arrays={"w": torch.zeros(100)}))
+    data = wire.encode(Envelope("reply", arrays={"0/m/delta": torch.zeros(100)}))
     with pytest.raises(WireError, match=f"envelope of {len(data)} bytes exceeds the limit of 100"):
         wire.decode(data, max_bytes=100)
 
@@ -518,12 +521,12 @@ def echo_stub() -> Iterator[Any]:
 
 def test_grpc_loopback_passes_a_20mb_envelope_in_chunks(echo_stub: Any) -> None:
     env = Envelope(
-        "update",
+        "reply",
         "run",
         round=2,
         task_id=b"\x01" * 16,
         client="site-a",
-        arrays={"delta": torch.randn(5_000_000)},
+        arrays={"0/m/delta": torch.randn(5_000_000)},
         scalars={"num_examples": 3},
     )
     assert_same(env, wire.receive(echo_stub(wire.send(env), timeout=60)))
@@ -560,15 +563,33 @@ def test_encoded_parts_stream_like_their_concatenation(parts: list[bytes], size:
 
 
 def test_a_shared_prefix_merges_with_each_message() -> None:
-    """A round's weights encoded once; each task's own fields follow and win."""
+    """A stage's shared message encoded once; each task's own fields follow and win, and the
+    client reads back its one-member job."""
     w = torch.arange(6.0)
-    shared = wire.Prefix(wire.Envelope("task", arrays={"w": w}))
+    job = StageJob(
+        "train",
+        4,
+        Message({"w": w}),
+        np.array([0, 1, 2]),
+        tuple(Message(scalars={"work": 1.0 / (i + 1)}) for i in range(3)),
+        tuple({"terms.0.scaffold": {"c_i": torch.full((2,), float(i))}} for i in range(3)),
+    )
+    shared: wire.Prefix | None = None
     for i in range(3):
+        common, mine = records.task_message(job, i)
+        if shared is None:
+            shared = wire.Prefix(wire.Envelope("task", arrays=common.arrays, scalars=common.scalars))
         own = wire.Envelope(
-            "task", "run", round=4, task_id=bytes([i]), arrays={"s/c": torch.full((2,), i)},
-            scalars={"op": "train"},
+            "task", "run", round=4, task_id=bytes([i]), arrays=mine.arrays,
+            scalars={"stage": "train", **mine.scalars},
         )  # fmt: skip
         env = wire.receive(wire.send_encoded(shared.extend(own), 7))
         assert (env.kind, env.run_id, env.round, env.task_id) == ("task", "run", 4, bytes([i]))
-        assert list(env.arrays) == ["w", "s/c"] and torch.equal(env.arrays["w"], w)
-        assert env.arrays["s/c"].tolist() == [i, i] and env.scalars == {"op": "train"}
+        assert list(env.arrays) == ["b/w", "0/s/terms.0.scaffold/c_i"]
+        assert torch.equal(env.arrays["b/w"], w)
+        assert env.arrays["0/s/terms.0.scaffold/c_i"].tolist() == [i, i]
+        assert env.scalars == {"stage": "train", "0/p/work": 1.0 / (i + 1)}
+        back = records.job_from_task(str(env.scalars["stage"]), env.round, i, env.message())
+        assert back.clients.tolist() == [i] and torch.equal(back.shared.arrays["w"], w)
+        assert back.payloads[0].scalars == {"work": 1.0 / (i + 1)}
+        assert back.states[0]["terms.0.scaffold"]["c_i"].tolist() == [i, i]

@@ -16,9 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from potluck.client import ClientProgram, LocalSGD
-from potluck.client.program import RoundInput
-from potluck.client.rules import Scaffold
+from potluck.algorithms import Algorithm
+from potluck.client import ClientProgram, LocalSGD, Scaffold
+from potluck.client.program import parse_evaluation
+from potluck.core.message import Message
+from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
 from potluck.core.task import Task
 from potluck.data import Federation
 from potluck.engines.inline import InlineEngine
@@ -38,17 +40,40 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
+SCAFFOLD = "terms.0.scaffold"  # the term's namespace: its state and broadcast names
+
+
 def scaffold_program(sizes: list[int]) -> ClientProgram:
-    return ClientProgram(Task(mlp), federation(sizes), LocalSGD(batch_size=4), rule=Scaffold())
+    algo = Algorithm(local=LocalSGD(batch_size=4), terms=(Scaffold(),))
+    return ClientProgram(Task(mlp), federation(sizes), algo)
 
 
-def scaffold_job(p: ClientProgram, cohort: list[int]) -> RoundInput:
-    w = p.initial_weights()
-    d = w.numel()
+def train_job(
+    p: ClientProgram,
+    cohort: list[int],
+    round: int = 1,
+    broadcast: dict[str, torch.Tensor] | None = None,
+    states: tuple[ClientState, ...] | None = None,
+) -> StageJob:
+    """A train stage for ``cohort`` from the initial weights, every member doing all its work."""
+    shared = Message({"w": p.initial_weights(), **(broadcast or {})})
+    payloads = tuple(Message(scalars={"work": 1.0}) for _ in cohort)
+    return StageJob(
+        TRAIN, round, shared, np.array(cohort), payloads, states or tuple({} for _ in cohort)
+    )
+
+
+def scaffold_job(p: ClientProgram, cohort: list[int]) -> StageJob:
+    d = p.spec.size
     g = torch.Generator().manual_seed(1)
-    states = tuple({"c": torch.randn(d, generator=g)} for _ in cohort)
-    broadcast = {"c": torch.randn(d, generator=g)}
-    return RoundInput(3, w, np.array(cohort), broadcast, states, np.ones(len(cohort)))
+    states = tuple({SCAFFOLD: {"c_i": torch.randn(d, generator=g)}} for _ in cohort)
+    broadcast = {f"{SCAFFOLD}/c": torch.randn(d, generator=g)}
+    return train_job(p, cohort, 3, broadcast, states)
+
+
+def replies(got: list[Reply | None]) -> list[Reply]:
+    assert all(r is not None for r in got)
+    return [r for r in got if r is not None]
 
 
 @given(st.lists(st.integers(1, 50), max_size=30), st.integers(1, 6))
@@ -89,32 +114,45 @@ def test_matches_inline_exactly_with_state_and_slab_growth() -> None:
     slab (8 deltas, control deltas and states) both outgrow their first size."""
     p = scaffold_program([9, 4, 13, 7, 5, 11, 6, 8])
     job = scaffold_job(p, [7, 0, 3, 5, 1, 6, 2, 4])
-    expected = InlineEngine(p).train(job)
+    expected = replies(InlineEngine(p).run_stage(job))
     engine = PoolEngine(p, workers=1)
     try:
-        got = engine.train(job)
-        again = engine.train(job)  # the grown slabs are reused
+        got = replies(engine.run_stage(job))
+        again = replies(engine.run_stage(job))  # the grown slabs are reused
     finally:
         engine.close()
+    assert len(got) == len(again) == len(expected) == 8
     for exp, res, res2 in zip(expected, got, again, strict=True):
-        assert res.message.scalars == exp.message.scalars
+        assert res.message.scalars == res2.message.scalars == exp.message.scalars
+        assert res.message.arrays.keys() == res2.message.arrays.keys() == exp.message.arrays.keys()
+        assert {"delta", f"{SCAFFOLD}/delta_c"} <= exp.message.arrays.keys()
         for name, arr in exp.message.arrays.items():
             assert torch.equal(res.message.arrays[name], arr), name
             assert torch.equal(res2.message.arrays[name], arr), name
-        assert res.state.keys() == exp.state.keys()
-        for name, t in exp.state.items():
-            assert torch.equal(res.state[name], t)
+        assert res.state.keys() == res2.state.keys() == exp.state.keys() == {SCAFFOLD}
+        for ns, tensors in exp.state.items():
+            assert res.state[ns].keys() == res2.state[ns].keys() == tensors.keys()
+            for name, t in tensors.items():
+                assert torch.equal(res.state[ns][name], t), (ns, name)
+                assert torch.equal(res2.state[ns][name], t), (ns, name)
 
 
 def test_evaluate_matches_inline() -> None:
     p = scaffold_program([12, 8, 16])
-    w, clients = p.initial_weights(), np.array([2, 0, 1])
+    clients = np.array([2, 0, 1])
+    job = StageJob(
+        EVALUATE, 1, Message({"w": p.initial_weights()}), clients, (Message(),) * 3, ({},) * 3
+    )
     engine = PoolEngine(p, workers=2)
     try:
-        got = engine.evaluate(clients, w, ({}, {}, {}))
+        got = replies(engine.run_stage(job))
     finally:
         engine.close()
-    assert got == InlineEngine(p).evaluate(clients, w, ({}, {}, {}))
+    expected = replies(InlineEngine(p).run_stage(job))
+    parsed = [parse_evaluation(r.message, f"client {c}") for r, c in zip(got, clients)]
+    assert parsed == [parse_evaluation(r.message, f"client {c}") for r, c in zip(expected, clients)]
+    sizes = [len(p.federation.client(int(c)).y_test) for c in clients]
+    assert [r["global"].n for r in parsed] == sizes and min(sizes) > 0
 
 
 def test_a_raising_client_is_reported_with_its_traceback() -> None:
@@ -126,11 +164,10 @@ def test_a_raising_client_is_reported_with_its_traceback() -> None:
     fed = Federation.from_client_data(
         [(torch.randn(n, 5), torch.zeros(n, dtype=torch.long)) for n in (8, 3)], test_fraction=0
     )
-    p = ClientProgram(Task(mlp, loss_fn=loss), fed, LocalSGD(batch_size=4))
+    p = ClientProgram(Task(mlp, loss_fn=loss), fed, Algorithm(local=LocalSGD(batch_size=4)))
     engine = PoolEngine(p, workers=2)
-    job = RoundInput(1, p.initial_weights(), np.array([0, 1]), {}, ({}, {}), np.ones(2))
     with pytest.raises(PoolError, match=r"(?s)raised:.*RuntimeError: client data is corrupt"):
-        engine.train(job)
+        engine.run_stage(train_job(p, [0, 1]))
     assert all(not proc.is_alive() for proc in engine._procs)  # closed on failure
 
 
@@ -140,9 +177,9 @@ def test_a_dead_worker_is_reported_not_waited_for() -> None:
     os.kill(engine._procs[1].pid, signal.SIGKILL)
     engine._procs[1].join()
     with pytest.raises(PoolError, match=r"pool worker 1 \(pid \d+\) exited with code -9"):
-        engine.train(scaffold_job(p, [0, 1, 2, 3]))
+        engine.run_stage(scaffold_job(p, [0, 1, 2, 3]))
     with pytest.raises(PoolError, match="closed"):
-        engine.train(scaffold_job(p, [0, 1]))
+        engine.run_stage(scaffold_job(p, [0, 1]))
 
 
 def test_close_stops_every_worker_and_is_idempotent() -> None:
@@ -166,7 +203,7 @@ def test_centralised_evaluation_is_split_over_the_workers(monkeypatch: pytest.Mo
     g = torch.Generator().manual_seed(3)
     test = (torch.randn(23, 5, generator=g), torch.randint(0, 3, (23,), generator=g))
     fed = Federation.from_client_data([(torch.randn(8, 5), torch.arange(8) % 3)] * 2, test=test)
-    p = ClientProgram(Task(mlp), fed, LocalSGD())
+    p = ClientProgram(Task(mlp), fed, Algorithm())
     w = p.initial_weights() + 0.3
     expected = p.evaluate_test(w)
     for workers in (1, 2, 3, 7):  # 7 workers, 6 batches: one idle

@@ -211,7 +211,7 @@ def from_config(
     for slot, (kind, _, section) in SLOTS.items():
         if defaults and section in defaults:
             slots[slot] = _section_part(slot, kind, defaults[section], None, section)
-    set_by_preset = registry.construct(fn, head, "algorithm")
+    set_by_preset = registry.construct(fn, head, "algorithm", label=f"algorithm {name!r}")
     replaced = [SLOTS[s][2] for s in set_by_preset if s in CHAINS and SLOTS[s][2] in sections]
     if head and replaced:
         raise registry.RegistryError(

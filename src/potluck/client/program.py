@@ -179,6 +179,7 @@ class Prepared:
     views: list[_Client]
     works: list[State]
     state: ClientState
+    inbox: dict[str, Message]
 
 
 class ClientProgram:
@@ -227,10 +228,7 @@ class ClientProgram:
         members = zip(job.clients, job.payloads, job.states, strict=True)
         if job.stage == TRAIN:
             w, broadcasts = self.open(job.shared)
-            return [
-                self.train(int(c), job.round, w, broadcasts, s, float(p.scalars.get("work", 1.0)))
-                for c, p, s in members
-            ]
+            return [self.train(int(c), job.round, w, broadcasts, s, p) for c, p, s in members]
         if job.stage == EVALUATE:
             w = job.shared.arrays["w"]
             self.spec.check(w, "the evaluated global weights")
@@ -292,10 +290,12 @@ class ClientProgram:
         w_global: torch.Tensor,
         broadcasts: Mapping[str, State] | None = None,
         state: ClientState | None = None,
-        work: float = 1.0,
+        payload: Message | None = None,
     ) -> Reply:
-        """Train client ``cid`` from ``w_global``: its encoded upload and new state."""
-        prep = self.prepare(cid, round, w_global, broadcasts or {}, state or {}, work)
+        """Train client ``cid`` from ``w_global``: its encoded upload and new state.
+        ``payload``: the server's message for this client (``work``, its share of local
+        work, and what earlier stages left for its parts)."""
+        prep = self.prepare(cid, round, w_global, broadcasts or {}, state or {}, payload)
         view = prep.views[0] if prep.views else self._view(cid, round, "local", prep.steps)
         w, loss_sum, seen = self._local_steps(
             prep.w_start,
@@ -314,13 +314,15 @@ class ClientProgram:
         w_global: torch.Tensor,
         broadcasts: Mapping[str, State],
         state: ClientState,
-        work: float = 1.0,
+        payload: Message | None = None,
     ) -> Prepared:
         """Everything before the local steps: the dropout seed, each term's ``begin`` and
         ``start``. Every engine trains from here."""
         torch.default_generator.manual_seed(self.seeds.integer("dropout", round, cid))
-        steps = self.steps_for(cid, work)
-        views = [self._view(cid, round, ns, steps) for ns in self.term_ns]
+        payload = payload or Message()
+        steps = self.steps_for(cid, float(payload.scalars.get("work", 1.0)))
+        inbox = _inboxes(payload)
+        views = [self._view(cid, round, ns, steps, inbox.get(ns)) for ns in self.term_ns]
         works = [
             term.begin(view, w_global, broadcasts.get(ns, {}), state.get(ns, {}))
             for ns, term, view in zip(self.term_ns, self.terms, views, strict=True)
@@ -329,7 +331,7 @@ class ClientProgram:
         w = w_global
         for term, work_state in zip(self.terms, works, strict=True):
             w = term.start(w, work_state)
-        return Prepared(cid, round, w_global, w, steps, views, works, state)
+        return Prepared(cid, round, w_global, w, steps, views, works, state, inbox)
 
     def correction(self, works: Sequence[State]) -> Correction:
         """The terms' gradient corrections in chain order, as one function of (w, grad)."""
@@ -373,15 +375,18 @@ class ClientProgram:
         scalars["weight"] = result.weight
         message = Message(arrays={"delta": result.delta, **arrays}, scalars=scalars)
         for ns, transform in zip(self.transform_ns, self.transforms, strict=True):
-            ctx = part_context(self.seed, prep.round, ns, prep.cid)
+            ctx = part_context(self.seed, prep.round, ns, prep.cid, inbox=prep.inbox.get(ns))
             message, t_state = transform.encode(message, prep.state.get(ns, {}), ctx)
             if t_state:
                 new_state[ns] = t_state
         return Reply(message, new_state)
 
-    def _view(self, cid: int, round: int, ns: str, steps: int) -> _Client:
+    def _view(
+        self, cid: int, round: int, ns: str, steps: int, inbox: Message | None = None
+    ) -> _Client:
         data = self._data(cid)
-        ctx = part_context(self.seed, round, ns, cid, num_clients=self.federation.num_clients)
+        n = self.federation.num_clients
+        ctx = part_context(self.seed, round, ns, cid, num_clients=n, inbox=inbox)
         return _Client(self, ctx, data[0], data[1], steps)
 
     def _data(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -523,3 +528,19 @@ def _check_labels(fed: Federation, outputs: int) -> None:
 
 def _identity(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g
+
+
+def _inboxes(payload: Message) -> dict[str, Message]:
+    """What earlier stages left for each part: the payload's ``"<namespace>/<name>"``
+    entries, by namespace."""
+    arrays: dict[str, dict[str, torch.Tensor]] = {}
+    scalars: dict[str, dict[str, int | float | str]] = {}
+    for name, t in payload.arrays.items():
+        ns, sep, key = name.rpartition("/")
+        if sep:
+            arrays.setdefault(ns, {})[key] = t
+    for name, v in payload.scalars.items():
+        ns, sep, key = name.rpartition("/")
+        if sep:
+            scalars.setdefault(ns, {})[key] = v
+    return {ns: Message(arrays.get(ns, {}), scalars.get(ns, {})) for ns in {*arrays, *scalars}}

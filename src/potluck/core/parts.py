@@ -370,6 +370,10 @@ def composition_problems(parts: Sequence[tuple[str, object]]) -> list[str]:
     return problems
 
 
+# the slot that conventionally gives a need, named when nothing does
+_PROVIDER = {Need.PLAIN_SERVER_STEP: "server", Need.SEVERAL_LOCAL_STEPS: "local"}
+
+
 def _unmet(
     need: str, i: int, parts: Sequence[tuple[str, object]], givers: Mapping[str, list[int]]
 ) -> str | None:
@@ -384,4 +388,17 @@ def _unmet(
         return "no transform before it bounds it: put a clip (e.g. ClipNorm) first"
     if need in givers:
         return None
+    slot = _PROVIDER.get(Need(need)) if need in Need._value2member_map_ else None
+    provider = next(((ns, p) for ns, p in parts if ns == slot), None)
+    if provider is not None:
+        return f"{describe_part(*provider)} ({_params(provider[1])}) does not give it"
     return "no part of the algorithm gives it"
+
+
+def _params(part: object) -> str:
+    import dataclasses
+
+    if not dataclasses.is_dataclass(part):
+        return "its settings"
+    fields = dataclasses.fields(part)
+    return ", ".join(f"{f.name}={getattr(part, f.name)!r}" for f in fields if f.init)

@@ -235,15 +235,18 @@ def build_part(kind: str, section: Mapping[str, Any], where: str) -> Any:
     return construct(cls, {k: v for k, v in section.items() if k != "name"}, f"{where}")
 
 
-def construct(factory: Any, given: Mapping[str, Any], where: str) -> Any:
+def construct(
+    factory: Any, given: Mapping[str, Any], where: str, label: str | None = None
+) -> Any:
     """``factory(**given)`` after checking the names and types of ``given`` against the
-    factory's dataclass fields (or signature); errors in the one message template."""
+    factory's dataclass fields (or signature); errors in the one message template.
+    ``label`` names the factory in messages (default: its ``__name__``)."""
     accepted = _accepted(factory)
     if accepted is not None:
         for key in given:
             if key not in accepted:
                 raise RegistryError(
-                    f"{where}.{key}: unknown parameter of {_label(factory)}"
+                    f"{where}.{key}: unknown parameter of {label or _label(factory)}"
                     f"{_did_you_mean(key, accepted)}; allowed: {', '.join(accepted) or 'none'} "
                     f"(got {given[key]!r})"
                 )

@@ -257,7 +257,7 @@ class VectorizedEngine(InlineEngine):
                 w_global,
                 broadcasts,
                 job.states[k],
-                float(job.payloads[k].scalars.get("work", 1.0)),
+                job.payloads[k],
             )
             for k in chunk
         }
