@@ -69,7 +69,7 @@ def test_run_from_toml_with_override(tmp_path: Path, store: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "--set", "client.lrr=0.1"], "client.lrr: unknown field"),
+        (["run", "--set", "client.lrr=0.1"], "client.lrr: unknown parameter of LocalSGD"),
         (["run", "--set", 'data.dataset="cifar10"'], "data.dataset: Input should be"),
         (
             [

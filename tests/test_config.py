@@ -133,7 +133,9 @@ def test_bad_configs_name_the_field(data: dict, overrides: list[str], message: s
 
 def test_impossible_combinations_are_refused_naming_both_parts() -> None:
     with pytest.raises(ConfigError) as info:
-        ExperimentConfig.from_dict({"algorithm": {"name": "fedsgd"}, "stragglers": {"fraction": 0.5}})
+        ExperimentConfig.from_dict(
+            {"algorithm": {"name": "fedsgd"}, "stragglers": {"fraction": 0.5}}
+        )
     assert "stragglers (Stragglers) needs more than one local step" in str(info.value)
     assert "local (LocalSGD)" in str(info.value) and "max_steps=1" in str(info.value)
     with pytest.raises(ConfigError) as info:

@@ -19,9 +19,10 @@ from potluck import Experiment, Federation, Task, resume_experiment, run_experim
 from potluck.algorithms import fedavg
 from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError
+from potluck.core.parts import Context
 from potluck.orchestrator import TIMING_METRICS, Evaluation
 from potluck.store.sqlite import RunStore
-from potluck.updates import EncodeContext
+from potluck.updates import Transform
 
 DIGITS = {
     "rounds": 6,
@@ -99,7 +100,7 @@ def test_fedavg_with_full_participation_one_step_equals_fedsgd_math() -> None:
     from potluck.client import ClientProgram
     from potluck.core.params import ParamSpec
 
-    w0 = ClientProgram(task, fed, algo.local).initial_weights()
+    w0 = ClientProgram(task, fed, algo).initial_weights()
     spec = ParamSpec.from_module(model)
     spec.load_into(model, w0)
     grads = []
@@ -112,16 +113,13 @@ def test_fedavg_with_full_participation_one_step_equals_fedsgd_math() -> None:
 
 
 @dataclass(frozen=True)
-class PoisonClient:
+class PoisonClient(Transform):
     """A transform that turns client 3's update into NaN (a broken or malicious client)."""
 
-    def encode(self, message: Message, ctx: EncodeContext) -> Message:
-        if ctx.client_id != 3:
-            return message
-        return replace(message, arrays={"delta": message.arrays["delta"] * math.nan})
-
-    def decode(self, message: Message) -> Message:
-        return message
+    def encode(self, message: Message, state: dict, ctx: Context) -> tuple[Message, dict]:
+        if ctx.client != 3:
+            return message, state
+        return replace(message, arrays={"delta": message.arrays["delta"] * math.nan}), state
 
 
 def test_nan_update_is_refused_naming_the_client(tmp_path: Path) -> None:
@@ -229,9 +227,24 @@ def test_resume_in_process_after_interruption(tmp_path: Path) -> None:
     assert torch.equal(resumed.weights, full.weights)
 
 
+class DropoutMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(64, 32), torch.nn.Dropout(0.2), torch.nn.Linear(32, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def test_an_engine_refusal_happens_before_anything_is_stored(tmp_path: Path) -> None:
     cfg = ExperimentConfig.from_dict(
-        {**DIGITS, "algorithm": {"name": "ditto"}, "run": {"engine": "vectorized"}}
+        {
+            **DIGITS,
+            "task": {"model": "test_orchestrator:DropoutMLP"},
+            "run": {"engine": "vectorized"},
+        }
     )
     store = RunStore(tmp_path)
     with pytest.raises(ValueError, match="inline"):

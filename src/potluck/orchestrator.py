@@ -324,7 +324,10 @@ class PartStages:
         return self._stages.round
 
     def run(
-        self, stage: str, shared: Message | None = None, payloads: Mapping[int, Message] | None = None
+        self,
+        stage: str,
+        shared: Message | None = None,
+        payloads: Mapping[int, Message] | None = None,
     ) -> dict[int, Message]:
         return self._stages.run(f"{self.namespace}:{stage}", shared, payloads)
 
@@ -350,6 +353,7 @@ class RoundStages:
         self.changed: dict[int, set[str]] = {}
         self.inbox: dict[int, dict[str, Message]] = {}
         self.metrics: dict[str, float] = {}
+        self.refused: dict[str, int] = {}  # stage -> answers that arrived but were refused
         self.bytes_up: dict[int, int] = {}
         self.bytes_down: dict[int, int] = {}
 
@@ -381,11 +385,14 @@ class RoundStages:
             if reply is None:
                 continue
             try:
+                if reply.refused:
+                    raise MessageError(reply.refused)
                 self.loop._check_state(cid, reply)
             except MessageError as exc:
                 if not self.engine.remote:
                     raise
                 _log.warning("refused %s", exc)
+                self.refused[stage] = self.refused.get(stage, 0) + 1
                 continue
             self.bytes_up[cid] = self.bytes_up.get(cid, 0) + reply.message.nbytes
             for ns, state in reply.state.items():
@@ -564,8 +571,9 @@ class _Loop:
             **stages.metrics,
         }
         if engine.remote:
-            metrics["failed"] = float(active - len(trained))
-            metrics["refused"] = float(len(trained) - len(updates))
+            refused = stages.refused.get(TRAIN, 0)
+            metrics["failed"] = float(active - len(trained) - refused)
+            metrics["refused"] = float(refused + len(trained) - len(updates))
         accepted = {u.client for u in updates}
         client_states = {
             c: {ns: stages.states[c][ns] for ns in changed}

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from potluck.aggregate import StackBuffer, WeightedMean
+from potluck.core.parts import part_context
 
 
 @settings(max_examples=60, deadline=None)
@@ -18,7 +19,10 @@ def test_stack_buffer_equals_torch_stack_across_rounds(rounds: list[tuple[int, i
         got = buf.stack(rows)
         assert torch.equal(got, torch.stack(rows))
         weights = torch.rand(k, generator=gen) + 0.1
-        assert torch.equal(WeightedMean()(got, weights), WeightedMean()(torch.stack(rows), weights))
+        ctx = part_context(0, 1, "aggregator")
+        mean_of_buffer, _ = WeightedMean().aggregate(got, weights, {}, ctx)
+        mean_of_stack, _ = WeightedMean().aggregate(torch.stack(rows), weights, {}, ctx)
+        assert torch.equal(mean_of_buffer, mean_of_stack)
 
 
 def test_stack_buffer_reuses_memory_for_smaller_cohorts_and_grows() -> None:

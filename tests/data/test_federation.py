@@ -333,7 +333,15 @@ def test_describe_runs_on_client_tests() -> None:
 # --------------------------------------------------------------------------- integer inputs
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.int64, np.uint64])
+def test_uint8_pixels_become_float32() -> None:
+    """uint8 is how image sets ship their pixels: they become float32 values, as before."""
+    clients = [(np.arange(12, dtype=np.uint8).reshape(4, 3), np.array([0, 1, 2, 3]))]
+    data = Federation.from_client_data(clients).client(0)
+    assert data.x_train.dtype == np.float32
+    np.testing.assert_array_equal(np.sort(data.x_train, axis=0), np.arange(12).reshape(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64, np.uint64])
 def test_integer_inputs_stay_int64(dtype: type) -> None:
     clients = [(np.arange(12).reshape(4, 3).astype(dtype), np.array([0, 1, 2, 3]))] * 2
     fed = Federation.from_client_data(clients, test=(clients[0][0][:1], np.array([1])))

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import PKI, SITES, Deployment, config, self_signed
 
+from conftest import PKI, SITES, Deployment, config, self_signed
 from potluck.core import records
 from potluck.core.message import Message
 from potluck.core.records import Reply, StageJob

@@ -27,8 +27,8 @@ import pytest
 import torch
 from netns import NetnsUnavailable, Star
 
-from potluck.client.program import ClientResult, RoundInput
 from potluck.config import ExperimentConfig
+from potluck.core.records import TRAIN, Reply, StageJob
 from potluck.engines.inline import InlineEngine
 from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
 from potluck.store.sqlite import RunStore
@@ -274,7 +274,7 @@ def learning(history: Sequence[dict[str, float]]) -> list[dict[str, float]]:
 
 
 class Dropping(InlineEngine):
-    """The simulation in which only the given clients report in each round."""
+    """The simulation in which only the given clients report their update in each round."""
 
     remote = True
 
@@ -282,10 +282,12 @@ class Dropping(InlineEngine):
         super().__init__(program)
         self.reporting = reporting
 
-    def train(self, job: RoundInput) -> Sequence[ClientResult | None]:  # type: ignore[override]
-        results = self.program.run_round(job)
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        replies = self.program.run_stage(job)
+        if job.stage != TRAIN:
+            return replies
         keep = self.reporting.get(job.round, set())
-        return [r if int(c) in keep else None for c, r in zip(job.cohort, results, strict=True)]
+        return [r if int(c) in keep else None for c, r in zip(job.clients, replies, strict=True)]
 
 
 def simulate(cfg: ExperimentConfig, engine: Callable[[Any], Any] | None = None) -> RunResult:

@@ -578,7 +578,8 @@ def test_a_shared_prefix_merges_with_each_message() -> None:
     for i in range(3):
         common, mine = records.task_message(job, i)
         if shared is None:
-            shared = wire.Prefix(wire.Envelope("task", arrays=common.arrays, scalars=common.scalars))
+            first = wire.Envelope("task", arrays=common.arrays, scalars=common.scalars)
+            shared = wire.Prefix(first)
         own = wire.Envelope(
             "task", "run", round=4, task_id=bytes([i]), arrays=mine.arrays,
             scalars={"stage": "train", **mine.scalars},

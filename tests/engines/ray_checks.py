@@ -12,9 +12,11 @@ import sys
 import numpy as np
 import torch
 
+from potluck.algorithms import Algorithm
 from potluck.client import ClientProgram, LocalSGD
-from potluck.client.program import RoundInput
 from potluck.config import ExperimentConfig
+from potluck.core.message import Message
+from potluck.core.records import TRAIN, StageJob
 from potluck.core.task import Task
 from potluck.data import Federation
 from potluck.engines.base import EngineOptions
@@ -51,11 +53,14 @@ def failing_client(address: str) -> str:
         [(torch.randn(n, 4), torch.zeros(n, dtype=torch.long)) for n in (8, 3)], test_fraction=0
     )
     net = lambda: torch.nn.Linear(4, 2)  # noqa: E731  (cloudpickled to the actors)
-    program = ClientProgram(Task(net, loss_fn=loss), fed, LocalSGD(batch_size=4))
+    algo = Algorithm(local=LocalSGD(batch_size=4))
+    program = ClientProgram(Task(net, loss_fn=loss), fed, algo)
     engine = RayEngine(program, EngineOptions(workers=2, ray_address=address))
-    job = RoundInput(1, program.initial_weights(), np.array([0, 1]), {}, ({}, {}), np.ones(2))
+    shared = Message({"w": program.initial_weights()})
+    payloads = (Message(scalars={"work": 1.0}),) * 2
+    job = StageJob(TRAIN, 1, shared, np.array([0, 1]), payloads, ({}, {}))
     try:
-        engine.train(job)
+        engine.run_stage(job)
     except RayEngineError as exc:
         return str(exc)
     finally:

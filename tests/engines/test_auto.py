@@ -2,53 +2,114 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from potluck.algorithms import Algorithm, ditto, fedavg, scaffold
 from potluck.cli import app
-from potluck.client.personal import Ditto
-from potluck.client.rules import PlainRule, Scaffold
+from potluck.client import ClientProgram, Term
 from potluck.config import ExperimentConfig
+from potluck.core.parts import Need
+from potluck.core.task import Task
+from potluck.data import Federation
 from potluck.engines.base import EngineOptions, choose_engine
 from potluck.orchestrator import resolve_engine, run_experiment
 from potluck.store.sqlite import RunStore
 
-MLP = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-CNN = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+
+
+def batch_norm_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 16),
+        nn.BatchNorm1d(16, track_running_stats=False),
+        nn.Linear(16, 10),
+    )
+
+
+def dropout_mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 10))
+
+
+class LSTMNet(nn.Module):
+    """An 8x8 input as a sequence of 8 rows of 8 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x.reshape(len(x), 8, 8))
+        return self.head(out[:, -1])
+
+
+INPUTS = {mlp: (64,), cnn: (1, 28, 28), batch_norm_mlp: (64,), dropout_mlp: (64,), LSTMNet: (64,)}
 TWO = EngineOptions(workers=2)
 ONE = EngineOptions(workers=1)
+
+
+class OneAtATime(Term):
+    """A term that declares it cannot be batched with other clients."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({Need.ONE_CLIENT_AT_A_TIME})
+
+
+PLAIN = fedavg()
+
+
+def program(model: Callable[[], nn.Module], algorithm: Algorithm) -> ClientProgram:
+    g = torch.Generator().manual_seed(0)
+    shape = INPUTS[model]
+    clients = [(torch.randn(12, *shape, generator=g), torch.arange(12) % 10) for _ in range(3)]
+    return ClientProgram(Task(model), Federation.from_client_data(clients), algorithm)
 
 
 LONG, SHORT = 10**6, 4_500  # local steps in a run (SHORT: the W1 benchmark)
 
 
 @pytest.mark.parametrize(
-    ("model", "rule", "cohort", "options", "steps", "engine", "words"),
+    ("model", "algorithm", "cohort", "options", "steps", "engine", "words"),
     [
-        (MLP, PlainRule(), 10, TWO, LONG, "vectorized", "without convolutions"),
-        (MLP, Scaffold(), 10, ONE, LONG, "vectorized", "one batched computation"),
-        (MLP, PlainRule(), 10, TWO, SHORT, "pool", "4,500 local steps in the run are too few"),
-        (MLP, PlainRule(), 10, ONE, SHORT, "inline", "too few to amortise"),
-        (CNN, PlainRule(), 10, TWO, LONG, "pool", "convolutions (module '0')"),
-        (CNN, PlainRule(), 10, ONE, LONG, "inline", "one core"),
-        (MLP, Ditto(personal_lambda=0.1), 10, TWO, LONG, "pool", "personal model"),
-        (MLP, PlainRule(), 1, TWO, LONG, "inline", "one client per round"),
-        (MLP, PlainRule(), 10, EngineOptions(ray_address="ray://h:1"), LONG, "ray", "ray://h"),
+        (mlp, PLAIN, 10, TWO, LONG, "vectorized", "without convolutions"),
+        (mlp, scaffold(), 10, ONE, LONG, "vectorized", "one batched computation"),
+        (mlp, PLAIN, 10, TWO, SHORT, "pool", "4,500 local steps in the run are too few"),
+        (mlp, PLAIN, 10, ONE, SHORT, "inline", "too few to amortise"),
+        (cnn, PLAIN, 10, TWO, LONG, "pool", "Conv2d layers (module '0')"),
+        (cnn, PLAIN, 10, ONE, LONG, "inline", "one core"),
+        (LSTMNet, PLAIN, 10, TWO, LONG, "pool", "LSTM"),
+        (LSTMNet, PLAIN, 10, ONE, LONG, "inline", "LSTM"),
+        (batch_norm_mlp, PLAIN, 10, TWO, LONG, "pool", "batch statistics"),
+        (mlp, ditto(lam=0.1), 10, TWO, LONG, "vectorized", "one batched computation"),
+        (mlp, PLAIN, 1, TWO, LONG, "inline", "one client per round"),
+        (mlp, PLAIN, 10, EngineOptions(ray_address="ray://h:1"), LONG, "ray", "ray://h"),
+        (dropout_mlp, PLAIN, 10, TWO, LONG, "pool", "Dropout"),
+        (mlp, fedavg(terms=(OneAtATime(),)), 10, TWO, LONG, "pool", "one client at a time"),
     ],
 )
 def test_choice_and_reason(
-    model: nn.Module,
-    rule: PlainRule,
+    model: Callable[[], nn.Module],
+    algorithm: Algorithm,
     cohort: int,
     options: EngineOptions,
     steps: int,
     engine: str,
     words: str,
 ) -> None:
-    name, why = choose_engine(model, rule, cohort, options, steps)
+    name, why = choose_engine(program(model, algorithm), cohort, options, steps)
     assert name == engine
     assert words in why
 

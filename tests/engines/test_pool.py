@@ -18,7 +18,7 @@ from torch import nn
 
 from potluck.algorithms import Algorithm
 from potluck.client import ClientProgram, LocalSGD, Scaffold
-from potluck.client.program import parse_evaluation
+from potluck.client.program import EvalResult, parse_evaluation
 from potluck.core.message import Message
 from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
 from potluck.core.task import Task
@@ -149,10 +149,14 @@ def test_evaluate_matches_inline() -> None:
     finally:
         engine.close()
     expected = replies(InlineEngine(p).run_stage(job))
-    parsed = [parse_evaluation(r.message, f"client {c}") for r, c in zip(got, clients)]
-    assert parsed == [parse_evaluation(r.message, f"client {c}") for r, c in zip(expected, clients)]
+
+    def parsed(answers: list[Reply]) -> list[dict[str, EvalResult]]:
+        pairs = zip(answers, clients, strict=True)
+        return [parse_evaluation(r.message, f"client {c}") for r, c in pairs]
+
+    assert parsed(got) == parsed(expected)
     sizes = [len(p.federation.client(int(c)).y_test) for c in clients]
-    assert [r["global"].n for r in parsed] == sizes and min(sizes) > 0
+    assert [r["global"].n for r in parsed(got)] == sizes and min(sizes) > 0
 
 
 def test_a_raising_client_is_reported_with_its_traceback() -> None:

@@ -23,7 +23,9 @@ from potluck.engines.inline import InlineEngine
 from potluck.engines.vectorized import VectorizedEngine
 
 TOL = 1e-6  # one round: a few float32 ulps (see tests/contract/test_engines.py)
-REFUSAL = r"vectorized engine cannot batch this model's training step.*engine = \"pool\" or \"inline\""
+REFUSAL = (
+    r"vectorized engine cannot batch this model's training step.*engine = \"pool\" or \"inline\""
+)
 
 
 def mlp() -> nn.Module:
@@ -124,7 +126,11 @@ def test_scaffold_state_and_broadcast_match_inline() -> None:
     ns = "terms.0.scaffold"
     d = p.spec.size
     g = torch.Generator().manual_seed(1)
-    states = ({ns: {"c_i": torch.randn(d, generator=g)}}, {}, {ns: {"c_i": torch.randn(d, generator=g)}})
+    states = (
+        {ns: {"c_i": torch.randn(d, generator=g)}},
+        {},
+        {ns: {"c_i": torch.randn(d, generator=g)}},
+    )
     j = job(p, [1.0, 1.0, 0.5], states, {f"{ns}/c": torch.randn(d, generator=g)})
     got, ref = VectorizedEngine(p).run_stage(j), InlineEngine(p).run_stage(j)
     assert all(f"{ns}/delta_c" in r.message.arrays and ns in r.state for r in done(ref))
@@ -196,7 +202,9 @@ def test_ditto_personal_models_and_accuracy_match_inline() -> None:
         assert got.n == ref.n
         assert abs(got.correct - ref.correct) <= 1  # a tie may flip at float32 rounding
         assert got.loss_sum == pytest.approx(ref.loss_sum, rel=1e-5)
-    accuracy = {k: sum(e.correct for e in evs) / sum(e.n for e in evs) for k, evs in evaluations.items()}
+    accuracy = {
+        k: sum(e.correct for e in evs) / sum(e.n for e in evs) for k, evs in evaluations.items()
+    }
     assert accuracy["v"] == pytest.approx(accuracy["i"], abs=1 / sum(e.n for e in evaluations["i"]))
 
 
@@ -249,7 +257,9 @@ def test_evaluate_matches_inline() -> None:
         Algorithm(),
     )
     clients = np.array([0, 2])
-    ev = StageJob(EVALUATE, 1, Message({"w": p.initial_weights()}), clients, (Message(),) * 2, ({}, {}))
+    ev = StageJob(
+        EVALUATE, 1, Message({"w": p.initial_weights()}), clients, (Message(),) * 2, ({}, {})
+    )
     got = [parse_evaluation(r.message, "v") for r in done(VectorizedEngine(p).run_stage(ev))]
     ref = [parse_evaluation(r.message, "i") for r in done(InlineEngine(p).run_stage(ev))]
     assert got == ref and all(r["global"].n == 5 for r in ref)

@@ -12,7 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
-from potluck.optim import ServerAdagrad, ServerAdam, ServerYogi, adaptive
+from potluck.algorithms import fedavg
+from potluck.algorithms.base import from_config
+from potluck.core.parts import part_context
+from potluck.core.registry import RegistryError, build_part, part_config
+from potluck.optim import ServerAdagrad, ServerAdam, ServerOptimizer, ServerYogi, adaptive
 
 # Shared by the hand-computed cases: lr 1, beta1 0.5, tau 0.5 (so v starts at 0.25), beta2 0.75.
 W0 = [0.0, 1.0, -1.0]
@@ -231,6 +235,41 @@ def test_first_adam_step_bound_is_tight_for_large_deltas() -> None:
 def test_bad_hyperparameters_are_refused_by_name(make: Callable[[], object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("cls", [ServerAdam, ServerYogi, ServerAdagrad])
+def test_step_takes_the_round_context_and_does_not_depend_on_it(
+    cls: type[ServerAdagrad | ServerAdam | ServerYogi],
+) -> None:
+    opt = cls()
+    w, delta = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.1, 0.2, -0.3])
+    state = opt.init(w)
+    w_plain, s_plain = opt.step(w, delta, state)
+    for rnd in (1, 7):
+        w_ctx, s_ctx = opt.step(w, delta, state, part_context(0, rnd, "server"))
+        assert torch.equal(w_ctx, w_plain) and all(
+            torch.equal(s_ctx[k], s_plain[k]) for k in s_plain
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("adam", ServerAdam), ("yogi", ServerYogi), ("adagrad", ServerAdagrad)]
+)
+def test_adaptive_servers_are_named_parts_of_an_algorithm(
+    name: str, cls: type[ServerAdagrad | ServerAdam | ServerYogi]
+) -> None:
+    opt = cls(lr=0.5, beta1=0.5, tau=0.01)
+    assert isinstance(opt, ServerOptimizer)
+    section = part_config("server", opt)
+    assert section["name"] == name and section["lr"] == 0.5 and section["tau"] == 0.01
+    assert build_part("server", section, "server") == opt
+    algo = fedavg(clients_per_round=2, server=opt)
+    assert dict(algo.parts())["server"] is opt
+    assert from_config(algo.to_config()) == algo
+    with pytest.raises(RegistryError, match=r"^server\.lrr: unknown parameter .*'lr'\?"):
+        build_part("server", {"name": name, "lrr": 0.1}, "server")
+    with pytest.raises(RegistryError, match=rf"^server: {cls.__name__} lr must be in \(0, inf\)"):
+        build_part("server", {"name": name, "lr": 0.0}, "server")
 
 
 def test_docstring_examples_run() -> None:

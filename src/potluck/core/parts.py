@@ -382,6 +382,8 @@ def _unmet(
         if summed:
             return f"{describe_part(*parts[summed[0]])} gives the server only their sum"
         return None
+    if need == Need.ONE_CLIENT_AT_A_TIME:
+        return None  # asked of the engine, which refuses the part if it batches clients
     if need == Need.BOUNDED_SENSITIVITY:
         if any(j < i for j in givers.get(need, [])):
             return None

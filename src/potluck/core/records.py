@@ -77,10 +77,12 @@ class StageJob:
 @dataclass(frozen=True)
 class Reply:
     """A client's answer to one stage: its upload and its new persistent state (only the
-    namespaces it changed)."""
+    namespaces it changed). ``refused``: why an answer that arrived cannot be used (a remote
+    engine's record that does not unpack); the round counts it as refused, not failed."""
 
     message: Message
     state: Mapping[str, State] = field(default_factory=dict)
+    refused: str | None = None
 
 
 @dataclass(frozen=True)

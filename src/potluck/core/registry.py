@@ -235,9 +235,7 @@ def build_part(kind: str, section: Mapping[str, Any], where: str) -> Any:
     return construct(cls, {k: v for k, v in section.items() if k != "name"}, f"{where}")
 
 
-def construct(
-    factory: Any, given: Mapping[str, Any], where: str, label: str | None = None
-) -> Any:
+def construct(factory: Any, given: Mapping[str, Any], where: str, label: str | None = None) -> Any:
     """``factory(**given)`` after checking the names and types of ``given`` against the
     factory's dataclass fields (or signature); errors in the one message template.
     ``label`` names the factory in messages (default: its ``__name__``)."""

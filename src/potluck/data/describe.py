@@ -81,6 +81,7 @@ def describe(federation: Federation, max_rows: int = 20) -> dict[str, Any]:
     k = federation.num_clients
     sizes = federation.partition.sizes()
     train = federation.num_examples_all()
+    test = federation.num_test_examples_all()
     cid, label, count = _label_table(federation)
     p = count / sizes[cid]
     entropy = np.bincount(cid, weights=-p * np.log2(p), minlength=k) + 0.0
@@ -93,7 +94,7 @@ def describe(federation: Federation, max_rows: int = 20) -> dict[str, Any]:
             {
                 "client": c,
                 "train": int(train[c]),
-                "test": int(sizes[c] - train[c]),
+                "test": int(test[c]),
                 "labels": int(n_labels[c]),
                 "entropy": float(entropy[c]),
                 "top_labels": [int(v) for v in label[sel][top]],

@@ -257,10 +257,10 @@ class Federation:
         Each item is an ``(x, y)`` pair (tuple or 2-list) of NumPy arrays or torch tensors,
         or a ``torch.utils.data.Dataset`` (anything with ``__len__``/``__getitem__``) that
         yields ``(x, y)`` pairs; ``y`` holds class labels and becomes int64. ``x`` becomes
-        float32, or int64 when it holds integers (token ids or category codes for an
-        embedding layer; cast integer images to float yourself); bool becomes float32 (0/1
-        indicators). All clients and test sets must agree on integer or float ``x``, and
-        NaN or Inf is refused. ``test`` is an optional centralised ``(x, y)`` test set;
+        float32, or int64 when it holds wider integers (token ids or category codes for an
+        embedding layer); uint8 (pixels) and bool (0/1 indicators) become float32. All
+        clients and test sets must agree on integer or float ``x``, and NaN or Inf is
+        refused. ``test`` is an optional centralised ``(x, y)`` test set;
         ``num_classes`` defaults to the largest label + 1.
 
         ``client_tests`` gives each client its own held-out test set instead of a random
@@ -481,8 +481,9 @@ def _arrays(item: Any, where: str, allow_empty: bool) -> tuple[np.ndarray, np.nd
 
 
 def _cast_inputs(x: np.ndarray, where: str) -> np.ndarray:
-    """Integers (any width, signed or not) to int64, bool and floats to float32."""
-    if x.dtype == np.bool_:
+    """Integers (any width, signed or not) to int64; bool, uint8 (pixel values, as image
+    sets ship them) and floats to float32."""
+    if x.dtype in (np.bool_, np.uint8):
         return np.ascontiguousarray(x, dtype=np.float32)
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"{where}: x must be real numbers, got {x.dtype}")

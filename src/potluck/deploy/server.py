@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from potluck.client.program import ClientProgram, EvalResult
+from potluck.core.message import Message
 from potluck.core.records import RecordError, Reply, StageJob, reply_from_message, task_message
 from potluck.deploy import wire
 from potluck.store.sqlite import RunStore
@@ -465,15 +466,14 @@ class GrpcEngine:
 
 
 def _reply(env: wire.Envelope | None) -> Reply | None:
-    """A member's answer: its reply, or None if it declined, did not answer, or sent
-    something that is not a reply record (refused and logged)."""
+    """A member's answer: its reply, None if it declined or did not answer, or a refused
+    reply if it sent something that is not a reply record."""
     if env is None or env.kind == "declined":
         return None
     try:
         return reply_from_message(env.message())
     except RecordError as exc:
-        log.warning("refused the answer of client %r: %s", env.client, exc)
-        return None
+        return Reply(Message(), refused=f"the answer of client {env.client!r}: {exc}")
 
 
 def serve(

@@ -155,9 +155,9 @@ def choose_engine(
     if cohort_size < 2:
         return "inline", "one client per round: there is nothing to run side by side"
     model = program.model
-    problem = vectorizing_problem(program)
     convs = [n for n, m in model.named_modules() if isinstance(m, _ConvNd | RNNBase)]
     short = run_steps is not None and run_steps < VECTORIZE_MIN_STEPS
+    problem = vectorizing_problem(program, probe=not convs and not short)
     if problem is None and not convs and not short:
         return "vectorized", (
             f"{cohort_size} clients per round of a model without convolutions train as one "
