@@ -38,7 +38,24 @@ RUN = "deployed"
 NOT_LEARNING = TIMING_METRICS | {"failed", "refused"}
 _bin = Path(sys.prefix) / "bin" / "potluck"
 POTLUCK = [str(_bin)] if _bin.exists() else [sys.executable, "-m", "potluck.cli"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the user's parts (my_lab)
+ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+    "COLUMNS": "200",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(EXAMPLES), os.environ.get("PYTHONPATH")) if p),
+}
+# parts a user wrote, named by import path: a stateful transform, a median, a term with a
+# server half, and a part with two stages of its own (with dropouts between them)
+USER_PARTS: dict[str, Any] = {
+    "terms": [{"name": "my_lab.feddyn:FedDyn", "alpha": 0.01}],
+    "transforms": [
+        {"name": "my_lab.compress:SignEF"},
+        {"name": "my_lab.beacon:Beacon", "drop": 0.3},
+    ],
+    "aggregator": {"name": "my_lab.agg:Median"},
+}
 
 
 def _fashion_mnist() -> str | None:
@@ -57,11 +74,17 @@ pytestmark = pytest.mark.skipif(
 
 
 def experiment(
-    store: Path, rounds: int = 3, federated_clients: int = 5, **deploy: Any
+    store: Path,
+    rounds: int = 3,
+    federated_clients: int = 5,
+    parts: dict[str, Any] | None = None,
+    **deploy: Any,
 ) -> ExperimentConfig:
-    """FedAvg on Fashion-MNIST: 5 clients (Dirichlet), logistic regression, one epoch."""
+    """FedAvg on Fashion-MNIST: 5 clients (Dirichlet), logistic regression, one epoch;
+    ``parts`` replace some of FedAvg's."""
     return ExperimentConfig.from_dict(
         {
+            **(parts or {}),
             "seed": 7,
             "rounds": rounds,
             "data": {
@@ -343,6 +366,34 @@ def test_server_and_clients_on_separate_hosts_reproduce_the_simulation(
     assert all(m["failed"] == 0 and m["refused"] == 0 for m in run.history)
     assert sorted(run.health) == SITES
     assert all(h["rounds_completed"] == 3 and h["failures"] == 0 for h in run.health.values())
+
+
+def test_user_parts_named_by_import_path_deploy_across_hosts(
+    star: Star, procs: Procs, pki: Path, tmp_path: Path
+) -> None:
+    """The user's parts run in the deployment as in the simulation: the sites rebuild them
+    from the config the server sends, client state (the error-feedback residual, FedDyn's
+    h_k, the beacon's secret) travels with the tasks, and the beacon's two extra stages, with
+    clients declining between them, go over the network."""
+    store = tmp_path / "runs"
+    cfg = experiment(store, rounds=3, parts=USER_PARTS, listen="0.0.0.0:0")
+    toml = write(cfg, tmp_path / "exp.toml")
+    server = procs.server(toml, store, pki, listen="0.0.0.0:0", prefix=star.exec(star.hub))
+    port = server.port()
+    clients = [
+        procs.client(name, f"{star.hub_address(i)}:{port}", pki, prefix=star.exec(star.spoke(i)))
+        for i, name in enumerate(SITES)
+    ]
+    assert server.finish() == 0, procs.tails()
+    assert [c.finish(30) for c in clients] == [0] * 5, procs.tails()
+    sim = simulate(cfg)
+    run = stored(store)
+    assert run.rounds == [1, 2, 3] and run.status == "finished"
+    assert learning(run.history) == learning(sim.history)
+    assert torch.equal(run.weights, sim.weights)
+    dropped = sum(m["transforms.1.Beacon/dropped"] for m in run.history)
+    assert dropped > 0 and all(m["transforms.1.Beacon/committed"] == 5 for m in run.history)
+    assert all(m["failed"] == 0 and m["refused"] == 0 for m in run.history)
 
 
 def test_clients_killed_mid_run_are_dropped_and_the_run_finishes(
