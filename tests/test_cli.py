@@ -127,3 +127,109 @@ def test_data_describe(store: Path) -> None:
         "data", "describe", "--set", 'data.dataset="digits"', "--set", "data.num_clients=8"
     )
     assert code == 0 and "label_entropy" in out  # the table, without --json
+
+
+USER_TOML = """
+rounds = 4
+[data]
+dataset = "digits"
+num_clients = 10
+[model]
+name = "mlp"
+[sampler]
+clients_per_round = 4
+[client]
+batch_size = 16
+[[transforms]]
+name = "my_lab.compress:SignEF"
+[aggregator]
+name = "my_lab.agg:Median"
+[run]
+name = "user-parts"
+threads = 1
+"""
+
+
+def _stop_after_two(rnd: int, _metrics: object) -> None:
+    if rnd == 2:
+        raise KeyboardInterrupt
+
+
+def test_user_parts_by_import_path_run_and_resume_from_the_cli(tmp_path: Path, store: Path) -> None:
+    from potluck.config import ExperimentConfig
+    from potluck.orchestrator import run_experiment
+    from potluck.store.sqlite import RunStore
+
+    exp = tmp_path / "user.toml"
+    exp.write_text(USER_TOML)
+    code, out = invoke("run", str(exp), "--store", str(store / "full"))
+    assert code == 0, out
+    with pytest.raises(KeyboardInterrupt):  # the same run, interrupted after round 2
+        cfg = ExperimentConfig.from_toml(exp)
+        run_experiment(cfg.build(), RunStore(store / "cut"), on_round=_stop_after_two)
+    code, out = invoke("resume", "user-parts", "--store", str(store / "cut"))
+    assert code == 0 and "resuming run" in out, out
+    with RunStore(store / "full") as full, RunStore(store / "cut") as cut:
+        a, b = (s.rounds(s.resolve("user-parts")) for s in (full, cut))
+        learned = [{k: v for k, v in r.metrics.items() if k != "round_seconds"} for r in a]
+        assert learned == [{k: v for k, v in r.metrics.items() if k != "round_seconds"} for r in b]
+
+
+def test_a_python_run_of_named_pieces_resumes_from_the_cli(store: Path) -> None:
+    """Built in Python from a model class, a federation builder and a user aggregator, all
+    named by import path: the stored config rebuilds it, so ``potluck resume`` can."""
+    import torch
+    from my_lab.agg import Median
+    from my_lab.task import TumourNet
+
+    from potluck import Experiment, Federation, Task, run_experiment
+    from potluck.algorithms import fedavg
+    from potluck.store.sqlite import RunStore
+
+    exp = Experiment(
+        Task(TumourNet),
+        Federation.load("my_lab.task:hospitals"),
+        fedavg(clients_per_round=3, lr=0.1, aggregator=Median()),
+        rounds=4,
+        threads=1,
+        name="from-python",
+    )
+    full = run_experiment(exp)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, RunStore(store), on_round=_stop_after_two)
+    with RunStore(store) as st:
+        config = st.get_run(st.resolve("from-python")).config
+    assert "not_resumable" not in config
+    assert config["task"]["model"] == "my_lab.task:TumourNet"
+    assert config["data"] == {"federation": "my_lab.task:hospitals"}
+    code, out = invoke("resume", "from-python", "--store", str(store))
+    assert code == 0, out
+    with RunStore(store) as st:
+        _, ckpt = st.latest_checkpoint(st.resolve("from-python"))
+    assert torch.equal(ckpt.tensors["global"], full.weights)
+
+
+def test_a_python_run_with_unnamed_pieces_says_what_to_name(store: Path) -> None:
+    import torch
+
+    from potluck import Experiment, Federation, Task, run_experiment
+    from potluck.algorithms import fedavg
+    from potluck.store.sqlite import RunStore
+
+    clients = [(torch.randn(20, 4), torch.arange(20) % 2) for _ in range(3)]
+    exp = Experiment(
+        Task(lambda: torch.nn.Linear(4, 2)),
+        Federation.from_client_data(clients),
+        fedavg(clients_per_round=2),
+        rounds=2,
+        name="lambda-run",
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, RunStore(store), on_round=lambda r, m: _stop_after_two(r + 1, m))
+    code, out = invoke("resume", "lambda-run", "--store", str(store))
+    flat = " ".join(out.split())
+    assert code == 2
+    assert "task: the model factory" in flat
+    assert "<lambda> is a lambda: define a named function at module level" in flat
+    assert "Federation.load('pkg.module:build')" in flat
+    assert "potluck.resume_experiment" in flat
