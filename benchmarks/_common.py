@@ -174,21 +174,35 @@ FMNIST_LOGREG_1000: dict[str, Any] = {
 
 
 def train_cohort(engine: Any, algorithm: Any, cohort: Any, w: Any, rnd: int) -> list[Any]:
-    """Run ``engine.train`` for ``cohort`` from global weights ``w``; the upload messages."""
+    """Run the ``train`` stage on ``engine`` for ``cohort`` from global weights ``w`` (fresh
+    client states, full work); the upload messages."""
     import numpy as np
 
-    from potluck.client.program import RoundInput
+    from potluck.core.message import Message
+    from potluck.core.records import StageJob
 
-    rule = algorithm.rule
-    job = RoundInput(
-        round=rnd,
-        w=w,
-        cohort=np.asarray(cohort),
-        broadcast=rule.broadcast(rule.server_init(w)),
-        states=tuple({} for _ in range(len(cohort))),
-        work=np.ones(len(cohort)),
+    program = engine.program
+    arrays = {"w": w}
+    for ns, term in zip(program.term_ns, program.terms, strict=True):
+        arrays.update({f"{ns}/{k}": v for k, v in term.broadcast(term.server_init(w)).items()})
+    k = len(cohort)
+    job = StageJob(
+        "train",
+        rnd,
+        Message(arrays),
+        np.asarray(cohort),
+        tuple(Message(scalars={"work": 1.0}) for _ in range(k)),
+        tuple({} for _ in range(k)),
     )
-    return [r.message for r in engine.train(job)]
+    return [r.message for r in engine.run_stage(job)]
+
+
+def cohort_of(algorithm: Any, num_clients: int, seed: int, rnd: int) -> Any:
+    """The cohort ``algorithm``'s sampler draws in round ``rnd`` (as the round loop does)."""
+    from potluck.core.parts import Context
+
+    state = algorithm.sampler.init(num_clients)
+    return algorithm.sampler.sample(num_clients, state, Context(seed, rnd, ("sampling", rnd)))[0]
 
 
 def save_curves(

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import REPO, W1_DIGITS_MLP, header, write_result
+from _common import REPO, W1_DIGITS_MLP, cohort_of, header, write_result
 
 POTLUCK = str(Path(sys.executable).with_name("potluck"))
 FLOWER_PY = REPO / ".venv-flower" / "bin" / "python"
@@ -366,7 +366,6 @@ def export(workload: Workload, out: Path, threads: int) -> dict[str, Any]:
 
     from potluck.client import ClientProgram
     from potluck.config import ExperimentConfig
-    from potluck.core.seeding import Seeds
     from potluck.core.task import Task
     from potluck.models import build_model
 
@@ -392,10 +391,9 @@ def export(workload: Workload, out: Path, threads: int) -> dict[str, Any]:
     indices = np.concatenate(parts).astype(np.int64)
     np.save(out / "client_indices.npy", indices)
     np.save(out / "client_offsets.npy", np.asarray(offsets, np.int64))
-    seeds = Seeds(cfg.seed)
-    cohorts = np.stack(
-        [algo.sampler.sample(n, seeds.numpy("sampling", r)) for r in range(1, cfg.rounds + 1)]
-    ).astype(np.int64)
+    cohorts = np.stack([cohort_of(algo, n, cfg.seed, r) for r in range(1, cfg.rounds + 1)]).astype(
+        np.int64
+    )
     np.save(out / "cohorts.npy", cohorts)
     for cid in cohorts[0]:  # the export gives exactly potluck's client data
         data, rows = fed.client(int(cid)), parts[int(cid)]
@@ -408,7 +406,7 @@ def export(workload: Workload, out: Path, threads: int) -> dict[str, Any]:
             model_name, input_shape=source.input_shape, num_classes=source.num_classes
         )
     )
-    program = ClientProgram(task, fed, algo.local, seed=cfg.seed)
+    program = ClientProgram(task, fed, algo, seed=cfg.seed)
     w0 = program.spec.unflatten(program.initial_weights())
     np.savez(out / "init.npz", **{k: v.numpy() for k, v in w0.items()})
     spec = {
@@ -417,7 +415,7 @@ def export(workload: Workload, out: Path, threads: int) -> dict[str, Any]:
         "num_classes": source.num_classes,
         "num_clients": n,
         "rounds": cfg.rounds,
-        "epochs": cfg.client.epochs,
+        "epochs": cfg.client["epochs"],
         "batch_size": cfg.client.batch_size,
         "lr": cfg.client.lr,
         "seed": cfg.seed,
@@ -431,7 +429,7 @@ def export(workload: Workload, out: Path, threads: int) -> dict[str, Any]:
         program.model(batch)
     fwd_per_example = counter.get_total_flops() / len(batch)
     sizes = fed.num_examples_all()
-    trained = int(cfg.client.epochs * sizes[cohorts].sum())
+    trained = int(cfg.client["epochs"] * sizes[cohorts].sum())
     return {
         "description": workload.description,
         "config": cfg.to_dict(),
@@ -535,7 +533,7 @@ def anatomy(
 
     exp = ExperimentConfig.from_dict(workload.config).build()
     algo, fed = exp.algorithm, exp.federation
-    program = ClientProgram(exp.task, fed, algo.local, seed=exp.seed)
+    program = ClientProgram(exp.task, fed, algo, seed=exp.seed)
     w, cohort = program.initial_weights(), np.asarray(info["cohorts"][0])
     fwd = info["forward_flops_per_example"]
     train_flops = 3 * fwd * algo.local.epochs * int(fed.num_examples_all()[cohort].sum())

@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _common import header, summary, train_cohort, write_result
+from _common import cohort_of, header, summary, train_cohort, write_result
 
 PY = sys.executable
 POTLUCK = str(Path(sys.executable).with_name("potluck"))
@@ -159,15 +159,14 @@ def round_anatomy(reps: int) -> dict[str, Any]:
 
     from potluck.client import ClientProgram
     from potluck.config import ExperimentConfig
-    from potluck.core.seeding import Seeds
     from potluck.engines.inline import InlineEngine
 
     exp = ExperimentConfig.from_dict({}).build()
-    program = ClientProgram(exp.task, exp.federation, exp.algorithm.local, seed=exp.seed)
+    program = ClientProgram(exp.task, exp.federation, exp.algorithm, seed=exp.seed)
     engine = InlineEngine(program)
     w = program.initial_weights()
     n = exp.federation.num_clients
-    cohort = exp.algorithm.sampler.sample(n, Seeds(exp.seed).numpy("sampling", 1))
+    cohort = cohort_of(exp.algorithm, n, exp.seed, 1)
     fed_clients = np.sort(np.random.default_rng(0).choice(n, size=10, replace=False))
     test = exp.federation.source.test
     test_x = test.features()

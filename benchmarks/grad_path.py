@@ -31,7 +31,8 @@ from _common import header, summary, write_result
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from potluck.client import ClientProgram, LocalSGD
+from potluck.algorithms import Algorithm
+from potluck.client import ClientProgram
 from potluck.core.task import Task
 from potluck.data import Federation
 from potluck.models import build_model
@@ -53,7 +54,7 @@ def measure(name: str, shape: tuple[int, ...], batch: int, reps: int) -> dict[st
         return build_model(name, input_shape=shape, num_classes=10)
 
     fed = Federation.from_client_data([(torch.zeros(4, *shape), torch.arange(4) % 2)])
-    program = ClientProgram(Task(factory), fed, LocalSGD(), seed=0)
+    program = ClientProgram(Task(factory), fed, Algorithm(), seed=0)
     spec, model = program.spec, program.model
     model.train()
     w = program.initial_weights()

@@ -109,7 +109,7 @@ class Bench:
         self.exp = exp
         self.fed = exp.federation
         self.opt_cfg = exp.algorithm.local
-        self.program = ClientProgram(exp.task, exp.federation, exp.algorithm.local, seed=exp.seed)
+        self.program = ClientProgram(exp.task, exp.federation, exp.algorithm, seed=exp.seed)
         self.engine = InlineEngine(self.program)
         self.w = self.program.initial_weights()
         n = self.fed.num_clients

@@ -31,6 +31,7 @@ import torch
 from _common import (
     FMNIST_LOGREG_1000,
     W1_DIGITS_MLP,
+    cohort_of,
     header,
     summary,
     train_cohort,
@@ -39,7 +40,6 @@ from _common import (
 
 from potluck.client import ClientProgram
 from potluck.config import ExperimentConfig
-from potluck.core.seeding import Seeds
 from potluck.engines.base import Engine
 from potluck.engines.inline import InlineEngine
 from potluck.engines.vectorized import VectorizedEngine
@@ -73,15 +73,15 @@ WORKLOADS = (
 def run_workload(workload: Workload) -> dict[str, Any]:
     exp = ExperimentConfig.from_dict(workload.config).build()
     algo = exp.algorithm
-    program = ClientProgram(exp.task, exp.federation, algo.local, seed=exp.seed)
+    program = ClientProgram(exp.task, exp.federation, algo, seed=exp.seed)
     engines: dict[str, Engine] = {
         "inline": InlineEngine(program),
         "vectorized": VectorizedEngine(program),
     }
-    w, seeds, n = program.initial_weights(), Seeds(exp.seed), exp.federation.num_clients
+    w, n = program.initial_weights(), exp.federation.num_clients
 
     def cohort(rnd: int) -> Any:
-        return algo.sampler.sample(n, seeds.numpy("sampling", rnd))
+        return cohort_of(algo, n, exp.seed, rnd)
 
     first = {k: train_cohort(e, algo, cohort(0), w, 0) for k, e in engines.items()}  # warm-up
     max_diff = max(
