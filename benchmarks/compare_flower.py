@@ -416,15 +416,15 @@ def export(workload: Workload, out: Path, threads: int) -> dict[str, Any]:
         "num_clients": n,
         "rounds": cfg.rounds,
         "epochs": cfg.client["epochs"],
-        "batch_size": cfg.client.batch_size,
-        "lr": cfg.client.lr,
+        "batch_size": cfg.client["batch_size"],
+        "lr": cfg.client["lr"],
         "seed": cfg.seed,
         "eval_batch": EVAL_BATCH,
     }
     (out / "spec.json").write_text(json.dumps(spec, indent=1))
 
     torch.set_num_threads(threads)
-    batch = torch.from_numpy(source.train.features(slice(0, cfg.client.batch_size)))
+    batch = torch.from_numpy(source.train.features(slice(0, cfg.client["batch_size"])))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         program.model(batch)
     fwd_per_example = counter.get_total_flops() / len(batch)

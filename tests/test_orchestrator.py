@@ -250,3 +250,52 @@ def test_an_engine_refusal_happens_before_anything_is_stored(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="inline"):
         run_experiment(cfg.build(), store)
     assert store.list_runs() == []
+
+
+def test_a_bfloat16_downlink_halves_the_bytes_down_and_still_learns() -> None:
+    full = run_experiment(ExperimentConfig.from_dict({**DIGITS, "rounds": 4}).build())
+    cast = {**DIGITS, "rounds": 4, "downlink": [{"name": "cast", "dtype": "bfloat16"}]}
+    half = run_experiment(ExperimentConfig.from_dict(cast).build())
+    for f, h in zip(full.history, half.history, strict=True):
+        assert h["bytes_down"] * 2 == f["bytes_down"] and h["bytes_up"] == f["bytes_up"]
+    assert not torch.equal(full.weights, half.weights)  # clients trained from rounded weights
+    # and learn as well: the rounding is 2^-8 relative (here the accuracies are equal)
+    assert half.final["test_accuracy"] == pytest.approx(full.final["test_accuracy"], abs=0.02)
+    assert half.final["test_accuracy"] > 2 * half.history[0]["test_accuracy"]
+
+
+class TupleNet(torch.nn.Module):
+    """Returns (logits, hidden) like an LSTM: training could not use it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(x), x
+
+
+@pytest.mark.parametrize(
+    ("model", "labels", "error", "words"),
+    [
+        (TupleNet, 3, TypeError, ("client 0", "return the logits tensor only")),
+        (lambda: torch.nn.Linear(4, 3), 5, ValueError, ("3 outputs", "at least 5 outputs")),
+    ],
+)
+def test_a_task_that_cannot_train_is_refused_before_anything_is_stored(
+    tmp_path: Path, model: object, labels: int, error: type, words: tuple[str, ...]
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    clients = [(torch.randn(10, 4, generator=g), torch.arange(10) % labels) for _ in range(3)]
+    exp = Experiment(
+        Task(model),  # type: ignore[arg-type]
+        Federation.from_client_data(clients),
+        fedavg(clients_per_round=2),
+        rounds=1,
+    )
+    store = RunStore(tmp_path)
+    with pytest.raises(error) as info:
+        run_experiment(exp, store)
+    for word in words:
+        assert word in str(info.value)
+    assert store.list_runs() == []

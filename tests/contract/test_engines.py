@@ -72,6 +72,11 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "fedper": {"data": DIRICHLET, "algorithm": {"name": "fedper"}},
     "qffl": {"data": DIRICHLET, "algorithm": {"name": "qffl", "q": 1.0}},
     "ditto": {"data": DIRICHLET, "algorithm": {"name": "ditto", "lam": 0.1}},
+    "fedprox_scaffold_bf16_down": {
+        "data": DIRICHLET,
+        "terms": [{"name": "fedprox", "mu": 0.1}, {"name": "scaffold"}],
+        "downlink": [{"name": "cast", "dtype": "bfloat16"}],
+    },
 }
 
 

@@ -35,9 +35,26 @@ BASE = {
 }
 
 
-def history(engine: str, address: str | None = None) -> dict[str, object]:
+# user-written parts (examples/my_lab, on the actors' PYTHONPATH): a stateful sampler, a term
+# with client and server state, a stateful transform, a part with two stages and dropouts,
+# and the broadcast sent as bfloat16
+USER = {
+    "algorithm": {"name": "fedavg"},
+    "sampler": {"name": "my_lab.sampler:RoundRobin", "clients_per_round": 5},
+    "terms": [{"name": "my_lab.feddyn:FedDyn", "alpha": 0.01}],
+    "transforms": [
+        {"name": "my_lab.compress:SignEF"},
+        {"name": "my_lab.beacon:Beacon", "drop": 0.3},
+    ],
+    "downlink": [{"name": "cast", "dtype": "bfloat16"}],
+}
+
+
+def history(
+    engine: str, address: str | None = None, parts: dict | None = None
+) -> dict[str, object]:
     run = {"engine": engine, "ray_address": address, "workers": 2}
-    cfg = ExperimentConfig.from_dict({**BASE, "run": {**BASE["run"], **run}})
+    cfg = ExperimentConfig.from_dict({**BASE, **(parts or {}), "run": {**BASE["run"], **run}})
     result = run_experiment(cfg.build())
     learning = [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in result.history]
     return {"history": learning, "weights": result.weights.tolist()}
@@ -73,6 +90,8 @@ if __name__ == "__main__":
     out = {
         "inline": history("inline"),
         "ray": history("ray", address),
+        "user_inline": history("inline", parts=USER),
+        "user_ray": history("ray", address, parts=USER),
         "failure": failing_client(address),
     }
     print("RESULT " + json.dumps(out))

@@ -9,11 +9,13 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).parent
+EXAMPLES = HERE.parents[1] / "examples"  # the user's parts, importable on every actor
 BIN = Path(sys.executable).parent
 PORT = 6390
 
@@ -24,18 +26,27 @@ pytestmark = pytest.mark.skipif(
 
 
 def in_namespace(script: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run a shell ``script`` in a new network namespace with only ``lo`` up."""
+    """Run a shell ``script`` in a new network namespace with only ``lo`` up, with its own
+    ``RAY_TMPDIR`` (so it cannot join another Ray cluster through Ray's default files)."""
     body = f"set -e; ip link set lo up; {script}"
+    tmp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray puts sockets there
     try:
         return subprocess.run(
             ["unshare", "-n", "sh", "-c", body],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "RAY_USAGE_STATS_ENABLED": "0"},
+            env={
+                "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "PYTHONPATH": str(EXAMPLES),
+                "RAY_TMPDIR": tmp_dir,
+            },
         )
     except PermissionError:
         pytest.skip("unshare -n needs root (CAP_SYS_ADMIN)")
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def test_ray_matches_inline_through_api_and_cli(tmp_path: Path) -> None:
@@ -58,6 +69,7 @@ def test_ray_matches_inline_through_api_and_cli(tmp_path: Path) -> None:
     out = json.loads(line.removeprefix("RESULT "))
     assert out["ray"]["history"] == out["inline"]["history"]  # one torch thread: bitwise
     assert out["ray"]["weights"] == out["inline"]["weights"]
+    assert out["user_ray"] == out["user_inline"]  # user parts with state and stages too
     assert "a Ray actor failed while handling clients" in out["failure"]
     assert "client data is corrupt" in out["failure"]
     assert "engine ray" in proc.stdout and "done" in proc.stdout
