@@ -175,6 +175,7 @@ class Prepared:
     round: int
     w_global: torch.Tensor
     w_start: torch.Tensor
+    num_examples: int
     steps: int
     views: list[_Client]
     works: list[State]
@@ -215,6 +216,7 @@ class ClientProgram:
         if finetune_epochs:
             self.finetune = replace(self.optimizer, epochs=finetune_epochs, max_steps=None)  # type: ignore[type-var]
         self._w0 = self.spec.from_module_values(self.model)
+        self._cached: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._check_task()
 
     def initial_weights(self) -> torch.Tensor:
@@ -280,7 +282,10 @@ class ClientProgram:
 
     def steps_for(self, cid: int, work: float = 1.0) -> int:
         """Local steps client ``cid`` takes when it completes ``work`` of its epochs."""
-        full = self.optimizer.num_steps(self.federation.num_examples(cid))
+        return self._steps(self.federation.num_examples(cid), work)
+
+    def _steps(self, num_examples: int, work: float) -> int:
+        full = self.optimizer.num_steps(num_examples)
         return min(full, max(1, int(work * full))) if full else 0
 
     def train(
@@ -320,7 +325,8 @@ class ClientProgram:
         ``start``. Every engine trains from here."""
         torch.default_generator.manual_seed(self.seeds.integer("dropout", round, cid))
         payload = payload or Message()
-        steps = self.steps_for(cid, float(payload.scalars.get("work", 1.0)))
+        n = len(self._data(cid)[1])
+        steps = self._steps(n, float(payload.scalars.get("work", 1.0)))
         inbox = _inboxes(payload)
         views = [self._view(cid, round, ns, steps, inbox.get(ns)) for ns in self.term_ns]
         works = [
@@ -331,7 +337,7 @@ class ClientProgram:
         w = w_global
         for term, work_state in zip(self.terms, works, strict=True):
             w = term.start(w, work_state)
-        return Prepared(cid, round, w_global, w, steps, views, works, state, inbox)
+        return Prepared(cid, round, w_global, w, n, steps, views, works, state, inbox)
 
     def correction(self, works: Sequence[State]) -> Correction:
         """The terms' gradient corrections in chain order, as one function of (w, grad)."""
@@ -352,7 +358,7 @@ class ClientProgram:
     def conclude(self, prep: Prepared, w: torch.Tensor, loss_sum: float, seen: int) -> Reply:
         """Everything after the local steps: the terms' ``finish`` in chain order, the upload
         and its encoding by the transforms (each with its client state)."""
-        n = self.federation.num_examples(prep.cid)
+        n = prep.num_examples
         result = LocalResult(prep.w_global, w, w - prep.w_global, float(n), prep.steps)
         arrays: dict[str, torch.Tensor] = {}
         scalars: dict[str, int | float | str] = {"num_examples": n, "num_steps": prep.steps}
@@ -390,7 +396,9 @@ class ClientProgram:
         return _Client(self, ctx, data[0], data[1], steps)
 
     def _data(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = getattr(self, "_cached", None)
+        """Client ``cid``'s training data as tensors (the last client's kept: a client's
+        terms and its training ask for it several times in a row)."""
+        cached = self._cached
         if cached is not None and cached[0] == cid:
             return cached[1]
         data = self.federation.client(cid)
