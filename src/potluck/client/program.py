@@ -301,15 +301,10 @@ class ClientProgram:
         ``payload``: the server's message for this client (``work``, its share of local
         work, and what earlier stages left for its parts)."""
         prep = self.prepare(cid, round, w_global, broadcasts or {}, state or {}, payload)
-        view = prep.views[0] if prep.views else self._view(cid, round, "local", prep.steps)
-        w, loss_sum, seen = self._local_steps(
-            prep.w_start,
-            self.correction(prep.works),
-            view.x,
-            view.y,
-            prep.steps,
-            self.seeds.torch("batch", round, cid),
-        )
+        x, y = self._data(cid)
+        gen = self.seeds.torch("batch", round, cid)
+        correct = self.correction(prep.works)
+        w, loss_sum, seen = self._local_steps(prep.w_start, correct, x, y, prep.steps, gen)
         return self.conclude(prep, w, loss_sum, seen)
 
     def prepare(
