@@ -122,8 +122,6 @@ def main() -> None:
             for side, tree in (("old", old), ("new", REPO)):
                 print(f"pair {i + 1}/{args.pairs}: {side}", flush=True)
                 runs[side].append(run_side(tree, args.benchmark))
-    times = os.times()  # the runs are this driver's children: their CPU is the benchmark's
-    payload["machine"]["benchmark_children_cpu_s"] = times.children_user + times.children_system
     keys = sorted(runs["new"][0])
     payload["runs"] = runs
     payload["median"] = {

@@ -62,6 +62,7 @@ _log = logging.getLogger("potluck")
 EngineFactory = Callable[[ClientProgram], Engine]
 RoundCallback = Callable[[int, Mapping[str, float]], None]
 TIMING_METRICS = frozenset({"round_seconds"})
+_COUNTS = ("num_examples", "num_steps", "weight")  # scalars of every update, >= 0
 PerClient = list[tuple[int, dict[str, float]]]
 
 
@@ -379,15 +380,17 @@ class RoundStages:
             else []
         )
         out: dict[int, Reply] = {}
+        shared_bytes = shared.nbytes
         for c, p, reply in zip(clients, own, answers, strict=True):
             cid = int(c)
-            self.bytes_down[cid] = self.bytes_down.get(cid, 0) + shared.nbytes + p.nbytes
+            self.bytes_down[cid] = self.bytes_down.get(cid, 0) + shared_bytes + p.nbytes
             if reply is None:
                 continue
             try:
                 if reply.refused:
                     raise MessageError(reply.refused)
-                self.loop._check_state(cid, reply)
+                if reply.state:
+                    self.loop._check_state(cid, reply)
             except MessageError as exc:
                 if not self.engine.remote:
                     raise
@@ -419,6 +422,7 @@ class _Loop:
         program = self.program
         self.terms = list(zip(program.term_ns, program.terms, strict=True))
         self.transforms = list(zip(program.transform_ns, program.transforms, strict=True))
+        self.upload_arrays, self.upload_numbers = self._expected_upload()
         self.stack = StackBuffer()  # the round's (K, d) updates, in memory reused each round
         self.num_clients = exp.federation.num_clients
         self.staged = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "before_train")]
@@ -642,6 +646,8 @@ class _Loop:
         """Clients' persistent states by part namespace: ``fresh`` (this round's) over the
         stored ones."""
         fresh = fresh or {}
+        if not self.stateful:  # no part of this run keeps client state
+            return tuple({} for _ in clients)
         if self.store is None:
             stored = [self.memory_states.get(int(c), {}) for c in clients]
         else:
@@ -677,28 +683,33 @@ class _Loop:
                 _log.warning("refused %s", exc)
         return updates
 
+    def _expected_upload(self) -> tuple[dict[str, int], list[str]]:
+        """The arrays (name -> length) and numeric scalars every update must carry."""
+        size = self.program.spec.size
+        arrays = {"delta": size}
+        numbers = list(_COUNTS)
+        for ns, term in self.terms:
+            arrays.update({f"{ns}/{name}": size for name in term.uploads})
+            numbers += [f"{ns}/{name}" for name in term.upload_scalars]
+        return arrays, numbers
+
     def _validated(self, rnd: int, cid: int, raw: Message) -> _Update:
         source = f"update from client {cid}"
         msg = raw
-        for ns, transform in reversed(
-            list(zip(self.program.transform_ns, self.program.transforms, strict=True))
-        ):
+        for ns, transform in reversed(self.transforms):
             msg = transform.decode(msg, self._ctx(ns, rnd, cid))
-        size = self.program.spec.size
-        expected = {"delta": size}
-        numbers = ["num_examples", "num_steps", "weight"]
-        for ns, term in self.terms:
-            expected.update({f"{ns}/{name}": size for name in term.uploads})
-            numbers += [f"{ns}/{name}" for name in term.upload_scalars]
+        expected, numbers = self.upload_arrays, self.upload_numbers
         msg.validate(expected, source=source)
-        extra = sorted(set(msg.arrays) - set(expected))
-        if extra:
+        if len(msg.arrays) != len(expected):
+            extra = sorted(set(msg.arrays) - set(expected))
             raise MessageError(f"{source}: unexpected arrays {extra[:5]}")
         values = {key: msg.scalar(key, source=source) for key in numbers}
         for key, value in values.items():
-            if not math.isfinite(value) or (value < 0 and key in numbers[:3]):
+            if not math.isfinite(value) or (value < 0 and key in _COUNTS):
                 raise MessageError(f"{source}: scalar {key!r} must be finite and >= 0, got {value}")
         metrics = {k: float(v) for k, v in msg.scalars.items() if _is_number(v)}
+        if metrics.get("weight") == metrics.get("num_examples"):
+            del metrics["weight"]  # the default weight: recorded only where a part sets it
         return _Update(cid, msg, values["weight"], metrics)
 
     def _per_client(self, updates: Sequence[_Update], stages: RoundStages) -> PerClient:
