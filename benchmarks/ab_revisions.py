@@ -12,11 +12,15 @@ are not overwritten. Two benchmarks are understood:
   PyTorch and its time per client (BENCHMARKS.md section 1);
 - ``compare_flower``: potluck's side only (``--skip-flower``) of W1 and W3 on the inline
   engine: the rounds after the first and end to end (section 8; Flower's side does not
-  depend on potluck's commit, so the headline ratios move exactly as potluck's times do).
+  depend on potluck's commit, so the headline ratios move exactly as potluck's times do);
+- ``same_results``: this tree's ``same_results.py`` (short NIID-Bench and FedProx-synthetic
+  runs) against each side's ``src/``: the final accuracies, losses and weights, which must be
+  equal (one pair is enough: the runs are deterministic).
 
 Run from the repository root:
     .venv/bin/python benchmarks/ab_revisions.py --base fda3843 --benchmark inline_overhead
     .venv/bin/python benchmarks/ab_revisions.py --base fda3843 --benchmark compare_flower
+    .venv/bin/python benchmarks/ab_revisions.py --base fda3843 --benchmark same_results --pairs 1
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from _common import REPO, header, write_result
 Metrics = dict[str, float]
 COMMANDS: dict[str, list[str]] = {
     "inline_overhead": ["benchmarks/inline_overhead.py", "--output", "ab_inline_overhead_run"],
+    "same_results": [str(REPO / "benchmarks" / "same_results.py"), "--out", "{out}"],
     "compare_flower": [
         "benchmarks/compare_flower.py",
         "--skip-flower",
@@ -51,6 +56,7 @@ COMMANDS: dict[str, list[str]] = {
 RESULT_FILES = {
     "inline_overhead": "ab_inline_overhead_run.json",
     "compare_flower": "compare_flower.json",
+    "same_results": None,  # written where "{out}" says
 }
 
 
@@ -72,9 +78,14 @@ def _compare_flower(result: dict[str, Any]) -> Metrics:
     return out
 
 
+def _same_results(result: dict[str, Any]) -> Metrics:
+    return {f"{run}/{k}": v for run, values in result.items() for k, v in values.items()}
+
+
 EXTRACT: dict[str, Callable[[dict[str, Any]], Metrics]] = {
     "inline_overhead": _inline_overhead,
     "compare_flower": _compare_flower,
+    "same_results": _same_results,
 }
 
 
@@ -91,11 +102,13 @@ def worktree(commit: str) -> Iterator[Path]:
 
 def run_side(tree: Path, benchmark: str) -> Metrics:
     """One run of ``benchmark`` in ``tree``; its metrics. The result file is restored."""
-    result = tree / "benchmarks" / "results" / RESULT_FILES[benchmark]
+    file = RESULT_FILES[benchmark]
+    result = (tree / "benchmarks" / "results" / file) if file else tree / "ab-result.json"
     before = result.read_bytes() if result.exists() else None
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    command = [arg.replace("{out}", str(result)) for arg in COMMANDS[benchmark]]
     try:
-        subprocess.run([sys.executable, *COMMANDS[benchmark]], cwd=tree, env=env, check=True)
+        subprocess.run([sys.executable, *command], cwd=tree, env=env, check=True)
         return EXTRACT[benchmark](json.loads(result.read_text()))
     finally:
         if before is None:
@@ -128,12 +141,14 @@ def main() -> None:
         key: {side: statistics.median(r[key] for r in runs[side]) for side in runs} for key in keys
     }
     payload["new_over_old"] = {
-        key: m["new"] / m["old"] if m["old"] else float("nan")
+        key: m["new"] / m["old"] if isinstance(m["old"], float) and m["old"] else None
         for key, m in payload["median"].items()
     }
+    payload["all_equal"] = all(a == b for a, b in zip(runs["old"], runs["new"], strict=True))
     for key, ratio in payload["new_over_old"].items():
         m = payload["median"][key]
-        print(f"{key}: old {m['old']:.4g}, new {m['new']:.4g}, new/old {ratio:.3f}")
+        print(f"{key}: old {m['old']}, new {m['new']}, new/old {ratio}")
+    print(f"every metric equal in every pair: {payload['all_equal']}")
     print(f"wrote {write_result(f'ab_{args.benchmark}', payload)}")
 
 

@@ -28,11 +28,11 @@ from potluck.core.message import MessageError
 from potluck.orchestrator import run_experiment
 
 GRID: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
-    "FedAvg": ({"optimizer": "sgd"}, (1.0,)),
-    "FedAvgM": ({"optimizer": "sgd", "momentum": 0.9}, (0.1, 0.3, 1.0, 3.0)),
-    "FedAdam": ({"optimizer": "adam"}, (0.003, 0.01, 0.03)),
-    "FedYogi": ({"optimizer": "yogi"}, (0.003, 0.01, 0.03, 0.1)),
-    "FedAdagrad": ({"optimizer": "adagrad"}, (0.03, 0.1, 0.3, 1.0)),
+    "FedAvg": ({"name": "sgd"}, (1.0,)),
+    "FedAvgM": ({"name": "sgd", "momentum": 0.9}, (0.1, 0.3, 1.0, 3.0)),
+    "FedAdam": ({"name": "adam"}, (0.003, 0.01, 0.03)),
+    "FedYogi": ({"name": "yogi"}, (0.003, 0.01, 0.03, 0.1)),
+    "FedAdagrad": ({"name": "adagrad"}, (0.03, 0.1, 0.3, 1.0)),
 }
 TAIL = 5  # rounds averaged for tuning and for the table
 

@@ -40,7 +40,8 @@ def config(name: str, mu: float, stragglers: float, rounds: int) -> ExperimentCo
                 "partition": {"kind": "natural"},
             },
             "model": {"name": "logreg"},
-            "algorithm": {"name": name, "mu": mu, "stragglers": stragglers},
+            "algorithm": {"name": name, **({"mu": mu} if name == "fedprox" else {})},
+            "stragglers": {"fraction": stragglers},
             "sampler": {"clients_per_round": 10},
             "client": {"epochs": 20, "batch_size": 10, "lr": 0.01},
             "run": {"threads": 1},  # 2 threads on 2 shared cores can stall 10x

@@ -62,7 +62,7 @@ def config(algorithm: str, partition: str, rounds: int, engine: str) -> Experime
                 "partition": PARTITIONS[partition],
             },
             "model": {"name": "lenet5"},
-            "algorithm": {"name": algorithm, "mu": 0.01},
+            "algorithm": {"name": algorithm, **({"mu": 0.01} if algorithm == "fedprox" else {})},
             "sampler": {"clients_per_round": 10},
             "client": {"epochs": 10, "batch_size": 64, "lr": 0.01, "momentum": 0.9},
             "run": {"threads": 1, "engine": engine},  # 2 threads on 2 shared cores can stall 10x

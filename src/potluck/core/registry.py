@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -256,18 +257,29 @@ def construct(factory: Any, given: Mapping[str, Any], where: str, label: str | N
         raise RegistryError(f"{where}: {exc} (got {dict(given)!r})") from None
 
 
-def _validated(factory: Any, given: dict[str, Any], where: str) -> Any:
-    if not (isinstance(factory, type) and dataclasses.is_dataclass(factory)):
-        return factory(**given)
-    from pydantic import ConfigDict, TypeAdapter, ValidationError
+@functools.cache
+def _adapter(factory: type) -> Any:
+    """A pydantic validator of dataclass ``factory``'s fields (built once per class), or
+    ``None`` where pydantic cannot read its annotations (the part then checks itself)."""
+    from pydantic import ConfigDict, TypeAdapter
     from pydantic.errors import PydanticSchemaGenerationError, PydanticUndefinedAnnotation
 
     if "__pydantic_config__" not in factory.__dict__:
         factory.__pydantic_config__ = ConfigDict(arbitrary_types_allowed=True)  # type: ignore[attr-defined]
     try:
-        adapter: TypeAdapter[Any] = TypeAdapter(factory)
+        return TypeAdapter(factory)
     except (PydanticSchemaGenerationError, PydanticUndefinedAnnotation, NameError):
-        return factory(**given)  # annotations pydantic cannot read: the part checks itself
+        return None
+
+
+def _validated(factory: Any, given: dict[str, Any], where: str) -> Any:
+    if not (isinstance(factory, type) and dataclasses.is_dataclass(factory)):
+        return factory(**given)
+    from pydantic import ValidationError
+
+    adapter = _adapter(factory)
+    if adapter is None:
+        return factory(**given)
     try:
         return adapter.validate_python(given)
     except ValidationError as exc:
