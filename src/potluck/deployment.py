@@ -223,14 +223,8 @@ def site_program(
             test_fraction=cfg.data.test_fraction,
             seed=cfg.seed,
         )
-    if task is None:
-        from potluck.models import build_model
-
-        src, name = federation.source, cfg.model.name
-        task = Task(
-            lambda: build_model(name, input_shape=src.input_shape, num_classes=src.num_classes),
-            name=name,
-        )
+    if task is None:  # the config's: [task] by import path, or the built-in [model]
+        task = cfg.build_task(federation)
     torch.set_num_threads(cfg.run.threads or 1)  # as the simulation computes
     return cfg.algorithm_parts().client_program(
         task, federation, seed=cfg.seed, finetune_epochs=cfg.evaluation.finetune_epochs

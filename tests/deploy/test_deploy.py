@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-
 from conftest import PKI, SITES, Deployment, config, self_signed
+
 from potluck.core import records
 from potluck.core.message import Message
 from potluck.core.records import Reply, StageJob
@@ -334,3 +334,25 @@ def test_rounds_done_is_what_a_restarted_server_resumes_from(tmp_path: Path) -> 
     assert rounds_done(cfg) == 2
     other = cfg.run.model_copy(update={"name": "another-run"})
     assert rounds_done(cfg.model_copy(update={"run": other})) == 0
+
+
+def test_a_site_builds_the_task_the_config_names() -> None:
+    """A config naming the user's model by import path (as a Python experiment's stored
+    config does) gives every site that model, over the site's own data."""
+    import numpy as np
+    from my_lab.task import TumourNet
+
+    from potluck.config import ExperimentConfig
+    from potluck.deployment import site_program
+
+    cfg = ExperimentConfig.from_dict(
+        {
+            "data": {"dataset": "digits", "num_clients": 3},
+            "task": {"model": "my_lab.task:TumourNet"},
+            "sampler": {"clients_per_round": 2},
+        }
+    )
+    x = np.random.default_rng(0).normal(size=(12, 30)).astype(np.float32)
+    program = site_program(cfg, 1, data=(x, np.arange(12) % 2))
+    assert isinstance(program.model, TumourNet)
+    assert program.federation.num_examples(1) == 10  # 12 less the 20 % local test split
