@@ -17,9 +17,10 @@ import torch
 
 from potluck import Experiment, Federation, Task, resume_experiment, run_experiment
 from potluck.algorithms import fedavg
+from potluck.client import Term
 from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError
-from potluck.core.parts import Context
+from potluck.core.parts import Context, TermOutput
 from potluck.orchestrator import TIMING_METRICS, Evaluation
 from potluck.store.sqlite import RunStore
 from potluck.updates import Transform
@@ -299,3 +300,23 @@ def test_a_task_that_cannot_train_is_refused_before_anything_is_stored(
     for word in words:
         assert word in str(info.value)
     assert store.list_runs() == []
+
+
+@dataclass(frozen=True)
+class Weightless(Term):
+    """A term that gives every update aggregation weight 0 (as a hostile client could)."""
+
+    def finish(self, client: object, result: object, work: dict) -> TermOutput:
+        return TermOutput(weight=0.0)
+
+
+def test_updates_of_total_weight_zero_leave_the_model_where_it_was(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exp = ExperimentConfig.from_dict({**DIGITS, "rounds": 2}).build()
+    exp = replace(exp, algorithm=replace(exp.algorithm, terms=(Weightless(),)), config=None)
+    start = exp.algorithm.client_program(exp.task, exp.federation, seed=exp.seed)
+    result = run_experiment(exp)
+    assert torch.equal(result.weights, start.initial_weights())
+    assert [m["updates"] for m in result.history] == [5.0, 5.0]
+    assert "the model is not moved" in caplog.text
