@@ -248,3 +248,38 @@ def test_format_1_configs_are_upgraded() -> None:
     assert algo.stragglers.mode == "partial" and algo.server.beta1 == 0.8
     current = {"algorithm": {"name": "fedprox", "mu": 0.1}}
     assert upgrade(current) is current  # a current config is left alone
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe\x00garbage", "not a UTF-8 text file"),
+        (b"a = " + b"[" * 5000 + b"]" * 5000, "invalid TOML"),
+        (b"", "holds no settings; to run the default experiment, give no file"),
+        (b"# only a comment\n", "holds no settings"),
+    ],
+)
+def test_file_problems_are_clear_errors(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "exp.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig.from_toml(path)
+
+
+def test_a_directory_given_as_the_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory, not an experiment file"):
+        ExperimentConfig.from_toml(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"client": {"lr": float("inf")}}, "client.lr: must be a finite number (got inf)"),
+        ({"server": {"lr": float("nan")}}, "server.lr: must be a finite number (got nan)"),
+        ({"deploy": {"round_timeout_s": float("inf")}}, "deploy.round_timeout_s"),
+        ({"evaluation": {"every": 1}, "data": {"test_fraction": float("nan")}}, "test_fraction"),
+    ],
+)
+def test_non_finite_numbers_are_refused(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ExperimentConfig.from_dict(data)

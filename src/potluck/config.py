@@ -48,7 +48,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PartitionConfig(_Section):
@@ -228,14 +228,29 @@ class ExperimentConfig(_Section):
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-        """Read and validate a TOML experiment file."""
+        """Read and validate a TOML experiment file; every problem with the file is a
+        ``ConfigError`` naming it. An empty file is refused: to run the default experiment,
+        give no file."""
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"experiment file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory, not an experiment file") from None
+        except UnicodeDecodeError as exc:
+            where = f"{exc.reason} at byte {exc.start}"
+            raise ConfigError(f"{path}: not a UTF-8 text file ({where})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
+        if not data:
+            raise ConfigError(
+                f"{path} holds no settings; to run the default experiment, give no file"
+            )
         return cls.from_dict(data, overrides)
 
     def to_dict(self) -> dict[str, Any]:

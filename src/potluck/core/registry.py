@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -240,6 +241,9 @@ def construct(factory: Any, given: Mapping[str, Any], where: str, label: str | N
     """``factory(**given)`` after checking the names and types of ``given`` against the
     factory's dataclass fields (or signature); errors in the one message template.
     ``label`` names the factory in messages (default: its ``__name__``)."""
+    for key, value in given.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RegistryError(f"{where}.{key}: must be a finite number (got {value!r})")
     accepted = _accepted(factory)
     if accepted is not None:
         for key in given:
