@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -320,3 +321,47 @@ def test_updates_of_total_weight_zero_leave_the_model_where_it_was(
     assert torch.equal(result.weights, start.initial_weights())
     assert [m["updates"] for m in result.history] == [5.0, 5.0]
     assert "the model is not moved" in caplog.text
+
+
+@dataclass(frozen=True)
+class Huge(Term):
+    """One client's update is finite but enormous, and it claims an enormous weight."""
+
+    target: int = 0
+
+    def finish(self, client: Any, result: Any, work: dict) -> TermOutput:
+        if client.ctx.client != self.target:
+            return TermOutput()
+        return TermOutput(delta=result.delta / result.delta.abs().max() * 3e38, weight=1e12)
+
+
+def _digits_with(**deploy: float) -> tuple[Experiment, int]:
+    """DIGITS for 3 rounds with ``Huge`` on a client sampled in round 1 (server lr 2)."""
+    cfg = ExperimentConfig.from_dict(
+        {**DIGITS, "rounds": 3, "deploy": deploy, "server": {"name": "sgd", "lr": 2.0}}
+    )
+    exp = cfg.build()
+    target = int(exp.algorithm.sampler.sample(20, {}, Context(exp.seed, 1, ("sampling", 1)))[0][0])
+    algorithm = replace(exp.algorithm, terms=(Huge(target),))
+    return replace(exp, algorithm=algorithm, config=None), target
+
+
+def test_server_bounds_refuse_an_enormous_update_and_weight() -> None:
+    bounded, target = _digits_with(max_update_norm=1e3, max_weight=1e6)
+    with pytest.raises(MessageError, match=rf"client {target}: delta has L2 norm inf, above"):
+        run_experiment(bounded)
+    weight_only, target = _digits_with(max_weight=1e6)
+    with pytest.raises(MessageError, match=rf"client {target}: aggregation weight 1e\+12 is"):
+        run_experiment(weight_only)
+
+
+def test_a_round_whose_model_would_not_be_finite_is_not_applied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Finite, the enormous update overflows float32 in the new model (server lr 2)."""
+    exp, _ = _digits_with()
+    start = exp.algorithm.client_program(exp.task, exp.federation, seed=exp.seed)
+    result = run_experiment(exp)
+    assert bool(torch.isfinite(result.weights).all())
+    assert "round 1: the new global model would hold NaN or Inf" in caplog.text
+    assert not torch.equal(result.weights, start.initial_weights())  # later rounds went on

@@ -160,6 +160,12 @@ class DeployConfig(_Section):
     listen: str = Field("127.0.0.1:50051", description="host:port the server listens on")
     min_clients: int = Field(1, ge=1, description="clients connected before round 1")
     min_updates: int = Field(1, ge=1, description="updates needed to move the model")
+    max_update_norm: float | None = Field(
+        None, gt=0, description="refuse updates whose delta has a larger L2 norm (any run)"
+    )
+    max_weight: float | None = Field(
+        None, gt=0, description="refuse updates claiming a larger aggregation weight (any run)"
+    )
     round_timeout_s: float = Field(600.0, gt=0, description="deadline of a round's clients")
     join_timeout_s: float = Field(3600.0, gt=0, description="wait for min_clients this long")
     poll_timeout_s: float = Field(20.0, gt=0, description="a client's long poll")
@@ -284,6 +290,8 @@ class ExperimentConfig(_Section):
             checkpoint_every=run.checkpoint_every,
             threads=run.threads,
             min_updates=self.deploy.min_updates,
+            max_update_norm=self.deploy.max_update_norm,
+            max_weight=self.deploy.max_weight,
             name=run.name,
             config=self.model_copy(update={"run": run}).to_dict(),
         )
@@ -400,7 +408,15 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
         }.items()
         if v is not None
     }
-    out["deploy"] = {"min_updates": experiment.min_updates}
+    out["deploy"] = {
+        k: v
+        for k, v in {
+            "min_updates": experiment.min_updates,
+            "max_update_norm": experiment.max_update_norm,
+            "max_weight": experiment.max_weight,
+        }.items()
+        if v is not None
+    }
     if problems:
         out["not_resumable"] = "; ".join(problems)
     return out

@@ -114,6 +114,8 @@ class Experiment:
     checkpoint_every: int = 1
     threads: int | None = None
     min_updates: int = 1
+    max_update_norm: float | None = None
+    max_weight: float | None = None
     name: str | None = None
     config: Mapping[str, Any] | None = None
 
@@ -124,6 +126,10 @@ class Experiment:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.min_updates < 1:
             raise ValueError(f"min_updates must be >= 1, got {self.min_updates}")
+        for bound in ("max_update_norm", "max_weight"):
+            value = getattr(self, bound)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{bound} must be a finite number > 0 or None, got {value}")
         if not isinstance(self.algorithm, Algorithm):
             raise TypeError(
                 f"algorithm must be a potluck Algorithm (e.g. potluck.algorithms.fedavg(...)),"
@@ -557,15 +563,6 @@ class _Loop:
         updates = self._collect(rnd, trained, tolerant=engine.remote)
         new_state = self._step(state, slots, updates, rnd)
         active = len(cohort[reports])
-        if new_state.w is state.w and active:
-            _log.warning(
-                "round %d: %d updates with total weight %g (need at least %d, with a positive "
-                "weight); the model is not moved",
-                rnd,
-                len(updates),
-                sum(u.weight for u in updates),
-                self.exp.min_updates,
-            )
         metrics = {
             "cohort_size": float(len(cohort)),
             "updates": float(len(updates)),
@@ -617,7 +614,16 @@ class _Loop:
         """Aggregate, decode the aggregate, the terms' server halves, the server step."""
         weights = torch.tensor([u.weight for u in updates], dtype=torch.float64)
         if len(updates) < self.exp.min_updates or not float(weights.sum()) > 0:
+            _log.warning(
+                "round %d: %d updates with total weight %g (need at least %d, with a positive "
+                "weight); the model is not moved",
+                rnd,
+                len(updates),
+                float(weights.sum()),
+                self.exp.min_updates,
+            )
             return _State(rnd, state.w, slots)  # the model does not move
+        before = dict(slots)
         algo = self.exp.algorithm
         deltas = self.stack.stack([u.message.arrays["delta"] for u in updates])
         aggregate, slots["aggregator"] = algo.aggregator.aggregate(
@@ -635,9 +641,17 @@ class _Loop:
             aggregate, slots[ns] = term.server_update(
                 slots.get(ns, {}), aggregate, mine, self._ctx(ns, rnd)
             )
-        w, slots["server"] = algo.server.step(
+        w, server_state = algo.server.step(
             state.w, aggregate, slots.get("server", {}), self._ctx("server", rnd)
         )
+        if not bool(torch.isfinite(w).all()):
+            _log.warning(
+                "round %d: the new global model would hold NaN or Inf (updates that are finite "
+                "one by one can overflow together); the round is not applied",
+                rnd,
+            )
+            return _State(rnd, state.w, before)
+        slots["server"] = server_state
         return _State(rnd, w, {ns: s for ns, s in slots.items() if s})
 
     def _client_states(
@@ -707,10 +721,27 @@ class _Loop:
         for key, value in values.items():
             if not math.isfinite(value) or (value < 0 and key in _COUNTS):
                 raise MessageError(f"{source}: scalar {key!r} must be finite and >= 0, got {value}")
+        self._check_bounds(source, msg.arrays["delta"], values["weight"])
         metrics = {k: float(v) for k, v in msg.scalars.items() if _is_number(v)}
         if metrics.get("weight") == metrics.get("num_examples"):
             del metrics["weight"]  # the default weight: recorded only where a part sets it
         return _Update(cid, msg, values["weight"], metrics)
+
+    def _check_bounds(self, source: str, delta: torch.Tensor, weight: float) -> None:
+        """The server's own bounds on an update (``deploy.max_update_norm``,
+        ``deploy.max_weight``): a member's claims are not trusted."""
+        bound, cap = self.exp.max_update_norm, self.exp.max_weight
+        if bound is not None:
+            norm = float(torch.linalg.vector_norm(delta))
+            if not norm <= bound:
+                raise MessageError(
+                    f"{source}: delta has L2 norm {norm:.6g}, above deploy.max_update_norm "
+                    f"= {bound:g}"
+                )
+        if cap is not None and weight > cap:
+            raise MessageError(
+                f"{source}: aggregation weight {weight:g} is above deploy.max_weight = {cap:g}"
+            )
 
     def _per_client(self, updates: Sequence[_Update], stages: RoundStages) -> PerClient:
         out: PerClient = []
