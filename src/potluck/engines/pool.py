@@ -19,6 +19,12 @@ that raises reports its traceback; a worker that dies is reported with its exit 
 clients, and the engine is then closed. Workers use ``threads`` torch threads each (1 by
 default: one process per core parallelises small models far better than intra-op threads).
 
+A worker never outlives the engine's process: it closes the parent ends of the pipes it
+inherited (its own and earlier workers'), so when the parent dies an idle worker reads EOF and
+exits. On Linux, when the engine is made on the main thread (the kernel signals when the forking
+thread ends), each worker also asks for SIGKILL on its parent's death (``prctl``
+``PR_SET_PDEATHSIG``, then exits at once if the parent is already gone), which stops a busy one.
+
 Example:
     >>> import numpy as np
     >>> import torch
@@ -41,9 +47,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
 import traceback
 from collections.abc import Mapping
 from multiprocessing.connection import Connection, wait
@@ -67,6 +77,7 @@ from potluck.core.records import (
 from potluck.engines.worker import gather, shards
 
 _ALIGN = 64
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 Layout = tuple[tuple[str, str, tuple[int, ...], int], ...]
 
 
@@ -153,14 +164,18 @@ class PoolEngine:
         self._inputs = [Slab(_ALIGN) for _ in range(self.workers)]
         self._outputs = [Slab(_aligned(4 * d) * 4) for _ in range(self.workers)]
         ctx = mp.get_context("fork")  # workers inherit the program: nothing to rebuild
+        # the kernel's parent-death signal follows the forking thread: only the main one lives
+        # as long as the process
+        origin = (os.getpid(), threading.current_thread() is threading.main_thread())
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         for i in range(self.workers):
             parent, child = ctx.Pipe()
             slabs = {"global": self._global, "in": self._inputs[i], "out": self._outputs[i]}
+            inherited = (*self._conns, parent)  # parent ends the fork copies into the worker
             proc = ctx.Process(
-                target=_serve,
-                args=(child, program, threads, slabs),
+                target=_worker,
+                args=(child, inherited, origin, program, threads, slabs),
                 name=f"potluck-pool-{i}",
                 daemon=True,
             )
@@ -300,6 +315,34 @@ class PoolEngine:
         )
 
 
+def _worker(
+    conn: Connection,
+    inherited: tuple[Connection, ...],
+    origin: tuple[int, bool],
+    program: ClientProgram,
+    threads: int,
+    slabs: dict[str, Slab],
+) -> None:
+    """A worker's entry: tie its life to the parent's (``origin``: the parent's pid, and
+    whether it forked from its main thread), then serve."""
+    for end in inherited:  # else the worker holds its own pipe open and never reads EOF
+        end.close()
+    parent_pid, main_thread = origin
+    if main_thread:
+        _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before the worker could ask
+        return
+    _serve(conn, program, threads, slabs)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel (Linux only) to SIGKILL this process when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # no libc or no prctl: EOF still works
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
 def _serve(conn: Connection, program: ClientProgram, threads: int, slabs: dict[str, Slab]) -> None:
     """A worker's loop: commands in, results out through the slabs, until "stop"."""
     torch.set_num_threads(threads)
@@ -334,7 +377,10 @@ def _serve(conn: Connection, program: ClientProgram, threads: int, slabs: dict[s
             else:
                 raise ValueError(f"unknown command {op!r}")
         except Exception:
-            conn.send(("error", traceback.format_exc()))
+            try:
+                conn.send(("error", traceback.format_exc()))
+            except (BrokenPipeError, ConnectionResetError):  # the engine is gone
+                return
 
 
 def _reply(conn: Connection, out: Slab, packed: Packed) -> None:
