@@ -25,7 +25,7 @@ from potluck.deploy.certs_cli import certs_app
 
 if TYPE_CHECKING:
     from potluck.orchestrator import Experiment, RunResult
-    from potluck.store.sqlite import RunStore
+    from potluck.store.sqlite import ResumePoint, RunStore
 
 app = typer.Typer(
     name="potluck",
@@ -116,7 +116,7 @@ def run(
     from potluck.orchestrator import run_experiment
 
     _describe_start(cfg, experiment)
-    with _refused(), _progress(experiment.rounds, 0) as on_round:
+    with _refused(), _damage_reported(), _progress(experiment.rounds, 0) as on_round:
         result = run_experiment(experiment, _store(cfg.run.store), on_round=on_round)
     _describe_end(result)
 
@@ -125,26 +125,58 @@ def run(
 def resume(
     run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
     store: StoreOpt = None,
+    fallback: Annotated[
+        bool,
+        typer.Option(
+            "--fallback",
+            help="if the newest checkpoint is damaged, resume after the newest one that "
+            "verifies (the rounds after it are recomputed)",
+        ),
+    ] = False,
 ) -> None:
-    """Continue a stopped or killed run from its last committed checkpoint."""
+    """Continue a stopped or killed run from its last committed checkpoint (verified)."""
     from potluck.orchestrator import resume_experiment
 
-    st = _store(store or default_store())
-    run_id, info = _lookup(st, run_ref)
-    if info.status == "finished":
-        console.print(f"run {run_id} already finished ({info.last_round} rounds)")
-        return
-    why = info.config.get("not_resumable") if info.config else "it has no stored config"
-    if why:
-        _fail(
-            f"run {run_id} cannot be rebuilt from its stored config: {why}. Resume it from "
-            "Python with potluck.resume_experiment(experiment, store, run_id)"
-        )
-    cfg = _load_config_dict(info.config)
-    experiment = _build(cfg)
-    console.print(f"resuming run [bold]{run_id}[/] after round {info.last_round}")
-    with _refused(), _progress(experiment.rounds, info.last_round) as on_round:
-        result = resume_experiment(experiment, st, run_id, on_round=on_round)
+    with _damage_reported():
+        st = _store(store or default_store())
+        run_id, info = _lookup(st, run_ref)
+        if info.status == "finished":
+            console.print(f"run {run_id} already finished ({info.last_round} rounds)")
+            return
+        why = info.config.get("not_resumable") if info.config else "it has no stored config"
+        if why:
+            _fail(
+                f"run {run_id} cannot be rebuilt from its stored config: {why}. Resume it from "
+                "Python with potluck.resume_experiment(experiment, store, run_id)"
+            )
+        cfg = _load_config_dict(info.config)
+        experiment = _build(cfg)
+
+        progress = _progress(experiment.rounds, info.last_round)
+
+        def started(point: ResumePoint) -> None:
+            for skipped in point.skipped:
+                err.print(f"[bold yellow]warning:[/] {skipped.problem}", highlight=False)
+            if point.checkpoint is not None and not point.checksum:
+                err.print(
+                    f"[bold yellow]note:[/] checkpoint {point.path} has no recorded checksum "
+                    "(committed before schema 5): verified by its safetensors structure and "
+                    "round only",
+                    highlight=False,
+                )
+            line = f"resuming run [bold]{run_id}[/] after round {point.round}"
+            if point.skipped:
+                kept = "the newest checkpoint that verifies" if point.round else "none verifies"
+                first, last = point.round + 1, info.last_round
+                redo = f"round {first}" if first >= last else f"rounds {first}-{last}"
+                line += f" (--fallback: {kept}; recomputing {redo})"
+            console.print(line, highlight=False)
+            progress.bar.update(progress.task, completed=point.round)
+
+        with _refused(), _damage_reported(), progress as on_round:
+            result = resume_experiment(
+                experiment, st, run_id, on_round=on_round, fallback=fallback, on_resume=started
+            )
     _describe_end(result)
 
 
@@ -152,7 +184,9 @@ def resume(
 def runs(store: StoreOpt = None) -> None:
     """List stored runs, newest first."""
     table = Table(Column("run", no_wrap=True), "name", "created", "status", "rounds", "test acc")
-    for info in _store(store or default_store()).list_runs():
+    with _damage_reported():
+        listed = _store(store or default_store()).list_runs()
+    for info in listed:
         acc = info.summary.get("test_accuracy")
         table.add_row(
             info.run_id,
@@ -173,16 +207,19 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Print a run's per-round metrics."""
-    st = _store(store or default_store())
-    run_id, info = _lookup(st, run_ref)
-    rounds = st.rounds(run_id)
+    with _damage_reported():
+        st = _store(store or default_store())
+        run_id, info = _lookup(st, run_ref)
+        rounds = st.rounds(run_id)
+        health = st.health(run_id)
+        per_client = st.client_metrics(run_id) if clients and not as_json else []
     if as_json:
         payload = {
             "run": run_id,
             "status": info.status,
             "summary": info.summary,
             "rounds": [{"round": r.round, **r.metrics} for r in rounds],
-            "client_health": st.health(run_id),
+            "client_health": health,
         }
         print(json.dumps(payload, indent=2, default=str))
         return
@@ -195,12 +232,12 @@ def show(
     console.print(table)
     if clients:
         ctable = Table("round", "client", "metrics", title="per-client metrics")
-        for rnd, cid, metrics in st.client_metrics(run_id):
+        for rnd, cid, metrics in per_client:
             ctable.add_row(
                 str(rnd), str(cid), ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
             )
         console.print(ctable)
-    _show_health(st.health(run_id))
+    _show_health(health)
     console.print(f"run directory: {info.run_dir}")
 
 
@@ -283,6 +320,18 @@ def _refused() -> Iterator[None]:
         yield
     except (ValueError, TypeError, FileNotFoundError) as exc:
         _fail(f"{type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def _damage_reported() -> Iterator[None]:
+    """Report a damaged or unreadable run store or checkpoint without a traceback."""
+    from potluck.store.checkpoint import DamagedCheckpointError
+    from potluck.store.sqlite import StoreError
+
+    try:
+        yield
+    except (StoreError, DamagedCheckpointError) as exc:
+        _fail(str(exc))
 
 
 def _load_config_dict(data: dict[str, Any]) -> ExperimentConfig:
@@ -439,7 +488,7 @@ def server(
         _fail("the server needs --cert, --key and --client-ca (or an explicit --insecure)")
     else:
         tls = ServerTLS(cert, key, client_ca)
-    with _refused(), _progress(cfg.rounds, rounds_done(cfg)) as on_round:
+    with _refused(), _damage_reported(), _progress(cfg.rounds, rounds_done(cfg)) as on_round:
         result = run_server(cfg, tls=tls, revoked=revoked, on_round=on_round)
     _describe_end(result)
 

@@ -55,7 +55,7 @@ from potluck.core.task import Task
 from potluck.data.federation import Federation
 from potluck.engines.base import Engine, EngineOptions, choose_engine, make_engine
 from potluck.store.checkpoint import Checkpoint
-from potluck.store.sqlite import RunStore
+from potluck.store.sqlite import ResumePoint, RunStore
 
 _log = logging.getLogger("potluck")
 
@@ -207,6 +207,13 @@ class _State:
 
     @classmethod
     def from_checkpoint(cls, round: int, ckpt: Checkpoint) -> _State:
+        if "global" not in ckpt.tensors:
+            from potluck.store.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint of round {round} has no 'global' tensor (it has "
+                f"{sorted(ckpt.tensors)[:10]}): it was not written by potluck's round loop"
+            )
         slots: dict[str, State] = {}
         for key, t in ckpt.tensors.items():
             if key != "global":
@@ -289,17 +296,45 @@ def resume_experiment(
     *,
     on_round: RoundCallback | None = None,
     engine: EngineFactory | None = None,
+    fallback: bool = False,
+    on_resume: Callable[[ResumePoint], None] | None = None,
 ) -> RunResult:
-    """Continue stored run ``run_id`` from its last checkpoint to the end of ``experiment``."""
+    """Continue stored run ``run_id`` from its last checkpoint to the end of ``experiment``.
+
+    The checkpoint is verified against the store first (``RunStore.resume_point``: its
+    SHA-256 and round). A damaged one is refused with a ``DamagedCheckpointError`` that
+    names the file, the round and what is wrong, and which earlier checkpoint verifies;
+    with ``fallback=True`` the run resumes after that one instead and the rounds after it
+    are recomputed. Temporary files that a kill left in the run's checkpoint directory are
+    removed. ``on_resume(point)`` is told where the run resumes just before the first round;
+    without it, a fallback (and a checkpoint from before checksums, schema 5, verified by
+    its structure and round only) is logged as a warning naming the round.
+    """
     opened = _open(store)
     assert opened is not None
     run_id = opened.resolve(run_id)
-    found = opened.latest_checkpoint(run_id)
-    start = _State.from_checkpoint(*found) if found is not None else None
+    point = opened.resume_point(run_id, fallback=fallback)
+    start = None
+    if point.checkpoint is not None:
+        start = _State.from_checkpoint(point.round, point.checkpoint)
     if engine is None:
         experiment, _ = resolve_engine(experiment)
     loop = _Loop(experiment, on_round, engine)
-    opened.truncate_after(run_id, start.round if start else 0)
+    opened.remove_stray_files(run_id)
+    opened.truncate_after(run_id, point.round)
+    if on_resume is not None:
+        on_resume(point)
+    else:
+        for skipped in point.skipped:
+            _log.warning("%s; falling back", skipped.problem)
+        if point.checkpoint is not None and not point.checksum:
+            _log.warning(
+                "checkpoint %s has no recorded checksum (committed before schema 5): verified"
+                " by its safetensors structure and round only",
+                point.path,
+            )
+        log = _log.warning if point.skipped else _log.info
+        log("run %s: resuming after round %d", run_id, point.round)
     opened.set_status(run_id, "running")
     loop.record_to(opened, run_id)
     return loop.run(start)

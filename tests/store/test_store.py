@@ -18,6 +18,7 @@ import torch
 from potluck.store import (
     AmbiguousRunError,
     Checkpoint,
+    DamagedCheckpointError,
     RunStore,
     UnknownRunError,
     load_checkpoint,
@@ -199,9 +200,11 @@ def test_latest_checkpoint_is_newest_loadable(store: RunStore) -> None:
     assert rnd == 3 and ckpt.meta == {"round": 3}
     assert torch.equal(ckpt.tensors["global"], torch.full((5,), 3.0))
     assert _ckpt_files(store, run) == ["round-000001.safetensors", "round-000003.safetensors"]
-    # a damaged newest file falls back to the previous checkpoint
+    # a damaged newest file is refused; only with fallback does it give the previous one
     (store.get_run(run).run_dir / "checkpoints" / "round-000003.safetensors").write_bytes(b"x")
-    found = store.latest_checkpoint(run)
+    with pytest.raises(DamagedCheckpointError, match=r"round-000003\.safetensors"):
+        store.latest_checkpoint(run)
+    found = store.latest_checkpoint(run, fallback=True)
     assert found is not None and found[0] == 1
 
 
@@ -265,7 +268,7 @@ def test_failure_inside_transaction_leaves_nothing(store: RunStore) -> None:
     raw.close()
     store.commit_round(run, 2, {"train_loss": 0.2}, _clients(2), Checkpoint({}, {"new": True}))
     found = store.latest_checkpoint(run)
-    assert found is not None and found[0] == 2 and found[1].meta == {"new": True}
+    assert found is not None and found[0] == 2 and found[1].meta == {"new": True, "round": 2}
     assert store.rounds(run)[1].metrics == {"train_loss": 0.2}
 
 
@@ -305,9 +308,10 @@ _WRITER = textwrap.dedent(
     real_save = sq.save_checkpoint
 
     def save_then_maybe_die(path, ckpt):
-        real_save(path, ckpt)
+        digest = real_save(path, ckpt)
         if ckpt.meta["round"] == die_at:
             os._exit(3)  # crash between the checkpoint file and the transaction
+        return digest
 
     sq.save_checkpoint = save_then_maybe_die
     store = RunStore(root)

@@ -6,14 +6,17 @@ the metadata travels as JSON text under the ``"potluck"`` header key.
 Example:
     >>> import tempfile, torch
     >>> path = Path(tempfile.mkdtemp()) / "round-000001.safetensors"
-    >>> save_checkpoint(path, Checkpoint({"global": torch.zeros(3)}, {"round": 1}))
+    >>> digest = save_checkpoint(path, Checkpoint({"global": torch.zeros(3)}, {"round": 1}))
     >>> ckpt = load_checkpoint(path)
     >>> ckpt.meta, ckpt.tensors["global"].tolist()
     ({'round': 1}, [0.0, 0.0, 0.0])
+    >>> digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    True
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,31 @@ class CheckpointError(ValueError):
     """A file that is not a readable potluck checkpoint (corrupt, truncated or foreign)."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A recorded checkpoint whose file does not verify against its row in the run store.
+
+    ``problem`` says which file, which round and what is wrong (``reason`` is the first of
+    ``"unreadable"``, ``"round mismatch"``, ``"checksum mismatch"``); the message adds what
+    to do about it. ``earlier`` is the newest earlier round whose checkpoint verifies
+    (``None`` if none does), ``last_round`` the run's last committed round.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        path: Path,
+        round: int,
+        reason: str,
+        advice: str = "",
+        earlier: int | None = None,
+        last_round: int | None = None,
+    ) -> None:
+        super().__init__(f"{problem}. {advice}" if advice else problem)
+        self.problem, self.path, self.round, self.reason = problem, path, round, reason
+        self.earlier, self.last_round = earlier, last_round
+
+
 @dataclass(frozen=True, eq=False)
 class Checkpoint:
     """Named tensors (e.g. ``"global"``, ``"server/momentum"``) and JSON-serialisable metadata.
@@ -47,20 +75,23 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
-    """Write ``ckpt`` to ``path`` atomically: a reader sees the old file or the new one, whole.
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
+    """Write ``ckpt`` to ``path`` atomically (a reader sees the old file or the new one,
+    whole) and return the SHA-256 (hex) of the bytes written.
 
-    The bytes go to a temporary file in the same directory, are flushed and fsynced, then
-    ``os.replace`` puts them in place and the directory is fsynced.
+    The bytes go to a temporary file ``.<name>.<hex>.tmp`` in the same directory, are
+    flushed and fsynced, then ``os.replace`` puts them in place and the directory is fsynced.
 
     Example:
         >>> import tempfile
-        >>> save_checkpoint(Path(tempfile.mkdtemp()) / "c.safetensors", Checkpoint({}, {}))
+        >>> len(save_checkpoint(Path(tempfile.mkdtemp()) / "c.safetensors", Checkpoint({}, {})))
+        64
     """
     path = Path(path)
     data = _encode(ckpt)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data, mode=0o600)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -72,7 +103,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     Example:
         >>> import tempfile
         >>> p = Path(tempfile.mkdtemp()) / "c.safetensors"
-        >>> save_checkpoint(p, Checkpoint({"w": torch.arange(2)}, {"a": 1}))
+        >>> _ = save_checkpoint(p, Checkpoint({"w": torch.arange(2)}, {"a": 1}))
         >>> load_checkpoint(p).tensors["w"].tolist()
         [0, 1]
     """
@@ -81,11 +112,33 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    meta = _read_meta(data, path)
+    return parse_checkpoint(data, path)
+
+
+def parse_checkpoint(data: bytes, path: str | Path) -> Checkpoint:
+    """The checkpoint in ``data`` (the bytes of the file at ``path``, which only names it in
+    errors); ``CheckpointError`` if they are corrupt, truncated or not a potluck checkpoint.
+
+    Example:
+        >>> try:
+        ...     parse_checkpoint(b"garbage", "x.safetensors")
+        ... except CheckpointError as err:
+        ...     print(err)
+        checkpoint x.safetensors is truncated (7 bytes)
+    """
+    try:
+        return _parse(data)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path} {err}") from None
+
+
+def _parse(data: bytes) -> Checkpoint:
+    """The checkpoint in ``data``; ``CheckpointError("is ...")`` saying what is wrong."""
+    meta = _read_meta(data)
     try:
         tensors = _load_tensors(data)
     except SafetensorError as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from None
+        raise CheckpointError(f"is corrupt or truncated ({err})") from None
     return Checkpoint(tensors=dict(tensors), meta=meta)
 
 
@@ -101,18 +154,18 @@ def _encode(ckpt: Checkpoint) -> bytes:
     return _save_tensors(tensors, metadata={META_KEY: meta})
 
 
-def _read_meta(data: bytes, path: Path) -> dict[str, Any]:
+def _read_meta(data: bytes) -> dict[str, Any]:
     """Parse the safetensors header by hand and return the potluck metadata."""
     if len(data) < _HEADER_LEN_BYTES:
-        raise CheckpointError(f"checkpoint {path} is truncated ({len(data)} bytes)")
+        raise CheckpointError(f"is truncated ({len(data)} bytes)")
     size = int.from_bytes(data[:_HEADER_LEN_BYTES], "little")
     if _HEADER_LEN_BYTES + size > len(data):
-        raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file")
+        raise CheckpointError("is truncated or not a safetensors file")
     try:
         header = json.loads(data[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + size])
         meta = json.loads(header["__metadata__"][META_KEY])
     except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{path} is not a potluck checkpoint (no valid metadata)") from None
+        raise CheckpointError("is not a potluck checkpoint (no valid metadata)") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} is not a potluck checkpoint (metadata is not an object)")
+        raise CheckpointError("is not a potluck checkpoint (metadata is not an object)")
     return meta

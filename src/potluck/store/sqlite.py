@@ -3,11 +3,21 @@
 Layout under ``root``::
 
     potluck.db                                       runs, rounds, metrics, checkpoint index
+    potluck.db-wal, potluck.db-shm                   SQLite's write-ahead log and its index
     runs/<run_id>/checkpoints/round-000001.safetensors
 
 A round is committed atomically: its checkpoint file is written (atomically) first, then one
-transaction inserts the round, its metrics, every client's metrics and the checkpoint row.
-A crash in between leaves an orphan file that the next commit of that round overwrites.
+transaction inserts the round, its metrics, every client's metrics and the checkpoint row
+with the file's SHA-256 (schema 5). A crash in between leaves an orphan file that the next
+commit of that round overwrites; a crash while the file is written leaves a temporary
+``.round-NNNNNN.safetensors.<hex>.tmp``, removed when the run is next written to.
+``resume_point`` verifies a checkpoint against its row (checksum, and the round in its
+metadata) and refuses a damaged one unless told to fall back to an older one.
+
+Committed rounds live in ``potluck.db-wal`` until SQLite copies them into ``potluck.db``;
+the store does so (``PRAGMA wal_checkpoint(TRUNCATE)``) when a run finishes or fails. A copy
+of a store taken at any other time must include ``potluck.db-wal`` and ``potluck.db-shm``.
+A damaged or unreadable database raises ``StoreError`` naming the file and what to do.
 
 Metrics are stored one value per row in ``REAL`` columns, so ``inf`` round-trips and SQLite
 turns ``NaN`` into ``NULL``, which reads back as ``float("nan")``.
@@ -24,29 +34,42 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import math
 import numbers
 import re
 import secrets
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 
-from potluck.store.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from potluck.store.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    DamagedCheckpointError,
+    parse_checkpoint,
+    save_checkpoint,
+)
+
+_log = logging.getLogger("potluck")
 
 STATUSES = ("running", "finished", "failed")
 DB_NAME = "potluck.db"
 _CKPT_DIR = "checkpoints"
 _CKPT_FILE = re.compile(r"round-(\d+)\.safetensors")
+_TMP_FILE = re.compile(r"\.round-\d+\.safetensors\.[0-9a-f]+\.tmp")  # core.files.atomic_write
 _BUSY_TIMEOUT_S = 30.0
+_WAL_CHECKPOINT_WAIT_S = 1.0  # how long a finishing run waits for readers of an old snapshot
 
 # Schema migrations: entry i upgrades ``PRAGMA user_version`` from i to i + 1.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -122,6 +145,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE client_state ADD COLUMN dtype TEXT NOT NULL DEFAULT 'float32'",
         "ALTER TABLE client_state ADD COLUMN shape TEXT",
     ),
+    (  # each checkpoint file's SHA-256 (hex); NULL for checkpoints committed before schema 5
+        "ALTER TABLE checkpoints ADD COLUMN sha256 TEXT",
+    ),
 )
 STATE_DTYPES = {
     str(d).removeprefix("torch."): d
@@ -162,6 +188,71 @@ class AmbiguousRunError(ValueError):
     """More than one run matches a reference."""
 
 
+class StoreError(RuntimeError):
+    """The run store's database is damaged or cannot be opened or read; the message names
+    the file and what to do."""
+
+
+_SQLITE_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_SQLITE_UNREADABLE = (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
+
+
+def _store_error(db: Path, err: sqlite3.DatabaseError, *, opening: bool) -> StoreError | None:
+    """The ``StoreError`` that ``err`` means for the database ``db`` (``None``: not damage).
+
+    Corruption and unreadable files always are; while opening, any SQLite error is.
+    """
+    code = (getattr(err, "sqlite_errorcode", None) or -1) & 0xFF
+    copy = (
+        f"A copy of a store must include {db.name}-wal and {db.name}-shm beside {db.name}, "
+        f"or be taken after `sqlite3 {db} 'PRAGMA wal_checkpoint'` (then {db.name} alone "
+        "holds every committed round)"
+    )
+    if code in _SQLITE_DAMAGED:
+        return StoreError(
+            f"the run store database {db} is damaged ({err}). Restore it from a copy. {copy}. "
+            f"The checkpoint files under runs/ are separate; `sqlite3 {db} .recover | sqlite3 "
+            "NEW.db` may salvage rows"
+        )
+    if code in _SQLITE_UNREADABLE or opening:
+        verb = "opened" if opening else "read"
+        return StoreError(
+            f"the run store database {db} cannot be {verb} ({err}). Check that the file and "
+            "its directory are readable and writable and the disk has room; if the file is "
+            f"damaged, restore it from a copy. {copy}"
+        )
+    return None
+
+
+def _open_error(db: Path, err: sqlite3.DatabaseError) -> StoreError:
+    store_err = _store_error(db, err, opening=True)
+    assert store_err is not None
+    return store_err
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _guarded(
+    method: Callable[Concatenate[RunStore, _P], _R],
+) -> Callable[Concatenate[RunStore, _P], _R]:
+    """``method`` with SQLite's errors for a damaged or unreadable database raised as
+    ``StoreError``."""
+
+    @functools.wraps(method)
+    def guarded(self: RunStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as err:
+            store_err = _store_error(self.root / DB_NAME, err, opening=False)
+            if store_err is None:
+                raise
+            raise store_err from err
+
+    return guarded
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """One run as recorded; ``last_round`` is 0 until round 1 is committed."""
@@ -185,6 +276,24 @@ class RoundRecord:
     committed_at: str
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resume starts: after ``round`` (0: from the beginning), from ``checkpoint``,
+    the verified file at ``path`` (both ``None`` for round 0).
+
+    ``checksum`` is ``False`` for a checkpoint committed before schema 5, which has no
+    recorded SHA-256 and is verified by its safetensors structure and round only.
+    ``skipped`` are the newer checkpoints that failed verification and were passed over
+    (only with ``fallback``); the rounds after ``round`` are recomputed.
+    """
+
+    round: int
+    checkpoint: Checkpoint | None
+    path: Path | None
+    checksum: bool
+    skipped: tuple[DamagedCheckpointError, ...] = ()
+
+
 class RunStore:
     """Runs, rounds, per-client metrics and checkpoints under one ``root`` directory.
 
@@ -205,14 +314,23 @@ class RunStore:
             raise ValueError(f"keep_checkpoints must be None or >= 1, got {keep_checkpoints}")
         self.root = Path(root)
         self.keep_checkpoints = keep_checkpoints
+        self._writing: set[str] = set()  # runs whose stray temporary files are removed
         self.root.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(
-            self.root / DB_NAME, timeout=_BUSY_TIMEOUT_S, isolation_level=None
-        )
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._migrate()
+        db = self.root / DB_NAME
+        try:
+            self._conn = sqlite3.connect(db, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.DatabaseError as err:
+            raise _open_error(db, err) from err
+        try:
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except BaseException as exc:
+            self._conn.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise _open_error(db, exc) from exc
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -233,6 +351,7 @@ class RunStore:
 
     # -- runs ------------------------------------------------------------------------------
 
+    @_guarded
     def create_run(self, config: Mapping[str, Any], name: str | None = None) -> str:
         """Record a new ``running`` run and create its directory; return its id.
 
@@ -254,6 +373,7 @@ class RunStore:
         """The directory of run ``run_id`` (``root/runs/<run_id>``)."""
         return self.root / "runs" / run_id
 
+    @_guarded
     def resolve(self, ref: str) -> str:
         """The run id that ``ref`` names: an exact id, a unique id prefix or a unique name.
 
@@ -276,6 +396,7 @@ class RunStore:
         recent = [r.run_id for r in self.list_runs()[:5]]
         raise UnknownRunError(f"no run matches {ref!r}; most recent runs: {recent}")
 
+    @_guarded
     def get_run(self, run_id: str) -> RunInfo:
         """The run with id exactly ``run_id`` (``UnknownRunError`` if none)."""
         row = self._conn.execute(_RUN_SELECT + " WHERE run_id = ?", (run_id,)).fetchone()
@@ -283,20 +404,27 @@ class RunStore:
             raise UnknownRunError(f"no run with id {run_id!r} in {self.root}")
         return self._run_info(row)
 
+    @_guarded
     def list_runs(self) -> list[RunInfo]:
         """All runs, newest first."""
         rows = self._conn.execute(_RUN_SELECT + " ORDER BY id DESC").fetchall()
         return [self._run_info(r) for r in rows]
 
+    @_guarded
     def set_status(self, run_id: str, status: str) -> None:
-        """Set the status of run ``run_id`` to one of ``STATUSES``."""
+        """Set the status of run ``run_id`` to one of ``STATUSES``; on ``finished`` or
+        ``failed`` the write-ahead log is copied into ``potluck.db`` (``_checkpoint_wal``)."""
         _check_status(status)
         with self._transaction():
             self._run_key(run_id)
             self._conn.execute("UPDATE runs SET status = ? WHERE run_id = ?", (status, run_id))
+        if status != "running":
+            self._checkpoint_wal()
 
+    @_guarded
     def finish(self, run_id: str, status: str, summary: Mapping[str, Any]) -> None:
-        """Record the final ``status`` and ``summary`` (JSON-serialisable) of a run."""
+        """Record the final ``status`` and ``summary`` (JSON-serialisable) of a run; the
+        write-ahead log is then copied into ``potluck.db`` (``_checkpoint_wal``)."""
         _check_status(status)
         summary_json = _to_json(dict(summary), "summary")
         with self._transaction():
@@ -305,9 +433,12 @@ class RunStore:
                 "UPDATE runs SET status = ?, summary = ? WHERE run_id = ?",
                 (status, summary_json, run_id),
             )
+        if status != "running":
+            self._checkpoint_wal()
 
     # -- rounds ----------------------------------------------------------------------------
 
+    @_guarded
     def commit_round(
         self,
         run_id: str,
@@ -321,23 +452,28 @@ class RunStore:
 
         Writes the checkpoint file (if any) first, then one transaction with the round, its
         metrics, the clients' metrics, the clients' new persistent state vectors and the
-        checkpoint row; then prunes old checkpoints if ``keep_checkpoints`` is set. Metric
-        values must be real numbers (``NaN`` reads back as ``nan``). With a checkpoint,
-        client-state versions no resume can need any more are dropped in the same
-        transaction.
+        checkpoint row with the file's SHA-256; then prunes old checkpoints if
+        ``keep_checkpoints`` is set. The checkpoint's metadata gets ``"round": round`` (one
+        that says another round is refused). Metric values must be real numbers (``NaN``
+        reads back as ``nan``). With a checkpoint, client-state versions no resume can need
+        any more are dropped in the same transaction.
         """
         round_rows = _metric_rows(metrics, f"round {round} metrics")
         client_rows = _client_rows(client_metrics, round)
         state_rows = _state_rows(client_states or {}, round)
-        self._check_next_round(self._run_key(run_id), run_id, round)
-        relpath = None
         if checkpoint is not None:
+            checkpoint = _with_round(checkpoint, round)
+        self._check_next_round(self._run_key(run_id), run_id, round)
+        relpath = digest = None
+        if checkpoint is not None:
+            if run_id not in self._writing:
+                self.remove_stray_files(run_id)
             relpath = f"{_CKPT_DIR}/round-{round:06d}.safetensors"
-            save_checkpoint(self.run_dir(run_id) / relpath, checkpoint)
+            digest = save_checkpoint(self.run_dir(run_id) / relpath, checkpoint)
         with self._transaction():
             key = self._run_key(run_id)
             self._check_next_round(key, run_id, round)
-            self._insert_round(key, round, round_rows, client_rows, relpath)
+            self._insert_round(key, round, round_rows, client_rows, relpath, digest)
             self._conn.executemany(
                 "INSERT INTO client_state (run, round, client, name, data, dtype, shape)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -348,6 +484,7 @@ class RunStore:
         if checkpoint is not None and self.keep_checkpoints is not None:
             self._prune(run_id, self.keep_checkpoints)
 
+    @_guarded
     def rounds(self, run_id: str) -> list[RoundRecord]:
         """The committed rounds of a run, in order, with their metrics."""
         key = self._run_key(run_id)
@@ -364,6 +501,7 @@ class RunStore:
             records[rnd].metrics[name] = _from_sql(value)
         return list(records.values())
 
+    @_guarded
     def client_metrics(
         self, run_id: str, round: int | None = None
     ) -> list[tuple[int, int, dict[str, float]]]:
@@ -381,6 +519,7 @@ class RunStore:
             out.setdefault((rnd, client), {})[name] = _from_sql(value)
         return [(rnd, client, m) for (rnd, client), m in out.items()]
 
+    @_guarded
     def client_states(self, run_id: str, clients: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         """Each client's newest committed state tensors (an empty dict for a new client)."""
         key = self._run_key(run_id)
@@ -398,6 +537,7 @@ class RunStore:
                 found.setdefault(client, {})[name] = _state_tensor(data, dtype, shape)
         return [found.get(int(c), {}) for c in clients]
 
+    @_guarded
     def clients_with_state(self, run_id: str) -> list[int]:
         """The clients that have committed state in run ``run_id``, ascending."""
         key = self._run_key(run_id)
@@ -406,6 +546,7 @@ class RunStore:
         )
         return [int(r[0]) for r in rows]
 
+    @_guarded
     def update_health(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert or replace deployed clients' health rows (keys: ``HEALTH_FIELDS``; ``name``
         is the client's certificate name, ``client`` its id, ``last_seen`` a Unix time)."""
@@ -419,6 +560,7 @@ class RunStore:
                 values,
             )
 
+    @_guarded
     def health(self, run_id: str) -> list[dict[str, Any]]:
         """Deployed clients' health rows, by client id (empty for simulations)."""
         rows = self._conn.execute(
@@ -428,23 +570,82 @@ class RunStore:
         )
         return [dict(zip(HEALTH_FIELDS, row, strict=True)) for row in rows]
 
-    def latest_checkpoint(self, run_id: str) -> tuple[int, Checkpoint] | None:
-        """``(round, checkpoint)`` of the newest recorded checkpoint that loads, or ``None``."""
-        rows = self._conn.execute(
-            "SELECT round, path FROM checkpoints WHERE run = ? ORDER BY round DESC",
-            (self._run_key(run_id),),
-        ).fetchall()
-        for rnd, relpath in rows:
-            try:
-                return rnd, load_checkpoint(self.run_dir(run_id) / relpath)
-            except (OSError, CheckpointError):
-                continue
-        return None
+    def latest_checkpoint(
+        self, run_id: str, *, fallback: bool = False
+    ) -> tuple[int, Checkpoint] | None:
+        """``(round, checkpoint)`` of the newest recorded checkpoint, verified, or ``None``
+        if the run has none; see ``resume_point`` (``DamagedCheckpointError`` if the newest
+        one does not verify, unless ``fallback``)."""
+        point = self.resume_point(run_id, fallback=fallback)
+        return None if point.checkpoint is None else (point.round, point.checkpoint)
 
+    @_guarded
+    def resume_point(self, run_id: str, *, fallback: bool = False) -> ResumePoint:
+        """The newest recorded checkpoint of run ``run_id``, verified against its row: the
+        file must read as a potluck checkpoint, its metadata round must be the row's round
+        and its SHA-256 the recorded one (rows from before schema 5 have none: they are
+        verified by structure and round only: ``checksum=False``).
+
+        If the newest does not verify, ``DamagedCheckpointError`` names the file, the round
+        and what is wrong, and says which earlier checkpoint verifies and how to resume
+        from it; with ``fallback=True`` that earlier one is returned instead (``skipped``
+        lists the damaged ones; round 0 if none verifies). A run without checkpoints
+        resumes from round 0.
+        """
+        key = self._run_key(run_id)
+        rows = self._conn.execute(
+            "SELECT round, path, sha256 FROM checkpoints WHERE run = ? ORDER BY round DESC",
+            (key,),
+        ).fetchall()
+        damaged: list[DamagedCheckpointError] = []
+        point = ResumePoint(0, None, None, checksum=False)
+        for rnd, relpath, digest in rows:
+            path = self.run_dir(run_id) / relpath
+            try:
+                ckpt = _verified(path, run_id, rnd, digest)
+            except DamagedCheckpointError as err:
+                damaged.append(err)
+                continue
+            point = ResumePoint(rnd, ckpt, path, checksum=digest is not None)
+            break
+        if not damaged:
+            return point
+        if not fallback:
+            raise _refusal(run_id, damaged, point, self._last_round(key))
+        return ResumePoint(
+            point.round, point.checkpoint, point.path, point.checksum, tuple(damaged)
+        )
+
+    def remove_stray_files(self, run_id: str) -> list[Path]:
+        """Remove the temporary files (``.round-NNNNNN.safetensors.<hex>.tmp``) that a kill
+        while a checkpoint was being written left in run ``run_id``'s checkpoint directory,
+        never a complete checkpoint; return their paths.
+
+        ``commit_round`` and ``truncate_after`` do this the first time this store writes
+        to a run (and ``resume_experiment`` before it resumes one): only one process writes
+        to a run at a time.
+        """
+        self._writing.add(run_id)
+        ckpt_dir = self.run_dir(run_id) / _CKPT_DIR
+        if not ckpt_dir.is_dir():
+            return []
+        removed = []
+        for path in sorted(ckpt_dir.iterdir()):
+            if _TMP_FILE.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        if removed:
+            names = ", ".join(p.name for p in removed)
+            _log.info("run %s: removed stray temporary checkpoint files: %s", run_id, names)
+        return removed
+
+    @_guarded
     def truncate_after(self, run_id: str, round: int) -> None:
         """Delete everything of rounds ``> round`` (rows in one transaction, then files)."""
         if round < 0:
             raise ValueError(f"round must be >= 0, got {round}")
+        if run_id not in self._writing:
+            self.remove_stray_files(run_id)
         with self._transaction():
             key = self._run_key(run_id)
             self._conn.execute("DELETE FROM rounds WHERE run = ? AND round > ?", (key, round))
@@ -473,6 +674,7 @@ class RunStore:
         round_rows: list[tuple[str, float]],
         client_rows: list[tuple[int, str, float]],
         relpath: str | None,
+        digest: str | None,
     ) -> None:
         """The inserts of one round; the caller holds the transaction."""
         conn = self._conn
@@ -486,7 +688,10 @@ class RunStore:
             [(key, round, c, n, v) for c, n, v in client_rows],
         )
         if relpath is not None:
-            conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?)", (key, round, relpath))
+            conn.execute(
+                "INSERT INTO checkpoints (run, round, path, sha256) VALUES (?, ?, ?, ?)",
+                (key, round, relpath, digest),
+            )
 
     def _drop_superseded_states(self, key: int, round: int) -> None:
         """Delete state versions older than each client's newest version at ``round``."""
@@ -498,11 +703,27 @@ class RunStore:
             (key, round),
         )
 
+    def _checkpoint_wal(self) -> None:
+        """Copy the write-ahead log into ``potluck.db`` and empty it, so that ``potluck.db``
+        alone holds every committed round. Waits at most ``_WAL_CHECKPOINT_WAIT_S`` for
+        other connections (a reader of an older snapshot, another run's writer); after that
+        the log is left for a later checkpoint."""
+        wait_ms, usual_ms = int(_WAL_CHECKPOINT_WAIT_S * 1000), int(_BUSY_TIMEOUT_S * 1000)
+        self._conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
+        try:
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as err:  # busy or locked: best effort
+            busy = f"{err}"
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {usual_ms}")
+        if busy:
+            _log.info("%s: the write-ahead log was not fully checkpointed (busy)", self.root)
+
     def _migrate(self) -> None:
         with self._transaction():
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version > len(_MIGRATIONS):
-                raise RuntimeError(
+                raise StoreError(
                     f"{self.root / DB_NAME} has schema version {version}; this potluck "
                     f"understands up to {len(_MIGRATIONS)} (upgrade potluck)"
                 )
@@ -637,6 +858,95 @@ def _state_tensor(data: bytes, dtype: str, shape: str | None) -> torch.Tensor:
     else:
         flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(STATE_DTYPES[dtype])
     return flat if shape is None else flat.reshape(json.loads(shape))
+
+
+def _with_round(ckpt: Checkpoint, round: int) -> Checkpoint:
+    """``ckpt`` with ``"round": round`` in its metadata (refused if it names another)."""
+    stated = ckpt.meta.get("round", round)
+    if isinstance(stated, bool) or stated != round:
+        raise ValueError(f"round {round}: the checkpoint's metadata says round {stated!r}")
+    return ckpt if "round" in ckpt.meta else Checkpoint(ckpt.tensors, {**ckpt.meta, "round": round})
+
+
+def _verified(path: Path, run_id: str, round: int, digest: str | None) -> Checkpoint:
+    """The checkpoint at ``path`` if it verifies against its row (``round``, SHA-256
+    ``digest`` or ``None``), else ``DamagedCheckpointError`` saying what is wrong."""
+    ckpt: Checkpoint | None = None
+    problems: list[tuple[str, str]] = []  # (reason, detail)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        detail = "the file is missing" if isinstance(err, FileNotFoundError) else str(err)
+        problems.append(("unreadable", detail))
+    else:
+        try:
+            ckpt = parse_checkpoint(data, path)
+        except CheckpointError as err:
+            detail = str(err).removeprefix(f"checkpoint {path} ")
+            problems.append(("unreadable", f"the file {detail}"))
+        if ckpt is not None:
+            stated = ckpt.meta.get("round")
+            if stated is None:
+                problems.append(("round mismatch", "its metadata has no round"))
+            elif isinstance(stated, bool) or stated != round:
+                problems.append(
+                    ("round mismatch", f"its metadata says round {stated!r}, not {round}")
+                )
+        if digest is not None:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != digest:
+                problems.append(
+                    (
+                        "checksum mismatch",
+                        f"its SHA-256 is {actual[:16]}..., the store recorded {digest[:16]}...",
+                    )
+                )
+    if not problems:
+        assert ckpt is not None
+        return ckpt
+    what = "; ".join(f"{reason}: {detail}" for reason, detail in problems)
+    problem = f"checkpoint {path} (round {round} of run {run_id}) is damaged: {what}"
+    raise DamagedCheckpointError(problem, path=path, round=round, reason=problems[0][0])
+
+
+def _refusal(
+    run_id: str, damaged: list[DamagedCheckpointError], point: ResumePoint, last: int
+) -> DamagedCheckpointError:
+    """The error that refuses to resume past ``damaged[0]``, saying how to fall back to
+    ``point`` (the newest checkpoint that verifies, or round 0)."""
+    newest = damaged[0]
+    also = ""
+    if len(damaged) > 1:
+        others = ", ".join(f"round {e.round} ({e.reason})" for e in damaged[1:])
+        also = f"Older checkpoints that are damaged too: {others}. "
+    how = f"`potluck resume {run_id} --fallback` (Python: resume_experiment(..., fallback=True))"
+    if point.checkpoint is not None:
+        advice = (
+            f"{also}The newest earlier checkpoint that verifies is round {point.round} "
+            f"({point.path}): to resume after round {point.round}, recomputing "
+            f"{_rounds(point.round + 1, last)}, run {how}; or restore {newest.path.name} from "
+            "a copy and resume as usual"
+        )
+    else:
+        advice = (
+            f"{also}No earlier checkpoint of the run verifies: {how} restarts it from round "
+            f"1, recomputing {_rounds(1, last)}; or restore {newest.path.name} from a copy "
+            "and resume as usual"
+        )
+    return DamagedCheckpointError(
+        newest.problem,
+        path=newest.path,
+        round=newest.round,
+        reason=newest.reason,
+        advice=advice,
+        earlier=point.round if point.checkpoint is not None else None,
+        last_round=last,
+    )
+
+
+def _rounds(first: int, last: int) -> str:
+    """``"round 7"`` or ``"rounds 7-9"``."""
+    return f"round {first}" if first >= last else f"rounds {first}-{last}"
 
 
 def _from_sql(value: float | None) -> float:
