@@ -71,7 +71,9 @@ def run_server(
     ``revoked``: a file of revoked client names (the CA directory's ``revoked.txt``).
 
     A run with the same ``run.name`` that did not finish is resumed from its last checkpoint
-    (so a restarted server carries on; the clients reconnect by themselves)."""
+    (so a restarted server carries on; the clients reconnect by themselves). The clients are
+    told ``done`` only when the run finished; if the round loop fails or the server is
+    interrupted first, they are told ``stopped`` (with a reason) and keep reconnecting."""
     dep = cfg.deploy
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"engine": "grpc"})})
     experiment = cfg.build()
@@ -106,17 +108,43 @@ def run_server(
     def engine(program: ClientProgram) -> GrpcEngine:
         return GrpcEngine(program, hub, round_timeout_s=dep.round_timeout_s)
 
+    started = False
     try:
         hub.wait_for_clients(dep.min_clients, dep.join_timeout_s)
+        started = True
         if resume_id is not None:
             log.info("resuming run %s", resume_id)
-            return resume_experiment(experiment, store, resume_id, on_round=on_round, engine=engine)
-        return run_experiment(experiment, store, on_round=on_round, engine=engine)
+            result = resume_experiment(
+                experiment, store, resume_id, on_round=on_round, engine=engine
+            )
+        else:
+            result = run_experiment(experiment, store, on_round=on_round, engine=engine)
+        hub.finish()  # only a finished run tells the clients they are done
+        return result
+    except BaseException as exc:
+        reason = _stop_reason(exc, started)
+        log.error("stopping run %s before it finished: %s", hub.run_id, reason)
+        hub.stop(reason)  # the clients keep reconnecting, to a server that resumes the run
+        raise
     finally:
-        hub.finish()
-        time.sleep(min(dep.poll_timeout_s, 2.0))  # let waiting polls hear "done"
+        time.sleep(min(dep.poll_timeout_s, 2.0))  # let waiting polls hear "done" or "stopped"
         server.stop(grace=1.0).wait()
         store.close()
+
+
+def _stop_reason(exc: BaseException, started: bool) -> str:
+    """What the clients are told when the server stops early: the kind of failure, not its
+    message (which may hold the server's paths or data).
+
+    Example:
+        >>> _stop_reason(RuntimeError("/srv/secret: disk full"), started=True)
+        'the server failed (RuntimeError)'
+    """
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        return "the server is shutting down"
+    if not started and isinstance(exc, TimeoutError):
+        return "too few clients joined"
+    return f"the server failed ({type(exc).__name__})"
 
 
 def rounds_done(cfg: ExperimentConfig) -> int:

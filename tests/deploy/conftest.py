@@ -4,6 +4,7 @@ this process (threads) on loopback."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -117,6 +118,8 @@ class Deployment:
     result: RunResult | None = None
     error: BaseException | None = None
     threads: list[threading.Thread] = field(default_factory=list)
+    codes: dict[str, int] = field(default_factory=dict)  # what each site's run() returned
+    sites: list[Site] = field(default_factory=list)
 
     def start(self) -> Deployment:
         listening = threading.Event()
@@ -147,17 +150,27 @@ class Deployment:
             backoff=(0.1, 0.5),
             **kw,
         )
-        self._spawn(site.run, name)
+        self._spawn(lambda: self.codes.__setitem__(name, site.run()), name)
+        self.sites.append(site)
         return site
 
     def finish(self, timeout: float = 120) -> RunResult:
         self.threads[0].join(timeout)
+        if self.error is not None:  # its sites were told it stopped: they keep reconnecting
+            raise self.error
         for t in self.threads[1:]:
             t.join(10)
-        if self.error is not None:
-            raise self.error
         assert self.result is not None, "the server did not finish"
         return self.result
+
+    def close(self, timeout: float = 10) -> None:
+        """Let the sites end at their next failure: a site of a server that stopped keeps
+        reconnecting (it was not told the run is done), and would outlive the test."""
+        for site in self.sites:
+            site.max_failures = 1
+        deadline = time.monotonic() + timeout
+        for t in self.threads[1:]:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _spawn(self, target: Callable[[], Any], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -167,7 +180,20 @@ class Deployment:
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
-    def make(tls: ServerTLS | None, revoked: Path | None = None, **deploy: Any) -> Deployment:
-        return Deployment(config(tmp_path / "runs", **deploy), tls, revoked).start()
+    """``make(tls, revoked, **deploy)``: a started deployment of ``config`` (or of ``cfg=``);
+    its sites are told to end at teardown."""
+    made: list[Deployment] = []
+
+    def make(
+        tls: ServerTLS | None,
+        revoked: Path | None = None,
+        cfg: ExperimentConfig | None = None,
+        **deploy: Any,
+    ) -> Deployment:
+        dep = Deployment(cfg or config(tmp_path / "runs", **deploy), tls, revoked)
+        made.append(dep)
+        return dep.start()
 
     yield make
+    for dep in made:
+        dep.close()

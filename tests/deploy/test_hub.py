@@ -6,11 +6,14 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from potluck.deploy import wire
-from potluck.deploy.server import Hub, Task
+from potluck.deploy.server import Hub, Refused, Task
 
 
 def task(cid: int, rnd: int = 1) -> Task:
@@ -111,3 +114,26 @@ def test_a_task_for_a_client_that_does_not_poll_is_closed_at_the_deadline() -> N
     assert time.monotonic() - t0 < 5
     health = {h["name"]: h for h in hub.snapshot()}
     assert health["a"]["failures"] == 1 and "never polled" in health["a"]["last_error"]
+
+
+def test_a_stopped_hub_wakes_its_pollers_and_hands_out_nothing_more() -> None:
+    """``stop`` (the server fails or shuts down before the run finished) is not ``finish``:
+    waiting and later polls get no task, and the hub says why it stopped."""
+    hub = Hub("run", 2, admit=["a", "b"])
+    hub.join("a")
+    hub.join("b")
+    got: dict[str, Any] = {}
+    poller = threading.Thread(target=lambda: got.update(b=hub.next_task("b", 30)))
+    poller.start()
+    until(lambda: waiting(hub, 1))
+    queued = task(0)
+    with hub._cv:  # a task still queued for a when the server stops
+        hub._queues.setdefault(0, deque()).append(queued)
+    hub.stop("the server failed (RuntimeError)")
+    poller.join(5)
+    assert not poller.is_alive() and got == {"b": None}
+    assert hub.next_task("a", 30) is None  # not handed out after the stop
+    assert hub.stopped == "the server failed (RuntimeError)" and not hub.finished
+    assert hub.stop_reason("a") == hub.stopped
+    with pytest.raises(Refused, match="not on the admission list"):
+        hub.stop_reason("intruder")  # told nothing

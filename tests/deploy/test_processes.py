@@ -5,7 +5,9 @@ commands, with certificates from ``potluck certs``.
   joined by veth pairs), the deployed run equals the simulation of the same experiment.
 - On loopback: clients killed mid-run are dropped from the later rounds and the run finishes;
   a server killed mid-run and restarted resumes the run, its clients reconnect by themselves,
-  no committed round is lost and the result equals the uninterrupted simulation.
+  no committed round is lost and the result equals the uninterrupted simulation; a server
+  whose round loop fails tells its clients it stopped (not that the run is done), and
+  restarted with the config fixed it gets the same clients back and finishes the run.
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ NOT_LEARNING = TIMING_METRICS | {"failed", "refused"}
 _bin = Path(sys.prefix) / "bin" / "potluck"
 POTLUCK = [str(_bin)] if _bin.exists() else [sys.executable, "-m", "potluck.cli"]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the user's parts (my_lab)
+HERE = Path(__file__).resolve().parent  # test-only parts (server_faults)
 ENV = {
     **os.environ,
     "PYTHONUNBUFFERED": "1",
     "OMP_NUM_THREADS": "1",
     "COLUMNS": "200",
-    "PYTHONPATH": os.pathsep.join(p for p in (str(EXAMPLES), os.environ.get("PYTHONPATH")) if p),
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(EXAMPLES), str(HERE), os.environ.get("PYTHONPATH")) if p
+    ),
 }
 # parts a user wrote, named by import path: a stateful transform, a median, a term with a
 # server half, and a part with two stages of its own (with dropouts between them)
@@ -452,5 +457,46 @@ def test_a_killed_and_restarted_server_resumes_and_its_clients_reconnect(
     assert run.rounds == [1, 2, 3, 4] and run.runs == 1 and run.status == "finished"
     assert all(m["failed"] == 0 for m in run.history), [m["failed"] for m in run.history]
     sim = simulate(cfg)  # uninterrupted
+    assert learning(run.history) == learning(sim.history)
+    assert torch.equal(run.weights, sim.weights)
+
+
+def test_a_failed_server_restarted_with_a_fixed_config_gets_its_clients_back(
+    procs: Procs, pki: Path, tmp_path: Path
+) -> None:
+    """The server's aggregator (a user part) raises in round 2: the server exits non-zero and
+    its clients, told that it stopped (not that the run is done), keep reconnecting; the
+    server restarted with the part fixed resumes after round 1, the same clients finish the
+    run, and the result is the simulation of the fixed config."""
+    store = tmp_path / "runs"
+
+    def failing(fail_round: int) -> ExperimentConfig:
+        part = {"aggregator": {"name": "server_faults:FailingMean", "fail_round": fail_round}}
+        return experiment(store, rounds=3, parts=part, round_timeout_s=4)
+
+    fixed = failing(0)
+    address = f"127.0.0.1:{free_port()}"
+    first = procs.server(write(failing(2), tmp_path / "broken.toml"), store, pki, listen=address)
+    first.port()
+    clients = [procs.client(name, address, pki, server_name="localhost") for name in SITES]
+    committed(first, 1)
+    assert first.finish() != 0, procs.tails()
+    first.wait_for(r"ServerFault: the aggregator fails in round 2", 0)
+    first.wait_for(r"stopping run \w+ before it finished: the server failed \(ServerFault\)", 0)
+    assert stored(store).status == "failed" and stored(store).rounds == [1]
+    stopped = r"the server stopped run \w+ \(the server failed \(ServerFault\)\); reconnecting"
+    for site in clients:
+        site.wait_for(stopped, 30)
+        assert "the server finished run" not in site.text(), site.tail()
+    time.sleep(2)  # the server is gone: the clients keep retrying, none has ended
+    assert [c.popen.poll() for c in clients] == [None] * 5, procs.tails()
+    second = procs.server(write(fixed, tmp_path / "fixed.toml"), store, pki, listen=address)
+    second.wait_for(r"resuming run")
+    assert second.finish() == 0, procs.tails()
+    assert [c.finish(30) for c in clients] == [0] * 5, procs.tails()
+    run = stored(store)
+    assert run.rounds == [1, 2, 3] and run.runs == 1 and run.status == "finished"
+    assert all(m["failed"] == 0 and m["refused"] == 0 for m in run.history)
+    sim = simulate(fixed)  # the fixed config, uninterrupted
     assert learning(run.history) == learning(sim.history)
     assert torch.equal(run.weights, sim.weights)

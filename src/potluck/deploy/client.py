@@ -7,9 +7,11 @@ or the user's task, the algorithm's client-side parts, the run seed, over its ow
 stage (``records.job_from_task``): ``train`` (local steps from the global weights; the
 answer is the encoded update and the client's new state), ``evaluate`` (loss and accuracy
 sums on its local test split) or a part's own stage; the answer is the program's reply
-(``records.reply_to_message``), or ``declined``. When the connection drops it reconnects
-with exponential backoff and jitter; it can be restarted at any time (the server re-sends
-whatever is still open).
+(``records.reply_to_message``), or ``declined``. When the connection drops, or the server
+says it ``stopped`` the run before finishing it (its round loop failed, or it is shutting
+down), it reconnects with exponential backoff and jitter, so a restarted server that resumes
+the run gets it back; only ``done`` (the run finished) ends it. It can be restarted at any
+time (the server re-sends whatever is still open).
 
 Example (shell):
     potluck client --server coordinator.example.org:50051 --data site.npz \\
@@ -98,33 +100,37 @@ class Site:
         self.backoff, self.max_failures = backoff, max_failures
         self._program: tuple[str, int, ClientProgram] | None = None
         self._stub: Any = None
+        self._delay, self._failures = backoff[0], 0
 
     def run(self) -> int:
-        """Work until the server says the run is done (0), or ``max_failures`` connection
-        failures in a row (1)."""
-        delay, failures = self.backoff[0], 0
+        """Work until the server says the run is done (0), or ``max_failures`` failures in a
+        row (1): failed connections, refusals, or a server that stopped the run unfinished.
+        A join the server welcomes ends the row."""
+        self._delay, self._failures = self.backoff[0], 0
         while True:
             try:
                 if self._session():
                     return 0
-                delay, failures = self.backoff[0], 0
             except _Retry as exc:
-                failures += 1
-                if self.max_failures is not None and failures >= self.max_failures:
-                    log.error("giving up after %d failed attempts: %s", failures, exc)
+                self._failures += 1
+                if self.max_failures is not None and self._failures >= self.max_failures:
+                    log.error("giving up after %d failed attempts: %s", self._failures, exc)
                     return 1
-                wait = delay * random.uniform(0.5, 1.0)  # jitter only: not a secret
+                wait = self._delay * random.uniform(0.5, 1.0)  # jitter only: not a secret
                 log.warning("%s; reconnecting in %.1f s", exc, wait)
                 time.sleep(wait)
-                delay = min(delay * 2, self.backoff[1])
+                self._delay = min(self._delay * 2, self.backoff[1])
                 self._stub = None
 
     # -- one session: join, then tasks until done or refused -----------------------------------
 
     def _session(self) -> bool:
         welcome = self._call(wire.Envelope("join", client=self.name))
+        if welcome.kind == "stopped":
+            raise _Retry(_stopped(welcome))
         if welcome.kind != "welcome":
             raise _Retry(f"join refused: {welcome.scalars.get('reason', welcome.kind)}")
+        self._delay, self._failures = self.backoff[0], 0  # connected: a new row of failures
         program, cid = self._ensure_program(welcome)
         log.info("joined run %s as client %d", welcome.run_id, cid)
         while True:
@@ -132,6 +138,8 @@ class Site:
             if reply.kind == "done":
                 log.info("the server finished run %s", welcome.run_id)
                 return True
+            if reply.kind == "stopped":  # not done: a restarted server may resume the run
+                raise _Retry(_stopped(reply))
             if reply.kind == "wait":
                 continue
             if reply.kind == "refused":
@@ -208,6 +216,10 @@ class Site:
         if self.tls is None:
             return grpc.insecure_channel(self.server, options=options)
         return grpc.secure_channel(self.server, self.tls.credentials(), options=options)
+
+
+def _stopped(reply: wire.Envelope) -> str:
+    return f"the server stopped run {reply.run_id} ({reply.scalars.get('reason', 'no reason')})"
 
 
 class _Retry(Exception):

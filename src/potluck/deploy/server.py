@@ -7,6 +7,10 @@ a fresh random task id; ``records.task_message``) and waits until every member h
 or the round deadline passes. Clients dial out and long-poll (``poll``), work, and answer
 (``reply``, or ``declined`` for a client that drops out of the stage); nothing is pushed to
 them, so sites behind NAT or firewalls that only allow outgoing connections can take part.
+When the run has finished, polls are answered ``done`` (``Hub.finish``); when the server
+stops before that (its round loop failed, or it is shutting down), joins and polls are
+answered ``stopped`` with a ``reason`` (``Hub.stop``), and the sites keep reconnecting, so a
+restarted server that resumes the run gets them back.
 
 Every request is one envelope (``wire.Envelope``) streamed in chunks over a single RPC,
 ``Coordinator.Call``. The server refuses, logs and counts, and otherwise ignores:
@@ -126,6 +130,7 @@ class Hub:
     health: dict[str, ClientHealth] = field(default_factory=dict)
     liveness_s: float = 60.0
     finished: bool = False
+    stopped: str | None = None  # why the server stopped before the run finished
 
     def __post_init__(self) -> None:
         self._lock = threading.RLock()
@@ -163,14 +168,14 @@ class Hub:
                 self._cv.notify_all()
             queue = self._queues.setdefault(cid, deque())
             wake = self._poll_condition(cid)
-            while not queue and not self.finished:
+            while not queue and not self.over:
                 self._seen(name)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 wake.wait(left)
             self._seen(name)
-            if not queue:
+            if not queue or self.stopped is not None:
                 return None
             task = queue.popleft()
             task.issued = time.monotonic()
@@ -250,13 +255,39 @@ class Hub:
         with self._cv:
             return [asdict(h) for h in self.health.values()]
 
+    @property
+    def over(self) -> bool:
+        """Whether this server hands out no more tasks (the run finished, or it stopped)."""
+        return self.finished or self.stopped is not None
+
     def finish(self) -> None:
-        """The run is over: pending and future polls are answered ``done``."""
+        """The run has finished: pending and future polls are answered ``done``."""
         with self._cv:
             self.finished = True
-            self._cv.notify_all()
-            for wake in self._polls.values():
-                wake.notify_all()
+            self._wake_all()
+
+    def stop(self, reason: str) -> None:
+        """The server stops before the run finished (``reason``: why, sent to the clients):
+        pending and future joins and polls are answered ``stopped``, so the sites reconnect
+        (to a restarted server that resumes the run) instead of ending."""
+        with self._cv:
+            if self.finished:
+                return
+            self.stopped = reason
+            self._wake_all()
+
+    def stop_reason(self, name: str) -> str | None:
+        """Why the server stopped (None while it runs), told only to client ``name`` if it
+        may take part (else ``Refused``)."""
+        with self._cv:
+            if self.stopped is not None:
+                self._check(name)
+            return self.stopped
+
+    def _wake_all(self) -> None:
+        self._cv.notify_all()
+        for wake in self._polls.values():
+            wake.notify_all()
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -369,6 +400,8 @@ class Coordinator:
 
     def _handle(self, name: str, env: wire.Envelope) -> wire.Envelope | wire.Encoded:
         hub = self.hub
+        if env.kind in ("join", "poll") and hub.stop_reason(name) is not None:
+            return self._stopped()
         if env.kind == "join":
             cid = hub.join(name)
             scalars: dict[str, int | float | str] = {"client_id": cid, "config": self.config}
@@ -377,6 +410,8 @@ class Coordinator:
             task = hub.next_task(name, self.poll_timeout_s)
             if task is not None:
                 return task.payload
+            if hub.stopped is not None:
+                return self._stopped()
             return wire.Envelope("done" if hub.finished else "wait", hub.run_id)
         if env.kind in ANSWERS:
             if env.run_id != hub.run_id:
@@ -384,6 +419,10 @@ class Coordinator:
             hub.answer(name, env)
             return wire.Envelope("ack", hub.run_id, round=env.round)
         raise Refused(f"unknown request kind {env.kind!r}")
+
+    def _stopped(self) -> wire.Envelope:
+        reason = self.hub.stopped or "stopped"
+        return wire.Envelope("stopped", self.hub.run_id, scalars={"reason": reason})
 
     def _refuse(
         self, peer: str, name: str | None, reason: str, env: wire.Envelope | None = None
@@ -436,7 +475,9 @@ class GrpcEngine:
         return self.program.evaluate_test(w)
 
     def close(self) -> None:
-        self.hub.finish()
+        """Record client health. The round loop closes its engine whether the run finished
+        or failed; ``run_server``, which knows which, tells the clients (``Hub.finish`` or
+        ``Hub.stop``)."""
         self._report()
 
     def _task(
