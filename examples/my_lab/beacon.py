@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,6 +43,7 @@ class Beacon(Transform):
     """Commit before training, reveal after; ``drop``: chance of leaving in between."""
 
     drop: float = 0.0
+    client_state: ClassVar[dict[str, str]] = {"secret": "uint8"}
 
     def __post_init__(self) -> None:
         if not 0 <= self.drop <= 1:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +36,8 @@ from potluck.updates import Transform
 @dataclass(frozen=True)
 class SignEF(Transform):
     """One bit per coordinate up, with the compression error fed back on the client."""
+
+    client_state: ClassVar[dict[str, str]] = {"residual": "float32"}
 
     def encode(self, message: Message, state: State, ctx: Context) -> tuple[Message, State]:
         delta = message.arrays["delta"]

@@ -41,6 +41,7 @@ class FedDyn(Term):
 
     alpha: float = 0.01
     needs: ClassVar[frozenset[str]] = frozenset({Need.PLAIN_SERVER_STEP})
+    client_state: ClassVar[dict[str, str]] = {"h_k": "float32"}
 
     def __post_init__(self) -> None:
         if not self.alpha > 0:

@@ -431,7 +431,7 @@ class RoundStages:
                 if reply.refused:
                     raise MessageError(reply.refused)
                 if reply.state:
-                    self.loop._check_state(cid, reply)
+                    self.loop._check_state(cid, reply, self.states[cid])
             except MessageError as exc:
                 if not self.engine.remote:
                     raise
@@ -503,17 +503,17 @@ class _Loop:
                 history.append(metrics)
                 if self.on_round:
                     self.on_round(rnd, metrics)
+            result = RunResult(
+                self.run_id or None, state.w, history, spec=self.program.spec, personal={}
+            )
+            if self.program.personal is not None:
+                result.personal = self._personal_models(state.w, tolerant=engine.remote)
         except BaseException:
             if self.store:
                 self.store.set_status(self.run_id, "failed")
             raise
         finally:
             engine.close()
-        result = RunResult(
-            self.run_id or None, state.w, history, spec=self.program.spec, personal={}
-        )
-        if self.program.personal is not None:
-            result.personal = self._personal_models(state.w)
         if self.store:
             result.run_dir = self._finish(result)
         return result
@@ -534,11 +534,22 @@ class _Loop:
                 slots[ns] = dict(state)
         return _State(0, w0, slots)
 
-    def _personal_models(self, w: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _personal_models(self, w: torch.Tensor, tolerant: bool) -> dict[int, torch.Tensor]:
+        """Each client's personal model from its stored state. A remote member's state that
+        does not give a model of the global model's shape is skipped and logged
+        (``tolerant``); in a simulation it is a bug and raises."""
         clients = self._clients_with_state()
         out: dict[int, torch.Tensor] = {}
         for cid, state in zip(clients, self._client_states(clients), strict=True):
-            personal = self.program.personal_model(w, state)
+            try:
+                personal = self.program.personal_model(w, state)
+                if personal is not None:
+                    self.program.spec.check(personal, f"client {int(cid)}'s personal model")
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                if not tolerant:
+                    raise
+                _log.warning("no personal model for client %d: %s", int(cid), exc)
+                continue
             if personal is not None:
                 out[int(cid)] = personal
         return out
@@ -706,18 +717,33 @@ class _Loop:
             ]
         return tuple({**s, **fresh.get(int(c), {})} for c, s in zip(clients, stored, strict=True))
 
-    def _check_state(self, cid: int, reply: Reply) -> None:
+    def _check_state(self, cid: int, reply: Reply, before: Mapping[str, State]) -> None:
+        """A member's new client state: only for parts that keep state, under the names and
+        dtypes a part declares (its ``client_state``: name -> dtype), finite, and of the
+        dtype and shape of the version it replaces (``before``)."""
         for ns, state in reply.state.items():
             if ns not in self.stateful:
                 raise MessageError(
                     f"client {cid} sent state for {ns!r}, which is not a part of this run "
                     "that keeps client state"
                 )
+            declared: Mapping[str, str] | None = getattr(self.parts[ns], "client_state", None)
             for name, t in state.items():
+                where = f"client {cid}: state {ns}/{name}"
                 if not isinstance(t, torch.Tensor):
-                    raise MessageError(f"client {cid}: state {ns}/{name} is not a tensor")
+                    raise MessageError(f"{where} is not a tensor")
+                if declared is not None and name not in declared:
+                    raise MessageError(f"{where}: the part keeps only {sorted(declared)}")
+                if declared is not None and str(t.dtype).removeprefix("torch.") != declared[name]:
+                    raise MessageError(f"{where} is {t.dtype}, the part keeps {declared[name]}")
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise MessageError(f"client {cid}: state {ns}/{name} contains NaN or Inf")
+                    raise MessageError(f"{where} contains NaN or Inf")
+                old = before.get(ns, {}).get(name)
+                if old is not None and (old.dtype, old.shape) != (t.dtype, t.shape):
+                    raise MessageError(
+                        f"{where} is {t.dtype} {tuple(t.shape)}, but the version it replaces "
+                        f"is {old.dtype} {tuple(old.shape)}"
+                    )
 
     def _collect(self, rnd: int, replies: Mapping[int, Reply], tolerant: bool) -> list[_Update]:
         """Decode and validate the reported updates. An invalid one stops the run, unless

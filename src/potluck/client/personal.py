@@ -38,6 +38,7 @@ class FedPer(Term):
     personal_layers: tuple[str, ...] = ()
     mask: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)
     gives: ClassVar[frozenset[str]] = frozenset({Need.PERSONAL_MODEL})
+    client_state: ClassVar[dict[str, str]] = {"head": "float32"}
 
     def bind(self, spec: ParamSpec, optimizer: LocalOptimizer) -> FedPer:
         bound = replace(self)
@@ -82,6 +83,7 @@ class Ditto(Term):
 
     lam: float = 0.1
     gives: ClassVar[frozenset[str]] = frozenset({Need.PERSONAL_MODEL})
+    client_state: ClassVar[dict[str, str]] = {"personal": "float32"}
 
     def __post_init__(self) -> None:
         if not self.lam >= 0:

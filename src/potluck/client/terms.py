@@ -56,6 +56,8 @@ def effective_steps(steps: int, momentum: float) -> float:
 
 class Term:
     """Defaults for every ``GradientTerm`` hook: no state, no correction, nothing uploaded.
+    A term that keeps client state may declare it (``client_state``: name -> dtype), so the
+    server refuses anything else a member sends.
 
     Example:
         >>> import torch
@@ -142,6 +144,7 @@ class Scaffold(Term):
 
     momentum: float | None = None
     uploads: ClassVar[tuple[str, ...]] = ("delta_c",)
+    client_state: ClassVar[dict[str, str]] = {"c_i": "float32"}
 
     def bind(self, spec: ParamSpec, optimizer: LocalOptimizer) -> Scaffold:
         return self if self.momentum is not None else replace(self, momentum=optimizer.momentum)
