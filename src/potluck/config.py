@@ -161,7 +161,10 @@ class DeployConfig(_Section):
     min_clients: int = Field(1, ge=1, description="clients connected before round 1")
     min_updates: int = Field(1, ge=1, description="updates needed to move the model")
     max_update_norm: float | None = Field(
-        None, gt=0, description="refuse updates whose delta has a larger L2 norm (any run)"
+        None,
+        gt=0,
+        description="refuse updates with an uploaded array (delta, term uploads) of a larger"
+        " L2 norm (any run)",
     )
     max_weight: float | None = Field(
         None, gt=0, description="refuse updates claiming a larger aggregation weight (any run)"
@@ -170,6 +173,18 @@ class DeployConfig(_Section):
     join_timeout_s: float = Field(3600.0, gt=0, description="wait for min_clients this long")
     poll_timeout_s: float = Field(20.0, gt=0, description="a client's long poll")
     max_message_mb: float = Field(512.0, gt=0, description="larger messages are refused")
+    reply_factor: float = Field(
+        4.0, ge=1, description="an answer may be this many times its task's size, plus 1 MiB"
+    )
+    receive_timeout_s: float = Field(
+        60.0, gt=0, description="a message must arrive whole (and a reply be taken) this fast"
+    )
+    max_streams_per_client: int = Field(
+        4, ge=2, description="open streams a client (its certificate) may hold at once"
+    )
+    max_streams: int | None = Field(
+        None, ge=2, description="open streams in all (default: the larger of 256 and 4 per client)"
+    )
     admit: list[str] | None = Field(
         None, description="admitted client names; a client's id is its position"
     )

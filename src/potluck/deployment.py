@@ -26,6 +26,7 @@ from potluck.client.program import ClientProgram
 from potluck.config import ExperimentConfig
 from potluck.core.task import Task
 from potluck.deploy.client import config_id
+from potluck.deploy.guard import Guard
 from potluck.deploy.memory import reuse_freed_memory
 from potluck.deploy.server import (
     ClientHealth,
@@ -88,6 +89,12 @@ def run_server(
         Revocations(revoked) if revoked else None,
         health,
         liveness_s=2 * dep.poll_timeout_s + 5,
+        reply_factor=dep.reply_factor,
+    )
+    guard = Guard(
+        total=dep.max_streams or max(256, dep.max_streams_per_client * cfg.data.num_clients),
+        per_client=dep.max_streams_per_client,
+        timeout_s=dep.receive_timeout_s,
     )
     coordinator = Coordinator(
         hub,
@@ -95,6 +102,7 @@ def run_server(
         insecure=tls is None,
         poll_timeout_s=dep.poll_timeout_s,
         max_bytes=int(dep.max_message_mb * 2**20),
+        guard=guard,
     )
     if tls is None:
         log.warning("INSECURE: no TLS, clients are not authenticated (--insecure)")
@@ -129,6 +137,7 @@ def run_server(
     finally:
         time.sleep(min(dep.poll_timeout_s, 2.0))  # let waiting polls hear "done" or "stopped"
         server.stop(grace=1.0).wait()
+        guard.stop()
         store.close()
 
 

@@ -782,23 +782,29 @@ class _Loop:
         for key, value in values.items():
             if not math.isfinite(value) or (value < 0 and key in _COUNTS):
                 raise MessageError(f"{source}: scalar {key!r} must be finite and >= 0, got {value}")
-        self._check_bounds(source, msg.arrays["delta"], values["weight"])
+        for key, v in msg.scalars.items():  # metrics too: a NaN loss is no report
+            if isinstance(v, float) and not math.isfinite(v):
+                raise MessageError(f"{source}: scalar {key!r} is NaN or Inf ({v})")
+        self._check_bounds(source, msg, values["weight"])
         metrics = {k: float(v) for k, v in msg.scalars.items() if _is_number(v)}
         if metrics.get("weight") == metrics.get("num_examples"):
             del metrics["weight"]  # the default weight: recorded only where a part sets it
         return _Update(cid, msg, values["weight"], metrics)
 
-    def _check_bounds(self, source: str, delta: torch.Tensor, weight: float) -> None:
-        """The server's own bounds on an update (``deploy.max_update_norm``,
-        ``deploy.max_weight``): a member's claims are not trusted."""
+    def _check_bounds(self, source: str, msg: Message, weight: float) -> None:
+        """The server's own bounds on an update: ``deploy.max_update_norm`` on the L2 norm of
+        each uploaded array (the delta, and what the terms upload, e.g. SCAFFOLD's
+        ``delta_c``), ``deploy.max_weight`` on its aggregation weight. A member's claims are
+        not trusted."""
         bound, cap = self.exp.max_update_norm, self.exp.max_weight
         if bound is not None:
-            norm = float(torch.linalg.vector_norm(delta))
-            if not norm <= bound:
-                raise MessageError(
-                    f"{source}: delta has L2 norm {norm:.6g}, above deploy.max_update_norm "
-                    f"= {bound:g}"
-                )
+            for name in self.upload_arrays:
+                norm = float(torch.linalg.vector_norm(msg.arrays[name].double()))
+                if not norm <= bound:
+                    raise MessageError(
+                        f"{source}: {name!r} has L2 norm {norm:.6g}, above "
+                        f"deploy.max_update_norm = {bound:g}"
+                    )
         if cap is not None and weight > cap:
             raise MessageError(
                 f"{source}: aggregation weight {weight:g} is above deploy.max_weight = {cap:g}"
@@ -844,6 +850,11 @@ class _Loop:
             if reply is None:
                 continue
             try:
+                if reply.message.arrays or reply.state:
+                    raise MessageError(
+                        f"evaluation from client {int(c)}: arrays or state, which an evaluation"
+                        f" answer does not carry ({sorted(reply.message.arrays)[:3]})"
+                    )
                 pairs.append((int(c), parse_evaluation(reply.message, f"client {int(c)}")))
             except MessageError as exc:
                 if not engine.remote:

@@ -31,6 +31,7 @@ from potluck.core.message import Message
 from potluck.core.records import Reply, StageJob
 from potluck.deploy import wire
 from potluck.deploy.client import ClientTLS
+from potluck.deploy.server import MAX_SENDS
 from potluck.deployment import rounds_done, site_program
 from potluck.engines.inline import InlineEngine
 from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
@@ -128,20 +129,21 @@ def test_a_client_that_never_answers_hits_the_deadline(
     silent = stub(dep.port, pki.client("site-4"))
     welcome = call(silent, wire.Envelope("join", client="site-4"))
     assert welcome.kind == "welcome" and welcome.scalars["client_id"] == 4
-    taken = 0
+    taken: dict[bytes, int] = {}
     while True:  # take every task, answer none
         reply = call(silent, wire.Envelope("poll", welcome.run_id, client="site-4"))
         if reply.kind == "done":
             break
-        taken += reply.kind == "task"
+        if reply.kind == "task":
+            taken[reply.task_id] = taken.get(reply.task_id, 0) + 1
     result = dep.finish()
-    assert taken > 0
+    assert taken and set(taken.values()) == {MAX_SENDS}  # sent again, as if lost, then no more
     sim = simulate(tmp_path / "sim", missing={4}, round_timeout_s=1.5)
     assert torch.equal(result.weights, sim.weights)
     assert [m["failed"] for m in result.history] == [m["failed"] for m in sim.history]
     assert sum(m["failed"] for m in result.history) > 0
     row = health(tmp_path / "runs")["site-4"]
-    assert row["failures"] == taken and "missed the deadline" in str(row["last_error"])
+    assert row["failures"] == len(taken) and "missed the deadline" in str(row["last_error"])
 
 
 def test_bad_messages_are_refused_and_leave_the_model_untouched(

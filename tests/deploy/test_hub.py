@@ -4,16 +4,18 @@ else wakes anyone (no gRPC; the clients are threads)."""
 from __future__ import annotations
 
 import secrets
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from potluck.deploy import wire
-from potluck.deploy.server import Hub, Refused, Task
+from potluck.deploy import server, wire
+from potluck.deploy.server import Hub, Refused, Revocations, Task
 
 
 def task(cid: int, rnd: int = 1) -> Task:
@@ -137,3 +139,53 @@ def test_a_stopped_hub_wakes_its_pollers_and_hands_out_nothing_more() -> None:
     assert hub.stop_reason("a") == hub.stopped
     with pytest.raises(Refused, match="not on the admission list"):
         hub.stop_reason("intruder")  # told nothing
+
+
+def test_a_task_polled_but_lost_is_sent_again_and_answered_once() -> None:
+    hub = Hub("run", 1, admit=["a"])
+    hub.join("a")
+    t = task(0)
+    answers: list[Any] = []
+    loop = threading.Thread(target=lambda: answers.extend(hub.run([t], 30)))
+    loop.start()
+    until(lambda: t.task_id in hub._open)
+    sent = [hub.next_task("a", 0.05) for _ in range(server.MAX_SENDS + 1)]
+    assert sent[:-1] == [t] * server.MAX_SENDS  # as if each reply never reached the client
+    assert sent[-1] is None  # and no more
+    hub.answer("a", answer_of(t))
+    with pytest.raises(Refused, match="already answered"):
+        hub.answer("a", answer_of(t))
+    loop.join(10)
+    assert [a.task_id for a in answers] == [t.task_id]
+    assert hub.next_task("a", 0.05) is None  # answered: nothing is sent again
+
+
+def test_receive_limits_follow_the_task_in_hand() -> None:
+    hub = Hub("run", 2, admit=["a", "b"], reply_factor=4.0)
+    hub.join("a")
+    hub.join("b")
+    t = task(0)
+    threading.Thread(target=lambda: hub.run([t], 30), daemon=True).start()
+    until(lambda: t.task_id in hub._open)
+    assert hub.receive_limit("a") == hub.receive_limit("b") == server.CONTROL_BYTES
+    hub.next_task("a", 5)
+    expected = 4 * t.payload.nbytes + server.REPLY_SLACK_BYTES
+    assert hub.receive_limit("a") == hub.receive_limit(None) == expected
+    assert hub.receive_limit("b") == server.CONTROL_BYTES  # not its task
+    hub.answer("a", answer_of(t))
+    assert hub.receive_limit("a") == server.CONTROL_BYTES
+
+
+def test_clients_that_may_not_take_part_are_refused_before_they_send() -> None:
+    revoked = Path(tempfile.mkdtemp()) / "revoked.txt"
+    revoked.write_text("b\n")
+    hub = Hub("run", 3, admit=["a", "b"], revoked=Revocations(revoked))
+    hub.admissible("a")
+    for name, why in (("b", "revoked"), ("c", "admission list"), ("", "no client name")):
+        with pytest.raises(Refused, match=why):
+            hub.admissible(name)
+    open_hub = Hub("run", 1)
+    open_hub.join("a")
+    open_hub.admissible("a")
+    with pytest.raises(Refused, match="full"):
+        open_hub.admissible("b")

@@ -11,7 +11,8 @@ sums on its local test split) or a part's own stage; the answer is the program's
 says it ``stopped`` the run before finishing it (its round loop failed, or it is shutting
 down), it reconnects with exponential backoff and jitter, so a restarted server that resumes
 the run gets it back; only ``done`` (the run finished) ends it. It can be restarted at any
-time (the server re-sends whatever is still open).
+time: an answer it could not deliver is sent again after it joins again, and a task it
+polled but never got is sent again at its next poll.
 
 Example (shell):
     potluck client --server coordinator.example.org:50051 --data site.npz \\
@@ -38,7 +39,6 @@ from potluck.core.message import MessageError
 from potluck.deploy import wire
 
 log = logging.getLogger("potluck.deploy")
-RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL", "UNKNOWN")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class Site:
         self._program: tuple[str, int, ClientProgram] | None = None
         self._stub: Any = None
         self._delay, self._failures = backoff[0], 0
+        self._pending: wire.Envelope | None = None  # an answer not yet delivered
 
     def run(self) -> int:
         """Work until the server says the run is done (0), or ``max_failures`` failures in a
@@ -133,6 +134,8 @@ class Site:
         self._delay, self._failures = self.backoff[0], 0  # connected: a new row of failures
         program, cid = self._ensure_program(welcome)
         log.info("joined run %s as client %d", welcome.run_id, cid)
+        if self._pending is not None and self._pending.run_id == welcome.run_id:
+            self._deliver()  # the connection failed while it was being sent
         while True:
             reply = self._call(wire.Envelope("poll", welcome.run_id, client=self.name))
             if reply.kind == "done":
@@ -146,10 +149,17 @@ class Site:
                 raise _Retry(f"poll refused: {reply.scalars.get('reason')}")
             if reply.kind != "task" or reply.run_id != welcome.run_id:
                 raise _Retry(f"unexpected reply {reply.kind!r} for run {reply.run_id!r}")
-            answer = self._work(program, cid, reply)
-            ack = self._call(answer)
-            if ack.kind != "ack":
-                log.warning("answer refused: %s", ack.scalars.get("reason", ack.kind))
+            self._pending = self._work(program, cid, reply)
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Send the pending answer; it stays pending if the connection fails (``_Retry``),
+        and is sent again after the next join."""
+        assert self._pending is not None
+        ack = self._call(self._pending)
+        self._pending = None
+        if ack.kind != "ack":
+            log.warning("answer refused: %s", ack.scalars.get("reason", ack.kind))
 
     def _ensure_program(self, welcome: wire.Envelope) -> tuple[ClientProgram, int]:
         cid = int(welcome.scalars["client_id"])

@@ -15,6 +15,10 @@ cores, 0.46-0.60 s in two runs with two arenas, at the same peak memory). A libr
 calls ``malloc_trim`` itself still returns the memory (protobuf's Python runtime does, which
 is one reason for ``codec``). Elsewhere than glibc it does nothing.
 
+``release_freed_memory`` gives what is free back to the system at once (``malloc_trim``):
+the server calls it after a burst of abusive streams (``guard``), so that memory an attacker
+made it allocate does not stay resident.
+
 Example:
     >>> reuse_freed_memory()  # glibc accepts every setting
     True
@@ -53,6 +57,24 @@ def reuse_freed_memory(arenas: int | None = None) -> bool:
     if refused:
         log.warning("glibc refused %s: freed memory may be returned and faulted in again", refused)
     return not refused
+
+
+def release_freed_memory() -> bool:
+    """Return the freed memory of every arena to the system (glibc's ``malloc_trim(0)``);
+    True if some was returned, False if none was or this is not glibc.
+
+    Example:
+        >>> isinstance(release_freed_memory(), bool)
+        True
+    """
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "malloc_trim"):
+        return False
+    trim = libc.malloc_trim
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    returned = bool(trim(0))
+    log.info("returned freed memory to the system after abusive streams: %s", returned)
+    return returned
 
 
 def _mallopt() -> Callable[[int, int], int] | None:

@@ -46,16 +46,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 
 from potluck.client.program import ClientProgram, EvalResult
 from potluck.core.message import Message
 from potluck.core.records import RecordError, Reply, StageJob, reply_from_message, task_message
 from potluck.deploy import wire
+from potluck.deploy.guard import Busy, Guard, Stream
 from potluck.store.sqlite import RunStore
 
 log = logging.getLogger("potluck.deploy")
 ANSWERS = ("reply", "declined")
+CONTROL_BYTES = 64 << 10  # a join, a poll, a declined answer: a name and a few scalars
+REPLY_SLACK_BYTES = 1 << 20  # beyond reply_factor x the task: metrics, names, encoding
+MAX_SENDS = 3  # a task polled again before it is answered is sent again, this often in all
+SPARE_THREADS = 16  # beyond the guard's streams: they refuse the streams over its limits
 
 
 class Refused(Exception):
@@ -109,6 +115,7 @@ class Task:
     round: int
     payload: wire.Encoded
     issued: float | None = None
+    sends: int = 0
     answer: wire.Envelope | None = None
 
 
@@ -129,6 +136,7 @@ class Hub:
     revoked: Revocations | None = None
     health: dict[str, ClientHealth] = field(default_factory=dict)
     liveness_s: float = 60.0
+    reply_factor: float = 4.0  # an answer may be this many times its task's size (+ slack)
     finished: bool = False
     stopped: str | None = None  # why the server stopped before the run finished
 
@@ -138,10 +146,35 @@ class Hub:
         self._polls: dict[int, threading.Condition] = {}  # each polling client's
         self._queues: dict[int, deque[Task]] = {}
         self._open: dict[bytes, Task] = {}
+        self._issued: dict[int, Task] = {}  # each client's task in hand, until answered
         self._names: dict[int, str] = {h.client: n for n, h in self.health.items()}
         self._ready: set[str] = set()  # clients that polled this server: loaded, working
 
     # -- called by the gRPC threads ------------------------------------------------------------
+
+    def admissible(self, name: str) -> None:
+        """Refuse (``Refused``) a client that may not take part at all: revoked, not admitted,
+        or new to a full federation. Checked when its stream opens, before it sends anything."""
+        with self._cv:
+            self._check(name)
+            full = len(self.health) >= self.num_clients
+            if self.admit is None and name not in self.health and full:
+                raise Refused(f"the federation is full ({self.num_clients} clients)")
+
+    def receive_limit(self, name: str | None) -> int:
+        """The most bytes a message from ``name`` (None: any client) can legitimately need
+        now: ``reply_factor`` times its largest task in hand plus ``REPLY_SLACK_BYTES`` (the
+        update, the client's new state and metrics), or ``CONTROL_BYTES`` without one."""
+        with self._cv:
+            cid = self.health[name].client if name in self.health else None
+            sizes = [
+                t.payload.nbytes
+                for t in self._open.values()
+                if t.issued is not None and (name is None or t.client == cid)
+            ]
+        if not sizes:
+            return CONTROL_BYTES
+        return int(self.reply_factor * max(sizes)) + REPLY_SLACK_BYTES
 
     def join(self, name: str) -> int:
         """The client id of ``name`` (refused if not admitted, revoked, or the federation is
@@ -166,6 +199,13 @@ class Hub:
             if name not in self._ready:
                 self._ready.add(name)
                 self._cv.notify_all()
+            lost = self._issued.get(cid)
+            if lost is not None and lost.sends < MAX_SENDS and self.stopped is None:
+                lost.sends += 1
+                log.info("client %d (%r) polls again: its task of round %d is sent again",
+                         cid, name, lost.round)  # fmt: skip
+                self.health[name].bytes_sent += lost.payload.nbytes
+                return lost  # it never got it (or lost it): the same task, the same id
             queue = self._queues.setdefault(cid, deque())
             wake = self._poll_condition(cid)
             while not queue and not self.over:
@@ -178,7 +218,8 @@ class Hub:
             if not queue or self.stopped is not None:
                 return None
             task = queue.popleft()
-            task.issued = time.monotonic()
+            task.issued, task.sends = time.monotonic(), 1
+            self._issued[cid] = task
             self.health[name].bytes_sent += task.payload.nbytes
             return task
 
@@ -199,6 +240,7 @@ class Hub:
                 raise Refused(f"answer does not match its task (round {task.round}, {task.op})")
             task.answer = env
             del self._open[env.task_id]
+            self._issued.pop(cid, None)
             health = self.health[name]
             health.bytes_received += env.nbytes
             health.latency_s = time.monotonic() - task.issued
@@ -299,6 +341,8 @@ class Hub:
 
     def _close(self, task: Task) -> None:
         was_open = self._open.pop(task.task_id, None) is not None
+        if self._issued.get(task.client) is task:
+            del self._issued[task.client]
         queue = self._queues.get(task.client)
         if queue is not None and task in queue:
             queue.remove(task)
@@ -348,7 +392,13 @@ class Hub:
 
 
 class Coordinator:
-    """``Coordinator.Call``: one request envelope in, one reply envelope out."""
+    """``Coordinator.Call``: one request envelope in, one reply envelope out.
+
+    Before a stream's first chunk is read, its client (the certificate's name) must be one
+    that may take part (``Hub.admissible``) and get a slot (``Guard.open``); its message must
+    then arrive whole within the guard's deadline and be no larger than what the client's
+    task in hand can need (``Hub.receive_limit``, at most ``max_bytes``); the reply must be
+    taken within the deadline too."""
 
     def __init__(
         self,
@@ -358,27 +408,60 @@ class Coordinator:
         insecure: bool = False,
         poll_timeout_s: float = 20.0,
         max_bytes: int = wire.DEFAULT_MAX_BYTES,
+        guard: Guard | None = None,
     ) -> None:
         self.hub, self.config, self.insecure = hub, config, insecure
         self.poll_timeout_s, self.max_bytes = poll_timeout_s, max_bytes
+        self.guard = guard or Guard(total=256, per_client=4, timeout_s=60.0)
 
     def Call(self, request: Iterable[bytes], context: Any) -> Iterator[bytes]:  # gRPC's name
         peer = context.peer()
         certified = self._certified(context)  # known before the message is read
         try:
-            env = wire.receive(request, self.max_bytes)
-        except wire.WireError as exc:
-            yield from wire.send(self._refuse(peer, certified, f"malformed message: {exc}"))
+            if not self.insecure:
+                self.hub.admissible(self._identity(None, certified))
+            stream = self.guard.open(certified, context)
+        except (Refused, Busy) as exc:
+            yield from wire.send(self._refuse(peer, certified, str(exc)))
             return
+        with stream:
+            yield from self._serve(stream, request, peer, certified)
+
+    def _serve(
+        self, stream: Stream, request: Iterable[bytes], peer: str, certified: str | None
+    ) -> Iterator[bytes]:
+        limit = min(self.max_bytes, self.hub.receive_limit(certified))
+        stream.arm("receiving the message")
         try:
-            name = self._identity(env, certified)
-            reply = self._handle(name, env)
-        except Refused as exc:
-            reply = self._refuse(peer, certified or env.client, str(exc), env)
-        if isinstance(reply, wire.Encoded):  # a task: the round's weights encoded once
-            yield from wire.send_encoded(reply)
+            env = wire.receive(request, limit)
+        except wire.WireError as exc:
+            reply: wire.Envelope | wire.Encoded = self._refuse(
+                peer, certified, f"malformed message: {exc}"
+            )
+        except grpc.RpcError:  # the client went away, or the guard cut the stream
+            self._cut(stream, peer, certified)
+            return
         else:
-            yield from wire.send(reply)
+            stream.disarm()
+            try:
+                name = self._identity(env, certified)
+                reply = self._handle(name, env)
+            except Refused as exc:
+                reply = self._refuse(peer, certified or env.client, str(exc), env)
+        stream.arm("sending the reply")
+        try:
+            if isinstance(reply, wire.Encoded):  # a task: the round's weights encoded once
+                yield from wire.send_encoded(reply)
+            else:
+                yield from wire.send(reply)
+        finally:
+            stream.disarm()
+            self._cut(stream, peer, certified)
+
+    def _cut(self, stream: Stream, peer: str, name: str | None) -> None:
+        if stream.cut is not None:
+            log.warning("cut stream from %s (%s): %s", name or "?", peer, stream.cut)
+            self._noted(name, f"cut: {stream.cut}")
 
     def _certified(self, context: Any) -> str | None:
         """The client name in the peer's TLS certificate (None without TLS)."""
@@ -387,12 +470,12 @@ class Coordinator:
         names = context.auth_context().get("x509_common_name") or []
         return names[0].decode() if names else None
 
-    def _identity(self, env: wire.Envelope, certified: str | None) -> str:
-        if self.insecure:
+    def _identity(self, env: wire.Envelope | None, certified: str | None) -> str:
+        if self.insecure and env is not None:
             return env.client
         if certified is None:
             raise Refused("no client certificate")
-        if env.client and env.client != certified:
+        if env is not None and env.client and env.client != certified:
             raise Refused(
                 f"client claims to be {env.client!r} but its certificate is {certified!r}"
             )
@@ -429,10 +512,14 @@ class Coordinator:
     ) -> wire.Envelope:
         kind = env.kind if env is not None else "message"
         log.warning("refused %s from %s (%s): %s", kind, name or "?", peer, reason)
+        self._noted(name, reason)
+        return wire.Envelope("refused", self.hub.run_id, scalars={"reason": reason})
+
+    def _noted(self, name: str | None, reason: str) -> None:
+        """``reason`` as client ``name``'s last error (if it is a member)."""
         if name in self.hub.health:
             with self.hub._cv:
                 self.hub.health[name].last_error = reason
-        return wire.Envelope("refused", self.hub.run_id, scalars={"reason": reason})
 
 
 # ---- the engine ---------------------------------------------------------------------------
@@ -518,21 +605,24 @@ def _reply(env: wire.Envelope | None) -> Reply | None:
 
 
 def serve(
-    coordinator: Coordinator,
-    listen: str,
-    credentials: Any | None,
-    *,
-    max_workers: int = 256,
-) -> tuple[Any, int]:
+    coordinator: Coordinator, listen: str, credentials: Any | None
+) -> tuple[grpc.Server, int]:
     """Start a gRPC server for ``coordinator`` on ``listen`` (TLS ``credentials`` or, if None,
-    plaintext); the started ``grpc.Server`` and the bound port (``listen`` may ask for 0)."""
-    import grpc
+    plaintext); the started ``grpc.Server`` and the bound port (``listen`` may ask for 0).
 
+    It has a thread per stream its guard admits, plus ``SPARE_THREADS`` that refuse the
+    streams beyond (at once: they need not wait for a stalled one to end); streams beyond
+    those gRPC itself turns away (``RESOURCE_EXHAUSTED``), and the clients retry."""
+    threads = coordinator.guard.total + SPARE_THREADS
     options = [
         ("grpc.max_receive_message_length", 4 * wire.DEFAULT_CHUNK_BYTES),
         ("grpc.max_send_message_length", 4 * wire.DEFAULT_CHUNK_BYTES),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads),
+        options=options,
+        maximum_concurrent_rpcs=threads,
+    )
     server.add_generic_rpc_handlers((wire.handler(coordinator.Call),))
     if credentials is None:
         port = server.add_insecure_port(listen)
