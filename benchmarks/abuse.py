@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import header, write_result
+from deploy_loopback import _wait_for_port as wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "deploy"))
@@ -116,18 +117,20 @@ class Sampler(threading.Thread):
         return [mb for t, mb in self.samples if t0 <= t <= t1]
 
 
-def committed(store: Path) -> list[float]:
-    """Seconds of each committed round so far (empty before the run is stored)."""
-    if not (store / "potluck.db").exists():
-        return []
-    try:
-        with RunStore(store) as st:
-            runs = st.list_runs()
-            if not runs:
-                return []
-            return [float(r.metrics.get("round_seconds", 0.0)) for r in st.rounds(runs[0].run_id)]
-    except Exception:  # the server holds the store: try again at the next poll
-        return []
+def committed(store: Path, attempts: int = 50) -> list[float]:
+    """Seconds of each committed round so far (empty before the run is stored); the store
+    is read again while the server holds it."""
+    for _ in range(attempts):
+        if not (store / "potluck.db").exists():
+            return []
+        try:
+            with RunStore(store) as st:
+                runs = st.list_runs()
+                rounds = st.rounds(runs[0].run_id) if runs else []
+                return [float(r.metrics.get("round_seconds", 0.0)) for r in rounds]
+        except Exception:  # busy: try again
+            time.sleep(0.1)
+    raise RuntimeError(f"could not read {store}")
 
 
 def probe_join(port: int, tls: ClientTLS) -> float | None:
@@ -238,18 +241,6 @@ def scenario(label: str, work: Path, pki: Path, args: argparse.Namespace, src: P
         "attack_held_before_members_s": t_held - t_base,
         "attacker_streams": seen,
     }
-
-
-def wait_for_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = re.search(r"listening on \S+ \(port (\d+)\)", log.read_text(errors="replace"))
-        if found:
-            return int(found.group(1))
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    raise TimeoutError("the server did not listen")
 
 
 def start_sites(port: int, pki: Path, cfg: ExperimentConfig) -> list[Site]:
