@@ -43,6 +43,10 @@ def test_300_stalled_streams_do_not_stop_the_members_rounds(
         "rogue": Staller(target, pki.client(ROGUE), 50).start(),
         "rogue, partial": Staller(target, pki.client(ROGUE), 50, partial=True).start(),
     }
+    deadline = time.monotonic() + 30
+    while not any(o.kind == "cut" for o in attackers["rogue"].outcomes):  # before the members
+        assert time.monotonic() < deadline, "no stalled stream was cut"
+        time.sleep(0.1)
     for name in SITES:
         if name != ROGUE:
             dep.site(name, pki.client(name))

@@ -166,12 +166,11 @@ class Hub:
         now: ``reply_factor`` times its largest task in hand plus ``REPLY_SLACK_BYTES`` (the
         update, the client's new state and metrics), or ``CONTROL_BYTES`` without one."""
         with self._cv:
-            cid = self.health[name].client if name in self.health else None
-            sizes = [
-                t.payload.nbytes
-                for t in self._open.values()
-                if t.issued is not None and (name is None or t.client == cid)
-            ]
+            if name is None:
+                sizes = [t.payload.nbytes for t in self._issued.values()]
+            else:
+                own = self._issued.get(self.health[name].client) if name in self.health else None
+                sizes = [own.payload.nbytes] if own is not None else []
         if not sizes:
             return CONTROL_BYTES
         return int(self.reply_factor * max(sizes)) + REPLY_SLACK_BYTES
