@@ -58,8 +58,12 @@ def test_300_stalled_streams_do_not_stop_the_members_rounds(
 
     assert learning(result) == learning(simulate(tmp_path / "sim", missing={4}, **limits))
     assert all(m["updates"] == 3 or m["updates"] == 4 for m in result.history)
-    assert set(seen["intruder"]) == {"refused: client 'intruder' is not on the admission list"}
-    assert set(seen["revoked"]) == {"refused: client 'revoked-site' is revoked"}
+    turned_away = {"other", "cut"}  # by gRPC itself, when every thread is busy (a loaded host)
+    assert "refused: client 'intruder' is not on the admission list" in seen["intruder"]
+    assert set(seen["intruder"]) - turned_away == {
+        "refused: client 'intruder' is not on the admission list"
+    }
+    assert set(seen["revoked"]) - turned_away == {"refused: client 'revoked-site' is revoked"}
     busy = f"refused: client '{ROGUE}' already has 4 open streams (deploy.max_streams_per_client)"
     assert seen["rogue"]["cut"] >= 1 and seen["rogue"][busy] >= 46
     assert set(seen["rogue"]) == {"cut", busy}
