@@ -169,6 +169,16 @@ class DeployConfig(_Section):
     max_weight: float | None = Field(
         None, gt=0, description="refuse updates claiming a larger aggregation weight (any run)"
     )
+    max_norm_ratio: float = Field(
+        10.0,
+        description="refuse a member's update with an uploaded array of a larger L2 norm than"
+        " this many times the round's median (from 3 updates on; 0: off)",
+    )
+    max_weight_ratio: float = Field(
+        10.0,
+        description="cap a member's aggregation weight at this many times the round's median"
+        " (from 3 updates on; 0: off)",
+    )
     round_timeout_s: float = Field(600.0, gt=0, description="deadline of a round's clients")
     join_timeout_s: float = Field(3600.0, gt=0, description="wait for min_clients this long")
     poll_timeout_s: float = Field(20.0, gt=0, description="a client's long poll")
@@ -191,6 +201,13 @@ class DeployConfig(_Section):
     reuse_memory: bool = Field(
         True, description="glibc keeps freed buffers for the next round (fewer page faults)"
     )
+
+    @field_validator("max_norm_ratio", "max_weight_ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        if value != 0 and not value >= 1:
+            raise ValueError(f"must be 0 (off) or a number >= 1, got {value}")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -307,6 +324,8 @@ class ExperimentConfig(_Section):
             min_updates=self.deploy.min_updates,
             max_update_norm=self.deploy.max_update_norm,
             max_weight=self.deploy.max_weight,
+            max_norm_ratio=self.deploy.max_norm_ratio or None,
+            max_weight_ratio=self.deploy.max_weight_ratio or None,
             name=run.name,
             config=self.model_copy(update={"run": run}).to_dict(),
         )
@@ -429,6 +448,8 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
             "min_updates": experiment.min_updates,
             "max_update_norm": experiment.max_update_norm,
             "max_weight": experiment.max_weight,
+            "max_norm_ratio": experiment.max_norm_ratio or 0.0,  # None (off) is 0 in a config
+            "max_weight_ratio": experiment.max_weight_ratio or 0.0,
         }.items()
         if v is not None
     }

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from potluck.aggregate import cohort
 from potluck.aggregate.stack import StackBuffer
 from potluck.algorithms.base import Algorithm
 from potluck.client.program import ClientProgram, EvalResult, parse_evaluation
@@ -116,6 +117,8 @@ class Experiment:
     min_updates: int = 1
     max_update_norm: float | None = None
     max_weight: float | None = None
+    max_norm_ratio: float | None = 10.0
+    max_weight_ratio: float | None = 10.0
     name: str | None = None
     config: Mapping[str, Any] | None = None
 
@@ -130,6 +133,10 @@ class Experiment:
             value = getattr(self, bound)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{bound} must be a finite number > 0 or None, got {value}")
+        for ratio in ("max_norm_ratio", "max_weight_ratio"):
+            value = getattr(self, ratio)
+            if value is not None and not (math.isfinite(value) and value >= 1):
+                raise ValueError(f"{ratio} must be a finite number >= 1 or None, got {value}")
         if not isinstance(self.algorithm, Algorithm):
             raise TypeError(
                 f"algorithm must be a potluck Algorithm (e.g. potluck.algorithms.fedavg(...)),"
@@ -621,6 +628,7 @@ class _Loop:
             refused = stages.refused.get(TRAIN, 0)
             metrics["failed"] = float(active - len(trained) - refused)
             metrics["refused"] = float(refused + len(trained) - len(updates))
+            metrics["capped"] = float(sum("claimed_weight" in u.metrics for u in updates))
         accepted = {u.client for u in updates}
         client_states = {
             c: {ns: stages.states[c][ns] for ns in changed}
@@ -756,7 +764,42 @@ class _Loop:
                 if not tolerant:
                     raise
                 _log.warning("refused %s", exc)
-        return updates
+        return self._within_cohort(rnd, updates) if tolerant else updates
+
+    def _within_cohort(self, rnd: int, updates: list[_Update]) -> list[_Update]:
+        """Remote members' updates against the round's own scale (``aggregate.cohort``):
+        refused past ``max_norm_ratio`` times the median norm of an uploaded array, weights
+        capped at ``max_weight_ratio`` times their median."""
+        ratio, weight_ratio = self.exp.max_norm_ratio, self.exp.max_weight_ratio
+        if ratio is not None:
+            norms = {
+                name: np.array([_norm(u.message.arrays[name]) for u in updates])
+                for name in self.upload_arrays
+            }
+            reasons = cohort.norm_outliers(norms, ratio)
+            for u, why in zip(updates, reasons, strict=True):
+                if why is not None:
+                    _log.warning(
+                        "refused update from client %d in round %d: %s (deploy.max_norm_ratio)",
+                        u.client, rnd, why,
+                    )  # fmt: skip
+            updates = [u for u, why in zip(updates, reasons, strict=True) if why is None]
+        if weight_ratio is None:
+            return updates
+        weights = cohort.capped(np.array([u.weight for u in updates]), weight_ratio)
+        out = []
+        for u, w in zip(updates, weights.tolist(), strict=True):
+            if w < u.weight:
+                _log.warning(
+                    "round %d: client %d claims aggregation weight %g; capped at %g, %g times "
+                    "the round's median (deploy.max_weight_ratio)",
+                    rnd, u.client, u.weight, w, weight_ratio,
+                )  # fmt: skip
+                u = replace(
+                    u, weight=w, metrics={**u.metrics, "weight": w, "claimed_weight": u.weight}
+                )
+            out.append(u)
+        return out
 
     def _expected_upload(self) -> tuple[dict[str, int], list[str]]:
         """The arrays (name -> length) and numeric scalars every update must carry."""
@@ -799,7 +842,7 @@ class _Loop:
         bound, cap = self.exp.max_update_norm, self.exp.max_weight
         if bound is not None:
             for name in self.upload_arrays:
-                norm = float(torch.linalg.vector_norm(msg.arrays[name].double()))
+                norm = _norm(msg.arrays[name])
                 if not norm <= bound:
                     raise MessageError(
                         f"{source}: {name!r} has L2 norm {norm:.6g}, above "
@@ -920,6 +963,10 @@ def _contributions(
         for u in updates
     )
     return Contributions(clients, weights, arrays, scalars)
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t.double()))
 
 
 def _is_number(v: object) -> bool:

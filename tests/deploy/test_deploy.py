@@ -607,3 +607,37 @@ def test_int64_personal_state_from_a_member_does_not_crash_the_server(
         caplog.text
     )
     assert 4 not in result.personal and len(result.personal) >= 1
+
+
+def test_a_member_scaling_its_update_is_refused_and_its_claimed_weight_capped(
+    deployment: Make, pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the real mTLS path, site-4 sends its update scaled 1,000 times (round 1), then
+    honest updates claiming a weight of 1e9 (rounds 2 and 3). With no fixed bound set, the
+    round's own scale refuses the first (logged, as if it had sent nothing) and caps the
+    others at 10 times the round's median weight, which the store records."""
+    caplog.set_level(logging.WARNING, logger="potluck")
+    dep = deployment(pki.server(), round_timeout_s=5)
+    for name in SITES[:4]:
+        dep.site(name, pki.client(name))
+
+    def forge(task: wire.Envelope, reply: Reply, message: Message) -> Message:
+        arrays, scalars = dict(message.arrays), dict(message.scalars)
+        if task.scalars["stage"] == "train" and task.round == 1:
+            arrays["0/m/delta"] = arrays["0/m/delta"] * 1000
+        elif task.scalars["stage"] == "train":
+            scalars["weight"] = 1e9
+        return Message(arrays, scalars)
+
+    forging_member(dep, pki, forge)
+    result = dep.finish()
+    assert [(m["refused"], m["capped"]) for m in result.history] == [(1, 0), (0, 1), (0, 1)]
+    assert "refused update from client 4 in round 1: 'delta' has L2 norm" in caplog.text
+    with RunStore(tmp_path / "runs") as st:
+        run_id = st.resolve("deployed")
+        for rnd in (2, 3):
+            trained = {c: m for _, c, m in st.client_metrics(run_id, rnd) if "num_examples" in m}
+            assert trained[4]["claimed_weight"] == 1e9
+            honest = [m.get("weight", m["num_examples"]) for c, m in trained.items() if c != 4]
+            claims = sorted([*honest, 1e9])
+            assert trained[4]["weight"] == 10 * claims[(len(claims) - 1) // 2]
