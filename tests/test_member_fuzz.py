@@ -8,8 +8,8 @@ scalars added, dropped or replaced, weights and example counts forged, evaluatio
 made impossible; or the chunk stream damaged), and go through the server's own path:
 ``wire.receive`` under the size limit its task allows, the reply record, then the round
 loop's checks of an untrusted engine. A member's own state is sent back only to it, so of
-its contents the server checks what it stores (names, dtypes, finiteness), not its values
-or its first shape: a member may bias its own later updates, which are checked in turn.
+its contents the server checks what it stores (names, dtypes, shapes, finiteness), not its
+values: a member may bias its own later updates, which are checked in turn.
 Each corruption is one the server must refuse, so the
 run must end with the weights of the run without that member's answers, and every answer
 of it must be counted ``refused`` (or never decoded). ``FUZZ_EXAMPLES`` raises the bound
@@ -18,11 +18,15 @@ of it must be counted ``refused`` (or never decoded). ``FUZZ_EXAMPLES`` raises t
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,8 +138,7 @@ class Retyped:
     def __call__(self, env: wire.Envelope) -> wire.Envelope:
         if self.name not in env.arrays:
             return Extra("global/correct2", "float32")(env)
-        a = env.arrays[self.name]
-        dtype = "float64" if self.dtype is None and "/s/" in self.name else self.dtype
+        a, dtype = env.arrays[self.name], self.dtype
         if dtype is not None and dtype != "float32":
             a = a.to(getattr(torch, dtype))
         elif self.shape == "cut":
@@ -299,3 +302,17 @@ def test_many_corruptions_at_once(corrupts: list[Corrupt]) -> None:
         return out
 
     check(all_of)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
+def test_atheris_harness_runs_clean(tmp_path: Path) -> None:
+    """A short run of the coverage-guided fuzz of the member's answers (``fuzz_member.py``)."""
+    harness = Path(__file__).with_name("fuzz_member.py")
+    done = subprocess.run(
+        [sys.executable, str(harness), "-runs=120", "-seed=1", "-max_len=256"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,  # where a crash input would be written
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -727,8 +727,9 @@ class _Loop:
 
     def _check_state(self, cid: int, reply: Reply, before: Mapping[str, State]) -> None:
         """A member's new client state: only for parts that keep state, under the names and
-        dtypes a part declares (its ``client_state``: name -> dtype), finite, and of the
-        dtype and shape of the version it replaces (``before``)."""
+        dtypes a part declares (its ``client_state``: name -> dtype), finite, of the shape it
+        declares (``client_state_shapes``) and of the dtype and shape of the version it
+        replaces (``before``)."""
         for ns, state in reply.state.items():
             if ns not in self.stateful:
                 raise MessageError(
@@ -736,6 +737,7 @@ class _Loop:
                     "that keeps client state"
                 )
             declared: Mapping[str, str] | None = getattr(self.parts[ns], "client_state", None)
+            shapes = self._state_shapes(ns)
             for name, t in state.items():
                 where = f"client {cid}: state {ns}/{name}"
                 if not isinstance(t, torch.Tensor):
@@ -746,12 +748,21 @@ class _Loop:
                     raise MessageError(f"{where} is {t.dtype}, the part keeps {declared[name]}")
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise MessageError(f"{where} contains NaN or Inf")
+                shape = shapes.get(name)
+                if shape is not None and tuple(t.shape) != tuple(shape):
+                    raise MessageError(
+                        f"{where} has shape {tuple(t.shape)}, the part keeps {shape}"
+                    )
                 old = before.get(ns, {}).get(name)
                 if old is not None and (old.dtype, old.shape) != (t.dtype, t.shape):
                     raise MessageError(
                         f"{where} is {t.dtype} {tuple(t.shape)}, but the version it replaces "
                         f"is {old.dtype} {tuple(old.shape)}"
                     )
+
+    def _state_shapes(self, ns: str) -> Mapping[str, tuple[int, ...]]:
+        shapes = getattr(self.parts[ns], "client_state_shapes", None)
+        return {} if shapes is None else shapes(self.program.spec)
 
     def _collect(self, rnd: int, replies: Mapping[int, Reply], tolerant: bool) -> list[_Update]:
         """Decode and validate the reported updates. An invalid one stops the run, unless

@@ -40,6 +40,9 @@ class FedPer(Term):
     gives: ClassVar[frozenset[str]] = frozenset({Need.PERSONAL_MODEL})
     client_state: ClassVar[dict[str, str]] = {"head": "float32"}
 
+    def client_state_shapes(self, spec: ParamSpec) -> dict[str, tuple[int, ...]]:
+        return {"head": (int(self._mask().sum()),)}
+
     def bind(self, spec: ParamSpec, optimizer: LocalOptimizer) -> FedPer:
         bound = replace(self)
         object.__setattr__(bound, "mask", spec.layer_mask(self.personal_layers))
@@ -84,6 +87,9 @@ class Ditto(Term):
     lam: float = 0.1
     gives: ClassVar[frozenset[str]] = frozenset({Need.PERSONAL_MODEL})
     client_state: ClassVar[dict[str, str]] = {"personal": "float32"}
+
+    def client_state_shapes(self, spec: ParamSpec) -> dict[str, tuple[int, ...]]:
+        return {"personal": (spec.size,)}
 
     def __post_init__(self) -> None:
         if not self.lam >= 0:

@@ -56,7 +56,8 @@ def effective_steps(steps: int, momentum: float) -> float:
 
 class Term:
     """Defaults for every ``GradientTerm`` hook: no state, no correction, nothing uploaded.
-    A term that keeps client state may declare it (``client_state``: name -> dtype), so the
+    A term that keeps client state may declare it (``client_state``: name -> dtype, and
+    ``client_state_shapes(spec)``: name -> shape for a model of parameters ``spec``), so the
     server refuses anything else a member sends.
 
     Example:
@@ -145,6 +146,9 @@ class Scaffold(Term):
     momentum: float | None = None
     uploads: ClassVar[tuple[str, ...]] = ("delta_c",)
     client_state: ClassVar[dict[str, str]] = {"c_i": "float32"}
+
+    def client_state_shapes(self, spec: ParamSpec) -> dict[str, tuple[int, ...]]:
+        return {"c_i": (spec.size,)}
 
     def bind(self, spec: ParamSpec, optimizer: LocalOptimizer) -> Scaffold:
         return self if self.momentum is not None else replace(self, momentum=optimizer.momentum)
