@@ -2,16 +2,17 @@
 
 The server is ``potluck server`` in its own process (digits, MLP, 5 admitted sites, 4 per
 round, 150 rounds); four honest sites run as threads of this process (``Site``, real mTLS
-clients). Before they join, an attacker (``tests/deploy/stalls.py``) holds 300 stalled
-streams open: 100 with a certificate the CA signed but that is not on the admission list,
-100 with a revoked one, 100 with the certificate of the fifth, rogue member (50 send nothing,
-50 the first 1 MiB chunk of a 200 MiB message); a refused stream is opened again after 1 s,
-a cut one at once. The attack is held for ``--attack-s`` seconds after the members start,
-then stopped, and the run goes on to its end. Measured: the server's resident memory
-(``/proc/PID/status``, every 0.1 s) before the attack, at its peak, and after the burst;
-how long a member's ``join`` takes while the attack is held (5 probes, 10 s timeout each);
-the seconds per round under attack and after it, and their ratio; the rounds committed;
-how the attacker's streams ended.
+clients). Before they join, an attacker (``tests/deploy/stalls.py``, in a process of its
+own) holds 300 stalled streams open: 100 with a certificate the CA signed but that is not on
+the admission list, 100 with a revoked one, 100 with the certificate of the fifth, rogue
+member (50 send nothing, 50 the first 1 MiB chunk of a 200 MiB message); a refused stream is
+opened again after 1 s, a cut one at once. The attack is held for ``--attack-s`` seconds
+after the members start, then stopped, and the run goes on to its end. Measured: the
+server's resident memory (``/proc/PID/status``, every 0.1 s) before the attack, at its peak,
+and after the burst; how long a member's ``join`` takes while the attack is held (5 probes,
+10 s timeout each);
+the seconds per round under attack and after it (from 5 s after the attack stopped), and
+their ratio; the rounds committed; how the attacker's streams ended, and its CPU seconds.
 
 ``--ref COMMIT`` also runs the same attack against the server of an earlier commit (its
 source checked out in a temporary worktree, run with ``PYTHONPATH``), side by side; its
@@ -24,6 +25,7 @@ Run from the repository root (about 3 minutes with ``--ref``):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -32,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,6 @@ from _common import header, write_result
 from deploy_loopback import _wait_for_port as wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "deploy"))
-from stalls import Outcome, Staller  # noqa: E402
-
 from potluck.config import ExperimentConfig  # noqa: E402
 from potluck.deploy import certs, wire  # noqa: E402
 from potluck.deploy.client import ClientTLS, Site  # noqa: E402
@@ -149,28 +147,24 @@ def probe_join(port: int, tls: ClientTLS) -> float | None:
     return time.monotonic() - t0 if reply.kind == "welcome" else None
 
 
-def attack(port: int, pki: Path, n: int) -> list[Staller]:
-    target = f"127.0.0.1:{port}"
+class Attacker:
+    """The attacker (``tests/deploy/stalls.py``) in a process of its own."""
 
-    def tls(name: str) -> ClientTLS:
-        return ClientTLS(pki / f"client-{name}.pem", pki / f"client-{name}.key", pki / "ca.pem")
+    def __init__(self, port: int, pki: Path, n: int) -> None:
+        script = ROOT / "tests" / "deploy" / "stalls.py"
+        command = [sys.executable, str(script), f"127.0.0.1:{port}", str(pki), "--streams", str(n)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the attacker did not start")
 
-    return [
-        Staller(target, tls("intruder"), n).start(),
-        Staller(target, tls("revoked-site"), n).start(),
-        Staller(target, tls(ROGUE), n // 2).start(),
-        Staller(target, tls(ROGUE), n - n // 2, partial=True).start(),
-    ]
-
-
-def outcomes(stallers: Sequence[Staller]) -> dict[str, dict[str, int]]:
-    names = ["not admitted", "revoked", "rogue member, silent", "rogue member, partial"]
-    result = {}
-    for name, s in zip(names, stallers, strict=True):
-        seen: list[Outcome] = s.stop()
-        counts = Counter(o.kind if o.kind != "refused" else o.reason[:60] for o in seen)
-        result[name] = dict(counts.most_common())
-    return result
+    def stop(self) -> dict[str, Any]:
+        """How its streams ended, and its CPU seconds."""
+        out, _ = self.process.communicate(timeout=120)
+        return json.loads(out.splitlines()[-1])
 
 
 def scenario(label: str, work: Path, pki: Path, args: argparse.Namespace, src: Path) -> dict:
@@ -196,7 +190,7 @@ def scenario(label: str, work: Path, pki: Path, args: argparse.Namespace, src: P
         port = wait_for_port(log, server)
         time.sleep(2)
         t_base = time.monotonic()
-        stallers = attack(port, pki, args.streams // 3)
+        attacker = Attacker(port, pki, args.streams // 3)
         time.sleep(5)  # the attack is in place before the members come
         t_held = time.monotonic()
         member = ClientTLS(pki / "client-site-0.pem", pki / "client-site-0.key", pki / "ca.pem")
@@ -205,9 +199,10 @@ def scenario(label: str, work: Path, pki: Path, args: argparse.Namespace, src: P
         time.sleep(args.attack_s)
         rounds_under_attack = len(committed(store))
         t_stop = time.monotonic()
-        seen = outcomes(stallers)
-        time.sleep(5)
+        seen = attacker.stop()
+        time.sleep(5)  # the members' rounds settle
         t_after = time.monotonic()
+        rounds_settled = len(committed(store))
         try:
             finished = server.wait(timeout=args.finish_s) == 0
         except subprocess.TimeoutExpired:
@@ -220,7 +215,7 @@ def scenario(label: str, work: Path, pki: Path, args: argparse.Namespace, src: P
         for site in sites:
             site.max_failures = 1
     secs = committed(store)
-    under, after = secs[1:rounds_under_attack], secs[rounds_under_attack + 1 :]
+    under, after = secs[1:rounds_under_attack], secs[rounds_settled + 1 :]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {
         "server": label,
@@ -236,10 +231,12 @@ def scenario(label: str, work: Path, pki: Path, args: argparse.Namespace, src: P
         "run_finished": finished,
         "round_seconds_under_attack_mean": mean(under),
         "round_seconds_after_attack_mean": mean(after),
+        "rounds_while_settling": rounds_settled - rounds_under_attack,
         "slowdown_under_attack": (mean(under) / mean(after)) if under and after else None,
         "round_seconds": [round(x, 4) for x in secs],
         "attack_held_before_members_s": t_held - t_base,
-        "attacker_streams": seen,
+        "attacker_streams": seen["outcomes"],
+        "attacker_cpu_s": seen["cpu_s"],
     }
 
 

@@ -316,3 +316,33 @@ def test_atheris_harness_runs_clean(tmp_path: Path) -> None:
         cwd=tmp_path,  # where a crash input would be written
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_members_finite_but_huge_reports_keep_the_rounds_metrics_finite() -> None:
+    """Found by ``fuzz_member.py``: a train loss of -1.8e308 made the round's weighted mean
+    -inf. Means over members are computed so that they stay finite; an evaluation with no
+    examples but a loss is refused."""
+    huge = -1.7976931348623157e308
+
+    def report(env: wire.Envelope) -> wire.Envelope:
+        if "num_examples" in env.scalars:
+            return _with(env, scalars={**env.scalars, "train_loss": huge, "weight": 1e4})
+        return _with(env, scalars={**env.scalars, "global/loss_sum": -huge})
+
+    result = run_experiment(
+        ExperimentConfig.from_dict(CONFIG).build(), engine=lambda p: Member(p, report)
+    )
+    assert all(math.isfinite(v) for m in result.history for v in m.values()), result.history
+    assert all(m["updates"] == 3 for m in result.history)  # accepted: claims, not the model
+    assert result.history[0]["train_loss"] < -1e307 and result.history[0]["fed_loss"] > 1e305
+    zero = parse_evaluation_of({"global/loss_sum": 1.0, "global/correct": 0, "global/n": 0})
+    assert zero == "evaluation from client 1: global sums out of range (loss 1.0, 0 correct of 0)"
+
+
+def parse_evaluation_of(scalars: dict[str, int | float | str]) -> str:
+    from potluck.client.program import parse_evaluation
+    from potluck.core.message import Message, MessageError
+
+    with pytest.raises(MessageError) as info:
+        parse_evaluation(Message(scalars=scalars), "client 1")
+    return str(info.value)

@@ -920,9 +920,13 @@ class _Loop:
             ("personal", "personal"),
             ("finetuned", "finetuned"),
         ):
-            total = _sum_results([r[kind] for r in results if kind in r])
+            sums = [r[kind] for r in results if kind in r]
+            total = _sum_results(sums)
             if total.n:
-                out.update({f"{prefix}_loss": total.loss, f"{prefix}_accuracy": total.accuracy})
+                loss = total.loss  # the pooled mean, finite however large a member's sums:
+                if not math.isfinite(loss):
+                    loss = _mean([r.loss for r in sums if r.n], [r.n for r in sums if r.n])
+                out.update({f"{prefix}_loss": loss, f"{prefix}_accuracy": total.accuracy})
         per_client = [
             (c, {f"eval_{kind}_accuracy": res.accuracy for kind, res in r.items() if res.n})
             for c, r in pairs
@@ -994,8 +998,28 @@ def _merge_clients(*groups: PerClient) -> PerClient:
 
 def _weighted_mean(per_client: PerClient, key: str) -> float:
     pairs = [(m[key], m["num_examples"]) for _, m in per_client if key in m]
-    total = sum(n for _, n in pairs)
-    return sum(v * n for v, n in pairs) / total if total else math.nan
+    return _mean([v for v, _ in pairs], [n for _, n in pairs])
+
+
+def _mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """The mean of finite ``values`` weighted by ``weights`` (>= 0); NaN if they sum to 0.
+    It is finite: where the plain sums overflow (a member's finite but huge report), it is
+    computed on values and weights scaled to at most 1.
+
+    Example:
+        >>> _mean([1.0, 4.0], [3, 1]), _mean([-1.7e308, 2.0], [1e308, 1e308])
+        (1.75, -8.5e+307)
+    """
+    total = sum(weights)
+    if total == 0:
+        return math.nan
+    plain = sum(v * w for v, w in zip(values, weights, strict=True)) / total
+    if math.isfinite(total) and math.isfinite(plain):
+        return plain
+    w_max, v_max = max(weights), max(abs(v) for v in values)
+    shares = [w / w_max for w in weights]
+    norm = math.fsum(shares)
+    return v_max * math.fsum(p / norm * (v / v_max) for p, v in zip(shares, values, strict=True))
 
 
 def _sum_results(results: Sequence[EvalResult]) -> EvalResult:

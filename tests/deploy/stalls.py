@@ -2,7 +2,13 @@
 
 Each stream sends nothing, or the first chunk of a message it never finishes, and waits; a
 stream the server cuts or refuses is opened again at once, until ``stop``. Used by the abuse
-test (``test_abuse.py``) and its benchmark (``benchmarks/abuse.py``).
+test (``test_abuse.py``) and, as a process of its own (so that its threads do not compete
+with the members' for one interpreter), by its benchmark (``benchmarks/abuse.py``)::
+
+    python tests/deploy/stalls.py 127.0.0.1:50051 PKI_DIR --streams 100
+
+prints ``ready`` once its streams are open and, when its standard input closes, how they
+ended (JSON: per group, a count per kind or refusal reason) and its CPU seconds.
 
 Example:
     >>> Outcome("refused", "client 'x' is revoked", 0.01, 12.5).kind
@@ -11,10 +17,15 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -93,3 +104,44 @@ class Staller:
             return grpc.insecure_channel(self.target)
         options = [("grpc.ssl_target_name_override", "localhost")]
         return grpc.secure_channel(self.target, self.tls.credentials(), options=options)
+
+
+GROUPS = ["not admitted", "revoked", "rogue member, silent", "rogue member, partial"]
+
+
+def attack(target: str, pki: Path, n: int, rogue: str = "site-4") -> dict[str, Staller]:
+    """``n`` stalled streams with a certificate not on the admission list (``intruder``),
+    ``n`` with a revoked one (``revoked-site``), ``n`` with the member ``rogue``'s (half of
+    them silent, half partial); certificates as ``potluck certs`` writes them in ``pki``."""
+
+    def tls(name: str) -> ClientTLS:
+        return ClientTLS(pki / f"client-{name}.pem", pki / f"client-{name}.key", pki / "ca.pem")
+
+    return dict(zip(GROUPS, [
+        Staller(target, tls("intruder"), n).start(),
+        Staller(target, tls("revoked-site"), n).start(),
+        Staller(target, tls(rogue), n // 2).start(),
+        Staller(target, tls(rogue), n - n // 2, partial=True).start(),
+    ], strict=True))  # fmt: skip
+
+
+def tally(outcomes: list[Outcome]) -> dict[str, int]:
+    counts = Counter(o.kind if o.kind != "refused" else o.reason[:60] for o in outcomes)
+    return dict(counts.most_common())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="hold stalled streams against a server")
+    parser.add_argument("target", help="HOST:PORT")
+    parser.add_argument("pki", type=Path, help="directory of the certificates")
+    parser.add_argument("--streams", type=int, default=100, help="per group")
+    args = parser.parse_args(argv)
+    stallers = attack(args.target, args.pki, args.streams)
+    print("ready", flush=True)
+    sys.stdin.read()  # until the caller closes it
+    seen = {name: tally(s.stop()) for name, s in stallers.items()}
+    print(json.dumps({"outcomes": seen, "cpu_s": time.process_time()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -119,7 +119,7 @@ def parse_evaluation(message: Message, source: str) -> dict[str, EvalResult]:
         if not _number(loss) or not _integer(correct) or not _integer(n):
             raise MessageError(f"evaluation from {source}: missing or non-numeric {kind} sums")
         assert isinstance(loss, int | float) and isinstance(correct, int) and isinstance(n, int)
-        if not (np.isfinite(loss) and 0 <= correct <= n):
+        if not (np.isfinite(loss) and 0 <= correct <= n and (n or loss == 0)):
             raise MessageError(
                 f"evaluation from {source}: {kind} sums out of range (loss {loss}, "
                 f"{correct} correct of {n})"
