@@ -1,7 +1,7 @@
 """300 stalled streams against ``potluck server`` over mutual TLS (issue 13, finding 3).
 
 The server is ``potluck server`` in its own process (digits, MLP, 5 admitted sites, 4 per
-round, 150 rounds); four honest sites run as threads of this process (``Site``, real mTLS
+round, 800 rounds); four honest sites run as threads of this process (``Site``, real mTLS
 clients). Before they join, an attacker (``tests/deploy/stalls.py``, in a process of its
 own) holds 300 stalled streams open: 100 with a certificate the CA signed but that is not on
 the admission list, 100 with a revoked one, 100 with the certificate of the fifth, rogue
@@ -51,7 +51,14 @@ from potluck.store.sqlite import RunStore  # noqa: E402
 SITES = [f"site-{i}" for i in range(5)]
 ROGUE = "site-4"
 VENV_BIN = Path(sys.executable).parent
-NEW_FIELDS = {"reply_factor", "receive_timeout_s", "max_streams_per_client", "max_streams"}
+NEW_FIELDS = {
+    "reply_factor",
+    "receive_timeout_s",
+    "max_streams_per_client",
+    "max_streams",
+    "max_norm_ratio",
+    "max_weight_ratio",
+}
 
 
 def make_pki(directory: Path) -> None:
@@ -222,7 +229,7 @@ def scenario(label: str, work: Path, pki: Path, args: argparse.Namespace, src: P
         "rss_mb": {
             "before_attack": max(rss.window(0, t_base)),
             "peak_during_attack": max(rss.window(t_base, t_stop)),
-            "5_s_after_attack": rss.window(t_stop, t_after)[-1],
+            "5_s_after_attack": (rss.window(t_stop, t_after) or [None])[-1],
             "peak_overall": max(mb for _, mb in rss.samples),
         },
         "member_join_seconds_during_attack": probes,
@@ -264,7 +271,7 @@ def worktree(commit: str, into: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=150)
+    parser.add_argument("--rounds", type=int, default=800)
     parser.add_argument("--attack-s", type=float, default=30.0, help="after the members start")
     parser.add_argument("--finish-s", type=float, default=180.0, help="then wait for the end")
     parser.add_argument("--ref", help="also attack the server of this commit")
