@@ -138,6 +138,17 @@ class EvaluationConfig(_Section):
     finetune_epochs: int = Field(0, ge=0, description="also evaluate after local fine-tuning")
 
 
+class PrivacyConfig(_Section):
+    """The privacy budget of a run with central DP (``aggregator`` ``dp_mean``)."""
+
+    delta: float = Field(1e-5, gt=0, lt=1, description="epsilon is stated at this delta")
+    max_epsilon: float | None = Field(None, gt=0, description="stop before exceeding it")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="set the noise multiplier so that all rounds spend it"
+    )
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's RDP or PLD")
+
+
 class RunConfig(_Section):
     engine: Literal["auto", "inline", "vectorized", "pool", "ray", "grpc"] = Field(
         "inline",
@@ -245,6 +256,7 @@ class ExperimentConfig(_Section):
     downlink: list[dict[str, Any]] | None = None
     aggregator: dict[str, Any] = Field(default_factory=dict)
     server: dict[str, Any] = Field(default_factory=dict)
+    privacy: PrivacyConfig | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
     deploy: DeployConfig = DeployConfig()
@@ -304,6 +316,7 @@ class ExperimentConfig(_Section):
         import torch
 
         from potluck.orchestrator import Evaluation, Experiment
+        from potluck.privacy.ledger import PrivacyBudget
 
         federation = self.build_federation()
         # float results depend on the intra-op thread count: fix it in the stored config so a
@@ -326,6 +339,7 @@ class ExperimentConfig(_Section):
             max_weight=self.deploy.max_weight,
             max_norm_ratio=self.deploy.max_norm_ratio or None,
             max_weight_ratio=self.deploy.max_weight_ratio or None,
+            privacy=PrivacyBudget(**self.privacy.model_dump()) if self.privacy else None,
             name=run.name,
             config=self.model_copy(update={"run": run}).to_dict(),
         )
@@ -442,6 +456,9 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
         }.items()
         if v is not None
     }
+    if experiment.privacy is not None:
+        budget = dataclasses.asdict(experiment.privacy)
+        out["privacy"] = {k: v for k, v in budget.items() if v is not None}
     out["deploy"] = {
         k: v
         for k, v in {

@@ -49,12 +49,14 @@ from potluck.algorithms.base import Algorithm
 from potluck.client.program import ClientProgram, EvalResult, parse_evaluation
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
-from potluck.core.parts import Context, Contributions, State, part_context
+from potluck.core.parts import Context, Contributions, Need, State, gives, part_context
 from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
 from potluck.data.federation import Federation
 from potluck.engines.base import Engine, EngineOptions, choose_engine, make_engine
+from potluck.privacy import ledger as privacy
+from potluck.privacy.ledger import GaussianMechanism, PrivacyBudget, calibrated, sampling_of
 from potluck.store.checkpoint import Checkpoint
 from potluck.store.sqlite import ResumePoint, RunStore
 
@@ -119,6 +121,7 @@ class Experiment:
     max_weight: float | None = None
     max_norm_ratio: float | None = 10.0
     max_weight_ratio: float | None = 10.0
+    privacy: PrivacyBudget | None = None
     name: str | None = None
     config: Mapping[str, Any] | None = None
 
@@ -144,6 +147,30 @@ class Experiment:
             )
         EngineOptions(self.workers, self.threads, self.ray_address)  # validates them
         self.algorithm.sampler.cohort_size(self.federation.num_clients)
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """A private aggregator gets its budget (by default, delta 1e-5) and, with a
+        ``target_epsilon``, its calibrated noise; a budget without one is refused."""
+        algo, budget = self.algorithm, self.privacy
+        if not isinstance(algo.aggregator, GaussianMechanism):
+            if budget is not None:
+                raise ValueError(
+                    "privacy: a budget needs a private aggregator (aggregator dp_mean, or the "
+                    f"dp_fedavg algorithm); this one is {type(algo.aggregator).__name__}"
+                )
+            return
+        if Need.FIXED_DENOMINATOR in gives(algo.aggregator) and self.min_updates > 1:
+            raise ValueError(
+                f"min_updates = {self.min_updates}: with central DP every round's noised sum is "
+                "released, however few updates it has (skipping a round would depend on who "
+                "took part, which the accountant does not cover); use min_updates = 1"
+            )
+        budget = budget or PrivacyBudget()
+        sampling = sampling_of(algo.sampler, self.federation.num_clients)
+        aggregator = calibrated(algo.aggregator, budget, self.rounds, sampling)
+        object.__setattr__(self, "privacy", budget)
+        object.__setattr__(self, "algorithm", replace(algo, aggregator=aggregator))
 
     @property
     def engine_options(self) -> EngineOptions:
@@ -171,6 +198,7 @@ class RunResult:
     run_dir: Path | None = None
     spec: ParamSpec | None = None
     personal: dict[int, torch.Tensor] = field(default_factory=dict)
+    stopped: str | None = None  # why the run ended before its last round (a privacy budget)
 
     @property
     def final(self) -> dict[str, float]:
@@ -477,13 +505,32 @@ class _Loop:
         self.finishing = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "after_train")]
         self.stateful = {ns for ns in self.parts if ns.startswith(("terms.", "transforms."))}
         self.stateful |= {ns for ns, p in self.parts.items() if hasattr(p, "client_stage")}
+        self.aggregator, self.ledger = self._private_aggregation()
         # an engine that cannot run this experiment refuses here, before any run is stored
         if engine is not None:
             self.engine = engine(self.program)
-            return
-        if exp.engine == "auto":
+        elif exp.engine == "auto":
             raise ValueError('engine "auto" must be resolved first: see resolve_engine')
-        self.engine = make_engine(exp.engine, self.program, exp.engine_options)
+        else:
+            self.engine = make_engine(exp.engine, self.program, exp.engine_options)
+        noise = getattr(self.aggregator, "noise", None)
+        if self.ledger is not None and self.engine.remote and noise == "seed":
+            self.engine.close()
+            raise ValueError(
+                'aggregator.noise = "seed": a deployment\'s DP noise must not follow from the '
+                'config\'s seed (anyone with the config could subtract it); set noise = "secure"'
+            )
+
+    def _private_aggregation(self) -> tuple[Any, privacy.Ledger | None]:
+        """The aggregator, with its denominator set to the expected cohort where it has a
+        fixed one, and the privacy ledger of a private one."""
+        agg, sampler = self.exp.algorithm.aggregator, self.exp.algorithm.sampler
+        if hasattr(agg, "bind_cohort"):
+            agg = agg.bind_cohort(privacy.expected_cohort(sampler, self.num_clients))
+        if not isinstance(agg, GaussianMechanism) or self.exp.privacy is None:
+            return agg, None
+        sampling = sampling_of(sampler, self.num_clients)
+        return agg, privacy.Ledger(agg, sampling, self.exp.privacy)
 
     def record_to(self, store: RunStore, run_id: str) -> None:
         """Commit every round to ``store`` under ``run_id``. An engine with an
@@ -502,16 +549,21 @@ class _Loop:
             start = self._initial_state()
         self.program.spec.check(start.w, "checkpointed global weights")
         history = [r.metrics for r in self.store.rounds(self.run_id)] if self.store else []
-        engine, state = self.engine, start
+        engine, state, stopped = self.engine, start, None
         try:
             for rnd in range(start.round + 1, exp.rounds + 1):
+                if self.ledger is not None:
+                    stopped = self.ledger.admits(state.slots.get(privacy.SLOT, {}))
+                if stopped:
+                    _log.warning("run stopped before round %d: %s", rnd, stopped)
+                    break
                 state, metrics, per_client, client_states = self._round(engine, state, rnd)
                 self._commit(state, metrics, per_client, client_states)
                 history.append(metrics)
                 if self.on_round:
                     self.on_round(rnd, metrics)
             result = RunResult(
-                self.run_id or None, state.w, history, spec=self.program.spec, personal={}
+                self.run_id or None, state.w, history, spec=self.program.spec, stopped=stopped
             )
             if self.program.personal is not None:
                 result.personal = self._personal_models(state.w, tolerant=engine.remote)
@@ -615,6 +667,10 @@ class _Loop:
             slots[ns] = dict(part.after_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
         updates = self._collect(rnd, trained, tolerant=engine.remote)
         new_state = self._step(state, slots, updates, rnd)
+        privacy_metrics = {}
+        if self.ledger is not None:  # released, applied or not: accounted
+            new_state.slots[privacy.SLOT], spent = self.ledger.record(slots.get(privacy.SLOT, {}))
+            privacy_metrics["epsilon"] = spent
         active = len(cohort[reports])
         metrics = {
             "cohort_size": float(len(cohort)),
@@ -623,6 +679,7 @@ class _Loop:
             "bytes_up": float(sum(stages.bytes_up.values())),
             "bytes_down": float(sum(stages.bytes_down.values())),
             **stages.metrics,
+            **privacy_metrics,
         }
         if engine.remote:
             refused = stages.refused.get(TRAIN, 0)
@@ -667,7 +724,8 @@ class _Loop:
     ) -> _State:
         """Aggregate, decode the aggregate, the terms' server halves, the server step."""
         weights = torch.tensor([u.weight for u in updates], dtype=torch.float64)
-        if len(updates) < self.exp.min_updates or not float(weights.sum()) > 0:
+        fixed = Need.FIXED_DENOMINATOR in gives(self.aggregator)  # defined for any count
+        if not fixed and (len(updates) < self.exp.min_updates or not float(weights.sum()) > 0):
             _log.warning(
                 "round %d: %d updates with total weight %g (need at least %d, with a positive "
                 "weight); the model is not moved",
@@ -679,8 +737,9 @@ class _Loop:
             return _State(rnd, state.w, slots)  # the model does not move
         before = dict(slots)
         algo = self.exp.algorithm
-        deltas = self.stack.stack([u.message.arrays["delta"] for u in updates])
-        aggregate, slots["aggregator"] = algo.aggregator.aggregate(
+        rows = [u.message.arrays["delta"] for u in updates]
+        deltas = self.stack.stack(rows) if rows else state.w.new_zeros((0, state.w.numel()))
+        aggregate, slots["aggregator"] = self.aggregator.aggregate(
             deltas, weights, slots.get("aggregator", {}), self._ctx("aggregator", rnd)
         )
         for ns, transform in reversed(
@@ -1028,10 +1087,12 @@ def _sum_results(results: Sequence[EvalResult]) -> EvalResult:
     )
 
 
-def _summary(result: RunResult) -> dict[str, float]:
+def _summary(result: RunResult) -> dict[str, Any]:
     final = result.final
     keys = ("test_accuracy", "test_loss", "fed_accuracy", "fed_loss", "train_loss")
-    summary = {k: final[k] for k in keys if k in final}
+    summary: dict[str, Any] = {k: final[k] for k in keys if k in final}
     summary["rounds"] = float(len(result.history))
+    if result.stopped:
+        summary["stopped"] = result.stopped
     summary["total_round_seconds"] = sum(m.get("round_seconds", 0.0) for m in result.history)
     return summary

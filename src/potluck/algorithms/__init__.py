@@ -1,6 +1,7 @@
 """Named algorithms: compositions of sampler, local rule, transforms, aggregator, server opt."""
 
 from potluck.algorithms.base import Algorithm
+from potluck.algorithms.dp_fedavg import dp_fedavg
 from potluck.algorithms.fedavg import fedavg
 from potluck.algorithms.fednova import fednova
 from potluck.algorithms.fedprox import fedprox
@@ -12,6 +13,7 @@ from potluck.algorithms.scaffold import scaffold
 __all__ = [
     "Algorithm",
     "ditto",
+    "dp_fedavg",
     "fedavg",
     "fednova",
     "fedper",

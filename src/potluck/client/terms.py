@@ -240,7 +240,7 @@ class QFFL(Term):
     """
 
     q: float = 1.0
-    needs: ClassVar[frozenset[str]] = frozenset({Need.PLAIN_SERVER_STEP})
+    needs: ClassVar[frozenset[str]] = frozenset({Need.PLAIN_SERVER_STEP, Need.WEIGHTED_UPDATES})
 
     def __post_init__(self) -> None:
         if not self.q >= 0:

@@ -56,6 +56,10 @@ class Need(StrEnum):
     PERSONAL_MODEL = "a personal model per client"
     SEVERAL_LOCAL_STEPS = "more than one local step per client"
     ONE_CLIENT_AT_A_TIME = "one client at a time (no batching of clients)"
+    ONLY_THE_DELTA = "nothing but the delta uploaded (another upload reaches the server unnoised)"
+    FIXED_DENOMINATOR = "a fixed denominator (an aggregate for any number of updates, even none)"
+    WEIGHTED_UPDATES = "the updates' aggregation weights honoured"
+    EQUAL_WEIGHTS = "every update counted alike (their weights ignored)"
 
 
 @dataclass(frozen=True)
@@ -317,8 +321,9 @@ def needs(part: object) -> frozenset[str]:
 
     Example:
         >>> from potluck.client.terms import QFFL
-        >>> sorted(needs(QFFL()))
-        ['the server step w + mean delta (server SGD, lr 1, no momentum)']
+        >>> sorted(needs(QFFL()))  # doctest: +NORMALIZE_WHITESPACE
+        ['the server step w + mean delta (server SGD, lr 1, no momentum)',
+         "the updates' aggregation weights honoured"]
     """
     return frozenset(str(n) for n in getattr(part, "needs", ()))
 
@@ -381,6 +386,22 @@ def _unmet(
         summed = givers.get(Need.ONLY_THE_SUM, [])
         if summed:
             return f"{describe_part(*parts[summed[0]])} gives the server only their sum"
+        return None
+    if need == Need.WEIGHTED_UPDATES:
+        equal = givers.get(Need.EQUAL_WEIGHTS, [])
+        if equal:
+            return f"{describe_part(*parts[equal[0]])} counts every update alike"
+        return None
+    if need == Need.ONLY_THE_DELTA:
+        uploading = [
+            (ns, p)
+            for ns, p in parts
+            if getattr(p, "uploads", ()) or getattr(p, "upload_scalars", ())
+        ]
+        if uploading:
+            ns, p = uploading[0]
+            what = [*getattr(p, "uploads", ()), *getattr(p, "upload_scalars", ())]
+            return f"{describe_part(ns, p)} also uploads {what}, which it would not protect"
         return None
     if need == Need.ONE_CLIENT_AT_A_TIME:
         return None  # asked of the engine, which refuses the part if it batches clients

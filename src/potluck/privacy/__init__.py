@@ -1,0 +1,1 @@
+"""Differential privacy: mechanisms (``central``) and their accounting (``accounting``)."""

@@ -1,0 +1,166 @@
+"""Privacy accounting with Google's ``dp-accounting``: the event each round's mechanism is,
+epsilon over what ran, and the noise multiplier a target epsilon needs.
+
+A round of central DP (``privacy.central.GaussianMean``) is a Gaussian mechanism of noise
+multiplier ``z`` on the sum of the sampled clients' clipped updates; sampling amplifies it:
+- Poisson sampling (``PoissonSampler``, each client with probability ``q``):
+  ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, under add-or-remove-one adjacency;
+- fixed-size sampling (``UniformSampler``, ``m`` of ``N`` without replacement):
+  ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z))``, under replace-one adjacency
+  (the RDP accountant only; ``dp-accounting``'s PLD accountant has no such event).
+The unit of privacy is one client (all of its data): user-level DP.
+
+Example:
+    >>> rounds = [Round(z=1.1, sampling=Poisson(q=0.01))] * 1000
+    >>> round(epsilon(rounds, delta=1e-5), 4), round(epsilon(rounds, 1e-5, "pld"), 4)
+    (1.7118, 1.5154)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import groupby
+
+import dp_accounting as dpa
+from dp_accounting import pld, rdp
+
+ACCOUNTANTS = ("rdp", "pld")
+Z_RANGE = (0.3, 1000.0)  # noise multipliers calibration searches
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """dp-accounting logs (through absl) each RDP order it leaves out; the epsilon it
+    returns already accounts for that."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+@dataclass(frozen=True)
+class Poisson:
+    """Each client takes part independently with probability ``q``."""
+
+    q: float
+
+    def event(self, inner: dpa.DpEvent) -> dpa.DpEvent:
+        return dpa.PoissonSampledDpEvent(self.q, inner)
+
+    @property
+    def relation(self) -> dpa.NeighboringRelation:
+        return dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+    def describe(self) -> str:
+        return f"Poisson sampling, q = {self.q:g}"
+
+
+@dataclass(frozen=True)
+class WithoutReplacement:
+    """``m`` of ``n`` clients, uniformly without replacement."""
+
+    n: int
+    m: int
+
+    def event(self, inner: dpa.DpEvent) -> dpa.DpEvent:
+        return dpa.SampledWithoutReplacementDpEvent(self.n, self.m, inner)
+
+    @property
+    def relation(self) -> dpa.NeighboringRelation:
+        return dpa.NeighboringRelation.REPLACE_ONE
+
+    def describe(self) -> str:
+        return f"{self.m} of {self.n} clients without replacement"
+
+
+Sampling = Poisson | WithoutReplacement
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of the Gaussian mechanism: noise multiplier ``z`` (noise std over the
+    sensitivity) and how its participants were sampled."""
+
+    z: float
+    sampling: Sampling
+
+    def event(self) -> dpa.DpEvent:
+        return self.sampling.event(dpa.GaussianDpEvent(self.z))
+
+
+def composed(rounds: Sequence[Round]) -> dpa.DpEvent:
+    """The composition of ``rounds``, runs of equal rounds self-composed."""
+    runs = [dpa.SelfComposedDpEvent(r.event(), len(list(g))) for r, g in groupby(rounds)]
+    return dpa.ComposedDpEvent(runs)
+
+
+def accountant(kind: str, relation: dpa.NeighboringRelation) -> dpa.PrivacyAccountant:
+    """A fresh ``rdp`` or ``pld`` accountant for ``relation``."""
+    if kind == "rdp":
+        return rdp.RdpAccountant(neighboring_relation=relation)
+    if kind == "pld":
+        if relation != dpa.NeighboringRelation.ADD_OR_REMOVE_ONE:
+            raise ValueError(
+                "the PLD accountant cannot account sampling without replacement; use "
+                'accountant = "rdp" (or Poisson sampling)'
+            )
+        return pld.PLDAccountant()
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {kind!r}")
+
+
+def epsilon(rounds: Sequence[Round], delta: float, kind: str = "rdp") -> float:
+    """Epsilon at ``delta`` after ``rounds`` (0 for none).
+
+    Example:
+        >>> epsilon([Round(1.0, WithoutReplacement(100, 10))] * 10, 1e-5) > 0
+        True
+    """
+    if not rounds:
+        return 0.0
+    relations = {r.sampling.relation for r in rounds}
+    if len(relations) > 1:
+        raise ValueError("rounds under different adjacency relations cannot be composed")
+    acc = accountant(kind, relations.pop())
+    with _quiet():
+        acc.compose(composed(rounds))
+        return float(acc.get_epsilon(delta))
+
+
+def calibrate(
+    target_epsilon: float, delta: float, rounds: int, sampling: Sampling, kind: str = "rdp"
+) -> float:
+    """The smallest noise multiplier whose ``rounds`` rounds spend at most ``target_epsilon``
+    (``dp_accounting.calibrate_dp_mechanism``, to 1e-6 in the multiplier).
+
+    Example:
+        >>> z = calibrate(2.0, 1e-5, 100, Poisson(0.05))
+        >>> round(z, 2), epsilon([Round(z, Poisson(0.05))] * 100, 1e-5) <= 2.0
+        (1.45, True)
+    """
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    low, high = Z_RANGE
+    for z in Z_RANGE:
+        spent = epsilon([Round(z, sampling)] * rounds, delta, kind)
+        if (z == low and spent <= target_epsilon) or (z == high and spent > target_epsilon):
+            raise ValueError(
+                f"target_epsilon {target_epsilon:g} is not reached with a noise multiplier in "
+                f"[{low:g}, {high:g}] ({rounds} rounds, {sampling.describe()}: epsilon "
+                f"{spent:.4g} at {z:g})"
+            )
+    with _quiet():
+        z = dpa.calibrate_dp_mechanism(
+            lambda: accountant(kind, sampling.relation),
+            lambda z: dpa.SelfComposedDpEvent(Round(z, sampling).event(), rounds),
+            target_epsilon,
+            delta,
+            dpa.ExplicitBracketInterval(low, high),
+            tol=1e-6,  # in noise multiplier
+        )
+    return float(z)

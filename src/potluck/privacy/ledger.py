@@ -1,0 +1,158 @@
+"""The privacy ledger of a run with central DP: what each round released, in the server
+state, and the budget that stops a run.
+
+The round loop keeps one server-state slot, ``privacy``, holding ``z``: the noise
+multiplier of every round released so far (float64, one per round). It is committed with
+every round's checkpoint, so a resumed run continues the same ledger; epsilon is always
+computed afresh by the accountant over it (``accounting.epsilon``) and the run's sampling,
+never stored as a claim. Before a round, ``admits`` says whether it would take epsilon past
+``max_epsilon``; the run then stops with that reason.
+
+Example:
+    >>> from potluck.privacy.central import GaussianMean
+    >>> from potluck.sampling.poisson import PoissonSampler
+    >>> budget = PrivacyBudget(delta=1e-5, max_epsilon=1.0)
+    >>> sampling = sampling_of(PoissonSampler(0.01), 10_000)
+    >>> ledger = Ledger(GaussianMean(noise_multiplier=1.1), sampling, budget)
+    >>> state = {}
+    >>> for _ in range(3):
+    ...     state, eps = ledger.record(state)
+    >>> round(eps, 4), ledger.admits(state) is None
+    (0.8211, True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from potluck.core.parts import State
+from potluck.privacy.accounting import (
+    ACCOUNTANTS,
+    Poisson,
+    Round,
+    Sampling,
+    WithoutReplacement,
+    calibrate,
+    epsilon,
+)
+
+SLOT = "privacy"
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """What a run's privacy is stated at and held to: epsilon at ``delta``, computed by the
+    ``accountant`` (``rdp`` or ``pld``); ``max_epsilon`` stops the run before a round that
+    would exceed it; ``target_epsilon`` sets the noise multiplier before the run so that all
+    its rounds spend it (``accounting.calibrate``)."""
+
+    delta: float = 1e-5
+    max_epsilon: float | None = None
+    target_epsilon: float | None = None
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.delta < 1:
+            raise ValueError(f"privacy delta must be in (0, 1), got {self.delta}")
+        for name in ("max_epsilon", "target_epsilon"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"privacy {name} must be a finite number > 0, got {value}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"privacy accountant must be one of {ACCOUNTANTS}")
+
+
+@runtime_checkable
+class GaussianMechanism(Protocol):
+    """An aggregator that releases each round's sum through a Gaussian mechanism."""
+
+    clip: float
+    noise_multiplier: float
+
+    def bind_cohort(self, expected_cohort: float) -> Any: ...
+
+
+def sampling_of(sampler: object, num_clients: int) -> Sampling:
+    """How ``sampler`` draws a cohort, for the accountant; other samplers are refused."""
+    from potluck.sampling.poisson import PoissonSampler
+    from potluck.sampling.uniform import UniformSampler
+
+    if isinstance(sampler, PoissonSampler):
+        return Poisson(sampler.rate)
+    if isinstance(sampler, UniformSampler):
+        return WithoutReplacement(num_clients, sampler.cohort_size(num_clients))
+    raise ValueError(
+        f"central DP is accounted for Poisson sampling (PoissonSampler) or sampling without "
+        f"replacement (UniformSampler), not for {type(sampler).__name__}"
+    )
+
+
+def expected_cohort(sampler: Any, num_clients: int) -> float:
+    """The mean cohort size of ``sampler`` over ``num_clients`` (a DP mean's denominator)."""
+    expected = getattr(sampler, "expected_cohort", None)
+    return float(expected(num_clients) if expected else sampler.cohort_size(num_clients))
+
+
+class Ledger:
+    """The rounds a run's Gaussian mechanism released, against its budget."""
+
+    def __init__(self, mechanism: GaussianMechanism, sampling: Sampling, budget: PrivacyBudget):
+        self.mechanism, self.sampling, self.budget = mechanism, sampling, budget
+
+    def rounds(self, state: State) -> list[Round]:
+        z = state.get("z", torch.zeros(0, dtype=torch.float64))
+        return [Round(float(v), self.sampling) for v in z.tolist()]
+
+    def spent(self, state: State) -> float:
+        """Epsilon at the budget's delta over the rounds in ``state``."""
+        return epsilon(self.rounds(state), self.budget.delta, self.budget.accountant)
+
+    def admits(self, state: State) -> str | None:
+        """Why the next round must not run (it would exceed ``max_epsilon``), or None."""
+        cap = self.budget.max_epsilon
+        if cap is None:
+            return None
+        after = self.spent(self._with_next(state))
+        if after <= cap:
+            return None
+        done = len(self.rounds(state))
+        return (
+            f"privacy budget: round {done + 1} would spend epsilon {after:.4g} at delta "
+            f"{self.budget.delta:g}, above max_epsilon = {cap:g} (spent after round {done}: "
+            f"{self.spent(state):.4g})"
+        )
+
+    def record(self, state: State) -> tuple[State, float]:
+        """The ledger with this round released, and epsilon spent after it."""
+        new = self._with_next(state)
+        return new, self.spent(new)
+
+    def statement(self, state: State) -> str:
+        """The privacy statement of the rounds in ``state``."""
+        n = len(self.rounds(state))
+        m = self.mechanism
+        return (
+            f"({self.spent(state):.4g}, {self.budget.delta:g})-DP at the level of one client "
+            f"(user-level, all of its data), over {n} rounds of the Gaussian mechanism: "
+            f"updates clipped to L2 norm {m.clip:g}, noise multiplier {m.noise_multiplier:g}, "
+            f"{self.sampling.describe()}; {self.budget.accountant.upper()} accountant "
+            "(dp-accounting)"
+        )
+
+    def _with_next(self, state: State) -> State:
+        z = state.get("z", torch.zeros(0, dtype=torch.float64))
+        step = torch.tensor([self.mechanism.noise_multiplier], dtype=torch.float64)
+        return {**state, "z": torch.cat([z, step])}
+
+
+def calibrated(mechanism: Any, budget: PrivacyBudget, rounds: int, sampling: Sampling) -> Any:
+    """``mechanism`` with the noise multiplier that makes ``rounds`` rounds spend the
+    budget's ``target_epsilon`` (unchanged without one)."""
+    if budget.target_epsilon is None:
+        return mechanism
+    z = calibrate(budget.target_epsilon, budget.delta, rounds, sampling, budget.accountant)
+    return replace(mechanism, noise_multiplier=z)

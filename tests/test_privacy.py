@@ -1,0 +1,239 @@
+"""User-level central DP (DP-FedAvg): the accountant, the mechanism, the budget, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+import torch
+from dp_accounting import pld, rdp
+from hypothesis import given
+from hypothesis import strategies as st
+
+from potluck import resume_experiment, run_experiment
+from potluck.algorithms import dp_fedavg, fedavg, qffl, scaffold
+from potluck.config import ExperimentConfig
+from potluck.core.parts import part_context
+from potluck.engines.base import available_engines
+from potluck.privacy.accounting import Poisson, Round, WithoutReplacement, calibrate, epsilon
+from potluck.privacy.central import GaussianMean, clipped, secure_gaussian
+from potluck.privacy.ledger import Ledger, PrivacyBudget, sampling_of
+from potluck.sampling.poisson import PoissonSampler
+from potluck.store.sqlite import RunStore
+
+# ---- the accountant -------------------------------------------------------------------------
+
+
+def test_epsilon_equals_dp_accountings_own() -> None:
+    rounds = [Round(1.1, Poisson(0.01))] * 1000
+    event = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(1.1)), 1000)
+    ours_rdp, ours_pld = epsilon(rounds, 1e-5), epsilon(rounds, 1e-5, "pld")
+    theirs_rdp, theirs_pld = rdp.RdpAccountant(), pld.PLDAccountant()
+    theirs_rdp.compose(event)
+    theirs_pld.compose(event)
+    assert ours_rdp == theirs_rdp.get_epsilon(1e-5) and round(ours_rdp, 4) == 1.7118
+    assert ours_pld == theirs_pld.get_epsilon(1e-5) and round(ours_pld, 4) == 1.5154
+
+
+def test_sampling_without_replacement_is_accounted_under_replace_one() -> None:
+    ours = epsilon([Round(1.1, WithoutReplacement(1000, 10))] * 100, 1e-5)
+    acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    acc.compose(
+        dpa.SelfComposedDpEvent(
+            dpa.SampledWithoutReplacementDpEvent(1000, 10, dpa.GaussianDpEvent(1.1)), 100
+        )
+    )
+    assert ours == acc.get_epsilon(1e-5)
+    with pytest.raises(ValueError, match="PLD accountant cannot account sampling without"):
+        epsilon([Round(1.1, WithoutReplacement(1000, 10))], 1e-5, "pld")
+
+
+@pytest.mark.parametrize(("target", "kind"), [(1.0, "rdp"), (4.0, "rdp"), (2.0, "pld")])
+def test_calibration_hits_the_target_within_one_percent(target: float, kind: str) -> None:
+    sampling, rounds = Poisson(0.01), (200 if kind == "rdp" else 5)
+    z = calibrate(target, 1e-5, rounds, sampling, kind)
+    spent = epsilon([Round(z, sampling)] * rounds, 1e-5, kind)
+    assert 0.99 * target <= spent <= target
+
+
+# ---- the mechanism --------------------------------------------------------------------------
+
+
+@given(
+    st.integers(1, 6),
+    st.integers(1, 20),
+    st.floats(1e-3, 1e3),
+    st.integers(0, 2**31),
+)
+def test_clipping_bounds_every_update_and_keeps_small_ones(
+    k: int, d: int, clip: float, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    deltas = torch.randn(k, d, generator=g) * torch.rand(k, 1, generator=g) * 10 * clip
+    out = clipped(deltas, clip)
+    norms = deltas.double().norm(dim=1)
+    assert bool((out.norm(dim=1) <= clip * (1 + 1e-12)).all())
+    small = norms <= clip
+    assert torch.equal(out[small], deltas.double()[small])
+    cos = torch.nn.functional.cosine_similarity(out, deltas.double(), dim=1)
+    assert bool((cos[norms > 0] > 1 - 1e-9).all())  # the direction is kept
+
+
+@pytest.mark.parametrize("noise", ["seed", "secure"])
+def test_the_noise_has_the_configured_standard_deviation(noise: str) -> None:
+    agg = GaussianMean(clip=0.5, noise_multiplier=1.3, denominator=4.0, noise=noise)
+    d = 200_000
+    mean, _ = agg.aggregate(torch.zeros(0, d), torch.zeros(0), {}, part_context(3, 1, "aggregator"))
+    noise_sum = mean.double() * 4.0  # an empty cohort: the sum is pure noise
+    assert abs(float(noise_sum.mean())) < 5 * 0.65 / math.sqrt(d)
+    assert abs(float(noise_sum.std()) / 0.65 - 1) < 0.01  # std z * clip = 0.65
+
+
+def test_secure_noise_is_not_reproducible_and_seeded_noise_is() -> None:
+    assert not torch.equal(secure_gaussian(8, 1.0), secure_gaussian(8, 1.0))
+    agg = GaussianMean(noise_multiplier=1.0, denominator=1.0)
+    ctx = part_context(0, 2, "aggregator")
+    a, _ = agg.aggregate(torch.zeros(1, 5), torch.ones(1), {}, ctx)
+    b, _ = agg.aggregate(torch.zeros(1, 5), torch.ones(1), {}, ctx)
+    assert torch.equal(a, b)
+
+
+def test_the_mean_is_the_clipped_sum_over_the_fixed_denominator() -> None:
+    agg = GaussianMean(clip=1.0, noise_multiplier=0.0, denominator=10.0)
+    deltas = torch.tensor([[3.0, 4.0], [0.0, 0.5], [0.0, 0.0]])
+    mean, _ = agg.aggregate(
+        deltas, torch.tensor([100.0, 1.0, 7.0]), {}, part_context(0, 1, "aggregator")
+    )
+    assert mean.tolist() == pytest.approx([0.06, 0.13])  # weights ignored, 10 the denominator
+
+
+# ---- in a run ---------------------------------------------------------------------------
+
+CONFIG: dict[str, Any] = {
+    "rounds": 6,
+    "data": {"dataset": "digits", "num_clients": 40, "partition": {"kind": "iid"}},
+    "model": {"name": "logreg"},
+    "algorithm": {"name": "dp_fedavg", "rate": 0.25, "clip": 0.5, "noise_multiplier": 1.0},
+    "client": {"epochs": 1, "batch_size": 16, "lr": 0.1},
+    "evaluation": {"federated_clients": 0},
+    "run": {"threads": 1, "store": "none"},
+}
+
+
+def config(**sections: Any) -> ExperimentConfig:
+    return ExperimentConfig.from_dict({**CONFIG, **sections})
+
+
+def test_the_budget_stops_the_run_at_the_round_the_accountant_says() -> None:
+    result = run_experiment(config(privacy={"max_epsilon": 4.5}).build())
+    sampling = Poisson(0.25)
+    allowed = max(t for t in range(1, 7) if epsilon([Round(1.0, sampling)] * t, 1e-5) <= 4.5)
+    assert len(result.history) == allowed < 6
+    assert (
+        result.stopped is not None and f"round {allowed + 1} would spend epsilon" in result.stopped
+    )
+    fresh = [epsilon([Round(1.0, sampling)] * t, 1e-5) for t in range(1, allowed + 1)]
+    assert [m["epsilon"] for m in result.history] == fresh
+
+
+def test_a_target_epsilon_calibrates_the_noise_before_the_run() -> None:
+    exp = config(privacy={"target_epsilon": 4.0}).build()
+    z = calibrate(4.0, 1e-5, 6, Poisson(0.25))
+    assert exp.algorithm.aggregator.noise_multiplier == z  # type: ignore[attr-defined]
+    result = run_experiment(exp)
+    assert 0.99 * 4.0 <= result.history[-1]["epsilon"] <= 4.0
+
+
+def test_resume_restores_the_ledger_and_the_stored_one_gives_the_epsilon_shown(
+    tmp_path: Path,
+) -> None:
+    cfg = config(privacy={"delta": 1e-6})
+    full = run_experiment(cfg.build())
+
+    class Stop(Exception):
+        pass
+
+    def stop(rnd: int, _metrics: object) -> None:
+        if rnd == 3:
+            raise Stop
+
+    store = RunStore(tmp_path)
+    with pytest.raises(Stop):
+        run_experiment(cfg.build(), store, on_round=stop)
+    (info,) = store.list_runs()
+    resumed = resume_experiment(cfg.build(), store, info.run_id)
+    assert torch.equal(resumed.weights, full.weights)
+    assert [m["epsilon"] for m in resumed.history] == [m["epsilon"] for m in full.history]
+    _, ckpt = store.latest_checkpoint(info.run_id)
+    ledger = ckpt.tensors["privacy/z"]
+    assert ledger.tolist() == [1.0] * 6
+    fresh = epsilon([Round(z, Poisson(0.25)) for z in ledger.tolist()], 1e-6)
+    assert fresh == resumed.history[-1]["epsilon"]
+
+
+def test_an_empty_cohort_still_releases_noise_and_is_accounted() -> None:
+    exp = config(rounds=3, algorithm={"name": "dp_fedavg", "rate": 0.001}).build()
+    result = run_experiment(exp)
+    assert [m["updates"] for m in result.history] == [0.0, 0.0, 0.0]
+    assert not torch.equal(result.weights, run_initial(exp))  # moved by the noise alone
+    assert result.history[-1]["epsilon"] == epsilon([Round(1.0, Poisson(0.001))] * 3, 1e-5)
+
+
+def run_initial(exp: Any) -> torch.Tensor:
+    return exp.algorithm.client_program(exp.task, exp.federation, seed=exp.seed).initial_weights()
+
+
+ENGINES = [e for e in available_engines() if e != "ray"]
+
+
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "inline"])
+def test_every_engine_gives_the_inline_run(engine: str) -> None:
+    inline = run_experiment(config(run={**CONFIG["run"], "engine": "inline"}).build())
+    other = run_experiment(config(run={**CONFIG["run"], "engine": engine, "workers": 2}).build())
+    assert torch.equal(inline.weights, other.weights)
+    assert [m["epsilon"] for m in other.history] == [m["epsilon"] for m in inline.history]
+
+
+# ---- refused up front -------------------------------------------------------------------
+
+
+def test_combinations_without_an_accounting_are_refused() -> None:
+    with pytest.raises(
+        ValueError, match=r"terms.0.scaffold \(Scaffold\) also uploads \['delta_c'\]"
+    ):
+        scaffold(clients_per_round=2, aggregator=GaussianMean())
+    with pytest.raises(ValueError, match="counts every update alike"):
+        qffl(clients_per_round=2, aggregator=GaussianMean())
+    with pytest.raises(ValueError, match="a budget needs a private aggregator"):
+        config(algorithm={"name": "fedavg"}, privacy={"max_epsilon": 1.0}).build()
+    with pytest.raises(ValueError, match="min_updates = 2: with central DP"):
+        config(deploy={"min_updates": 2}).build()
+
+
+def test_a_deployment_refuses_noise_that_follows_from_the_seed() -> None:
+    from potluck.engines.inline import InlineEngine
+
+    class Remote(InlineEngine):
+        remote = True
+
+    with pytest.raises(ValueError, match=r"aggregator.noise = \"seed\": a deployment's DP noise"):
+        run_experiment(config().build(), engine=Remote)
+    secure = config(algorithm={**CONFIG["algorithm"], "noise": "secure"}).build()
+    assert len(run_experiment(secure, engine=Remote).history) == 6
+
+
+def test_a_fixed_size_cohort_is_accounted_without_replacement() -> None:
+    algo = fedavg(clients_per_round=10, aggregator=GaussianMean(clip=0.5))
+    sampling = sampling_of(algo.sampler, 40)
+    assert sampling == WithoutReplacement(40, 10)
+    ledger = Ledger(GaussianMean(clip=0.5), sampling, PrivacyBudget())
+    state, eps = ledger.record({})
+    assert eps == epsilon([Round(1.0, sampling)], 1e-5)
+    assert "10 of 40 clients without replacement" in ledger.statement(state)
+    assert sampling_of(PoissonSampler(0.1), 40) == Poisson(0.1)
+    assert np.isclose(eps, epsilon([Round(1.0, WithoutReplacement(40, 10))], 1e-5))
+    assert dp_fedavg(rate=0.1).sampler == PoissonSampler(0.1)
