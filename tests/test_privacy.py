@@ -237,3 +237,45 @@ def test_a_fixed_size_cohort_is_accounted_without_replacement() -> None:
     assert sampling_of(PoissonSampler(0.1), 40) == Poisson(0.1)
     assert np.isclose(eps, epsilon([Round(1.0, WithoutReplacement(40, 10))], 1e-5))
     assert dp_fedavg(rate=0.1).sampler == PoissonSampler(0.1)
+
+
+# ---- through TOML and the CLI ---------------------------------------------------------------
+
+
+def test_the_cli_runs_dp_fedavg_from_toml_and_states_its_privacy(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from potluck.cli import app
+
+    exp = tmp_path / "dp.toml"
+    cfg = config(privacy={"max_epsilon": 4.5}, run={"threads": 1, "name": "dp"})
+    exp.write_text(cfg.to_toml())
+    runner, store = CliRunner(), str(tmp_path / "runs")
+    done = runner.invoke(app, ["run", str(exp), "--store", store])
+    assert done.exit_code == 0, done.output
+    flat = " ".join(done.output.split())  # rich wraps lines
+    assert "stopped after round 3: privacy budget: round 4 would spend epsilon" in flat
+    assert "epsilon=4.421" in flat  # a progress line
+    assert "Poisson sampling q=0.25 (about 10 clients/round)" in flat
+    assert "central DP: clip 0.5, noise multiplier 1, epsilon at delta 1e-05 (rdp)" in flat
+    stated = runner.invoke(app, ["privacy", "dp", "--store", store, "--json"])
+    assert stated.exit_code == 0, stated.output
+    payload = json.loads(stated.output)
+    fresh = [epsilon([Round(1.0, Poisson(0.25))] * t, 1e-5) for t in (1, 2, 3)]
+    assert payload["epsilon"] == fresh
+    assert payload["statement"].startswith("(4.421, 1e-05)-DP at the level of one client")
+    assert "Poisson sampling, q = 0.25" in payload["statement"]
+    shown = json.loads(runner.invoke(app, ["show", "dp", "--store", store, "--json"]).output)
+    assert [r["epsilon"] for r in shown["rounds"]] == fresh
+    assert shown["summary"]["stopped"].startswith("privacy budget")
+    table = runner.invoke(app, ["privacy", "dp", "--store", store])
+    assert table.exit_code == 0 and "user-level" in " ".join(table.output.split())
+    plain = runner.invoke(app, ["run", "--set", "rounds=1", "--set", 'data.dataset="digits"',
+                                "--set", "data.num_clients=10", "--set", 'model.name="logreg"',
+                                "--set", 'run.name="plain"',
+                                "--store", store])  # fmt: skip
+    assert plain.exit_code == 0, plain.output
+    refused = runner.invoke(app, ["privacy", "plain", "--store", store])
+    assert refused.exit_code == 2 and "has no privacy ledger" in refused.output

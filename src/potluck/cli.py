@@ -241,6 +241,46 @@ def show(
     console.print(f"run directory: {info.run_dir}")
 
 
+@app.command("privacy")
+def privacy_cmd(
+    run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
+    store: StoreOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Print a run's privacy statement: epsilon after each round, delta, the mechanism, its
+    sampling and the unit of privacy, computed afresh by the accountant from the ledger
+    stored with the run's latest checkpoint."""
+    from potluck.privacy.ledger import SLOT, Ledger, PrivacyBudget
+
+    with _damage_reported():
+        st = _store(store or default_store())
+        run_id, info = _lookup(st, run_ref)
+        point = st.latest_checkpoint(run_id)
+    state = {} if point is None else _slot(point[1].tensors, SLOT)
+    if not state:
+        _fail(f"run {run_id} has no privacy ledger: it did not run a private aggregator")
+    section = _load_config_dict(info.config).privacy
+    budget = PrivacyBudget(**section.model_dump()) if section else PrivacyBudget()
+    with _refused():
+        ledger = Ledger.stored(state, budget)
+        statement, per_round = ledger.statement(state), ledger.per_round(state)
+    if as_json:
+        payload = {"run": run_id, "statement": statement, "delta": budget.delta,
+                   "accountant": budget.accountant, "epsilon": per_round}  # fmt: skip
+        print(json.dumps(payload, indent=2))
+        return
+    console.print(f"run {run_id}: {statement}")
+    table = Table("round", "epsilon", title=f"epsilon at delta {budget.delta:g}")
+    for rnd, eps in enumerate(per_round, start=1):
+        table.add_row(str(rnd), _fmt(eps))
+    console.print(table)
+
+
+def _slot(tensors: dict[str, Any], slot: str) -> dict[str, Any]:
+    prefix = f"{slot}/"
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def _show_health(rows: list[dict[str, Any]]) -> None:
     """Deployed clients' health (nothing for simulations)."""
     if not rows:
@@ -389,13 +429,24 @@ def _fmt_metric(key: str, value: Any) -> str:
 
 
 def _describe_start(cfg: ExperimentConfig, exp: Experiment) -> None:
-    fed = exp.federation
+    fed, sampler = exp.federation, exp.algorithm.sampler
+    rate = getattr(sampler, "rate", None)
+    cohort = f"{sampler.cohort_size(fed.num_clients)} clients/round"
+    if rate is not None:
+        cohort = f"Poisson sampling q={rate:g} (about {cohort})"
     console.print(
         f"[bold]potluck[/] {exp.algorithm.name} on {cfg.data.dataset} "
         f"({fed.num_clients} clients, {cfg.data.partition.kind} partition), model "
-        f"{cfg.model.name}, {exp.algorithm.sampler.cohort_size(fed.num_clients)} clients/round, "
-        f"{exp.rounds} rounds, engine {exp.engine}, seed {exp.seed}"
+        f"{cfg.model.name}, {cohort}, {exp.rounds} rounds, engine {exp.engine}, seed {exp.seed}"
     )
+    if exp.privacy is not None:
+        agg, budget = exp.algorithm.aggregator, exp.privacy
+        cap = f", max_epsilon {budget.max_epsilon:g}" if budget.max_epsilon else ""
+        console.print(
+            f"central DP: clip {getattr(agg, 'clip', 0):g}, noise multiplier "
+            f"{getattr(agg, 'noise_multiplier', 0):.4g}, epsilon at delta {budget.delta:g} "
+            f"({budget.accountant}){cap}"
+        )
 
 
 def _describe_end(result: RunResult) -> None:
@@ -405,13 +456,21 @@ def _describe_end(result: RunResult) -> None:
         for k in ("test_accuracy", "test_loss", "fed_accuracy", "train_loss")
         if k in final
     ]
+    if result.stopped:
+        console.print(
+            f"[bold yellow]stopped[/] after round {len(result.history)}: {result.stopped}"
+        )
+    if "epsilon" in final:
+        parts.append(f"epsilon={_fmt(final['epsilon'])}")
     console.print(f"[bold green]done[/] run [bold]{result.run_id}[/]: " + ", ".join(parts))
     if result.run_dir is not None:
         console.print(f"stored in {result.run_dir} (report: {result.run_dir / 'report.html'})")
         console.print(f"see per-round metrics with: potluck show {result.run_id}")
 
 
-_PROGRESS_KEYS = ("cohort_size", "train_loss", "test_accuracy", "fed_accuracy", "round_seconds")
+_PROGRESS_KEYS = (
+    "cohort_size", "train_loss", "test_accuracy", "fed_accuracy", "epsilon", "round_seconds",
+)  # fmt: skip
 
 
 class _progress:

@@ -2,7 +2,8 @@
 state, and the budget that stops a run.
 
 The round loop keeps one server-state slot, ``privacy``, holding ``z``: the noise
-multiplier of every round released so far (float64, one per round). It is committed with
+multiplier of every round released so far (float64, one per round), with the clip and the
+sampling (``sampling``: q, N, m; N and m are 0 for Poisson sampling). It is committed with
 every round's checkpoint, so a resumed run continues the same ledger; epsilon is always
 computed afresh by the accountant over it (``accounting.epsilon``) and the run's sampling,
 never stored as a claim. Before a round, ``admits`` says whether it would take epsilon past
@@ -70,8 +71,11 @@ class PrivacyBudget:
 class GaussianMechanism(Protocol):
     """An aggregator that releases each round's sum through a Gaussian mechanism."""
 
-    clip: float
-    noise_multiplier: float
+    @property
+    def clip(self) -> float: ...
+
+    @property
+    def noise_multiplier(self) -> float: ...
 
     def bind_cohort(self, expected_cohort: float) -> Any: ...
 
@@ -133,20 +137,56 @@ class Ledger:
 
     def statement(self, state: State) -> str:
         """The privacy statement of the rounds in ``state``."""
-        n = len(self.rounds(state))
-        m = self.mechanism
+        rounds = self.rounds(state)
+        zs = sorted({r.z for r in rounds}) or [self.mechanism.noise_multiplier]
+        noise = f"{zs[0]:.4g}" if len(zs) == 1 else f"{zs[0]:.4g} to {zs[-1]:.4g}"
         return (
             f"({self.spent(state):.4g}, {self.budget.delta:g})-DP at the level of one client "
-            f"(user-level, all of its data), over {n} rounds of the Gaussian mechanism: "
-            f"updates clipped to L2 norm {m.clip:g}, noise multiplier {m.noise_multiplier:g}, "
-            f"{self.sampling.describe()}; {self.budget.accountant.upper()} accountant "
-            "(dp-accounting)"
+            f"(user-level, all of its data), over {len(rounds)} rounds of the Gaussian "
+            f"mechanism: updates clipped to L2 norm {self.mechanism.clip:g}, noise multiplier "
+            f"{noise}, {self.sampling.describe()}; {self.budget.accountant.upper()} "
+            "accountant (dp-accounting)"
         )
+
+    def per_round(self, state: State) -> list[float]:
+        """Epsilon spent after each round."""
+        rounds = self.rounds(state)
+        return [
+            epsilon(rounds[: t + 1], self.budget.delta, self.budget.accountant)
+            for t in range(len(rounds))
+        ]
 
     def _with_next(self, state: State) -> State:
         z = state.get("z", torch.zeros(0, dtype=torch.float64))
         step = torch.tensor([self.mechanism.noise_multiplier], dtype=torch.float64)
-        return {**state, "z": torch.cat([z, step])}
+        s = self.sampling
+        q, n, m = (s.q, 0, 0) if isinstance(s, Poisson) else (s.m / s.n, s.n, s.m)
+        return {
+            "z": torch.cat([z, step]),
+            "clip": torch.tensor(self.mechanism.clip, dtype=torch.float64),
+            "sampling": torch.tensor([q, n, m], dtype=torch.float64),
+        }
+
+    @classmethod
+    def stored(cls, state: State, budget: PrivacyBudget) -> Ledger:
+        """The ledger a run stored (its ``privacy`` slot), to state its privacy afresh."""
+        missing = {"z", "clip", "sampling"} - set(state)
+        if missing:
+            raise ValueError(f"the stored privacy ledger lacks {sorted(missing)}")
+        q, n, m = state["sampling"].tolist()
+        sampling: Sampling = Poisson(q) if n == 0 else WithoutReplacement(int(n), int(m))
+        z = state["z"].tolist()
+        mechanism = _Stored(float(state["clip"]), z[-1] if z else 0.0)
+        return cls(mechanism, sampling, budget)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    clip: float
+    noise_multiplier: float
+
+    def bind_cohort(self, expected_cohort: float) -> _Stored:
+        return self
 
 
 def calibrated(mechanism: Any, budget: PrivacyBudget, rounds: int, sampling: Sampling) -> Any:
