@@ -279,3 +279,15 @@ def test_the_cli_runs_dp_fedavg_from_toml_and_states_its_privacy(tmp_path: Path)
     assert plain.exit_code == 0, plain.output
     refused = runner.invoke(app, ["privacy", "plain", "--store", store])
     assert refused.exit_code == 2 and "has no privacy ledger" in refused.output
+
+
+def test_the_readmes_example_is_a_valid_config() -> None:
+    import re
+    import tomllib
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Differential privacy", 1)[1]
+    (block,) = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)[:1]
+    cfg = ExperimentConfig.from_dict({**CONFIG, **tomllib.loads(block)})
+    algo = cfg.algorithm_parts()
+    assert (algo.aggregator.noise_multiplier, cfg.privacy.max_epsilon) == (1.1, 8.0)  # type: ignore[attr-defined, union-attr]

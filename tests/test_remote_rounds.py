@@ -14,7 +14,7 @@ from potluck.core.message import Message, MessageError
 from potluck.core.parts import Context
 from potluck.core.records import TRAIN, Reply, StageJob
 from potluck.engines.inline import InlineEngine
-from potluck.orchestrator import TIMING_METRICS, Experiment, run_experiment
+from potluck.orchestrator import REMOTE_METRICS, TIMING_METRICS, Experiment, run_experiment
 
 BASE = {
     "rounds": 3,
@@ -119,7 +119,7 @@ def test_learning_metrics_equal_a_local_run_when_nobody_fails() -> None:
     remote = run_experiment(exp, engine=lambda p: Flaky(p, set(), {}))
     local = run_experiment(exp)
     strip = lambda h: [  # noqa: E731
-        {k: v for k, v in m.items() if k not in TIMING_METRICS | {"failed", "refused"}} for m in h
+        {k: v for k, v in m.items() if k not in TIMING_METRICS | REMOTE_METRICS} for m in h
     ]
     assert strip(remote.history) == strip(local.history)
     assert all(m["failed"] == 0 and m["refused"] == 0 for m in remote.history)

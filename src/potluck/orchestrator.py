@@ -65,6 +65,7 @@ _log = logging.getLogger("potluck")
 EngineFactory = Callable[[ClientProgram], Engine]
 RoundCallback = Callable[[int, Mapping[str, float]], None]
 TIMING_METRICS = frozenset({"round_seconds"})
+REMOTE_METRICS = frozenset({"failed", "refused", "capped"})  # of rounds with remote members
 _COUNTS = ("num_examples", "num_steps", "weight")  # scalars of every update, >= 0
 PerClient = list[tuple[int, dict[str, float]]]
 

@@ -108,9 +108,9 @@ def test_larger_q_raises_the_worst_clients_accuracy() -> None:
 def test_qffl_validates() -> None:
     with pytest.raises(ValueError, match="q-FFL q must be >= 0"):
         QFFL(q=-1)
-    # the term declares that it needs the plain server step; server SGD gives it only with
-    # lr 1 and no momentum, and the refusal names both parts
-    assert needs(QFFL()) == {Need.PLAIN_SERVER_STEP}
+    # the term declares that it needs the plain server step (and its weights honoured);
+    # server SGD gives the step only with lr 1 and no momentum; the refusal names both parts
+    assert needs(QFFL()) == {Need.PLAIN_SERVER_STEP, Need.WEIGHTED_UPDATES}
     need = re.escape("terms.0.qffl (QFFL) needs the server step w + mean delta")
     for server, name in (
         ({"server_lr": 0.5}, r"server \(ServerSGD\) \(lr=0.5"),

@@ -12,12 +12,17 @@ from potluck.aggregate import WeightedMean
 from potluck.client import QFFL, Ditto, FedNova, FedPer, FedProx, LocalSGD, Scaffold
 from potluck.core import registry
 from potluck.optim import ServerAdagrad, ServerAdam, ServerSGD, ServerYogi
-from potluck.sampling import Stragglers, UniformSampler
+from potluck.privacy.central import GaussianMean
+from potluck.sampling import PoissonSampler, Stragglers, UniformSampler
 from potluck.updates import Cast, ClipNorm, KeepLocal
 
 # each registered part with parameters other than its defaults (and with its defaults)
 EXAMPLES: dict[str, list[Any]] = {
-    "sampler": [UniformSampler(clients_per_round=7), UniformSampler(fraction=0.3, min_clients=2)],
+    "sampler": [
+        UniformSampler(clients_per_round=7),
+        UniformSampler(fraction=0.3, min_clients=2),
+        PoissonSampler(0.05),
+    ],
     "stragglers": [Stragglers(0.5, "drop"), Stragglers()],
     "optimizer": [LocalSGD(3, "full", 0.2, 0.9, 1e-4, 5), LocalSGD()],
     "term": [
@@ -31,7 +36,11 @@ EXAMPLES: dict[str, list[Any]] = {
     ],
     "transform": [ClipNorm(2.5), KeepLocal(("1.",)), KeepLocal()],
     "downlink": [Cast("float16"), Cast()],
-    "aggregator": [WeightedMean()],
+    "aggregator": [
+        WeightedMean(),
+        GaussianMean(),
+        GaussianMean(0.5, 1.2, denominator=30.0, noise="secure"),
+    ],
     "server": [
         ServerSGD(0.5, 0.9),
         ServerAdam(0.01, beta1=0.8, beta2=0.95, tau=1e-4),

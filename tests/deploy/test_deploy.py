@@ -34,11 +34,11 @@ from potluck.deploy.client import ClientTLS
 from potluck.deploy.server import MAX_SENDS
 from potluck.deployment import rounds_done, site_program
 from potluck.engines.inline import InlineEngine
-from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
+from potluck.orchestrator import REMOTE_METRICS, TIMING_METRICS, RunResult, run_experiment
 from potluck.store.sqlite import RunStore
 
 Make = Callable[..., Deployment]
-NOT_LEARNING = TIMING_METRICS | {"failed", "refused"}
+NOT_LEARNING = TIMING_METRICS | REMOTE_METRICS
 
 
 def learning(result: RunResult) -> list[dict[str, float]]:

@@ -32,12 +32,12 @@ from netns import NetnsUnavailable, Star
 from potluck.config import ExperimentConfig
 from potluck.core.records import TRAIN, Reply, StageJob
 from potluck.engines.inline import InlineEngine
-from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
+from potluck.orchestrator import REMOTE_METRICS, TIMING_METRICS, RunResult, run_experiment
 from potluck.store.sqlite import RunStore
 
 SITES = [f"site-{i}" for i in range(5)]
 RUN = "deployed"
-NOT_LEARNING = TIMING_METRICS | {"failed", "refused"}
+NOT_LEARNING = TIMING_METRICS | REMOTE_METRICS
 _bin = Path(sys.prefix) / "bin" / "potluck"
 POTLUCK = [str(_bin)] if _bin.exists() else [sys.executable, "-m", "potluck.cli"]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the user's parts (my_lab)

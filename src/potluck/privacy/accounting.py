@@ -141,7 +141,7 @@ def calibrate(
     Example:
         >>> z = calibrate(2.0, 1e-5, 100, Poisson(0.05))
         >>> round(z, 2), epsilon([Round(z, Poisson(0.05))] * 100, 1e-5) <= 2.0
-        (1.45, True)
+        (1.44, True)
     """
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
