@@ -106,6 +106,7 @@ class Ledger:
 
     def __init__(self, mechanism: GaussianMechanism, sampling: Sampling, budget: PrivacyBudget):
         self.mechanism, self.sampling, self.budget = mechanism, sampling, budget
+        self._spent: dict[tuple[float, ...], float] = {}  # admits and record ask alike
 
     def rounds(self, state: State) -> list[Round]:
         z = state.get("z", torch.zeros(0, dtype=torch.float64))
@@ -113,7 +114,11 @@ class Ledger:
 
     def spent(self, state: State) -> float:
         """Epsilon at the budget's delta over the rounds in ``state``."""
-        return epsilon(self.rounds(state), self.budget.delta, self.budget.accountant)
+        rounds = self.rounds(state)
+        key = tuple(r.z for r in rounds)
+        if key not in self._spent:
+            self._spent = {key: epsilon(rounds, self.budget.delta, self.budget.accountant)}
+        return self._spent[key]
 
     def admits(self, state: State) -> str | None:
         """Why the next round must not run (it would exceed ``max_epsilon``), or None."""
