@@ -291,3 +291,16 @@ def test_the_readmes_example_is_a_valid_config() -> None:
     cfg = ExperimentConfig.from_dict({**CONFIG, **tomllib.loads(block)})
     algo = cfg.algorithm_parts()
     assert (algo.aggregator.noise_multiplier, cfg.privacy.max_epsilon) == (1.1, 8.0)  # type: ignore[attr-defined, union-attr]
+
+
+def test_a_private_experiment_is_described_as_a_config_that_builds_it_again() -> None:
+    from potluck.config import describe_experiment
+
+    exp = config(privacy={"target_epsilon": 4.0, "max_epsilon": 5.0}).build()
+    described = describe_experiment(exp)  # the task is the config's own lambda: not named
+    assert described["privacy"] == {
+        "delta": 1e-5, "max_epsilon": 5.0, "target_epsilon": 4.0, "accountant": "rdp"
+    }  # fmt: skip
+    parts = ("algorithm", "sampler", "client", "transforms", "aggregator", "server", "privacy")
+    again = config(**{k: described[k] for k in parts}).build()
+    assert again.algorithm == exp.algorithm and again.privacy == exp.privacy

@@ -444,35 +444,31 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
     except NotNameable as exc:
         problems.append(f"algorithm: {exc}")
     out["evaluation"] = dataclasses.asdict(experiment.evaluation)
-    out["run"] = {
-        k: v
-        for k, v in {
-            "engine": experiment.engine,
-            "workers": experiment.workers,
-            "ray_address": experiment.ray_address,
-            "checkpoint_every": experiment.checkpoint_every,
-            "threads": experiment.threads,
-            "name": experiment.name,
-        }.items()
-        if v is not None
-    }
+    out["run"] = _given(
+        engine=experiment.engine,
+        workers=experiment.workers,
+        ray_address=experiment.ray_address,
+        checkpoint_every=experiment.checkpoint_every,
+        threads=experiment.threads,
+        name=experiment.name,
+    )
     if experiment.privacy is not None:
-        budget = dataclasses.asdict(experiment.privacy)
-        out["privacy"] = {k: v for k, v in budget.items() if v is not None}
-    out["deploy"] = {
-        k: v
-        for k, v in {
-            "min_updates": experiment.min_updates,
-            "max_update_norm": experiment.max_update_norm,
-            "max_weight": experiment.max_weight,
-            "max_norm_ratio": experiment.max_norm_ratio or 0.0,  # None (off) is 0 in a config
-            "max_weight_ratio": experiment.max_weight_ratio or 0.0,
-        }.items()
-        if v is not None
-    }
+        out["privacy"] = _given(**dataclasses.asdict(experiment.privacy))
+    out["deploy"] = _given(
+        min_updates=experiment.min_updates,
+        max_update_norm=experiment.max_update_norm,
+        max_weight=experiment.max_weight,
+        max_norm_ratio=experiment.max_norm_ratio or 0.0,  # None (off) is 0 in a config
+        max_weight_ratio=experiment.max_weight_ratio or 0.0,
+    )
     if problems:
         out["not_resumable"] = "; ".join(problems)
     return out
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """``fields`` without the ``None`` ones (TOML has no null)."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _data_section(experiment: Experiment, problems: list[str]) -> dict[str, Any]:
