@@ -37,6 +37,7 @@ from potluck.deploy.server import (
     serve,
 )
 from potluck.orchestrator import RoundCallback, RunResult, resume_experiment, run_experiment
+from potluck.privacy.ledger import check_deployable
 from potluck.store.sqlite import RunStore
 
 log = logging.getLogger("potluck.deploy")
@@ -78,6 +79,7 @@ def run_server(
     dep = cfg.deploy
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"engine": "grpc"})})
     experiment = cfg.build()
+    check_deployable(experiment.algorithm.aggregator)  # before anyone joins
     config = json.dumps(experiment.config, sort_keys=True)
     store = RunStore(cfg.run.store)
     resume_id = _unfinished(store, cfg.run.name)

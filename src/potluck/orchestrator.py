@@ -514,13 +514,12 @@ class _Loop:
             raise ValueError('engine "auto" must be resolved first: see resolve_engine')
         else:
             self.engine = make_engine(exp.engine, self.program, exp.engine_options)
-        noise = getattr(self.aggregator, "noise", None)
-        if self.ledger is not None and self.engine.remote and noise == "seed":
-            self.engine.close()
-            raise ValueError(
-                'aggregator.noise = "seed": a deployment\'s DP noise must not follow from the '
-                'config\'s seed (anyone with the config could subtract it); set noise = "secure"'
-            )
+        if self.engine.remote:
+            try:
+                privacy.check_deployable(self.aggregator)
+            except ValueError:
+                self.engine.close()
+                raise
 
     def _private_aggregation(self) -> tuple[Any, privacy.Ledger | None]:
         """The aggregator, with its denominator set to the expected cohort where it has a

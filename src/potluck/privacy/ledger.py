@@ -80,6 +80,16 @@ class GaussianMechanism(Protocol):
     def bind_cohort(self, expected_cohort: float) -> Any: ...
 
 
+def check_deployable(aggregator: object) -> None:
+    """Refuse a private aggregator whose noise follows from the run seed, for a deployment:
+    anyone with the config could subtract it."""
+    if isinstance(aggregator, GaussianMechanism) and getattr(aggregator, "noise", None) == "seed":
+        raise ValueError(
+            'aggregator.noise = "seed": a deployment\'s DP noise must not follow from the '
+            'config\'s seed (anyone with the config could subtract it); set noise = "secure"'
+        )
+
+
 def sampling_of(sampler: object, num_clients: int) -> Sampling:
     """How ``sampler`` draws a cohort, for the accountant; other samplers are refused."""
     from potluck.sampling.poisson import PoissonSampler

@@ -1,0 +1,70 @@
+"""Central DP over mutual TLS on loopback (issue 14): DP-FedAvg deployed with secure noise
+computes what its simulation does apart from the noise, accounts every round it released,
+and a deployment refuses noise that follows from the config's seed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import PKI, SITES, Deployment, config
+from test_deploy import Without, learning
+
+from potluck.config import ExperimentConfig
+from potluck.orchestrator import run_experiment
+from potluck.privacy.accounting import Poisson, Round, epsilon
+from potluck.store.sqlite import RunStore
+
+Make = Callable[..., Deployment]
+
+
+def private(store: Path, **algorithm: Any) -> ExperimentConfig:
+    d = config(store).to_dict()
+    d["algorithm"] = {"name": "dp_fedavg", "rate": 0.8, "clip": 0.5, "noise": "secure", **algorithm}
+    d["sampler"], d["aggregator"], d["transforms"] = {}, {}, None
+    d["terms"] = None  # SCAFFOLD's delta_c would reach the server unnoised
+    d["privacy"] = {"delta": 1e-5}
+    return ExperimentConfig.from_dict(d)
+
+
+def deploy(deployment: Make, pki: PKI, cfg: ExperimentConfig) -> Any:
+    dep = deployment(pki.server(), cfg=cfg)
+    for name in SITES:
+        dep.site(name, pki.client(name))
+    return dep.finish()
+
+
+def test_dp_fedavg_deployed_equals_its_simulation_but_for_the_noise(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    noiseless = private(tmp_path / "runs", noise_multiplier=0.0)
+    result = deploy(deployment, pki, noiseless)
+    sim_cfg = private(tmp_path / "sim", noise_multiplier=0.0)  # no noise is drawn
+    sim = run_experiment(sim_cfg.build(), engine=lambda p: Without(p, set()))
+    assert torch.equal(result.weights, sim.weights)
+    assert learning(result) == learning(sim)
+    assert all(m["epsilon"] == float("inf") for m in result.history)  # no noise, no privacy
+
+
+def test_secure_noise_is_accounted_round_by_round_and_differs_between_runs(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    first = deploy(deployment, pki, private(tmp_path / "a", noise_multiplier=1.0))
+    second = deploy(deployment, pki, private(tmp_path / "b", noise_multiplier=1.0))
+    assert not torch.equal(first.weights, second.weights)  # not from the seed
+    fresh = [epsilon([Round(1.0, Poisson(0.8))] * t, 1e-5) for t in (1, 2, 3)]
+    assert [m["epsilon"] for m in first.history] == fresh
+    with RunStore(tmp_path / "a") as st:
+        _, ckpt = st.latest_checkpoint(st.resolve("deployed"))
+    assert ckpt.tensors["privacy/z"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_deployment_refuses_noise_from_the_seed(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    dep = deployment(pki.server(), cfg=private(tmp_path / "runs", noise="seed"))
+    with pytest.raises(ValueError, match=r"aggregator.noise = \"seed\": a deployment's DP noise"):
+        dep.finish()
