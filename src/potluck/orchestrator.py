@@ -168,8 +168,10 @@ class Experiment:
                 "took part, which the accountant does not cover); use min_updates = 1"
             )
         budget = budget or PrivacyBudget()
-        sampling = sampling_of(algo.sampler, self.federation.num_clients)
+        n = self.federation.num_clients
+        sampling = sampling_of(algo.sampler, n)
         aggregator = calibrated(algo.aggregator, budget, self.rounds, sampling)
+        aggregator.bind_cohort(privacy.expected_cohort(algo.sampler, n))  # its own checks
         object.__setattr__(self, "privacy", budget)
         object.__setattr__(self, "algorithm", replace(algo, aggregator=aggregator))
 

@@ -12,6 +12,7 @@ from potluck.aggregate import WeightedMean
 from potluck.client import QFFL, Ditto, FedNova, FedPer, FedProx, LocalSGD, Scaffold
 from potluck.core import registry
 from potluck.optim import ServerAdagrad, ServerAdam, ServerSGD, ServerYogi
+from potluck.privacy.adaptive import AdaptiveGaussianMean
 from potluck.privacy.central import GaussianMean
 from potluck.sampling import PoissonSampler, Stragglers, UniformSampler
 from potluck.updates import Cast, ClipNorm, KeepLocal
@@ -40,6 +41,8 @@ EXAMPLES: dict[str, list[Any]] = {
         WeightedMean(),
         GaussianMean(),
         GaussianMean(0.5, 1.2, denominator=30.0, noise="secure"),
+        AdaptiveGaussianMean(),
+        AdaptiveGaussianMean(0.2, 1.1, 0.7, 0.1, count_noise=3.0, noise="secure"),
     ],
     "server": [
         ServerSGD(0.5, 0.9),

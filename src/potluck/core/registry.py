@@ -49,7 +49,7 @@ _BUILTINS = {
     "term": ("potluck.client.terms", "potluck.client.personal"),
     "transform": ("potluck.updates",),
     "downlink": ("potluck.updates",),
-    "aggregator": ("potluck.aggregate", "potluck.privacy.central"),
+    "aggregator": ("potluck.aggregate", "potluck.privacy.central", "potluck.privacy.adaptive"),
     "server": ("potluck.optim",),
     "algorithm": ("potluck.algorithms",),
     "engine": ("potluck.engines",),

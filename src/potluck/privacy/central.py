@@ -78,15 +78,24 @@ class GaussianMean:
         if self.denominator is None:
             raise RuntimeError("GaussianMean needs a denominator: bind_cohort(expected cohort)")
         total = clipped(deltas, self.clip).sum(dim=0, dtype=torch.float64)
-        std = self.noise_multiplier * self.clip
-        if std > 0:
-            total += self._noise(total.shape[0], std, ctx)
+        total += gaussian_noise(total.shape[0], self.noise_multiplier * self.clip, self.noise, ctx)
         return (total / self.denominator).to(deltas.dtype), state
 
-    def _noise(self, d: int, std: float, ctx: Context) -> torch.Tensor:
-        if self.noise == "secure":
-            return secure_gaussian(d, std)
-        return torch.randn(d, generator=ctx.generator(), dtype=torch.float64) * std
+
+def gaussian_noise(d: int, std: float, source: str, ctx: Context, *path: str) -> torch.Tensor:
+    """``d`` draws of N(0, std^2) (float64): from the part's seeded stream (sub-stream
+    ``path``) or, ``source = "secure"``, from ``secure_gaussian``; zeros for ``std = 0``.
+
+    Example:
+        >>> from potluck.core.parts import part_context
+        >>> gaussian_noise(3, 0.0, "seed", part_context(0, 1, "aggregator")).tolist()
+        [0.0, 0.0, 0.0]
+    """
+    if std == 0:
+        return torch.zeros(d, dtype=torch.float64)
+    if source == "secure":
+        return secure_gaussian(d, std)
+    return torch.randn(d, generator=ctx.generator(*path), dtype=torch.float64) * std
 
 
 def clipped(deltas: torch.Tensor, clip: float) -> torch.Tensor:

@@ -155,12 +155,19 @@ class Ledger:
         rounds = self.rounds(state)
         zs = sorted({r.z for r in rounds}) or [self.mechanism.noise_multiplier]
         noise = f"{zs[0]:.4g}" if len(zs) == 1 else f"{zs[0]:.4g} to {zs[-1]:.4g}"
+        quantile = getattr(self.mechanism, "target_quantile", None)
+        clip = f"clipped to L2 norm {self.mechanism.clip:g}"
+        if quantile is not None:
+            clip = (
+                f"clipped adaptively to the {quantile:g} quantile of their norms (from "
+                f"{self.mechanism.clip:g}; the private count included)"
+            )
         return (
             f"({self.spent(state):.4g}, {self.budget.delta:g})-DP at the level of one client "
             f"(user-level, all of its data), over {len(rounds)} rounds of the Gaussian "
-            f"mechanism: updates clipped to L2 norm {self.mechanism.clip:g}, noise multiplier "
-            f"{noise}, {self.sampling.describe()}; {self.budget.accountant.upper()} "
-            "accountant (dp-accounting)"
+            f"mechanism: updates {clip}, noise multiplier {noise}, "
+            f"{self.sampling.describe()}; {self.budget.accountant.upper()} accountant "
+            "(dp-accounting)"
         )
 
     def per_round(self, state: State) -> list[float]:
@@ -176,11 +183,15 @@ class Ledger:
         step = torch.tensor([self.mechanism.noise_multiplier], dtype=torch.float64)
         s = self.sampling
         q, n, m = (s.q, 0, 0) if isinstance(s, Poisson) else (s.m / s.n, s.n, s.m)
-        return {
+        out = {
             "z": torch.cat([z, step]),
             "clip": torch.tensor(self.mechanism.clip, dtype=torch.float64),
             "sampling": torch.tensor([q, n, m], dtype=torch.float64),
         }
+        quantile = getattr(self.mechanism, "target_quantile", None)
+        if quantile is not None:  # an adaptive clip: ``clip`` is where it started
+            out["target_quantile"] = torch.tensor(quantile, dtype=torch.float64)
+        return out
 
     @classmethod
     def stored(cls, state: State, budget: PrivacyBudget) -> Ledger:
@@ -191,7 +202,9 @@ class Ledger:
         q, n, m = state["sampling"].tolist()
         sampling: Sampling = Poisson(q) if n == 0 else WithoutReplacement(int(n), int(m))
         z = state["z"].tolist()
-        mechanism = _Stored(float(state["clip"]), z[-1] if z else 0.0)
+        quantile = state.get("target_quantile")
+        q_value = None if quantile is None else float(quantile)
+        mechanism = _Stored(float(state["clip"]), z[-1] if z else 0.0, q_value)
         return cls(mechanism, sampling, budget)
 
 
@@ -199,6 +212,7 @@ class Ledger:
 class _Stored:
     clip: float
     noise_multiplier: float
+    target_quantile: float | None = None
 
     def bind_cohort(self, expected_cohort: float) -> _Stored:
         return self
