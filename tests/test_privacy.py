@@ -304,3 +304,49 @@ def test_a_private_experiment_is_described_as_a_config_that_builds_it_again() ->
     parts = ("algorithm", "sampler", "client", "transforms", "aggregator", "server", "privacy")
     again = config(**{k: described[k] for k in parts}).build()
     assert again.algorithm == exp.algorithm and again.privacy == exp.privacy
+
+
+# ---- per-layer clipping -------------------------------------------------------------------
+
+
+@given(
+    st.lists(st.integers(1, 6), min_size=1, max_size=5), st.floats(1e-2, 1e2), st.integers(0, 2**31)
+)
+def test_per_layer_clipping_bounds_each_layer_and_the_whole(
+    sizes: list[int], clip: float, seed: int
+) -> None:
+    from potluck.core.message import Message
+    from potluck.core.params import ParamSpec
+    from potluck.updates import ClipNorm
+
+    spec = ParamSpec(tuple(f"p{i}" for i in range(len(sizes))), tuple((n,) for n in sizes))
+    delta = torch.randn(spec.size, generator=torch.Generator().manual_seed(seed)) * clip
+    out, _ = (
+        ClipNorm(clip, per_layer=True)
+        .bind(spec)
+        .encode(Message({"delta": delta}), {}, part_context(0, 1, "transforms.0.clip", client=0))
+    )
+    clipped_delta = out.arrays["delta"]
+    share = clip / len(sizes) ** 0.5
+    for before, after in zip(
+        torch.split(delta, sizes), torch.split(clipped_delta, sizes), strict=True
+    ):
+        assert float(after.norm()) <= share * (1 + 1e-5)
+        if float(before.norm()) <= share:
+            assert torch.equal(after, before)
+    assert float(clipped_delta.norm()) <= clip * (1 + 1e-5)
+
+
+def test_per_layer_clipping_runs_on_every_engine() -> None:
+    algorithm = {**CONFIG["algorithm"], "clip": 0.05, "per_layer": True}  # updates clipped
+    runs = [
+        run_experiment(
+            config(algorithm=algorithm, run={**CONFIG["run"], "engine": e, "workers": 2}).build()
+        )
+        for e in ENGINES
+    ]
+    assert all(torch.equal(r.weights, runs[0].weights) for r in runs)
+    plain = run_experiment(config(algorithm={**algorithm, "per_layer": False}).build())
+    assert not torch.equal(plain.weights, runs[0].weights)  # the clip differs
+    with pytest.raises(ValueError, match="per_layer clipping needs a fixed clip"):
+        dp_fedavg(target_quantile=0.5, per_layer=True)

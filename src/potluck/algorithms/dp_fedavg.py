@@ -11,7 +11,8 @@ budget states epsilon at a delta, stops at ``max_epsilon`` or calibrates the noi
 With ``target_quantile`` the clip is adaptive (Andrew et al. 2021,
 ``privacy.adaptive.AdaptiveGaussianMean``): it starts at ``clip`` and follows that quantile
 of the update norms, learnt at rate ``clip_lr`` from a private count; the clients then do not
-clip (the server does, to the current clip).
+clip (the server does, to the current clip). ``per_layer`` clips each parameter tensor on
+the client to an equal share of ``clip`` (McMahan et al.'s per-layer clipping).
 
 Example:
     >>> algo = dp_fedavg(rate=0.05, clip=0.5, noise_multiplier=1.0)
@@ -41,13 +42,16 @@ def dp_fedavg_parts(
     noise: str = "seed",
     target_quantile: float | None = None,
     clip_lr: float = 0.2,
+    per_layer: bool = False,
 ) -> dict[str, Any]:
     """Poisson sampling at ``rate``, a client clip and the noised mean (or, with a
     ``target_quantile``, the adaptive one); stragglers dropped."""
     parts: dict[str, Any] = {"sampler": PoissonSampler(rate), "stragglers": Stragglers(mode="drop")}
     if target_quantile is None:
-        parts["transforms"] = (ClipNorm(clip),)
+        parts["transforms"] = (ClipNorm(clip, per_layer),)
         parts["aggregator"] = GaussianMean(clip, noise_multiplier, noise=noise)
+    elif per_layer:
+        raise ValueError("dp_fedavg: per_layer clipping needs a fixed clip (no target_quantile)")
     else:
         parts["aggregator"] = AdaptiveGaussianMean(
             clip, noise_multiplier, target_quantile, clip_lr, noise=noise
@@ -63,11 +67,12 @@ def dp_fedavg(
     noise: str = "seed",
     target_quantile: float | None = None,
     clip_lr: float = 0.2,
+    per_layer: bool = False,
     **fedavg_args: Any,
 ) -> Algorithm:
     """DP-FedAvg; other arguments (local training, server optimizer) as for ``fedavg``."""
     parts = dp_fedavg_parts(
         rate=rate, clip=clip, noise_multiplier=noise_multiplier, noise=noise,
-        target_quantile=target_quantile, clip_lr=clip_lr,
+        target_quantile=target_quantile, clip_lr=clip_lr, per_layer=per_layer,
     )  # fmt: skip
     return compose("dp_fedavg", parts, fedavg(**fedavg_args))

@@ -66,23 +66,45 @@ class ClipNorm(Transform):
 
     The clipping step of DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private
     Recurrent Language Models", ICLR) and a simple robustness guard on its own; it bounds
-    the sensitivity that a noise transform after it needs.
+    the sensitivity that a noise transform after it needs. ``per_layer``: each of the
+    model's ``L`` parameter tensors is clipped to ``max_norm / sqrt(L)`` instead (the paper's
+    per-layer clipping, equal shares), so the whole update still has norm at most
+    ``max_norm``.
     """
 
     max_norm: float
+    per_layer: bool = False
+    numels: tuple[int, ...] = field(default=(), init=False, compare=False, repr=False)
     gives: ClassVar[frozenset[str]] = frozenset({Need.BOUNDED_SENSITIVITY})
 
     def __post_init__(self) -> None:
         if not self.max_norm > 0:
             raise ValueError(f"ClipNorm.max_norm must be > 0, got {self.max_norm}")
 
+    def bind(self, spec: ParamSpec) -> ClipNorm:
+        bound = replace(self)
+        object.__setattr__(bound, "numels", spec.numels)
+        return bound
+
     def encode(self, message: Message, state: State, ctx: Context) -> tuple[Message, State]:
         delta = message.arrays["delta"]
         norm = float(torch.linalg.vector_norm(delta))
-        scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
-        arrays = {**message.arrays, "delta": delta * scale}
+        if self.per_layer:
+            clipped = self._per_layer(delta)
+        else:
+            clipped = delta * (min(1.0, self.max_norm / norm) if norm > 0 else 1.0)
+        arrays = {**message.arrays, "delta": clipped}
         scalars = {**message.scalars, "clip_norm_before": norm}
         return replace(message, arrays=arrays, scalars=scalars), state
+
+    def _per_layer(self, delta: torch.Tensor) -> torch.Tensor:
+        if sum(self.numels) != delta.numel():
+            raise RuntimeError("per-layer ClipNorm must be bound to the model's ParamSpec first")
+        share = self.max_norm / len(self.numels) ** 0.5
+        layers = torch.split(delta, list(self.numels))
+        norms = torch.stack([torch.linalg.vector_norm(x) for x in layers])
+        scales = torch.clamp(share / torch.clamp(norms, min=1e-30), max=1.0)
+        return torch.cat([x * s for x, s in zip(layers, scales, strict=True)])
 
 
 @register("transform", "keep_local")
