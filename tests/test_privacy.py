@@ -20,7 +20,7 @@ from potluck.config import ExperimentConfig
 from potluck.core.parts import part_context
 from potluck.engines.base import available_engines
 from potluck.privacy.accounting import Poisson, Round, WithoutReplacement, calibrate, epsilon
-from potluck.privacy.central import GaussianMean, clipped, secure_gaussian
+from potluck.privacy.central import NORM_SLACK, GaussianMean, clipped, secure_gaussian
 from potluck.privacy.ledger import Ledger, PrivacyBudget, sampling_of
 from potluck.sampling.poisson import PoissonSampler
 from potluck.store.sqlite import RunStore
@@ -77,7 +77,7 @@ def test_clipping_bounds_every_update_and_keeps_small_ones(
     out = clipped(deltas, clip)
     norms = deltas.double().norm(dim=1)
     assert bool((out.norm(dim=1) <= clip * (1 + 1e-12)).all())
-    small = norms <= clip
+    small = norms * (1 + NORM_SLACK) <= clip
     assert torch.equal(out[small], deltas.double()[small])
     cos = torch.nn.functional.cosine_similarity(out, deltas.double(), dim=1)
     assert bool((cos[norms > 0] > 1 - 1e-9).all())  # the direction is kept
@@ -108,7 +108,7 @@ def test_the_mean_is_the_clipped_sum_over_the_fixed_denominator() -> None:
     mean, _ = agg.aggregate(
         deltas, torch.tensor([100.0, 1.0, 7.0]), {}, part_context(0, 1, "aggregator")
     )
-    assert mean.tolist() == pytest.approx([0.06, 0.13])  # weights ignored, 10 the denominator
+    assert mean.tolist() == pytest.approx([0.06, 0.13], rel=2 * NORM_SLACK)  # weights ignored
 
 
 # ---- in a run ---------------------------------------------------------------------------
@@ -350,3 +350,14 @@ def test_per_layer_clipping_runs_on_every_engine() -> None:
     assert not torch.equal(plain.weights, runs[0].weights)  # the clip differs
     with pytest.raises(ValueError, match="per_layer clipping needs a fixed clip"):
         dp_fedavg(target_quantile=0.5, per_layer=True)
+
+
+@given(st.integers(0, 6), st.integers(1, 30), st.floats(1e-3, 1e3), st.integers(0, 2**31))
+def test_the_fused_clipped_sum_equals_the_sum_of_clipped_updates(
+    k: int, d: int, clip: float, seed: int
+) -> None:
+    from potluck.privacy.central import clip_scales, clipped_sum, row_norms
+
+    deltas = torch.randn(k, d, generator=torch.Generator().manual_seed(seed)) * clip
+    fused = clipped_sum(deltas, clip_scales(row_norms(deltas), clip))
+    assert torch.allclose(fused, clipped(deltas, clip).sum(dim=0), rtol=1e-5, atol=1e-6 * clip)

@@ -34,7 +34,13 @@ import torch
 
 from potluck.core.parts import Context, Need, State
 from potluck.core.registry import register
-from potluck.privacy.central import NOISE_SOURCES, clipped, gaussian_noise
+from potluck.privacy.central import (
+    NOISE_SOURCES,
+    clip_scales,
+    clipped_sum,
+    gaussian_noise,
+    row_norms,
+)
 
 COUNT_NOISE_SHARE = 0.05  # the count's noise std, as a share of the expected cohort
 
@@ -105,9 +111,9 @@ class AdaptiveGaussianMean:
             raise RuntimeError("AdaptiveGaussianMean needs a denominator: bind_cohort(...)")
         clip = float(state.get("clip", torch.tensor(self.clip)))
         z_delta, s = self.delta_noise_multiplier(), self.count_noise or 0.0
-        total = clipped(deltas, clip).sum(dim=0, dtype=torch.float64)
+        norms = row_norms(deltas)
+        total = clipped_sum(deltas, clip_scales(norms, clip))
         total += gaussian_noise(total.shape[0], z_delta * clip, self.noise, ctx, "sum")
-        norms = torch.linalg.vector_norm(deltas.double(), dim=1)
         centred = float(((norms <= clip).double() - 0.5).sum())
         count = centred + float(gaussian_noise(1, s, self.noise, ctx, "count")[0])
         below = count / self.denominator + 0.5
