@@ -198,7 +198,7 @@ def params(part: Any) -> dict[str, Any]:
     Example:
         >>> from potluck.updates import ClipNorm
         >>> params(ClipNorm(1.5))
-        {'max_norm': 1.5}
+        {'max_norm': 1.5, 'per_layer': False}
     """
     if not dataclasses.is_dataclass(part) or isinstance(part, type):
         raise NotNameable(
