@@ -485,12 +485,13 @@ class _progress:
             TextColumn("cohort {task.fields[cohort]}"),
             TextColumn("train loss {task.fields[loss]}"),
             TextColumn("test acc {task.fields[acc]}"),
+            TextColumn("{task.fields[privacy]}"),
             TimeElapsedColumn(),
             console=console,
             disable=not sys.stderr.isatty() and not console.is_terminal,
         )
         self.task = self.bar.add_task(
-            "rounds", total=rounds, completed=done, cohort="-", loss="-", acc="-"
+            "rounds", total=rounds, completed=done, cohort="-", loss="-", acc="-", privacy=""
         )
         self.quiet = self.bar.disable
 
@@ -506,6 +507,8 @@ class _progress:
         }
         if acc is not None:
             fields["acc"] = _fmt(acc)
+        if "epsilon" in metrics:  # a private run: the privacy spent so far
+            fields["privacy"] = f"epsilon {_fmt(metrics['epsilon'])}"
         self.bar.update(self.task, completed=rnd, **fields)
         if self.quiet:
             shown = [k for k in _PROGRESS_KEYS if k in metrics]

@@ -120,3 +120,13 @@ def test_ticks_are_round_and_cover_the_range(lo: float, width: float) -> None:
     assert all(b - a == pytest.approx(step, rel=1e-3) for a, b in itertools.pairwise(ticks))
     mantissa = step / 10 ** math.floor(math.log10(step))
     assert any(mantissa == pytest.approx(m, rel=1e-3) for m in (1, 2, 5, 10))
+
+
+def test_a_private_run_gets_an_epsilon_panel(tmp_path: Path) -> None:
+    rounds = [RoundRecord(r, {"train_loss": 1.0 / r, "epsilon": 0.5 * r}, "") for r in (1, 2, 3)]
+    private = _svg(write_report(tmp_path / "dp", rounds, title="dp", summary={})["svg"])
+    texts = [t.text for t in private.iter(f"{SVG}text")]
+    assert "epsilon (privacy spent)" in texts and "epsilon" in texts
+    assert len(private.findall(f".//{SVG}polyline")) == 2
+    plain = _svg(write_report(tmp_path / "plain", _rounds(), title="t", summary={})["svg"])
+    assert "epsilon (privacy spent)" not in [t.text for t in plain.iter(f"{SVG}text")]

@@ -26,6 +26,7 @@ from potluck.store.sqlite import RoundRecord
 SVG_NAME = "curves.svg"
 HTML_NAME = "report.html"
 _PANELS = (("loss", ("loss",)), ("accuracy", ("accuracy", "acc")))  # (label, name suffixes)
+_OPTIONAL_PANELS = (("epsilon (privacy spent)", ("epsilon",)),)  # drawn for runs that have it
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -49,7 +50,8 @@ def write_report(
     """Write ``curves.svg`` and ``report.html`` into ``run_dir``; return their paths.
 
     The plot has a loss panel (metrics named ``*loss``) and an accuracy panel (``*accuracy``,
-    ``*acc``); rounds where a metric is absent, NaN or infinite are skipped in the plot.
+    ``*acc``), and for a private run the epsilon spent; rounds where a metric is absent, NaN
+    or infinite are skipped in the plot.
 
     Example:
         >>> import tempfile
@@ -85,9 +87,11 @@ def curves_svg(rounds: Sequence[RoundRecord], title: str) -> str:
     """The loss and accuracy panels of a run as one SVG document."""
     names = _metric_names(rounds)
     charts = []
-    for label, suffixes in _PANELS:
+    for label, suffixes in _PANELS + _OPTIONAL_PANELS:
         series = {n: _series(rounds, n) for n in names if n.endswith(suffixes)}
-        charts.append(Panel(label, {n: xy for n, xy in series.items() if xy[0]}))
+        drawn = {n: xy for n, xy in series.items() if xy[0]}
+        if drawn or (label, suffixes) in _PANELS:
+            charts.append(Panel(label, drawn))
     return panels(title, charts)
 
 
