@@ -208,7 +208,7 @@ def test_combinations_without_an_accounting_are_refused() -> None:
         scaffold(clients_per_round=2, aggregator=GaussianMean())
     with pytest.raises(ValueError, match="counts every update alike"):
         qffl(clients_per_round=2, aggregator=GaussianMean())
-    with pytest.raises(ValueError, match="a budget needs a private aggregator"):
+    with pytest.raises(ValueError, match="a budget needs a private mechanism"):
         config(algorithm={"name": "fedavg"}, privacy={"max_epsilon": 1.0}).build()
     with pytest.raises(ValueError, match="min_updates = 2: with central DP"):
         config(deploy={"min_updates": 2}).build()

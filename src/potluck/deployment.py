@@ -79,7 +79,7 @@ def run_server(
     dep = cfg.deploy
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"engine": "grpc"})})
     experiment = cfg.build()
-    check_deployable(experiment.algorithm.aggregator)  # before anyone joins
+    check_deployable(experiment.algorithm)  # before anyone joins
     config = json.dumps(experiment.config, sort_keys=True)
     store = RunStore(cfg.run.store)
     resume_id = _unfinished(store, cfg.run.name)

@@ -2,6 +2,7 @@
 
 from potluck.algorithms.base import Algorithm
 from potluck.algorithms.dp_fedavg import dp_fedavg
+from potluck.algorithms.dp_ftrl import dp_ftrl, ldp_fedavg
 from potluck.algorithms.fedavg import fedavg
 from potluck.algorithms.fednova import fednova
 from potluck.algorithms.fedprox import fedprox
@@ -14,11 +15,13 @@ __all__ = [
     "Algorithm",
     "ditto",
     "dp_fedavg",
+    "dp_ftrl",
     "fedavg",
     "fednova",
     "fedper",
     "fedprox",
     "fedsgd",
+    "ldp_fedavg",
     "qffl",
     "scaffold",
 ]

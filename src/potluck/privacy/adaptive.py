@@ -58,6 +58,7 @@ class AdaptiveGaussianMean:
     count_noise: float | None = None
     denominator: float | None = None
     noise: str = "seed"
+    label: ClassVar[str] = "central DP (adaptive clip)"  # how the run describes its privacy
     needs: ClassVar[frozenset[str]] = frozenset({Need.ONLY_THE_DELTA})
     gives: ClassVar[frozenset[str]] = frozenset({Need.FIXED_DENOMINATOR, Need.EQUAL_WEIGHTS})
 

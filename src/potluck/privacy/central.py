@@ -52,6 +52,7 @@ class GaussianMean:
     noise_multiplier: float = 1.0
     denominator: float | None = None
     noise: str = "seed"
+    label: ClassVar[str] = "central DP"  # how the run describes its privacy
     needs: ClassVar[frozenset[str]] = frozenset({Need.ONLY_THE_DELTA})
     gives: ClassVar[frozenset[str]] = frozenset({Need.FIXED_DENOMINATOR, Need.EQUAL_WEIGHTS})
 

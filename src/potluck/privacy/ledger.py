@@ -40,6 +40,7 @@ from potluck.privacy.accounting import (
     calibrate,
     epsilon,
 )
+from potluck.privacy.participation import Participation, ParticipationLedger, gaussian_calibrate
 
 SLOT = "privacy"
 
@@ -80,14 +81,120 @@ class GaussianMechanism(Protocol):
     def bind_cohort(self, expected_cohort: float) -> Any: ...
 
 
-def check_deployable(aggregator: object) -> None:
-    """Refuse a private aggregator whose noise follows from the run seed, for a deployment:
-    anyone with the config could subtract it."""
-    if isinstance(aggregator, GaussianMechanism) and getattr(aggregator, "noise", None) == "seed":
+def check_deployable(algorithm: Any) -> None:
+    """Refuse private noise that follows from the run seed, for a deployment: anyone with
+    the config could subtract it."""
+    for ns, part in private_parts(algorithm):
+        if getattr(part, "noise", None) == "seed":
+            raise ValueError(
+                f'{ns}.noise = "seed": a deployment\'s DP noise must not follow from the '
+                'config\'s seed (anyone with the config could subtract it); set noise = "secure"'
+            )
+
+
+def private_parts(algorithm: Any) -> list[tuple[str, Any]]:
+    """The parts of ``algorithm`` that release through a Gaussian mechanism (namespace,
+    part): a private aggregator, local DP transforms."""
+    from potluck.privacy.local import LocalGaussian
+
+    found: list[tuple[str, Any]] = [
+        (f"transforms.{i}", t)
+        for i, t in enumerate(algorithm.transforms)
+        if isinstance(t, LocalGaussian)
+    ]
+    if isinstance(algorithm.aggregator, GaussianMechanism):
+        found.append(("aggregator", algorithm.aggregator))
+    return found
+
+
+def _participation(part: Any) -> Participation | None:
+    """How ``part``'s privacy is accounted per client (None: by sampling, central DP)."""
+    from potluck.privacy.local import LocalGaussian
+    from potluck.privacy.tree import TreeAggregatedMean
+
+    if isinstance(part, LocalGaussian):
+        return Participation("local")
+    if isinstance(part, TreeAggregatedMean):
+        return Participation("tree", part.restart_every)
+    return None
+
+
+def private_mechanism(algorithm: Any) -> tuple[str, Any] | None:
+    """The one private mechanism of ``algorithm`` (namespace, part), or None; two are
+    refused, since the ledger accounts one."""
+    found = private_parts(algorithm)
+    if len(found) > 1:
+        names = ", ".join(f"{ns} ({type(p).__name__})" for ns, p in found)
         raise ValueError(
-            'aggregator.noise = "seed": a deployment\'s DP noise must not follow from the '
-            'config\'s seed (anyone with the config could subtract it); set noise = "secure"'
+            f"privacy: {names} are each a private mechanism; a run is accounted for one of "
+            "them (keep the one whose guarantee you state)"
         )
+    return found[0] if found else None
+
+
+def max_participations(sampler: Any, num_clients: int, window: int, aligned: bool) -> int:
+    """The most of ``window`` consecutive rounds one client can take part in (from round 1
+    when ``aligned``): the sampler's own bound where it has one (``ShuffledSampler``), else
+    every round."""
+    bound = getattr(sampler, "max_participations", None)
+    if bound is None:
+        return window
+    per_epoch = sampler.epoch_rounds(num_clients)
+    if aligned and window % per_epoch == 0:
+        return int(bound(num_clients, window))
+    return min(window, int(bound(num_clients, window)) + 1)
+
+
+def prepare(algorithm: Any, num_clients: int, rounds: int, budget: PrivacyBudget) -> Any:
+    """``algorithm`` with its private mechanism's noise calibrated to the budget's
+    ``target_epsilon`` (unchanged without one) and its denominator bound."""
+    found = private_mechanism(algorithm)
+    if found is None:
+        return algorithm
+    ns, part = found
+    participation = _participation(part)
+    if participation is None:
+        part = calibrated(part, budget, rounds, sampling_of(algorithm.sampler, num_clients))
+    elif budget.target_epsilon is not None:
+        bound = _sensitivity_bound(participation, algorithm.sampler, num_clients, rounds)
+        z = gaussian_calibrate(budget.target_epsilon, budget.delta, budget.accountant)
+        part = replace(part, noise_multiplier=z * math.sqrt(bound))
+    if ns == "aggregator":
+        part.bind_cohort(expected_cohort(algorithm.sampler, num_clients))  # its own checks
+        return replace(algorithm, aggregator=part)
+    transforms = list(algorithm.transforms)
+    transforms[int(ns.split(".")[1])] = part
+    return replace(algorithm, transforms=tuple(transforms))
+
+
+def _sensitivity_bound(
+    participation: Participation, sampler: Any, num_clients: int, rounds: int
+) -> float:
+    every = participation.restart_every if participation.kind == "tree" else None
+    window = min(every or rounds, rounds)
+    k = max_participations(sampler, num_clients, window, aligned=True)
+    return participation.bound(rounds, k)
+
+
+def ledger_for(
+    algorithm: Any, num_clients: int, budget: PrivacyBudget
+) -> Ledger | ParticipationLedger | None:
+    """The privacy ledger of ``algorithm``'s private mechanism (None without one)."""
+    found = private_mechanism(algorithm)
+    if found is None:
+        return None
+    part = found[1]
+    participation = _participation(part)
+    if participation is None:
+        return Ledger(part, sampling_of(algorithm.sampler, num_clients), budget)
+    return ParticipationLedger(participation, part.noise_multiplier, part.clip, budget, num_clients)
+
+
+def stored_ledger(state: State, budget: PrivacyBudget) -> Ledger | ParticipationLedger:
+    """The ledger a run stored (its ``privacy`` slot), of whichever mechanism it was."""
+    if "kind" in state:
+        return ParticipationLedger.stored(state, budget)
+    return Ledger.stored(state, budget)
 
 
 def sampling_of(sampler: object, num_clients: int) -> Sampling:
@@ -145,8 +252,9 @@ class Ledger:
             f"{self.spent(state):.4g})"
         )
 
-    def record(self, state: State) -> tuple[State, float]:
-        """The ledger with this round released, and epsilon spent after it."""
+    def record(self, state: State, cohort: object = ()) -> tuple[State, float]:
+        """The ledger with this round released, and epsilon spent after it (the sampling,
+        not the ``cohort`` it drew, is what amplifies the round)."""
         new = self._with_next(state)
         return new, self.spent(new)
 

@@ -1,7 +1,8 @@
 """Samplers and system heterogeneity: which clients take part, and how much they do."""
 
 from potluck.sampling.poisson import PoissonSampler
+from potluck.sampling.shuffle import ShuffledSampler
 from potluck.sampling.stragglers import Stragglers
 from potluck.sampling.uniform import UniformSampler
 
-__all__ = ["PoissonSampler", "Stragglers", "UniformSampler"]
+__all__ = ["PoissonSampler", "ShuffledSampler", "Stragglers", "UniformSampler"]
