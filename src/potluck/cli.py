@@ -250,7 +250,7 @@ def privacy_cmd(
     """Print a run's privacy statement: epsilon after each round, delta, the mechanism, its
     sampling and the unit of privacy, computed afresh by the accountant from the ledger
     stored with the run's latest checkpoint."""
-    from potluck.privacy.ledger import SLOT, Ledger, PrivacyBudget
+    from potluck.privacy.ledger import SLOT, PrivacyBudget, stored_ledger
 
     with _damage_reported():
         st = _store(store or default_store())
@@ -262,7 +262,7 @@ def privacy_cmd(
     section = _load_config_dict(info.config).privacy
     budget = PrivacyBudget(**section.model_dump()) if section else PrivacyBudget()
     with _refused():
-        ledger = Ledger.stored(state, budget)
+        ledger = stored_ledger(state, budget)
         statement, per_round = ledger.statement(state), ledger.per_round(state)
     if as_json:
         payload = {"run": run_id, "statement": statement, "delta": budget.delta,
@@ -429,6 +429,8 @@ def _fmt_metric(key: str, value: Any) -> str:
 
 
 def _describe_start(cfg: ExperimentConfig, exp: Experiment) -> None:
+    from potluck.privacy.ledger import private_mechanism
+
     fed, sampler = exp.federation, exp.algorithm.sampler
     rate = getattr(sampler, "rate", None)
     cohort = f"{sampler.cohort_size(fed.num_clients)} clients/round"
@@ -439,13 +441,13 @@ def _describe_start(cfg: ExperimentConfig, exp: Experiment) -> None:
         f"({fed.num_clients} clients, {cfg.data.partition.kind} partition), model "
         f"{cfg.model.name}, {cohort}, {exp.rounds} rounds, engine {exp.engine}, seed {exp.seed}"
     )
-    if exp.privacy is not None:
-        agg, budget = exp.algorithm.aggregator, exp.privacy
+    found = private_mechanism(exp.algorithm)
+    if exp.privacy is not None and found is not None:
+        part, budget = found[1], exp.privacy
         cap = f", max_epsilon {budget.max_epsilon:g}" if budget.max_epsilon else ""
         console.print(
-            f"central DP: clip {getattr(agg, 'clip', 0):g}, noise multiplier "
-            f"{getattr(agg, 'noise_multiplier', 0):.4g}, epsilon at delta {budget.delta:g} "
-            f"({budget.accountant}){cap}"
+            f"{part.label}: clip {part.clip:g}, noise multiplier {part.noise_multiplier:.4g}, "
+            f"epsilon at delta {budget.delta:g} ({budget.accountant}){cap}"
         )
 
 

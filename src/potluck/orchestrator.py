@@ -56,7 +56,8 @@ from potluck.core.task import Task
 from potluck.data.federation import Federation
 from potluck.engines.base import Engine, EngineOptions, choose_engine, make_engine
 from potluck.privacy import ledger as privacy
-from potluck.privacy.ledger import GaussianMechanism, PrivacyBudget, calibrated, sampling_of
+from potluck.privacy.ledger import PrivacyBudget
+from potluck.privacy.participation import ParticipationLedger
 from potluck.store.checkpoint import Checkpoint
 from potluck.store.sqlite import ResumePoint, RunStore
 
@@ -64,6 +65,8 @@ _log = logging.getLogger("potluck")
 
 EngineFactory = Callable[[ClientProgram], Engine]
 RoundCallback = Callable[[int, Mapping[str, float]], None]
+# (round, the global weights the cohort started from, each accepted update as decoded)
+UpdateObserver = Callable[[int, torch.Tensor, Mapping[int, Message]], None]
 TIMING_METRICS = frozenset({"round_seconds"})
 REMOTE_METRICS = frozenset({"failed", "refused", "capped"})  # of rounds with remote members
 _COUNTS = ("num_examples", "num_steps", "weight")  # scalars of every update, >= 0
@@ -151,29 +154,29 @@ class Experiment:
         self._check_privacy()
 
     def _check_privacy(self) -> None:
-        """A private aggregator gets its budget (by default, delta 1e-5) and, with a
-        ``target_epsilon``, its calibrated noise; a budget without one is refused."""
+        """A private mechanism (a private aggregator, a local DP transform) gets its budget
+        (by default, delta 1e-5) and, with a ``target_epsilon``, its calibrated noise; a
+        budget without one is refused."""
         algo, budget = self.algorithm, self.privacy
-        if not isinstance(algo.aggregator, GaussianMechanism):
+        found = privacy.private_mechanism(algo)
+        if found is None:
             if budget is not None:
                 raise ValueError(
-                    "privacy: a budget needs a private aggregator (aggregator dp_mean, or the "
-                    f"dp_fedavg algorithm); this one is {type(algo.aggregator).__name__}"
+                    "privacy: a budget needs a private mechanism (aggregator dp_mean, "
+                    "dp_mean_adaptive or dp_ftrl, or a local_dp transform); this algorithm "
+                    f"has none (aggregator {type(algo.aggregator).__name__})"
                 )
             return
-        if Need.FIXED_DENOMINATOR in gives(algo.aggregator) and self.min_updates > 1:
+        if Need.FIXED_DENOMINATOR in gives(found[1]) and self.min_updates > 1:
             raise ValueError(
                 f"min_updates = {self.min_updates}: with central DP every round's noised sum is "
                 "released, however few updates it has (skipping a round would depend on who "
                 "took part, which the accountant does not cover); use min_updates = 1"
             )
         budget = budget or PrivacyBudget()
-        n = self.federation.num_clients
-        sampling = sampling_of(algo.sampler, n)
-        aggregator = calibrated(algo.aggregator, budget, self.rounds, sampling)
-        aggregator.bind_cohort(privacy.expected_cohort(algo.sampler, n))  # its own checks
+        prepared = privacy.prepare(algo, self.federation.num_clients, self.rounds, budget)
         object.__setattr__(self, "privacy", budget)
-        object.__setattr__(self, "algorithm", replace(algo, aggregator=aggregator))
+        object.__setattr__(self, "algorithm", prepared)
 
     @property
     def engine_options(self) -> EngineOptions:
@@ -310,17 +313,21 @@ def run_experiment(
     *,
     on_round: RoundCallback | None = None,
     engine: EngineFactory | None = None,
+    on_updates: UpdateObserver | None = None,
 ) -> RunResult:
     """Run ``experiment`` from round 1; record it in ``store`` if one is given.
 
     Without a store, client state (SCAFFOLD's ``c_i``, an error-feedback residual) is kept
     in memory for the run; give a store for large stateful federations. ``engine`` makes the
     engine from the client program instead of ``experiment.engine`` (the deployment server
-    passes its gRPC engine this way).
+    passes its gRPC engine this way). ``on_updates(round, w, updates)`` sees each round's
+    accepted updates as the server does, decoded by the transforms, with the global weights
+    ``w`` the cohort started from (``potluck.attacks.capture`` keeps chosen ones).
     """
     if engine is None:
         experiment, _ = resolve_engine(experiment)
     loop = _Loop(experiment, on_round, engine)  # builds the model: bad tasks fail before storing
+    loop.on_updates = on_updates
     opened = _open(store)
     if opened is not None:
         loop.record_to(opened, opened.create_run(experiment.describe(), experiment.name))
@@ -492,6 +499,7 @@ class _Loop:
         self, exp: Experiment, on_round: RoundCallback | None, engine: EngineFactory | None
     ) -> None:
         self.exp, self.on_round = exp, on_round
+        self.on_updates: UpdateObserver | None = None
         self.store: RunStore | None = None
         self.run_id = ""
         self.memory_states: dict[int, dict[str, State]] = {}  # runs without a store
@@ -518,21 +526,20 @@ class _Loop:
             self.engine = make_engine(exp.engine, self.program, exp.engine_options)
         if self.engine.remote:
             try:
-                privacy.check_deployable(self.aggregator)
+                privacy.check_deployable(self.exp.algorithm)
             except ValueError:
                 self.engine.close()
                 raise
 
-    def _private_aggregation(self) -> tuple[Any, privacy.Ledger | None]:
+    def _private_aggregation(self) -> tuple[Any, privacy.Ledger | ParticipationLedger | None]:
         """The aggregator, with its denominator set to the expected cohort where it has a
-        fixed one, and the privacy ledger of a private one."""
+        fixed one, and the privacy ledger of a private mechanism."""
         agg, sampler = self.exp.algorithm.aggregator, self.exp.algorithm.sampler
         if hasattr(agg, "bind_cohort"):
             agg = agg.bind_cohort(privacy.expected_cohort(sampler, self.num_clients))
-        if not isinstance(agg, GaussianMechanism) or self.exp.privacy is None:
+        if self.exp.privacy is None:
             return agg, None
-        sampling = sampling_of(sampler, self.num_clients)
-        return agg, privacy.Ledger(agg, sampling, self.exp.privacy)
+        return agg, privacy.ledger_for(self.exp.algorithm, self.num_clients, self.exp.privacy)
 
     def record_to(self, store: RunStore, run_id: str) -> None:
         """Commit every round to ``store`` under ``run_id``. An engine with an
@@ -668,10 +675,13 @@ class _Loop:
             view = PartStages(stages, ns)
             slots[ns] = dict(part.after_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
         updates = self._collect(rnd, trained, tolerant=engine.remote)
+        if self.on_updates is not None:
+            self.on_updates(rnd, state.w, {u.client: u.message for u in updates})
         new_state = self._step(state, slots, updates, rnd)
         privacy_metrics = {}
         if self.ledger is not None:  # released, applied or not: accounted
-            new_state.slots[privacy.SLOT], spent = self.ledger.record(slots.get(privacy.SLOT, {}))
+            ledger_state = slots.get(privacy.SLOT, {})
+            new_state.slots[privacy.SLOT], spent = self.ledger.record(ledger_state, cohort)
             privacy_metrics["epsilon"] = spent
         active = len(cohort[reports])
         metrics = {
