@@ -68,3 +68,29 @@ def test_a_deployment_refuses_noise_from_the_seed(
     dep = deployment(pki.server(), cfg=private(tmp_path / "runs", noise="seed"))
     with pytest.raises(ValueError, match=r"aggregator.noise = \"seed\": a deployment's DP noise"):
         dep.finish()
+
+
+def per_client(store: Path, name: str, **algorithm: Any) -> ExperimentConfig:
+    """DP-FTRL (2 of the 5 sites a round, shuffled epochs) or local-DP FedAvg, secure noise."""
+    d = private(store).to_dict()
+    d["algorithm"] = {"name": name, "clip": 0.5, "noise": "secure", **algorithm}
+    d["sampler"], d["aggregator"], d["transforms"] = {"clients_per_round": 2}, {}, None
+    return ExperimentConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("name", ["dp_ftrl", "ldp_fedavg"])
+def test_tree_and_local_dp_deployed_equal_their_simulation_but_for_the_noise(
+    deployment: Make, pki: PKI, tmp_path: Path, name: str
+) -> None:
+    from potluck.privacy.ledger import PrivacyBudget, stored_ledger
+
+    result = deploy(deployment, pki, per_client(tmp_path / "runs", name, noise_multiplier=0.0))
+    sim_cfg = per_client(tmp_path / "sim", name, noise_multiplier=0.0)
+    sim = run_experiment(sim_cfg.build(), engine=lambda p: Without(p, set()))
+    assert torch.equal(result.weights, sim.weights)  # clip, tree, withheld scalars alike
+    noised = deploy(deployment, pki, per_client(tmp_path / "z", name, noise_multiplier=2.0))
+    with RunStore(tmp_path / "z") as st:
+        _, ckpt = st.latest_checkpoint(st.resolve("deployed"))
+    slot = {k.split("/", 1)[1]: v for k, v in ckpt.tensors.items() if k.startswith("privacy/")}
+    fresh = stored_ledger(slot, PrivacyBudget()).per_round(slot)
+    assert [m["epsilon"] for m in noised.history] == fresh and fresh[-1] > 0
