@@ -139,7 +139,8 @@ class EvaluationConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """The privacy budget of a run with central DP (``aggregator`` ``dp_mean``)."""
+    """The privacy budget of a run with a private mechanism (aggregator ``dp_mean``,
+    ``dp_mean_adaptive`` or ``dp_ftrl``; transform ``local_dp``)."""
 
     delta: float = Field(1e-5, gt=0, lt=1, description="epsilon is stated at this delta")
     max_epsilon: float | None = Field(None, gt=0, description="stop before exceeding it")
