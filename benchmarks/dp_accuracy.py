@@ -34,8 +34,11 @@ from potluck.privacy.ledger import private_mechanism
 CLIENTS, COHORT = 3000, 100
 
 
-def config(rounds: int, algorithm: dict[str, Any], privacy: dict[str, Any] | None) -> dict:
+def config(
+    rounds: int, algorithm: dict[str, Any], privacy: dict[str, Any] | None, seed: int
+) -> dict:
     cfg: dict[str, Any] = {
+        "seed": seed,
         "rounds": rounds,
         "data": {"num_clients": CLIENTS, "partition": {"kind": "iid"}},
         "model": {"name": "logreg"},
@@ -77,13 +80,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--epsilons", default="1,2,4,8")
     parser.add_argument("--only", default=None, help="run only the variants whose name has this")
+    parser.add_argument("--seeds", default="0", help="run seeds (the data split stays the same)")
     args = parser.parse_args()
     result = header("dp_accuracy")
     rows = []
-    for name, eps, algo, privacy in variants([float(e) for e in args.epsilons.split(",")]):
-        if args.only is not None and args.only not in name:
-            continue
-        cfg = config(args.rounds, algo, privacy)
+    runs = [
+        (seed, *variant)
+        for variant in variants([float(e) for e in args.epsilons.split(",")])
+        for seed in (int(s) for s in args.seeds.split(","))
+        if args.only is None or args.only in variant[0]
+    ]
+    for seed, name, eps, algo, privacy in runs:
+        cfg = config(args.rounds, algo, privacy, seed)
         if algo["name"] == "fedavg":
             cfg["sampler"] = {"name": "poisson", "rate": COHORT / CLIENTS}
         if algo["name"] == "ldp_fedavg":
@@ -96,6 +104,7 @@ def main() -> None:
         found = private_mechanism(exp.algorithm)
         row = {
             "variant": name,
+            "seed": seed,
             "target_epsilon": eps,
             "noise_multiplier": None if found is None else found[1].noise_multiplier,
             "epsilon_spent": last.get("epsilon"),
