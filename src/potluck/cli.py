@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+from potluck.attacks.cli import attack_app
 from potluck.config import ConfigError, ExperimentConfig, default_store
 from potluck.deploy.certs_cli import certs_app
 
@@ -37,6 +38,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Inspect datasets and federations.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
+app.add_typer(attack_app, name="attack")
 console = Console()
 err = Console(stderr=True)
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from potluck.report.attacks import attack_section
 from potluck.report.svg import Panel, panels
 from potluck.store.sqlite import RoundRecord
 
@@ -36,6 +37,7 @@ th { background: #f3f3f3; }
 td.key { text-align: left; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; }
 svg { max-width: 100%; height: auto; }
+figure.attack img { image-rendering: pixelated; margin: 2px 0; }
 """
 
 
@@ -51,7 +53,8 @@ def write_report(
 
     The plot has a loss panel (metrics named ``*loss``) and an accuracy panel (``*accuracy``,
     ``*acc``), and for a private run the epsilon spent; rounds where a metric is absent, NaN
-    or infinite are skipped in the plot.
+    or infinite are skipped in the plot. Attack results in ``run_dir/attacks`` (``potluck
+    attack``) get a section of their own.
 
     Example:
         >>> import tempfile
@@ -64,7 +67,8 @@ def write_report(
     svg = curves_svg(rounds, title)
     svg_path, html_path = run_dir / SVG_NAME, run_dir / HTML_NAME
     svg_path.write_text(svg, encoding="utf-8")
-    html_path.write_text(_html(title, svg, rounds, summary, config), encoding="utf-8")
+    page = _html(title, svg, rounds, summary, config, attack_section(run_dir))
+    html_path.write_text(page, encoding="utf-8")
     return {"svg": svg_path, "html": html_path}
 
 
@@ -135,6 +139,7 @@ def _html(
     rounds: Sequence[RoundRecord],
     summary: dict[str, Any],
     config: dict[str, Any] | None,
+    attacks: str = "",
 ) -> str:
     esc = html.escape(title)
     config_html = ""
@@ -147,6 +152,7 @@ def _html(
         f"<h1>{esc}</h1>"
         f'<figure aria-label="learning curves">{svg}</figure>'
         f"<h2>Summary</h2>{_summary_table(summary)}"
+        f"{attacks}"
         f"{config_html}"
         f"<h2>Rounds</h2>{_rounds_table(rounds)}"
         "</body></html>\n"
