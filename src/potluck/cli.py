@@ -431,6 +431,7 @@ def _fmt_metric(key: str, value: Any) -> str:
 
 
 def _describe_start(cfg: ExperimentConfig, exp: Experiment) -> None:
+    from potluck.privacy.dp_sgd import example_mechanisms
     from potluck.privacy.ledger import private_mechanism
 
     fed, sampler = exp.federation, exp.algorithm.sampler
@@ -443,6 +444,12 @@ def _describe_start(cfg: ExperimentConfig, exp: Experiment) -> None:
         f"({fed.num_clients} clients, {cfg.data.partition.kind} partition), model "
         f"{cfg.model.name}, {cohort}, {exp.rounds} rounds, engine {exp.engine}, seed {exp.seed}"
     )
+    for ns, term in example_mechanisms(exp.algorithm):
+        console.print(
+            f"example-level DP-SGD ({ns}): clip {term.clip:g}, noise multiplier "
+            f"{term.noise_multiplier:.4g}, epsilon of the most exposed client at delta "
+            f"{term.delta:g} (rdp), metric {ns}/epsilon"
+        )
     found = private_mechanism(exp.algorithm)
     if exp.privacy is not None and found is not None:
         part, budget = found[1], exp.privacy
@@ -466,6 +473,7 @@ def _describe_end(result: RunResult) -> None:
         )
     if "epsilon" in final:
         parts.append(f"epsilon={_fmt(final['epsilon'])}")
+    parts += [f"{k}={_fmt(v)}" for k, v in final.items() if k.endswith("dp_sgd/epsilon")]
     console.print(f"[bold green]done[/] run [bold]{result.run_id}[/]: " + ", ".join(parts))
     if result.run_dir is not None:
         console.print(f"stored in {result.run_dir} (report: {result.run_dir / 'report.html'})")

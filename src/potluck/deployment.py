@@ -238,7 +238,8 @@ def site_program(
 
     ``data=None`` takes the site's data from the experiment's own (simulated) federation:
     client ``client_id``'s partition, which makes a deployment reproduce a simulation
-    exactly (used by the tests and for trying a deployment out).
+    exactly (used by the tests and for trying a deployment out). A config whose DP noise
+    follows from its seed is refused here too (``check_deployable``).
     """
     cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_dict(config)
     from potluck.data.federation import Federation
@@ -265,6 +266,8 @@ def site_program(
     if task is None:  # the config's: [task] by import path, or the built-in [model]
         task = cfg.build_task(federation)
     torch.set_num_threads(cfg.run.threads or 1)  # as the simulation computes
-    return cfg.algorithm_parts().client_program(
+    algorithm = cfg.algorithm_parts()
+    check_deployable(algorithm)  # the site's own examples' noise (DP-SGD) too
+    return algorithm.client_program(
         task, federation, seed=cfg.seed, finetune_epochs=cfg.evaluation.finetune_epochs
     )

@@ -397,7 +397,8 @@ class PartStages:
     ``client_stage`` answers on each client) to the round's current ``members`` and returns
     the answers of those that answered; the others have dropped out of the round. ``leave``
     puts a message in a member's inbox for the ``train`` stage (the part's ``encode`` finds
-    it in ``ctx.inbox``); ``report`` adds a round metric ``<namespace>/<name>``."""
+    it in ``ctx.inbox``); ``state`` is a member's client state of the part (after the
+    ``train`` stage, the new one); ``report`` adds a round metric ``<namespace>/<name>``."""
 
     def __init__(self, stages: RoundStages, namespace: str) -> None:
         self._stages, self.namespace = stages, namespace
@@ -420,6 +421,10 @@ class PartStages:
 
     def leave(self, client: int, message: Message) -> None:
         self._stages.inbox.setdefault(int(client), {})[self.namespace] = message
+
+    def state(self, client: int) -> State:
+        """This part's client state of member ``client`` as of the round's latest stage."""
+        return dict(self._stages.states[int(client)].get(self.namespace, {}))
 
     def report(self, name: str, value: float) -> None:
         self._stages.metrics[f"{self.namespace}/{name}"] = float(value)

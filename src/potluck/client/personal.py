@@ -85,7 +85,8 @@ class Ditto(Term):
     purely local models; large ``lam``: the global model)."""
 
     lam: float = 0.1
-    gives: ClassVar[frozenset[str]] = frozenset({Need.PERSONAL_MODEL})
+    # its personal model is trained on the client's data outside the local steps' gradients
+    gives: ClassVar[frozenset[str]] = frozenset({Need.PERSONAL_MODEL, Need.READS_DATA})
     client_state: ClassVar[dict[str, str]] = {"personal": "float32"}
 
     def client_state_shapes(self, spec: ParamSpec) -> dict[str, tuple[int, ...]]:

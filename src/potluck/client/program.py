@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, grad_and_value, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
@@ -37,7 +38,9 @@ from potluck.core.parts import (
     LocalResult,
     Need,
     State,
+    describe_part,
     gives,
+    needs,
     part_context,
 )
 from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
@@ -183,6 +186,17 @@ class Prepared:
     inbox: dict[str, Message]
 
 
+@dataclass
+class ExampleStep:
+    """How one client's local steps take their gradients from per-example ones: the term
+    that reduces them (``Need.PER_EXAMPLE_GRADIENTS``), its working state, and the stream it
+    draws from (its context's ``"draw"`` sub-stream for this client and round)."""
+
+    term: Any
+    work: State
+    gen: torch.Generator
+
+
 class ClientProgram:
     """Runs every stage for any client of a federation, reusing one model."""
 
@@ -212,12 +226,17 @@ class ClientProgram:
         self.personal = next(
             (i for i, t in enumerate(self.terms) if Need.PERSONAL_MODEL in gives(t)), None
         )
+        self.reducer = next(
+            (i for i, t in enumerate(self.terms) if Need.PER_EXAMPLE_GRADIENTS in needs(t)), None
+        )
         self.finetune: LocalOptimizer | None = None
         if finetune_epochs:
             self.finetune = replace(self.optimizer, epochs=finetune_epochs, max_steps=None)  # type: ignore[type-var]
         self._w0 = self.spec.from_module_values(self.model)
         self._cached: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._check_task()
+        if self.reducer is not None:
+            self._check_examples()
 
     def initial_weights(self) -> torch.Tensor:
         """The global model at round 0 (a copy; deterministic in the run seed)."""
@@ -304,8 +323,58 @@ class ClientProgram:
         x, y = self._data(cid)
         gen = self.seeds.torch("batch", round, cid)
         correct = self.correction(prep.works)
-        w, loss_sum, seen = self._local_steps(prep.w_start, correct, x, y, prep.steps, gen)
+        example = self.example_step(prep)
+        w, loss_sum, seen = self._local_steps(
+            prep.w_start, correct, x, y, prep.steps, gen, example=example
+        )
         return self.conclude(prep, w, loss_sum, seen)
+
+    def example_step(self, prep: Prepared) -> ExampleStep | None:
+        """How ``prep``'s client reduces per-example gradients, if a term asks for them."""
+        if self.reducer is None:
+            return None
+        i = self.reducer
+        gen = prep.views[i].ctx.generator("draw")
+        return ExampleStep(self.terms[i], prep.works[i], gen)
+
+    def batches(
+        self, n: int, total: int, gen: torch.Generator, example: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """The example indices of ``total`` local steps of a client with ``n`` examples,
+        drawn from ``gen``: the reducing term's (``example``) if there is one, else the
+        shuffled epochs of ``batch_order``. Every engine draws its batches here."""
+        b = self.optimizer.batch_len(n)
+        if example and self.reducer is not None:
+            return self.terms[self.reducer].batches(n, b, total, gen)
+        return batch_order(n, b, total, gen)
+
+    def example_gradients(
+        self, params: State, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[State, torch.Tensor]:
+        """Each example's gradient of its own loss (``task.loss_fn`` on it alone), per
+        parameter ``(B, *shape)``, with ``torch.func.vmap(grad)`` over the examples, and the
+        batch's mean loss over the real (``mask`` 1) examples. Pure tensor code: the
+        vectorized engine ``vmap`` s it over clients too. Random operations (dropout) draw
+        one mask per example."""
+        per_example = vmap(grad_and_value(self._example_loss), (None, 0, 0), randomness="different")
+        grads, losses = per_example(params, x, y)
+        return grads, (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def _example_loss(self, params: State, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(self.model, params, (x.unsqueeze(0),))
+        return self.task.loss_fn(logits, y.unsqueeze(0))
+
+    def _example_grad(
+        self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, example: ExampleStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's gradient from the per-example gradients of batch ``(x, y)`` as the
+        reducing term makes it, and the batch's mean loss."""
+        grads, loss = self.example_gradients(self.spec.unflatten(w), x, y, torch.ones(len(y)))
+        spec = self.spec
+        pairs = zip(spec.names, spec.numels, strict=True)
+        flat = torch.cat([grads[n].reshape(len(y), k) for n, k in pairs], 1)
+        draw = example.term.draw(example.gen, self.spec.size)
+        return example.term.reduce(w, flat, torch.ones(len(y)), draw, example.work), loss
 
     def prepare(
         self,
@@ -430,13 +499,22 @@ class ClientProgram:
         total: int,
         gen: torch.Generator,
         optimizer: LocalOptimizer | None = None,
+        example: ExampleStep | None = None,
     ) -> tuple[torch.Tensor, float, int]:
-        """``total`` mini-batch steps from ``w``, each gradient passed through ``correct``;
-        (weights, summed batch loss, examples seen)."""
+        """``total`` mini-batch steps from ``w``, each gradient passed through ``correct``
+        (made from per-example gradients by ``example``'s term if given); (weights, summed
+        batch loss, examples seen)."""
         n, opt = len(y), optimizer or self.optimizer
         opt_state, loss_sum, seen = opt.init(w), 0.0, 0
-        for idx in batch_order(n, opt.batch_len(n), total, gen):
-            g, loss = self._grad(w, x[idx], y[idx])
+        if example is None:
+            batches = batch_order(n, opt.batch_len(n), total, gen)
+        else:
+            batches = self.batches(n, total, gen)
+        for idx in batches:
+            if example is None:
+                g, loss = self._grad(w, x[idx], y[idx])
+            else:
+                g, loss = self._example_grad(w, x[idx], y[idx], example)
             w, opt_state = opt.step(w, opt_state, correct(w, g))
             loss_sum += float(loss) * len(idx)
             seen += len(idx)
@@ -512,6 +590,33 @@ class ClientProgram:
         out = check_outputs(self.task, self.model, x, y, where=f"client {probe}")
         if out.dim() == 2 and self.task.loss_fn is cross_entropy:
             _check_labels(fed, int(out.shape[1]))
+
+    def _check_examples(self) -> None:
+        """Refuse, before any training, a model whose per-example gradients a term cannot
+        have: batch statistics (an example alone has none) or a step ``torch.func`` cannot
+        take per example (one probe on two examples of the first client with data)."""
+        term = describe_part(self.term_ns[self.reducer or 0], self.terms[self.reducer or 0])
+        for name, module in self.model.named_modules():
+            if isinstance(module, _BatchNorm):
+                raise ValueError(
+                    f"{term} needs per-example gradients, but module {name!r} is "
+                    f"{type(module).__name__}, whose batch statistics mix the examples: use "
+                    "GroupNorm or LayerNorm"
+                )
+        fed = self.federation
+        probe = next((c for c in range(min(fed.num_clients, 50)) if fed.num_examples(c)), None)
+        if probe is None:
+            return
+        x, y = self._data(probe)
+        try:
+            with torch.random.fork_rng():
+                self.example_gradients(self.spec.unflatten(self._w0), x[:2], y[:2], torch.ones(2))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(
+                f"{term} needs per-example gradients, but torch.func.vmap cannot take this "
+                f"model's gradient one example at a time ({type(exc).__name__}: {first})"
+            ) from exc
 
 
 def _check_labels(fed: Federation, outputs: int) -> None:

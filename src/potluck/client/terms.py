@@ -9,6 +9,8 @@ each step's gradient, which the vectorized engine ``vmap`` s over clients) and `
 and ``server_update`` (how it moves the aggregate and its server state).
 
 ``Term`` gives every hook its do-nothing default, so a new term writes only what it changes.
+A term that declares ``Need.PER_EXAMPLE_GRADIENTS`` (DP-SGD, ``privacy.dp_sgd``) also makes
+each step's gradient from the per-example ones (``batches``, ``draw``, ``reduce``).
 
 Example:
     >>> import torch
@@ -20,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -89,6 +92,32 @@ class Term:
 
     def gradient(self, w: torch.Tensor, grad: torch.Tensor, work: State) -> torch.Tensor:
         return grad
+
+    # the per-example hooks, used only for a term that declares Need.PER_EXAMPLE_GRADIENTS
+
+    def batches(
+        self, n: int, batch_len: int, total: int, gen: torch.Generator
+    ) -> Iterator[torch.Tensor]:
+        """The examples of each step: by default the shuffled epochs of ``batch_order``."""
+        from potluck.client.program import batch_order
+
+        return batch_order(n, batch_len, total, gen)
+
+    def draw(self, gen: torch.Generator, d: int) -> torch.Tensor:
+        """What ``reduce`` draws for a step: by default nothing."""
+        return torch.zeros(0)
+
+    def reduce(
+        self,
+        w: torch.Tensor,
+        grads: torch.Tensor,
+        mask: torch.Tensor,
+        draw: torch.Tensor,
+        work: State,
+    ) -> torch.Tensor:
+        """The step's gradient from its (B, d) per-example ones: by default their mean over
+        the real examples (the batch-mean gradient of a mean loss)."""
+        return (mask @ grads) / mask.sum().clamp(min=1.0)
 
     def finish(self, client: ClientView, result: LocalResult, work: State) -> TermOutput:
         return TermOutput()
@@ -241,6 +270,7 @@ class QFFL(Term):
 
     q: float = 1.0
     needs: ClassVar[frozenset[str]] = frozenset({Need.PLAIN_SERVER_STEP, Need.WEIGHTED_UPDATES})
+    gives: ClassVar[frozenset[str]] = frozenset({Need.READS_DATA})  # its loss at w_global
 
     def __post_init__(self) -> None:
         if not self.q >= 0:

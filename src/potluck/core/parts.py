@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -60,6 +60,9 @@ class Need(StrEnum):
     FIXED_DENOMINATOR = "a fixed denominator (an aggregate for any number of updates, even none)"
     WEIGHTED_UPDATES = "the updates' aggregation weights honoured"
     EQUAL_WEIGHTS = "every update counted alike (their weights ignored)"
+    PER_EXAMPLE_GRADIENTS = "per-example gradients (each local step's from its reduce hook)"
+    DATA_ONLY_IN_STEPS = "the client's data used only through the local steps' gradients"
+    READS_DATA = "the client's data read outside the local steps' gradients"
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,33 @@ class GradientTerm(Protocol):
         ...
 
 
+@runtime_checkable
+class ExampleReducer(Protocol):
+    """A gradient term that makes each local step's gradient from per-example gradients (it
+    declares ``Need.PER_EXAMPLE_GRADIENTS``; ``potluck.client.terms.Term`` has defaults):
+    which examples each step sees (``batches``, from the client's batch stream), what it draws
+    for each step (``draw``, outside any ``vmap``, from its own stream for the client and
+    round) and how a step's (B, d) per-example gradients, with the 0/1 ``mask`` of real
+    examples (padding is 0), become the step's gradient (``reduce``: pure tensor code, which
+    the vectorized engine ``vmap`` s over clients). The chain's ``gradient`` corrections then
+    apply to that gradient, in chain order."""
+
+    def batches(
+        self, n: int, batch_len: int, total: int, gen: torch.Generator
+    ) -> Iterator[torch.Tensor]: ...
+
+    def draw(self, gen: torch.Generator, d: int) -> torch.Tensor: ...
+
+    def reduce(
+        self,
+        w: torch.Tensor,
+        grads: torch.Tensor,
+        mask: torch.Tensor,
+        draw: torch.Tensor,
+        work: State,
+    ) -> torch.Tensor: ...
+
+
 # ---- part 3: update transforms ------------------------------------------------------------
 
 
@@ -405,6 +435,18 @@ def _unmet(
         return None
     if need == Need.ONE_CLIENT_AT_A_TIME:
         return None  # asked of the engine, which refuses the part if it batches clients
+    if need == Need.PER_EXAMPLE_GRADIENTS:  # asked of the client program, which computes them
+        if not isinstance(parts[i][1], ExampleReducer):
+            return "it lacks the batches, draw and reduce hooks (client.terms.Term has them)"
+        earlier = [j for j in range(i) if need in needs(parts[j][1])]
+        if earlier:
+            return f"so does {describe_part(*parts[earlier[0]])}: one term reduces them"
+        return None
+    if need == Need.DATA_ONLY_IN_STEPS:
+        readers = givers.get(Need.READS_DATA, [])
+        if readers:
+            return f"{describe_part(*parts[readers[0]])} reads it outside them, unprotected"
+        return None
     if need == Need.BOUNDED_SENSITIVITY:
         if any(j < i for j in givers.get(need, [])):
             return None

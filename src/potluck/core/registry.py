@@ -46,7 +46,7 @@ _BUILTINS = {
     "sampler": ("potluck.sampling",),
     "stragglers": ("potluck.sampling",),
     "optimizer": ("potluck.client.sgd",),
-    "term": ("potluck.client.terms", "potluck.client.personal"),
+    "term": ("potluck.client.terms", "potluck.client.personal", "potluck.privacy.dp_sgd"),
     "transform": ("potluck.updates", "potluck.privacy.local"),
     "downlink": ("potluck.updates",),
     "aggregator": (

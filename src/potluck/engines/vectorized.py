@@ -7,8 +7,9 @@ K clients' flat weight vectors are stacked into a (K, d) tensor and their mini-b
 tutorial https://pytorch.org/tutorials/intermediate/ensembling.html, which stacks parameters
 the same way). Each client gets exactly what ``ClientProgram.train`` gives it alone:
 
-- **Same batches.** Each client's batch indices come from ``batch_order`` (the code the
-  inline engine uses) with its own ``("batch", round, cid)`` generator.
+- **Same batches.** Each client's batch indices come from ``ClientProgram.batches`` (the
+  code the inline engine uses: ``batch_order``, or the Poisson samples of a term that
+  reduces per-example gradients) with its own ``("batch", round, cid)`` generator.
 - **Unequal step counts.** Clients are sorted by step count (descending), so at step ``s``
   the clients still training are a prefix of the stack: only that prefix is computed and
   replaced, so steps a client does not take leave its weights and optimizer state untouched.
@@ -28,6 +29,11 @@ the same way). Each client gets exactly what ``ClientProgram.train`` gives it al
   working states. A term that declares it needs one client at a time
   (``Need.ONE_CLIENT_AT_A_TIME``) is refused. Whatever a term's ``finish`` trains per client
   (Ditto's personal model) runs there, one client at a time.
+- **Per-example gradients** (a term that declares ``Need.PER_EXAMPLE_GRADIENTS``, DP-SGD):
+  ``ClientProgram.example_gradients`` (``vmap`` over the examples) is ``vmap``-ed over the
+  clients too, giving (K, B, d); what the term draws for a step (its noise) is drawn per
+  client outside ``vmap`` from the client's own stream, as inline, and its ``reduce`` is
+  ``vmap``-ed over the clients with the mask of real examples.
 - **Other stages** (evaluation, a protocol's own) run as in the inline engine.
 
 Results agree with the inline engine up to float32 rounding: batched matmuls and the
@@ -63,7 +69,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from potluck.client.program import ClientProgram, Prepared, batch_order
+from potluck.client.program import ClientProgram, Prepared
 from potluck.client.sgd import OptState
 from potluck.core.parts import Need, State, describe_part, needs
 from potluck.core.records import TRAIN, Reply, StageJob
@@ -126,8 +132,7 @@ def _probe(program: ClientProgram) -> str | None:
         return None
     engine = VectorizedEngine.__new__(VectorizedEngine)
     engine.program = program
-    engine._grads = vmap(grad_and_value(engine._client_loss))
-    engine._correct = vmap(_chain(program))
+    engine._vmap()
     w = program.initial_weights()
     try:
         with torch.random.fork_rng():
@@ -137,9 +142,9 @@ def _probe(program: ClientProgram) -> str | None:
             y = torch.stack([y_all[:2], y_all[:2]])
             mask = torch.ones(y.shape)
             stacked_w = torch.stack([prep.w_start, prep.w_start])
-            grads, _ = engine._grads(engine._params(stacked_w), x, y, mask)
-            g = torch.cat([grads[n].reshape(2, -1) for n in program.spec.names], 1)
             works = [{k: torch.stack([v, v]) for k, v in work.items()} for work in prep.works]
+            gens = [torch.Generator().manual_seed(0)] * 2
+            g, _ = engine._gradient(stacked_w, x, y, mask, works, gens)
             engine._correct(stacked_w, g, works)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -213,7 +218,19 @@ class VectorizedEngine(InlineEngine):
         self.max_clients = max_clients
         self.memory_budget = memory_budget_bytes or DEFAULT_MEMORY_BUDGET
         self.chunk_size = self._fitting_chunk()
-        self._grads = vmap(grad_and_value(self._client_loss))
+        self._vmap()
+
+    def _vmap(self) -> None:
+        """The batched functions: every member's gradient (its per-example gradients, if a
+        term reduces them: ``ClientProgram.example_gradients`` under a second ``vmap``), the
+        reducing term's ``reduce`` and the chain's corrections."""
+        program = self.program
+        self.reducer = program.reducer
+        if self.reducer is None:
+            self._grads = vmap(grad_and_value(self._client_loss))
+        else:
+            self._grads = vmap(program.example_gradients)
+            self._reduce = vmap(program.terms[self.reducer].reduce)
         self._correct = vmap(_chain(program))
 
     # -- training ------------------------------------------------------------------------------
@@ -239,6 +256,8 @@ class VectorizedEngine(InlineEngine):
             )
         example = prod(p.federation.source.input_shape)
         per_client = 4 * (_VECTORS_PER_CLIENT * p.spec.size + 2 * batch * example)
+        if p.reducer is not None:  # per-example gradients: per layer, joined, scaled
+            per_client += 4 * 3 * batch * p.spec.size
         fits = max(1, self.memory_budget // per_client)
         return fits if self.max_clients is None else min(fits, self.max_clients)
 
@@ -267,14 +286,16 @@ class VectorizedEngine(InlineEngine):
             {key: torch.stack([preps[k].works[t][key] for k in cohort.positions]) for key in work}
             for t, work in enumerate(preps[chunk.start].works)
         ]
-        w, loss_sums, seen = self._steps(w, works, cohort)
+        steps = [program.example_step(preps[k]) for k in cohort.positions]
+        gens = [step.gen for step in steps if step is not None]
+        w, loss_sums, seen = self._steps(w, works, cohort, gens)
         return {
             k: program.conclude(preps[k], w[row], loss_sums[row], seen[row])
             for row, k in enumerate(cohort.positions)
         }
 
     def _schedule(self, job: StageJob, preps: dict[int, Prepared]) -> _Cohort:
-        """Gather the chunk's data and draw every member's batches (``batch_order``)."""
+        """Gather the chunk's data and draw every member's batches (``program.batches``)."""
         p = self.program
         positions = sorted(preps, key=lambda k: -preps[k].steps)  # stable: ties keep order
         data = [p._data(preps[k].cid) for k in positions]
@@ -282,7 +303,7 @@ class VectorizedEngine(InlineEngine):
         total = [preps[k].steps for k in positions]
         offsets = np.cumsum([0, *sizes[:-1]])
         batches = [
-            list(batch_order(n, p.optimizer.batch_len(n), t, p.seeds.torch("batch", job.round, c)))
+            list(p.batches(n, t, p.seeds.torch("batch", job.round, c)))
             for n, t, c in zip(sizes, total, (preps[k].cid for k in positions), strict=True)
         ]
         index, mask = _pad_batches(batches, offsets)
@@ -291,23 +312,48 @@ class VectorizedEngine(InlineEngine):
         return _Cohort(positions, total, sizes, torch.cat(xs), torch.cat(ys), index, mask, active)
 
     def _steps(
-        self, w: torch.Tensor, works: list[State], cohort: _Cohort
+        self, w: torch.Tensor, works: list[State], cohort: _Cohort, gens: list[torch.Generator]
     ) -> tuple[torch.Tensor, list[float], list[int]]:
         """All members' local steps: the final stacked weights, and per member the sum of
-        batch loss x batch size and the examples seen (as ``ClientProgram`` accumulates)."""
+        batch loss x batch size and the examples seen (as ``ClientProgram`` accumulates).
+        ``gens``: the reducing term's stream of each member, if a term reduces."""
         opt = self.program.optimizer
         opt_state = opt.init(w)
         step_losses = torch.zeros(cohort.index.shape[:2], dtype=torch.float64)
         for s, a in enumerate(cohort.active):
             idx, m = cohort.index[s, :a], cohort.mask[s, :a]
             w_a, state_a = w[:a], {key: v[:a] for key, v in opt_state.items()}
-            grads, loss = self._grads(self._params(w_a), cohort.x[idx], cohort.y[idx], m)
-            g = torch.cat([grads[name].reshape(a, -1) for name in self.program.spec.names], 1)
-            g = self._correct(w_a, g, [{key: v[:a] for key, v in wk.items()} for wk in works])
+            works_a = [{key: v[:a] for key, v in wk.items()} for wk in works]
+            g, loss = self._gradient(w_a, cohort.x[idx], cohort.y[idx], m, works_a, gens[:a])
+            g = self._correct(w_a, g, works_a)
             w_a, state_a = opt.step(w_a, state_a, g)
             w, opt_state = _replace_prefix(w, w_a), _replace_state(opt_state, state_a)
             step_losses[s, :a] = loss.double() * m.sum(1).double()
         return w, step_losses.sum(0).tolist(), cohort.mask.sum((0, 2)).long().tolist()
+
+    def _gradient(
+        self,
+        w: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor,
+        works: list[State],
+        gens: list[torch.Generator],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's gradient (a, d) before the corrections, and its batch loss: of the
+        batch mean, or made by the reducing term from the per-example gradients (a, B, d)
+        with what it draws for each member (outside ``vmap``, as the inline engine does)."""
+        a, spec = len(w), self.program.spec
+        grads, loss = self._grads(self._params(w), x, y, mask)
+        if self.reducer is None:
+            return torch.cat([grads[name].reshape(a, -1) for name in spec.names], 1), loss
+        b = mask.shape[1]
+        per_example = torch.cat(
+            [grads[n].reshape(a, b, k) for n, k in zip(spec.names, spec.numels, strict=True)], 2
+        )
+        term = self.program.terms[self.reducer]
+        draws = torch.stack([term.draw(gen, spec.size) for gen in gens])
+        return self._reduce(w, per_example, mask, draws, works[self.reducer]), loss
 
     def _params(self, w: torch.Tensor) -> State:
         """Stacked (K, ...) views of the model's parameters in ``w`` (K, d). Per-layer leaves,

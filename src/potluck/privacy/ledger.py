@@ -84,7 +84,9 @@ class GaussianMechanism(Protocol):
 def check_deployable(algorithm: Any) -> None:
     """Refuse private noise that follows from the run seed, for a deployment: anyone with
     the config could subtract it."""
-    for ns, part in private_parts(algorithm):
+    from potluck.privacy.dp_sgd import example_mechanisms
+
+    for ns, part in [*private_parts(algorithm), *example_mechanisms(algorithm)]:
         if getattr(part, "noise", None) == "seed":
             raise ValueError(
                 f'{ns}.noise = "seed": a deployment\'s DP noise must not follow from the '
