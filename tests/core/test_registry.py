@@ -14,6 +14,7 @@ from potluck.core import registry
 from potluck.optim import ServerAdagrad, ServerAdam, ServerSGD, ServerYogi
 from potluck.privacy.adaptive import AdaptiveGaussianMean
 from potluck.privacy.central import GaussianMean
+from potluck.privacy.dp_sgd import DpSgd
 from potluck.sampling import PoissonSampler, Stragglers, UniformSampler
 from potluck.updates import Cast, ClipNorm, KeepLocal
 
@@ -34,6 +35,8 @@ EXAMPLES: dict[str, list[Any]] = {
         QFFL(2.0),
         FedPer(("fc.",)),
         Ditto(0.4),
+        DpSgd(),
+        DpSgd(0.5, 1.3, noise="secure", delta=1e-6),
     ],
     "transform": [ClipNorm(2.5), KeepLocal(("1.",)), KeepLocal()],
     "downlink": [Cast("float16"), Cast()],
