@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Set up potluck on a fresh machine: Fashion-MNIST (Debian package), a virtual environment,
 # the pinned CPU build of PyTorch, and potluck itself. Pass --dev for the test tools (and Ray,
-# which the Ray engine's tests need).
+# which the Ray engine's tests need), --opacus for Opacus 1.6 (the DP-SGD benchmark's peer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+DEV=0; OPACUS=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    --opacus) OPACUS=1 ;;
+    *) echo "usage: scripts/setup.sh [--dev] [--opacus]" >&2; exit 2 ;;
+  esac
+done
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${POTLUCK_DATA:-}" ]; then
   if command -v apt-get >/dev/null 2>&1; then
@@ -20,8 +29,18 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
-if [ "${1:-}" = "--dev" ]; then
+if [ "$DEV" = 1 ]; then
   .venv/bin/pip install -q -e ".[dev,ray]"
 else
   .venv/bin/pip install -q -e .
+fi
+if [ "$OPACUS" = 1 ]; then
+  # After torch: with torch present pip keeps it (opacus needs torch>=2.6); installed first,
+  # opacus would pull a CUDA build. Checked: the torch build is the same before and after.
+  before=$(.venv/bin/python -c "import torch; print(torch.__version__)")
+  .venv/bin/pip install -q -e ".[opacus]"
+  after=$(.venv/bin/python -c "import torch; print(torch.__version__)")
+  if [ "$before" != "$after" ]; then
+    echo "error: installing opacus replaced torch $before by $after" >&2; exit 1
+  fi
 fi

@@ -10,8 +10,10 @@ from victims import (
     one_thread,  # noqa: F401  (autouse)
 )
 
+from potluck import Experiment
 from potluck.attacks.capture import Capture, capture_updates
 from potluck.orchestrator import run_experiment
+from potluck.privacy.ledger import PrivacyBudget
 from potluck.privacy.local import LocalGaussian
 from potluck.updates.base import Cast, ClipNorm, KeepLocal
 
@@ -67,6 +69,16 @@ def test_a_replay_of_the_first_rounds_captures_the_runs_own_updates() -> None:
     assert torch.equal(full.get(1, 2).delta, short.get(1, 2).delta)
     with pytest.raises(ValueError, match=r"through must lie in 1\.\.4"):
         capture_updates(exp, through=5)
+
+
+def test_a_replay_keeps_the_noise_calibrated_to_all_the_runs_rounds() -> None:
+    ldp = LocalGaussian(clip=1.0, noise_multiplier=1.0)
+    base = fedsgd_run(rounds=6, n=3, transforms=(ldp,))
+    exp = Experiment(base.task, base.federation, base.algorithm, 6, privacy=PrivacyBudget(
+        target_epsilon=8.0))  # fmt: skip
+    _, full = capture_updates(exp, clients=[0], rounds=[2])
+    _, short = capture_updates(exp, clients=[0], rounds=[2], through=2)
+    assert torch.equal(full.get(0, 2).delta, short.get(0, 2).delta)
 
 
 def test_clear_errors_for_what_was_not_captured() -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from potluck.orchestrator import Experiment, RoundCallback, RunResult
     from potluck.store.sqlite import RunStore
 
-__all__ = ["Capture", "CapturedUpdate", "capture_updates"]
+__all__ = ["Capture", "CapturedUpdate", "as_trained", "capture_updates"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,29 @@ class Capture:
         )
 
 
+def as_trained(experiment: Experiment, **changes: Any) -> Experiment:
+    """``experiment`` with ``changes`` (fewer rounds, another federation, seed...) and the
+    noise it was calibrated to kept: its budget's ``target_epsilon`` is dropped, since
+    building an ``Experiment`` calibrates the noise afresh to its rounds and federation.
+
+    Example:
+        >>> from potluck.algorithms import dp_fedavg
+        >>> from potluck.privacy.ledger import PrivacyBudget
+        >>> import torch; from potluck import Experiment, Task
+        >>> from potluck.data import Federation
+        >>> fed = Federation.from_client_data([(torch.randn(4, 2), torch.arange(4) % 2)] * 20)
+        >>> exp = Experiment(Task(lambda: torch.nn.Linear(2, 2)), fed, dp_fedavg(rate=0.5), 50,
+        ...                  privacy=PrivacyBudget(target_epsilon=4.0))
+        >>> z = exp.algorithm.aggregator.noise_multiplier
+        >>> as_trained(exp, rounds=3).algorithm.aggregator.noise_multiplier == z
+        True
+    """
+    budget = experiment.privacy
+    if budget is not None and budget.target_epsilon is not None:
+        changes["privacy"] = replace(budget, target_epsilon=None)
+    return replace(experiment, **changes)
+
+
 def capture_updates(
     experiment: Experiment,
     *,
@@ -184,8 +207,8 @@ def capture_updates(
 
     ``through = R`` replays only the first ``R`` rounds, in memory and evaluated on
     nothing: the updates of those rounds are the run's own (every random choice derives
-    from the run seed), at a fraction of its cost. The experiment is not rebuilt, so a
-    noise multiplier calibrated to all its rounds is kept.
+    from the run seed), at a fraction of its cost; a noise multiplier calibrated to all
+    its rounds is kept (``as_trained``).
     """
     from potluck.orchestrator import Evaluation, run_experiment
 
@@ -195,7 +218,7 @@ def capture_updates(
         if not 1 <= through <= experiment.rounds:
             raise ValueError(f"through must lie in 1..{experiment.rounds}, got {through}")
         quiet = Evaluation(every=through, centralized=False)
-        experiment = replace(experiment, rounds=through, evaluation=quiet)
+        experiment = as_trained(experiment, rounds=through, evaluation=quiet)
     capture = Capture.of(experiment, clients, rounds)
     result = run_experiment(experiment, store, on_round=on_round, on_updates=capture)
     return result, capture

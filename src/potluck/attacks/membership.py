@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +48,7 @@ import torch
 from scipy.special import log_ndtr
 
 from potluck.attacks import metrics
+from potluck.attacks.capture import as_trained
 from potluck.attacks.model import AttackModel
 from potluck.core.seeding import Seeds
 
@@ -337,7 +338,7 @@ def attack_membership(
         for k in range(shadows):
             users = np.flatnonzero(keep[k])
             shadow_seed = Seeds(seed).integer("shadow", k) % 2**31
-            shadow = replace(
+            shadow = as_trained(
                 experiment,
                 federation=pop.federation(users, shadow_seed),
                 seed=shadow_seed,
