@@ -228,7 +228,8 @@ def test_the_other_terms_correct_the_privatised_gradient() -> None:
 
 def test_resume_restores_the_step_counts(tmp_path: Path) -> None:
     cfg = config(rounds=4)
-    full = run_experiment(cfg.build())
+    whole = RunStore(tmp_path / "whole")
+    full = run_experiment(cfg.build(), whole)
 
     class Stop(Exception):
         pass
@@ -237,13 +238,19 @@ def test_resume_restores_the_step_counts(tmp_path: Path) -> None:
         if rnd == 2:
             raise Stop
 
-    store = RunStore(tmp_path)
+    store = RunStore(tmp_path / "resumed")
     with pytest.raises(Stop):
         run_experiment(cfg.build(), store, on_round=stop)
     (info,) = store.list_runs()
     resumed = resume_experiment(cfg.build(), store, info.run_id)
     assert torch.equal(resumed.weights, full.weights)
     assert [m[EPSILON] for m in resumed.history] == [m[EPSILON] for m in full.history]
+    clients = list(range(20))
+    counts = [s.get("terms.0.dp_sgd/steps") for s in store.client_states(info.run_id, clients)]
+    assert any(c is not None for c in counts)
+    assert counts == [
+        s.get("terms.0.dp_sgd/steps") for s in whole.client_states(full.run_id, clients)
+    ]
 
 
 # ---- refused up front ---------------------------------------------------------------------
