@@ -253,6 +253,13 @@ def test_resume_restores_the_step_counts(tmp_path: Path) -> None:
     ]
 
 
+def test_it_composes_with_user_level_dp_each_with_its_own_accounting() -> None:
+    algorithm = {"name": "dp_fedavg", "rate": 0.25, "clip": 0.5, "noise_multiplier": 1.0}
+    sampler = {"name": "poisson", "rate": 0.25}
+    history = run_experiment(config(rounds=2, algorithm=algorithm, sampler=sampler).build()).history
+    assert all(m["epsilon"] > 0 and m[EPSILON] > 0 for m in history)  # user- and example-level
+
+
 # ---- refused up front ---------------------------------------------------------------------
 
 
