@@ -14,6 +14,7 @@ import torch
 from dp_accounting import rdp
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from potluck import resume_experiment, run_experiment
 from potluck.algorithms import ditto, fedavg, qffl
@@ -157,9 +158,10 @@ def config(**sections: Any) -> ExperimentConfig:
 
 
 def test_each_round_reports_the_largest_epsilon_over_every_client_so_far(tmp_path: Path) -> None:
+    iid = {**CONFIG["data"], "partition": {"kind": "iid"}}  # two sizes: 71 and 72 examples
     store = RunStore(tmp_path)
-    result = run_experiment(config(rounds=4).build(), store)
-    fed = config().build().federation
+    result = run_experiment(config(rounds=4, data=iid).build(), store)
+    fed = config(data=iid).build().federation
     rate = {c: min(16, n) / n for c in range(20) if (n := fed.num_examples(c))}
     steps = dict.fromkeys(range(20), 0)
     shown = []
@@ -200,6 +202,22 @@ def test_the_vectorized_engine_trains_a_cnn_as_inline() -> None:
         for e in ("inline", "vectorized")
     }
     torch.testing.assert_close(runs["vectorized"].weights, runs["inline"].weights)
+
+
+def test_dropout_draws_per_example_masks_inline_and_in_the_pool_and_is_refused_batched() -> None:
+    g = torch.Generator().manual_seed(0)
+    fed = Federation.from_client_data(
+        [(torch.randn(20, 16, generator=g), torch.randint(0, 3, (20,), generator=g))] * 4
+    )
+    net = lambda: nn.Sequential(nn.Linear(16, 8), nn.Dropout(0.5), nn.Linear(8, 3))  # noqa: E731
+    algo = fedavg(clients_per_round=2, batch_size=4, lr=0.1, terms=(DpSgd(),))
+    runs = {
+        e: run_experiment(Experiment(Task(net), fed, algo, rounds=2, engine=e, threads=1))
+        for e in ("inline", "pool")
+    }
+    assert torch.equal(runs["inline"].weights, runs["pool"].weights)
+    with pytest.raises(ValueError, match="the vectorized engine cannot batch"):
+        run_experiment(Experiment(Task(net), fed, algo, rounds=1, engine="vectorized"))
 
 
 def test_the_other_terms_correct_the_privatised_gradient() -> None:
