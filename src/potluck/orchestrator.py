@@ -49,7 +49,15 @@ from potluck.algorithms.base import Algorithm
 from potluck.client.program import ClientProgram, EvalResult, parse_evaluation
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
-from potluck.core.parts import Context, Contributions, Need, State, gives, part_context
+from potluck.core.parts import (
+    Context,
+    Contributions,
+    Need,
+    RoundAborted,
+    State,
+    gives,
+    part_context,
+)
 from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
@@ -514,13 +522,15 @@ class _Loop:
         program = self.program
         self.terms = list(zip(program.term_ns, program.terms, strict=True))
         self.transforms = list(zip(program.transform_ns, program.transforms, strict=True))
-        self.upload_arrays, self.upload_numbers = self._expected_upload()
+        self.upload_arrays, self.upload_numbers, self.upload_dtypes = self._expected_upload()
         self.stack = StackBuffer()  # the round's (K, d) updates, in memory reused each round
         self.num_clients = exp.federation.num_clients
         self.staged = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "before_train")]
         self.finishing = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "after_train")]
         self.stateful = {ns for ns in self.parts if ns.startswith(("terms.", "transforms."))}
         self.stateful |= {ns for ns, p in self.parts.items() if hasattr(p, "client_stage")}
+        # parts whose client state is a round's secrets: kept between its stages, not stored
+        self.secret = {ns for ns, p in self.parts.items() if getattr(p, "secret_state", False)}
         self.aggregator, self.ledger = self._private_aggregation()
         # an engine that cannot run this experiment refuses here, before any run is stored
         if engine is not None:
@@ -532,6 +542,7 @@ class _Loop:
         if self.engine.remote:
             try:
                 privacy.check_deployable(self.exp.algorithm)
+                _check_secrets_deployable(self.secret)
             except ValueError:
                 self.engine.close()
                 raise
@@ -668,21 +679,15 @@ class _Loop:
             len(cohort), algo.local.epochs, self.seeds.numpy("stragglers", rnd)
         )
         stages = RoundStages(self, engine, rnd, cohort[reports])
-        for ns, part in self.staged:
-            view = PartStages(stages, ns)
-            slots[ns] = dict(part.before_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
         shares = dict(zip((int(c) for c in cohort[reports]), work[reports], strict=True))
-        payloads = {
-            c: self._train_payload(shares[c], stages.inbox.get(c, {})) for c in stages.members
-        }
-        trained = stages._send(TRAIN, self._broadcast(state.w, slots), payloads)
-        for ns, part in self.finishing:
-            view = PartStages(stages, ns)
-            slots[ns] = dict(part.after_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
-        updates = self._collect(rnd, trained, tolerant=engine.remote)
-        if self.on_updates is not None:
-            self.on_updates(rnd, state.w, {u.client: u.message for u in updates})
-        new_state = self._step(state, slots, updates, rnd)
+        try:
+            trained, updates, new_state = self._stages_and_step(stages, state, slots, shares)
+        except RoundAborted as exc:  # a part's protocol failed safely: nothing is applied
+            _log.warning("round %d aborted: %s; the model is not moved", rnd, exc)
+            stages.metrics["aborted"] = 1.0
+            trained, updates = {}, []
+            kept = {**state.slots, "sampler": slots["sampler"]}
+            new_state = _State(rnd, state.w, {ns: s for ns, s in kept.items() if s})
         privacy_metrics = {}
         if self.ledger is not None:  # released, applied or not: accounted
             ledger_state = slots.get(privacy.SLOT, {})
@@ -705,7 +710,7 @@ class _Loop:
             metrics["capped"] = float(sum("claimed_weight" in u.metrics for u in updates))
         accepted = {u.client for u in updates}
         client_states = {
-            c: {ns: stages.states[c][ns] for ns in changed}
+            c: {ns: stages.states[c][ns] for ns in changed if ns not in self.secret}
             for c, changed in stages.changed.items()
             if c in accepted
         }
@@ -716,6 +721,28 @@ class _Loop:
             per_client = _merge_clients(per_client, per_eval)
         metrics["round_seconds"] = time.perf_counter() - t0
         return new_state, metrics, per_client, client_states
+
+    def _stages_and_step(
+        self, stages: RoundStages, state: _State, slots: dict[str, State], work: Mapping[int, float]
+    ) -> tuple[dict[int, Reply], list[_Update], _State]:
+        """The parts' stages before training, the ``train`` stage, their stages after it,
+        then the updates decoded, checked, aggregated and applied. A part may raise
+        ``RoundAborted`` anywhere here (the round loop then applies nothing)."""
+        rnd = stages.round
+        for ns, part in self.staged:
+            view = PartStages(stages, ns)
+            slots[ns] = dict(part.before_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
+        payloads = {
+            c: self._train_payload(work[c], stages.inbox.get(c, {})) for c in stages.members
+        }
+        trained = stages._send(TRAIN, self._broadcast(state.w, slots), payloads)
+        for ns, part in self.finishing:
+            view = PartStages(stages, ns)
+            slots[ns] = dict(part.after_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
+        updates = self._collect(rnd, trained, tolerant=stages.engine.remote)
+        if self.on_updates is not None:
+            self.on_updates(rnd, state.w, {u.client: u.message for u in updates})
+        return trained, updates, self._step(state, slots, updates, rnd)
 
     def _train_payload(self, work: float, inbox: Mapping[str, Message]) -> Message:
         arrays = {f"{ns}/{k}": v for ns, m in inbox.items() for k, v in m.arrays.items()}
@@ -888,15 +915,19 @@ class _Loop:
             out.append(u)
         return out
 
-    def _expected_upload(self) -> tuple[dict[str, int], list[str]]:
-        """The arrays (name -> length) and numeric scalars every update must carry."""
+    def _expected_upload(self) -> tuple[dict[str, int], list[str], dict[str, torch.dtype]]:
+        """The arrays (name -> length) and numeric scalars every update must carry, and the
+        arrays not float32: the delta of a transform that encodes it for the aggregator
+        (its ``encoded_delta(size) -> (length, dtype)``, e.g. secure aggregation's)."""
         size = self.program.spec.size
-        arrays = {"delta": size}
+        encoded = [t.encoded_delta(size) for _, t in self.transforms if hasattr(t, "encoded_delta")]
+        length, dtype = encoded[-1] if encoded else (size, torch.float32)
+        arrays = {"delta": length}
         numbers = list(_COUNTS)
         for ns, term in self.terms:
             arrays.update({f"{ns}/{name}": size for name in term.uploads})
             numbers += [f"{ns}/{name}" for name in term.upload_scalars]
-        return arrays, numbers
+        return arrays, numbers, {"delta": dtype}
 
     def _validated(self, rnd: int, cid: int, raw: Message) -> _Update:
         source = f"update from client {cid}"
@@ -904,7 +935,7 @@ class _Loop:
         for ns, transform in reversed(self.transforms):
             msg = transform.decode(msg, self._ctx(ns, rnd, cid))
         expected, numbers = self.upload_arrays, self.upload_numbers
-        msg.validate(expected, source=source)
+        msg.validate(expected, source=source, dtypes=self.upload_dtypes)
         if len(msg.arrays) != len(expected):
             extra = sorted(set(msg.arrays) - set(expected))
             raise MessageError(f"{source}: unexpected arrays {extra[:5]}")
@@ -1030,6 +1061,17 @@ class _Loop:
         }
         self.store.commit_round(
             self.run_id, state.round, metrics, per_client, ckpt, client_states=flat
+        )
+
+
+def _check_secrets_deployable(secret: set[str]) -> None:
+    """A remote engine carries client state through the server, which must never see a
+    part's secret state: refuse such parts until the sites keep it themselves."""
+    if secret:
+        raise ValueError(
+            f"{sorted(secret)[0]} keeps secrets in its client state between stages, which a "
+            "deployment would carry through the server (site-local state is not built yet): "
+            "run it in simulation"
         )
 
 

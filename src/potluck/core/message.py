@@ -37,21 +37,29 @@ class Message:
         """Payload bytes of the arrays (what a transport would move)."""
         return sum(a.numel() * a.element_size() for a in self.arrays.values())
 
-    def validate(self, expected: Mapping[str, int], source: str = "message") -> None:
-        """Check that every expected array is present, 1-D float32 of its length, finite."""
+    def validate(
+        self,
+        expected: Mapping[str, int],
+        source: str = "message",
+        dtypes: Mapping[str, torch.dtype] | None = None,
+    ) -> None:
+        """Check that every expected array is present, 1-D of its length, of its dtype in
+        ``dtypes`` (default float32) and, if floating point, finite."""
         for name, length in expected.items():
             if name not in self.arrays:
                 raise MessageError(f"{source}: missing array {name!r}")
             arr = self.arrays[name]
             if not isinstance(arr, torch.Tensor):
                 raise MessageError(f"{source}: array {name!r} is {type(arr).__name__}")
-            if arr.dtype != torch.float32:
-                raise MessageError(f"{source}: array {name!r} has dtype {arr.dtype}, not float32")
+            dtype = (dtypes or {}).get(name, torch.float32)
+            if arr.dtype != dtype:
+                want = str(dtype).removeprefix("torch.")
+                raise MessageError(f"{source}: array {name!r} has dtype {arr.dtype}, not {want}")
             if arr.dim() != 1 or arr.numel() != length:
                 raise MessageError(
                     f"{source}: array {name!r} has shape {tuple(arr.shape)}, expected ({length},)"
                 )
-            if not _all_finite(arr):
+            if arr.is_floating_point() and not _all_finite(arr):
                 raise MessageError(f"{source}: array {name!r} contains NaN or Inf")
         for key, value in self.scalars.items():
             if isinstance(value, float) and value != value:  # NaN

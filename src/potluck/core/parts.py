@@ -17,7 +17,12 @@ checkpoint, keyed by (part, name), and client-side state in the run store, keyed
 
 Any part may also declare what it ``needs`` and ``gives`` (see ``Need``) so impossible
 combinations are refused before a run starts, and may run extra *stages* of a round
-(``before_train`` / ``after_train`` on the server, ``client_stage`` on the client).
+(``before_train`` / ``after_train`` on the server, ``client_stage`` on the client). A part
+whose client state holds a round's secrets says ``secret_state = True`` (the round loop keeps
+it between the round's stages and never stores it); a transform whose ``encode`` may answer
+``None`` drops its client out of the round there; one that decodes only the aggregate may
+upload a delta of another form (``encoded_delta(size) -> (length, dtype)``); a server half
+that cannot finish a round safely raises ``RoundAborted``.
 
 Example:
     >>> ctx = Context(seed=0, round=3, stream=("noise", 3, 7), client=7)
@@ -63,6 +68,16 @@ class Need(StrEnum):
     PER_EXAMPLE_GRADIENTS = "per-example gradients (each local step's from its reduce hook)"
     DATA_ONLY_IN_STEPS = "the client's data used only through the local steps' gradients"
     READS_DATA = "the client's data read outside the local steps' gradients"
+    MODULAR_SUM = "the updates summed modulo 2^bits (aggregator secagg_sum)"
+    INTEGER_UPDATES = "updates encoded as integers modulo 2^bits (transform secagg)"
+    LAST_TRANSFORM = "to be the last update transform (one after it would see only its encoding)"
+
+
+class RoundAborted(Exception):
+    """Raised by a part's server half (a stage hook, ``aggregate``, ``decode_aggregate``) when
+    its protocol cannot finish the round safely (secure aggregation below its threshold): the
+    round loop logs the reason, applies nothing (the model and every part's server state stay
+    as they were, no client state is stored) and goes on with the next round."""
 
 
 @dataclass(frozen=True)
@@ -287,16 +302,19 @@ class ExampleReducer(Protocol):
 class Transform(Protocol):
     """One stage of the update pipeline (``potluck.updates.Transform`` has defaults).
 
-    ``encode`` runs on the client with the transform's client state; ``decode`` on the
-    server per message (dequantise, unpack); ``decode_aggregate`` on the aggregate (unmask a
-    secure sum), with the transform's server state.
+    ``encode`` runs on the client with the transform's client state (a message of ``None``:
+    the client drops out of the round); ``decode`` on the server per message (dequantise,
+    unpack); ``decode_aggregate`` on the aggregate (unmask a secure sum), with the
+    transform's server state.
     """
 
     def bind(self, spec: ParamSpec) -> Transform: ...
 
     def server_init(self, w: torch.Tensor) -> State: ...
 
-    def encode(self, message: Message, state: State, ctx: Context) -> tuple[Message, State]: ...
+    def encode(
+        self, message: Message, state: State, ctx: Context
+    ) -> tuple[Message | None, State]: ...
 
     def decode(self, message: Message, ctx: Context) -> Message: ...
 
@@ -446,6 +464,11 @@ def _unmet(
         readers = givers.get(Need.READS_DATA, [])
         if readers:
             return f"{describe_part(*parts[readers[0]])} reads it outside them, unprotected"
+        return None
+    if need == Need.LAST_TRANSFORM:
+        later = [j for j in range(i + 1, len(parts)) if parts[j][0].startswith("transforms.")]
+        if later:
+            return f"{describe_part(*parts[later[0]])} comes after it"
         return None
     if need == Need.BOUNDED_SENSITIVITY:
         if any(j < i for j in givers.get(need, [])):

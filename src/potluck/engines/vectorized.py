@@ -240,7 +240,7 @@ class VectorizedEngine(InlineEngine):
         if job.stage != TRAIN:
             return self.program.run_stage(job)
         w, broadcasts = self.program.open(job.shared)
-        results: dict[int, Reply] = {}
+        results: dict[int, Reply | None] = {}
         for chunk in self._chunks(len(job.clients)):
             results.update(self._train_chunk(job, w, broadcasts, chunk))
         return [results[k] for k in range(len(job.clients))]
@@ -267,7 +267,7 @@ class VectorizedEngine(InlineEngine):
 
     def _train_chunk(
         self, job: StageJob, w_global: torch.Tensor, broadcasts: dict[str, State], chunk: range
-    ) -> dict[int, Reply]:
+    ) -> dict[int, Reply | None]:
         program = self.program
         preps = {
             k: program.prepare(

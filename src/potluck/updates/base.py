@@ -47,7 +47,8 @@ class Transform:
     def server_init(self, w: torch.Tensor) -> State:
         return {}
 
-    def encode(self, message: Message, state: State, ctx: Context) -> tuple[Message, State]:
+    def encode(self, message: Message, state: State, ctx: Context) -> tuple[Message | None, State]:
+        """The update on its way out (``None``: the client drops out of the round here)."""
         return message, state
 
     def decode(self, message: Message, ctx: Context) -> Message:
