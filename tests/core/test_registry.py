@@ -16,6 +16,7 @@ from potluck.privacy.adaptive import AdaptiveGaussianMean
 from potluck.privacy.central import GaussianMean
 from potluck.privacy.dp_sgd import DpSgd
 from potluck.sampling import PoissonSampler, Stragglers, UniformSampler
+from potluck.secagg import SecAgg, SecureSum
 from potluck.updates import Cast, ClipNorm, KeepLocal
 
 # each registered part with parameters other than its defaults (and with its defaults)
@@ -38,7 +39,14 @@ EXAMPLES: dict[str, list[Any]] = {
         DpSgd(),
         DpSgd(0.5, 1.3, noise="secure", delta=1e-6),
     ],
-    "transform": [ClipNorm(2.5), KeepLocal(("1.",)), KeepLocal()],
+    "transform": [
+        ClipNorm(2.5),
+        KeepLocal(("1.",)),
+        KeepLocal(),
+        SecAgg(),
+        SecAgg("all", 3, 0.5, 40, 64, 50.0, 0.1),
+        SecAgg(6, 0.75),
+    ],
     "downlink": [Cast("float16"), Cast()],
     "aggregator": [
         WeightedMean(),
@@ -46,6 +54,7 @@ EXAMPLES: dict[str, list[Any]] = {
         GaussianMean(0.5, 1.2, denominator=30.0, noise="secure"),
         AdaptiveGaussianMean(),
         AdaptiveGaussianMean(0.2, 1.1, 0.7, 0.1, count_noise=3.0, noise="secure"),
+        SecureSum(),
     ],
     "server": [
         ServerSGD(0.5, 0.9),

@@ -10,6 +10,7 @@ from potluck.algorithms.fedsgd import fedsgd
 from potluck.algorithms.personal import ditto, fedper
 from potluck.algorithms.qffl import qffl
 from potluck.algorithms.scaffold import scaffold
+from potluck.algorithms.secagg_fedavg import secagg_fedavg
 
 __all__ = [
     "Algorithm",
@@ -24,4 +25,5 @@ __all__ = [
     "ldp_fedavg",
     "qffl",
     "scaffold",
+    "secagg_fedavg",
 ]
