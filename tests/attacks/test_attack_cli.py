@@ -1,4 +1,4 @@
-"""``potluck attack``: a TOML experiment run and attacked, a stored run replayed, results
+"""``potluck attack``: the README's TOML experiment run and attacked, a stored run replayed, results
 and pictures in the run directory and its report, local DP from TOML, clear refusals."""
 
 from __future__ import annotations
@@ -16,24 +16,11 @@ from victims import one_thread  # noqa: F401  (autouse)
 from potluck.cli import app
 
 runner = CliRunner()
-EXPERIMENT = """
-rounds = 1
-[data]
-dataset = "digits"
-num_clients = 1400
-test_fraction = 0.0
-partition = {kind = "iid"}
-[model]
-name = "mlp"
-[algorithm]
-name = "fedsgd"
-[sampler]
-clients_per_round = 3
-[evaluation]
-federated_clients = 0
-[run]
-name = "victim"
-"""
+README = Path(__file__).resolve().parents[2] / "README.md"
+# the victim of the README's "Privacy attacks" section
+SECTION = README.read_text().split("### Privacy attacks")[1]
+VICTIM = re.findall(r"```toml\n(.*?)```", SECTION, re.S)[0]
+EXPERIMENT = VICTIM + '\n[run]\nname = "victim"\n'
 LOCAL_DP = '\n[[transforms]]\nname = "local_dp"\nclip = 1.0\nnoise_multiplier = 0.1\n'
 
 

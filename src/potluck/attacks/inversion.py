@@ -192,7 +192,7 @@ def _lbfgs(
         value = float(loss.detach())
         if math.isfinite(value) and value < best[0]:  # type: ignore[operator]
             best[:] = [value, [p.detach().clone() for p in params]]
-        if not math.isfinite(value):  # a diverged step: stop moving
+        if not math.isfinite(value):  # an overflowing trial point: the line search backs off
             return loss.detach()
         loss.backward()
         return loss
