@@ -180,11 +180,13 @@ def as_trained(experiment: Experiment, **changes: Any) -> Experiment:
         >>> from potluck.privacy.ledger import PrivacyBudget
         >>> import torch; from potluck import Experiment, Task
         >>> from potluck.data import Federation
-        >>> fed = Federation.from_client_data([(torch.randn(4, 2), torch.arange(4) % 2)] * 20)
-        >>> exp = Experiment(Task(lambda: torch.nn.Linear(2, 2)), fed, dp_fedavg(rate=0.5), 50,
+        >>> fed = Federation.from_client_data([(torch.randn(4, 2), torch.arange(4) % 2)] * 5)
+        >>> exp = Experiment(Task(lambda: torch.nn.Linear(2, 2)), fed, dp_fedavg(rate=1.0), 10,
         ...                  privacy=PrivacyBudget(target_epsilon=4.0))
         >>> z = exp.algorithm.aggregator.noise_multiplier
-        >>> as_trained(exp, rounds=3).algorithm.aggregator.noise_multiplier == z
+        >>> as_trained(exp, rounds=2).algorithm.aggregator.noise_multiplier == z
+        True
+        >>> replace(exp, rounds=2).algorithm.aggregator.noise_multiplier < z  # recalibrated
         True
     """
     budget = experiment.privacy

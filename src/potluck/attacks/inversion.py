@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
@@ -291,7 +291,7 @@ class InvertingGradients:
     tv: float = 1e-2
     restarts: int = 1
     name: ClassVar[str] = "ig"
-    _milestones: tuple[float, ...] = field(default=(3 / 8, 5 / 8, 7 / 8), repr=False)
+    milestones: ClassVar[tuple[float, ...]] = (3 / 8, 5 / 8, 7 / 8)  # of the iterations
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.restarts < 1:
@@ -347,7 +347,7 @@ class InvertingGradients:
         with torch.no_grad():
             x.clamp_(*model.bounds)
         opt = torch.optim.Adam([x], lr=self.lr)
-        steps = [int(self.iterations * m) for m in self._milestones]
+        steps = [int(self.iterations * m) for m in self.milestones]
         schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=steps, gamma=0.1)
         for _ in range(self.iterations):
             loss = self._loss(model, w, target, y, x)
