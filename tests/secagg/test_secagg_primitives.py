@@ -27,7 +27,11 @@ def test_any_t_shares_reconstruct_the_secret(secret: bytes, m: int, data: st.Dat
     xs = data.draw(st.lists(st.integers(1, 10_000), min_size=m, max_size=m, unique=True))
     shares = shamir.split(secret, xs, t)
     chosen = data.draw(st.lists(st.sampled_from(range(m)), min_size=t, max_size=t, unique=True))
-    assert shamir.combine([(xs[i], shares[i]) for i in chosen]) == secret
+    points = [(xs[i], shares[i]) for i in chosen]
+    assert shamir.combine(points) == secret
+    others = [xs[i] for i in range(m) if i not in chosen]
+    for base in (tuple(x for x, _ in points), (*(x for x, _ in points[::-1]), *others[:1])):
+        assert shamir.combine(points, base) == secret  # from the weights of a superset
     back = [shamir.from_bytes(shamir.to_bytes(y)) for y in shares]
     assert back == shares
 

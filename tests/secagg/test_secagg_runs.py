@@ -18,7 +18,7 @@ from potluck.cli import app
 from potluck.config import ExperimentConfig
 from potluck.engines import available_engines
 from potluck.engines.inline import InlineEngine
-from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
+from potluck.orchestrator import TIMING_METRICS, RunResult, resume_experiment, run_experiment
 from potluck.store.sqlite import RunStore
 
 ENGINES = [e for e in available_engines() if e != "ray"]
@@ -99,6 +99,29 @@ def test_an_aborted_round_leaves_the_model_and_the_run_goes_on(tmp_path: Path) -
     clients = list(range(20))
     stored = [name for s in store.client_states(result.run_id, clients) for name in s]
     assert not any(name.startswith("transforms.0.secagg/") for name in stored)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Fresh keys every round and nothing of the protocol stored: the same sums."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(rnd: int, _metrics: object) -> None:
+        if rnd == 2:
+            raise Stop
+
+    store = RunStore(tmp_path)
+    with pytest.raises(Stop):
+        run_experiment(run_config(3).build(), store, on_round=stop_after_two)
+    (info,) = store.list_runs()
+    resumed = resume_experiment(ExperimentConfig.from_dict(info.config).build(), store, info.run_id)
+    assert torch.equal(resumed.weights, run("inline", True, 3, 0.1).weights)
+
+
+def run_config(rounds: int) -> ExperimentConfig:
+    algorithm = {"name": "secagg_fedavg", "threshold": 3, "dropout": 0.1}
+    return config("inline", rounds, algorithm=algorithm)
 
 
 def test_the_overflow_check_stops_the_run_before_its_first_round() -> None:

@@ -57,14 +57,18 @@ def public_key(sk: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(sk).public_key().public_bytes_raw()
 
 
-def agree(sk: bytes, peer: bytes, purpose: bytes, round: int) -> bytes:
+def private_key(sk: bytes) -> X25519PrivateKey:
+    """The X25519 private key of raw bytes ``sk`` (build it once to agree with many peers)."""
+    return X25519PrivateKey.from_private_bytes(sk)
+
+
+def agree(sk: bytes | X25519PrivateKey, peer: bytes, purpose: bytes, round: int) -> bytes:
     """The 32-byte key for ``purpose`` in ``round`` that ``sk``'s holder shares with the
     holder of public key ``peer``: HKDF-SHA256 of their X25519 secret. A public key of small
     order (whose secret would be all zeros) is refused."""
+    key = private_key(sk) if isinstance(sk, bytes) else sk
     try:
-        secret = X25519PrivateKey.from_private_bytes(sk).exchange(
-            X25519PublicKey.from_public_bytes(peer)
-        )
+        secret = key.exchange(X25519PublicKey.from_public_bytes(peer))
     except ValueError as exc:
         raise ValueError(f"X25519 key agreement failed: {exc}") from None
     return derive(secret, purpose, round)

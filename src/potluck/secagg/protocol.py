@@ -128,10 +128,10 @@ def share_keys(shared: Message, state: State, ctx: Context) -> tuple[Message, St
     xs = [v + 1 for v in ids]
     sk_shares = shamir.split(_bytes(state["s_sk"]), xs, t)
     b_shares = shamir.split(b, xs, t)
-    c_sk = _bytes(state["c_sk"])
+    c_sk = crypto.private_key(_bytes(state["c_sk"]))
     boxes = bytearray()
-    for v, pk, y_sk, y_b in zip(ids, c_pk, sk_shares, b_shares, strict=True):
-        key = crypto.agree(c_sk, _bytes(pk), _SHARE, rnd)
+    for v, pk, y_sk, y_b in zip(ids, c_pk.numpy(), sk_shares, b_shares, strict=True):
+        key = crypto.agree(c_sk, pk.tobytes(), _SHARE, rnd)
         plain = shamir.to_bytes(y_sk) + shamir.to_bytes(y_b)
         boxes += crypto.seal(key, plain, crypto.associated(rnd, me, v))
     ciphertexts = np.frombuffer(bytes(boxes), dtype=np.uint8).reshape(m, BOX_BYTES)
@@ -167,9 +167,9 @@ def mask_input(
     weight = float(message.scalars.get("weight", 0.0))
     y = encoding.encode(message.arrays["delta"].numpy(), weight, ctx.rng("rounding"))
     y += crypto.expand(crypto.derive(_bytes(state["b"]), _SELF, rnd), len(y), encoding.bits)
-    s_sk = _bytes(state["s_sk"])
+    s_sk, s_pk = crypto.private_key(_bytes(state["s_sk"])), state["s_pk"].numpy()
     for v in senders.tolist():
-        key = crypto.agree(s_sk, _bytes(state["s_pk"][position[v]]), _MASK, rnd)
+        key = crypto.agree(s_sk, s_pk[position[v]].tobytes(), _MASK, rnd)
         mask = crypto.expand(key, len(y), encoding.bits)
         if me < v:
             y += mask
@@ -192,14 +192,15 @@ def unmask(shared: Message, state: State, ctx: Context) -> Message | None:
     if len(survivors.intersection(neighbours)) < int(state["threshold"]):
         return None
     position = _positions(state["neighbours"])
-    c_sk = _bytes(state["c_sk"])
+    c_sk, c_pk = crypto.private_key(_bytes(state["c_sk"])), state["c_pk"].numpy()
     revealed: dict[str, list[tuple[int, bytes]]] = {"b": [], "sk": []}
     invalid = []
-    for sender, box in zip(state["senders"].tolist(), state["ciphertexts"], strict=True):
+    boxes = state["ciphertexts"].numpy()
+    for sender, box in zip(state["senders"].tolist(), boxes, strict=True):
         if sender not in survivors and sender not in dropped:
             continue
-        key = crypto.agree(c_sk, _bytes(state["c_pk"][position[sender]]), _SHARE, rnd)
-        plain = crypto.unseal(key, _bytes(box), crypto.associated(rnd, sender, me))
+        key = crypto.agree(c_sk, c_pk[position[sender]].tobytes(), _SHARE, rnd)
+        plain = crypto.unseal(key, box.tobytes(), crypto.associated(rnd, sender, me))
         if plain is None:
             invalid.append(sender)
         elif sender in survivors:
@@ -322,10 +323,10 @@ def collect_shares(
         for kind in ("b", "sk"):
             owners = array(answer, f"{kind}_from", torch.int64, (-1,), who).tolist()
             rows = array(answer, f"{kind}_shares", torch.uint8, (len(owners), -1), who)
-            for owner, row in zip(owners, rows, strict=True):
+            for owner, row in zip(owners, rows.numpy(), strict=True):
                 if owner not in mine:
                     raise MessageError(f"{who}: a share of client {owner}, not its neighbour")
-                y = shamir.from_bytes(_bytes(row))
+                y = shamir.from_bytes(row.tobytes())
                 shares.setdefault((kind, owner), []).append((responder + 1, y))
     return shares
 
@@ -345,12 +346,15 @@ def mask_total(
     """The sum of the masks left in the survivors' inputs: their self-masks and the pairwise
     masks they added with dropped neighbours, from the reconstructed secrets."""
     total = np.zeros(length, dtype=crypto.DTYPES[bits])
+    public = s_pk.numpy()
+    # the first t + 1 responders: on a dense graph most secrets are rebuilt from t of them
+    base = tuple(sorted({x for points in shares.values() for x, _ in points})[: t + 1])
     for kind, owner in secrets:
-        points = shares.get((kind, owner), [])
+        points = sorted(shares.get((kind, owner), []))
         if len(points) < t:
             raise RoundAborted(f"client {owner}'s shares: {len(points)} revealed, below t = {t}")
         try:
-            secret = shamir.combine(points[:t])
+            secret = shamir.combine(points[:t], base)
         except ValueError:
             secret = b""
         if kind == "b":
@@ -359,11 +363,12 @@ def mask_total(
             total += crypto.expand(crypto.derive(secret, _SELF, rnd), length, bits)
             continue
         row = int(np.searchsorted(graph.u1, owner))
-        if len(secret) != KEY or crypto.public_key(secret) != _bytes(s_pk[row]):
+        if len(secret) != KEY or crypto.public_key(secret) != public[row].tobytes():
             raise RoundAborted(f"client {owner}'s mask key does not reconstruct")
+        key = crypto.private_key(secret)
         for u in survivors.intersection(graph.neighbours(owner).tolist()):
-            peer = _bytes(s_pk[int(np.searchsorted(graph.u1, u))])
-            mask = crypto.expand(crypto.agree(secret, peer, _MASK, rnd), length, bits)
+            peer = public[int(np.searchsorted(graph.u1, u))].tobytes()
+            mask = crypto.expand(crypto.agree(key, peer, _MASK, rnd), length, bits)
             if u < owner:  # what survivor u added for the pair (u, owner)
                 total += mask
             else:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import secrets as _entropy
 from collections.abc import Sequence
 
@@ -44,36 +45,81 @@ def split(secret: bytes, xs: Sequence[int], t: int) -> list[int]:
     shares = []
     for x in xs:
         y = 0
-        for c in top:  # Horner
-            y = (y * x + c) % PRIME
-        shares.append(y)
+        for c in top:  # Horner, reduced once at the end (the points are small)
+            y = y * x + c
+        shares.append(y % PRIME)
     return shares
 
 
-def combine(points: Sequence[tuple[int, int]]) -> bytes:
+def combine(points: Sequence[tuple[int, int]], base: tuple[int, ...] = ()) -> bytes:
     """The secret of polynomial through ``points`` ``(x, f(x))``: pass exactly ``t`` shares
     (more are fine if they agree; fewer give a wrong value, which a caller detects by a
-    commitment to the secret).
+    commitment to the secret). ``base``: points of which these are all but one, or all
+    (their Lagrange weights, computed once, give these in linear time).
 
     Example:
-        >>> combine([(1, 5)])[-1]
-        5
+        >>> shares = split(bytes(range(32)), [1, 2, 3, 4], t=3)
+        >>> combine([(1, shares[0]), (3, shares[2]), (4, shares[3])], base=(1, 2, 3, 4))[-1]
+        31
     """
     if not points:
         raise ValueError("no shares to combine")
-    xs = [x for x, _ in points]
-    _check_points(xs)
-    secret = 0
-    for i, (xi, yi) in enumerate(points):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    xs = tuple(x for x, _ in points)
+    missing = set(base) - set(xs)
+    if xs == base:
+        weights = lagrange_at_zero(xs)
+    elif len(base) == len(xs) + 1 and len(missing) == 1 and set(xs) < set(base):
+        weights = _without(base, base.index(missing.pop()), xs)
+    else:
+        weights = lagrange_at_zero(xs)
+    secret = sum(y * w for (_, y), w in zip(points, weights, strict=True)) % PRIME
     if secret >> (8 * SECRET_BYTES):
         raise ValueError("the shares do not combine to a 32-byte secret (a share is wrong)")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+@functools.lru_cache(maxsize=64)
+def lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The Lagrange weights of points ``xs`` at 0: ``f(0) = sum_i w_i f(x_i)`` for every
+    polynomial of degree below ``len(xs)``. Cached: the server rebuilds many secrets from
+    the shares of the same clients. One modular inversion for all of them (batch inversion).
+
+    Example:
+        >>> lagrange_at_zero((1, 2)) == (2, PRIME - 1)  # f(0) = 2 f(1) - f(2)
+        True
+    """
+    _check_points(xs)
+    numerators, denominators = [], []
+    for i, xi in enumerate(xs):
+        num = den = 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num, den = num * xj % PRIME, den * (xj - xi) % PRIME
+        numerators.append(num)
+        denominators.append(den)
+    inverses = _invert_all(denominators)
+    return tuple(n * inv % PRIME for n, inv in zip(numerators, inverses, strict=True))
+
+
+def _without(base: tuple[int, ...], i: int, xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The Lagrange weights at 0 of ``base`` less its ``i``-th point, in the order of
+    ``xs``, from ``base``'s own: ``w'_j = w_j (x_i - x_j) / x_i``."""
+    weights, xi = lagrange_at_zero(base), base[i]
+    inv = pow(xi, -1, PRIME)
+    by_x = {x: w * (xi - x) % PRIME * inv % PRIME for x, w in zip(base, weights, strict=True)}
+    return tuple(by_x[x] for x in xs)
+
+
+def _invert_all(values: list[int]) -> list[int]:
+    prefix = [1]
+    for v in values:
+        prefix.append(prefix[-1] * v % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inverse * prefix[i] % PRIME
+        inverse = inverse * values[i] % PRIME
+    return out
 
 
 def to_bytes(share: int) -> bytes:
