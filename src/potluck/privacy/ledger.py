@@ -135,16 +135,14 @@ def private_mechanism(algorithm: Any) -> tuple[str, Any] | None:
 
 
 def max_participations(sampler: Any, num_clients: int, window: int, aligned: bool) -> int:
-    """The most of ``window`` consecutive rounds one client can take part in (from round 1
-    when ``aligned``): the sampler's own bound where it has one (``ShuffledSampler``), else
-    every round."""
+    """The most of ``window`` consecutive rounds one client can take part in: the sampler's
+    own bound where it has one (``ShuffledSampler``: one per epoch; a window that does not
+    start with an epoch can touch one more), else every round."""
     bound = getattr(sampler, "max_participations", None)
     if bound is None:
         return window
-    per_epoch = sampler.epoch_rounds(num_clients)
-    if aligned and window % per_epoch == 0:
-        return int(bound(num_clients, window))
-    return min(window, int(bound(num_clients, window)) + 1)
+    within = int(bound(num_clients, window))
+    return within if aligned else min(window, within + 1)
 
 
 def prepare(algorithm: Any, num_clients: int, rounds: int, budget: PrivacyBudget) -> Any:
@@ -172,9 +170,13 @@ def prepare(algorithm: Any, num_clients: int, rounds: int, budget: PrivacyBudget
 def _sensitivity_bound(
     participation: Participation, sampler: Any, num_clients: int, rounds: int
 ) -> float:
+    """The largest squared sensitivity the run can reach: each tree (or the whole run)
+    with the most participations the sampler allows in it."""
     every = participation.restart_every if participation.kind == "tree" else None
     window = min(every or rounds, rounds)
-    k = max_participations(sampler, num_clients, window, aligned=True)
+    epoch = getattr(sampler, "epoch_rounds", None)
+    aligned = window == rounds or (epoch is not None and window % epoch(num_clients) == 0)
+    k = max_participations(sampler, num_clients, window, aligned)
     return participation.bound(rounds, k)
 
 
