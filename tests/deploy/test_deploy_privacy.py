@@ -94,3 +94,30 @@ def test_tree_and_local_dp_deployed_equal_their_simulation_but_for_the_noise(
     slot = {k.split("/", 1)[1]: v for k, v in ckpt.tensors.items() if k.startswith("privacy/")}
     fresh = stored_ledger(slot, PrivacyBudget()).per_round(slot)
     assert [m["epsilon"] for m in noised.history] == fresh and fresh[-1] > 0
+
+
+def test_dp_sgd_deployed_equals_its_simulation_and_accounts_each_sites_steps(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    """Example-level DP-SGD at the sites: the Poisson samples of examples and the clip are
+    the simulation's (no noise drawn at z = 0); with noise, epsilon is the largest over the
+    sites' stored step counts."""
+    from potluck.privacy.example import largest_epsilon
+
+    def cfg(store: Path, z: float) -> ExperimentConfig:
+        d = config(store).to_dict()
+        d["algorithm"], d["aggregator"], d["transforms"] = {"name": "fedavg"}, {}, None
+        d["terms"] = [{"name": "dp_sgd", "clip": 1.0, "noise_multiplier": z, "noise": "secure"}]
+        return ExperimentConfig.from_dict(d)
+
+    result = deploy(deployment, pki, cfg(tmp_path / "runs", 0.0))
+    sim = run_experiment(cfg(tmp_path / "sim", 0.0).build(), engine=lambda p: Without(p, set()))
+    assert torch.equal(result.weights, sim.weights)
+    noised = deploy(deployment, pki, cfg(tmp_path / "z", 1.0))
+    with RunStore(tmp_path / "z") as st:
+        run_id = st.resolve("deployed")
+        states = st.client_states(run_id, st.clients_with_state(run_id))
+    pairs = [(float(s["terms.0.dp_sgd/rate"]), int(s["terms.0.dp_sgd/steps"])) for s in states if s]
+    assert pairs and noised.history[-1]["terms.0.dp_sgd/epsilon"] == largest_epsilon(
+        pairs, 1.0, 1e-5
+    )
