@@ -340,6 +340,13 @@ def test_the_cli_runs_the_readmes_dp_sgd_example(tmp_path: Path) -> None:
     shown = json.loads(runner.invoke(app, ["show", "dp", "--store", store, "--json"]).output)
     final = shown["rounds"][-1][EPSILON]
     assert final > 0 and f"{EPSILON}={final:.4g}" in flat
+    stated = runner.invoke(app, ["privacy", "dp", "--store", store, "--json"])
+    assert stated.exit_code == 0, stated.output
+    example = json.loads(stated.output)["example_level"]["terms.0.dp_sgd"]
+    assert example["epsilon"] == final  # afresh from the stored step counts
+    assert example["statement"].startswith(f"({final:.4g}, 1e-05)-DP at the level of one example")
+    table = runner.invoke(app, ["privacy", "dp", "--store", store])
+    assert "example-level" in " ".join(table.output.split())
 
 
 def test_a_term_that_only_asks_for_per_example_gradients_trains_as_fedavg() -> None:

@@ -251,31 +251,58 @@ def privacy_cmd(
 ) -> None:
     """Print a run's privacy statement: epsilon after each round, delta, the mechanism, its
     sampling and the unit of privacy, computed afresh by the accountant from the ledger
-    stored with the run's latest checkpoint."""
+    stored with the run's latest checkpoint (user-level) and from the clients' stored DP-SGD
+    step counts (example-level)."""
     from potluck.privacy.ledger import SLOT, PrivacyBudget, stored_ledger
 
     with _damage_reported():
         st = _store(store or default_store())
         run_id, info = _lookup(st, run_ref)
         point = st.latest_checkpoint(run_id)
+        cfg = _load_config_dict(info.config)
+        examples = _example_statements(st, run_id, cfg)
     state = {} if point is None else _slot(point[1].tensors, SLOT)
-    if not state:
-        _fail(f"run {run_id} has no privacy ledger: it did not run a private aggregator")
-    section = _load_config_dict(info.config).privacy
-    budget = PrivacyBudget(**section.model_dump()) if section else PrivacyBudget()
-    with _refused():
-        ledger = stored_ledger(state, budget)
-        statement, per_round = ledger.statement(state), ledger.per_round(state)
+    if not state and not examples:
+        _fail(f"run {run_id} has no privacy ledger: it did not run a private mechanism")
+    budget = PrivacyBudget(**cfg.privacy.model_dump()) if cfg.privacy else PrivacyBudget()
+    payload: dict[str, Any] = {"run": run_id}
+    if state:
+        with _refused():
+            ledger = stored_ledger(state, budget)
+            statement, per_round = ledger.statement(state), ledger.per_round(state)
+        payload.update(statement=statement, delta=budget.delta, accountant=budget.accountant,
+                       epsilon=per_round)  # fmt: skip
+    if examples:
+        payload["example_level"] = examples
     if as_json:
-        payload = {"run": run_id, "statement": statement, "delta": budget.delta,
-                   "accountant": budget.accountant, "epsilon": per_round}  # fmt: skip
         print(json.dumps(payload, indent=2))
         return
-    console.print(f"run {run_id}: {statement}")
-    table = Table("round", "epsilon", title=f"epsilon at delta {budget.delta:g}")
-    for rnd, eps in enumerate(per_round, start=1):
-        table.add_row(str(rnd), _fmt(eps))
-    console.print(table)
+    if state:
+        console.print(f"run {run_id}: {payload['statement']}")
+        table = Table("round", "epsilon", title=f"epsilon at delta {budget.delta:g}")
+        for rnd, eps in enumerate(payload["epsilon"], start=1):
+            table.add_row(str(rnd), _fmt(eps))
+        console.print(table)
+    for ns, item in examples.items():
+        console.print(f"run {run_id}, {ns}: {item['statement']}")
+
+
+def _example_statements(st: RunStore, run_id: str, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Each DP-SGD term's example-level statement and epsilon, from the clients' stored
+    step counts."""
+    from potluck.privacy.dp_sgd import example_mechanisms
+    from potluck.privacy.example import client_counts, example_statement
+
+    terms = example_mechanisms(cfg.algorithm_parts())
+    if not terms:
+        return {}
+    states = st.client_states(run_id, st.clients_with_state(run_id))
+    out = {}
+    for ns, term in terms:
+        counts = client_counts(states, ns)
+        text, eps = example_statement(counts, term.noise_multiplier, term.clip, term.delta)
+        out[ns] = {"statement": text, "epsilon": eps, "delta": term.delta}
+    return out
 
 
 def _slot(tensors: dict[str, Any], slot: str) -> dict[str, Any]:

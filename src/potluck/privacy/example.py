@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from dp_accounting import rdp
@@ -96,3 +97,35 @@ def largest_epsilon(
     """
     pairs = frontier(counts)
     return max((example_epsilon(q, t, noise_multiplier, delta) for q, t in pairs), default=0.0)
+
+
+def client_counts(states: Iterable[Mapping[str, Any]], namespace: str) -> list[tuple[float, int]]:
+    """The (rate, steps) pairs of the clients' stored states (``<namespace>/rate``,
+    ``<namespace>/steps``) of one DP-SGD term; clients without them are left out."""
+    rate, steps = f"{namespace}/rate", f"{namespace}/steps"
+    return [(float(s[rate]), int(s[steps])) for s in states if rate in s and steps in s]
+
+
+def example_statement(
+    counts: Sequence[tuple[float, int]], noise_multiplier: float, clip: float, delta: float
+) -> tuple[str, float]:
+    """The example-level privacy statement of DP-SGD clients with ``counts`` (rate, steps),
+    and its epsilon: the most exposed client's, computed afresh.
+
+    Example:
+        >>> text, eps = example_statement([(0.1, 30), (0.2, 10)], 1.1, 1.0, 1e-5)
+        >>> text.startswith(f"({eps:.4g}, 1e-05)-DP at the level of one example")
+        True
+    """
+    eps = largest_epsilon(counts, noise_multiplier, delta)
+    pairs = frontier(counts) or [(0.0, 0)]
+    worst = max(pairs, key=lambda p: example_epsilon(*p, noise_multiplier, delta))
+    statement = (
+        f"({eps:.4g}, {delta:g})-DP at the level of one example of one client (example-level), "
+        f"by DP-SGD in local training: per-example gradients clipped to L2 norm {clip:g}, "
+        f"noise multiplier {noise_multiplier:g}, Poisson sampling of each client's examples; "
+        f"the most exposed of {len(counts)} clients took {worst[1]} steps at rate "
+        f"{worst[0]:.4g}; RDP accountant (dp-accounting); a client's number of examples is "
+        "public"
+    )
+    return statement, eps
