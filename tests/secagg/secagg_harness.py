@@ -115,10 +115,11 @@ def secure_round(
     view = View(part, rnd, np.array(sorted(inputs), dtype=np.int64), drops or {})
     view.on_leave = on_leave
     ctx = part_context(SEED, rnd, NS)
-    server = part.before_train(view, {}, ctx)
-    out = Outcome(view, server, view.train(inputs))
+    out = Outcome(view, {}, {})
     try:
-        state = part.after_train(view, server, ctx)
+        out.server = part.before_train(view, {}, ctx)
+        out.uploads = view.train(inputs)
+        state = part.after_train(view, out.server, ctx)
         if not out.uploads:
             return out
         stack = torch.stack([out.uploads[c].arrays["delta"] for c in sorted(out.uploads)])

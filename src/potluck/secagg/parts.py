@@ -121,17 +121,25 @@ class SecAgg(Transform):
             self.clip_range, self.quantization_bits, self.bits, self.max_weight, where
         )
 
-    def threshold_for(self, k: int, where: str = "secagg") -> int:
-        """``t``: the shares that reconstruct a secret of a client with ``k`` neighbours."""
+    def threshold_for(self, k: int) -> int:
+        """``t``: the shares that rebuild a secret of a client with ``k`` neighbours (a
+        fraction of them, at least 1, or the count given)."""
         if isinstance(self.threshold, float):
             return max(1, math.ceil(self.threshold * k))
-        if self.threshold > max(k, 1):
+        return self.threshold
+
+    def check_cohort(self, n: int, where: str = "secagg") -> int:
+        """Refuse settings that cannot work for a cohort of ``n`` (the sum could overflow; a
+        threshold count above the neighbours); the number of neighbours ``k``."""
+        self.encoding(where).check_capacity(n)
+        k = degree(n, self.neighbours)
+        if isinstance(self.threshold, int) and self.threshold > k:
             raise ValueError(
-                f"{where}: threshold {self.threshold} is above the {k} neighbours of each "
-                "client, so no secret could be reconstructed: lower threshold or raise "
+                f"{where}: threshold {self.threshold} is above the {k} neighbours of each of "
+                f"{n} clients, so no secret could be rebuilt: lower threshold or raise "
                 "neighbours"
             )
-        return self.threshold
+        return k
 
     def bind(self, spec: ParamSpec) -> SecAgg:
         bound = replace(self)
@@ -170,13 +178,8 @@ class SecAgg(Transform):
     def before_train(self, stages: Any, state: State, ctx: Context) -> State:
         """Advertise and share keys; route the shares to their receivers' inboxes."""
         ns = str(ctx.stream[0])
-        n = len(stages.members)
-        self.encoding(ns).check_capacity(n)
-        k = degree(n, self.neighbours)
-        t = self.threshold_for(k, ns)
+        k = self.check_cohort(len(stages.members), ns)
         keys = stages.run("advertise")
-        stages.report("neighbours", k)
-        stages.report("threshold", t)
         stages.report("advertised", len(keys))
         if not keys:
             return {}
@@ -185,6 +188,15 @@ class SecAgg(Transform):
                 protocol.array(answer, name, torch.uint8, (protocol.KEY,), _who(ns, c, "keys"))
         u1 = np.array(sorted(keys), dtype=np.int64)
         graph = protocol.Graph(u1, harary(u1, k, ctx.rng("graph")))
+        k = graph.table.shape[1]  # fewer than asked if few advertised
+        t = self.threshold_for(k)
+        stages.report("neighbours", k)
+        stages.report("threshold", t)
+        if t > k:
+            raise RoundAborted(
+                f"{ns}: {len(u1)} clients advertised keys, so each has {k} neighbours, fewer "
+                f"than the threshold t = {t}: no secret could be rebuilt"
+            )
         payloads, s_pk = protocol.key_payloads(graph, keys)
         answers = stages.run("share", Message(scalars={"threshold": t}), payloads)
         for c, answer in answers.items():

@@ -22,7 +22,9 @@ and the server's halves of four stages over messages of named arrays.
    public key (``s_sk``), and removes the survivors' self-masks and the pairwise masks the
    survivors added with dropped neighbours.
 
-The round aborts (``RoundAborted``, nothing released) exactly when a secret that must be
+``t`` is the ``threshold`` (a fraction of the ``k`` neighbours each client has in the graph
+drawn over ``U1``, or a count). The round aborts (``RoundAborted``, nothing released)
+exactly when so few clients advertised keys that ``t`` exceeds ``k``, or a secret that must be
 reconstructed (``b_u`` of each ``u`` in ``U3``; ``s_sk_v`` of each ``v`` in ``U2 \\ U3`` with
 a neighbour in ``U3``) has fewer than ``t`` holders among the responders, or when a share
 fails authentication (the receiver names its sender) or does not reconstruct. The server
