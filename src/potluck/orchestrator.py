@@ -431,7 +431,13 @@ class PartStages:
         self._stages.inbox.setdefault(int(client), {})[self.namespace] = message
 
     def state(self, client: int) -> State:
-        """This part's client state of member ``client`` as of the round's latest stage."""
+        """This part's client state of member ``client`` as of the round's latest stage;
+        refused for a part whose client state is secret from the server (``secret_state``)."""
+        if self.namespace in self._stages.loop.secret:
+            raise PermissionError(
+                f"{self.namespace} keeps its client state secret from the server: its server "
+                "half sees only what its stages answer"
+            )
         return dict(self._stages.states[int(client)].get(self.namespace, {}))
 
     def report(self, name: str, value: float) -> None:

@@ -5,6 +5,7 @@ and settings and compositions that cannot work are refused with the reason."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from potluck.config import ExperimentConfig
 from potluck.engines import available_engines
 from potluck.engines.inline import InlineEngine
 from potluck.orchestrator import TIMING_METRICS, RunResult, resume_experiment, run_experiment
+from potluck.secagg import SecAgg
 from potluck.store.sqlite import RunStore
 
 ENGINES = [e for e in available_engines() if e != "ray"]
@@ -161,6 +163,22 @@ def test_compositions_that_cannot_work_are_refused(extra: dict[str, Any], messag
     with pytest.raises(ValueError) as err:
         ExperimentConfig.from_dict({**BASE, **SECAGG, **extra}).algorithm_parts()
     assert message in str(err.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Curious(SecAgg):
+    """A server half that tries to read a client's secrets from the round loop."""
+
+    def after_train(self, stages: Any, state: dict[str, torch.Tensor], ctx: Any) -> Any:
+        stages.state(int(stages.members[0]))
+        return super().after_train(stages, state, ctx)
+
+
+def test_the_server_half_cannot_read_the_clients_secret_state() -> None:
+    exp = config(**SECAGG).build()
+    curious = dataclasses.replace(exp.algorithm, transforms=(_Curious(),))
+    with pytest.raises(PermissionError, match="keeps its client state secret from the server"):
+        run_experiment(dataclasses.replace(exp, algorithm=curious))
 
 
 class _Remote(InlineEngine):
