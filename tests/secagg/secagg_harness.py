@@ -14,7 +14,7 @@ import torch
 
 from potluck.core.message import Message
 from potluck.core.params import ParamSpec
-from potluck.core.parts import RoundAborted, State, part_context
+from potluck.core.parts import Context, RoundAborted, State, part_context
 from potluck.secagg import SecAgg, SecureSum
 
 NS = "transforms.0.secagg"
@@ -38,7 +38,7 @@ class View:
     sent: list[Message] = field(default_factory=list)  # what it sent
     on_leave: Callable[[View, int, Message], Message] | None = None
 
-    def ctx(self, client: int, inbox: Message | None = None):  # type: ignore[no-untyped-def]
+    def ctx(self, client: int, inbox: Message | None = None) -> Context:
         return part_context(SEED, self.round, NS, client, inbox=inbox)
 
     def run(
@@ -138,7 +138,9 @@ def inputs_for(clients: list[int], d: int, seed: int = 0) -> dict[int, tuple[np.
     }
 
 
-def encoded_sum(part: SecAgg, inputs: Mapping[int, tuple[np.ndarray, float]], clients, rnd=1):  # type: ignore[no-untyped-def]
+def encoded_sum(
+    part: SecAgg, inputs: Mapping[int, tuple[np.ndarray, float]], clients: list[int], rnd: int = 1
+) -> np.ndarray:
     """The plain sum modulo 2^bits of the clients' encodings, drawn as each client draws."""
     fp = part.encoding()
     total = np.zeros(len(next(iter(inputs.values()))[0]) + 2, dtype=fp.dtype)

@@ -4,6 +4,7 @@ cryptography, the fixed-point encoding and the graph."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_fresh_coefficients_each_split() -> None:
         (lambda: shamir.from_bytes(b"\x00" * 65), "a share has 66 bytes"),
     ],
 )
-def test_shamir_refuses_bad_input(call, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_shamir_refuses_bad_input(call: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
 

@@ -6,6 +6,8 @@ tampered or replayed share is detected and its sender named."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -155,7 +157,11 @@ def test_the_server_never_sees_an_individual_input_or_a_client_secret() -> None:
         assert individual[c][: 4 * D] not in blob
 
 
-def _replace_box(receiver: int, sender: int, box_of):  # type: ignore[no-untyped-def]
+BoxOf = Callable[[View, torch.Tensor], torch.Tensor]
+OnLeave = Callable[[View, int, Message], Message]
+
+
+def _replace_box(receiver: int, sender: int, box_of: BoxOf) -> OnLeave:
     """Tamper with the inbox of ``receiver``: the box from ``sender`` replaced by
     ``box_of(view, box)``."""
 
@@ -196,7 +202,9 @@ def _b_hash(view: View, client: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("how", "box_of"), [("tampered", _flipped), ("reflected", _reflected)])
-def test_a_tampered_or_reflected_share_is_detected_and_its_sender_named(how, box_of) -> None:  # type: ignore[no-untyped-def]
+def test_a_tampered_or_reflected_share_is_detected_and_its_sender_named(
+    how: str, box_of: BoxOf
+) -> None:
     part = bound(SecAgg(neighbours="all"), D)
     inputs = inputs_for(list(range(5)), D)
     out = secure_round(part, inputs, on_leave=_replace_box(1, 3, box_of))
