@@ -315,8 +315,9 @@ class ClientProgram:
         broadcasts: Mapping[str, State] | None = None,
         state: ClientState | None = None,
         payload: Message | None = None,
-    ) -> Reply:
-        """Train client ``cid`` from ``w_global``: its encoded upload and new state.
+    ) -> Reply | None:
+        """Train client ``cid`` from ``w_global``: its encoded upload and new state (``None``
+        if a transform drops it out of the round).
         ``payload``: the server's message for this client (``work``, its share of local
         work, and what earlier stages left for its parts)."""
         prep = self.prepare(cid, round, w_global, broadcasts or {}, state or {}, payload)
@@ -337,14 +338,12 @@ class ClientProgram:
         gen = prep.views[i].ctx.generator("draw")
         return ExampleStep(self.terms[i], prep.works[i], gen)
 
-    def batches(
-        self, n: int, total: int, gen: torch.Generator, example: bool = True
-    ) -> Iterator[torch.Tensor]:
+    def batches(self, n: int, total: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
         """The example indices of ``total`` local steps of a client with ``n`` examples,
-        drawn from ``gen``: the reducing term's (``example``) if there is one, else the
-        shuffled epochs of ``batch_order``. Every engine draws its batches here."""
+        drawn from ``gen``: the reducing term's if there is one, else the shuffled epochs of
+        ``batch_order``. Every engine draws its training batches here."""
         b = self.optimizer.batch_len(n)
-        if example and self.reducer is not None:
+        if self.reducer is not None:
             return self.terms[self.reducer].batches(n, b, total, gen)
         return batch_order(n, b, total, gen)
 
@@ -419,9 +418,10 @@ class ClientProgram:
 
         return chained
 
-    def conclude(self, prep: Prepared, w: torch.Tensor, loss_sum: float, seen: int) -> Reply:
+    def conclude(self, prep: Prepared, w: torch.Tensor, loss_sum: float, seen: int) -> Reply | None:
         """Everything after the local steps: the terms' ``finish`` in chain order, the upload
-        and its encoding by the transforms (each with its client state)."""
+        and its encoding by the transforms (each with its client state); ``None`` if a
+        transform drops the client out of the round (its ``encode`` answers ``None``)."""
         n = prep.num_examples
         result = LocalResult(prep.w_global, w, w - prep.w_global, float(n), prep.steps)
         arrays: dict[str, torch.Tensor] = {}
@@ -446,7 +446,10 @@ class ClientProgram:
         message = Message(arrays={"delta": result.delta, **arrays}, scalars=scalars)
         for ns, transform in zip(self.transform_ns, self.transforms, strict=True):
             ctx = part_context(self.seed, prep.round, ns, prep.cid, inbox=prep.inbox.get(ns))
-            message, t_state = transform.encode(message, prep.state.get(ns, {}), ctx)
+            encoded, t_state = transform.encode(message, prep.state.get(ns, {}), ctx)
+            if encoded is None:
+                return None
+            message = encoded
             if t_state:
                 new_state[ns] = t_state
         return Reply(message, new_state)
