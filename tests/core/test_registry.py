@@ -15,7 +15,9 @@ from potluck.optim import ServerAdagrad, ServerAdam, ServerSGD, ServerYogi
 from potluck.privacy.adaptive import AdaptiveGaussianMean
 from potluck.privacy.central import GaussianMean
 from potluck.privacy.dp_sgd import DpSgd
-from potluck.sampling import PoissonSampler, Stragglers, UniformSampler
+from potluck.privacy.local import LocalGaussian
+from potluck.privacy.tree import TreeAggregatedMean
+from potluck.sampling import PoissonSampler, ShuffledSampler, Stragglers, UniformSampler
 from potluck.secagg import SecAgg, SecureSum
 from potluck.updates import Cast, ClipNorm, KeepLocal
 
@@ -25,6 +27,8 @@ EXAMPLES: dict[str, list[Any]] = {
         UniformSampler(clients_per_round=7),
         UniformSampler(fraction=0.3, min_clients=2),
         PoissonSampler(0.05),
+        ShuffledSampler(),
+        ShuffledSampler(25),
     ],
     "stragglers": [Stragglers(0.5, "drop"), Stragglers()],
     "optimizer": [LocalSGD(3, "full", 0.2, 0.9, 1e-4, 5), LocalSGD()],
@@ -46,6 +50,8 @@ EXAMPLES: dict[str, list[Any]] = {
         SecAgg(),
         SecAgg("all", 3, 0.5, 40, 64, 50.0, 0.1),
         SecAgg(6, 0.75),
+        LocalGaussian(),
+        LocalGaussian(0.3, 4.0, "secure"),
     ],
     "downlink": [Cast("float16"), Cast()],
     "aggregator": [
@@ -55,6 +61,8 @@ EXAMPLES: dict[str, list[Any]] = {
         AdaptiveGaussianMean(),
         AdaptiveGaussianMean(0.2, 1.1, 0.7, 0.1, count_noise=3.0, noise="secure"),
         SecureSum(),
+        TreeAggregatedMean(),
+        TreeAggregatedMean(0.5, 3.0, restart_every=30, denominator=100.0, noise="secure"),
     ],
     "server": [
         ServerSGD(0.5, 0.9),
