@@ -7,6 +7,7 @@ from potluck.algorithms.fedavg import fedavg
 from potluck.algorithms.fednova import fednova
 from potluck.algorithms.fedprox import fedprox
 from potluck.algorithms.fedsgd import fedsgd
+from potluck.algorithms.he_fedavg import he_fedavg
 from potluck.algorithms.personal import ditto, fedper
 from potluck.algorithms.qffl import qffl
 from potluck.algorithms.scaffold import scaffold
@@ -22,6 +23,7 @@ __all__ = [
     "fedper",
     "fedprox",
     "fedsgd",
+    "he_fedavg",
     "ldp_fedavg",
     "qffl",
     "scaffold",

@@ -21,8 +21,9 @@ combinations are refused before a run starts, and may run extra *stages* of a ro
 whose client state holds a round's secrets says ``secret_state = True`` (the round loop keeps
 it between the round's stages and never stores it); a transform whose ``encode`` may answer
 ``None`` drops its client out of the round there; one that decodes only the aggregate may
-upload a delta of another form (``encoded_delta(size) -> (length, dtype)``); a server half
-that cannot finish a round safely raises ``RoundAborted``.
+upload a delta of another form (``encoded_delta(size) -> (length, dtype)``) and run a stage
+on the aggregate before decoding it (``after_aggregate``); a server half that cannot finish
+a round safely raises ``RoundAborted``.
 
 Example:
     >>> ctx = Context(seed=0, round=3, stream=("noise", 3, 7), client=7)
@@ -71,6 +72,8 @@ class Need(StrEnum):
     MODULAR_SUM = "the updates summed modulo 2^bits (aggregator secagg_sum)"
     INTEGER_UPDATES = "updates encoded as integers modulo 2^bits (transform secagg)"
     LAST_TRANSFORM = "to be the last update transform (one after it would see only its encoding)"
+    CIPHERTEXT_SUM = "the ciphertexts added homomorphically (aggregator ckks_sum)"
+    CIPHERTEXT_UPDATES = "updates encrypted with CKKS (transform ckks)"
 
 
 class RoundAborted(Exception):

@@ -47,7 +47,12 @@ _BUILTINS = {
     "stragglers": ("potluck.sampling",),
     "optimizer": ("potluck.client.sgd",),
     "term": ("potluck.client.terms", "potluck.client.personal", "potluck.privacy.dp_sgd"),
-    "transform": ("potluck.updates", "potluck.privacy.local", "potluck.secagg"),
+    "transform": (
+        "potluck.updates",
+        "potluck.privacy.local",
+        "potluck.secagg",
+        "potluck.secagg.homomorphic",
+    ),
     "downlink": ("potluck.updates",),
     "aggregator": (
         "potluck.aggregate",
@@ -55,6 +60,7 @@ _BUILTINS = {
         "potluck.privacy.adaptive",
         "potluck.privacy.tree",
         "potluck.secagg",
+        "potluck.secagg.homomorphic",
     ),
     "server": ("potluck.optim",),
     "algorithm": ("potluck.algorithms",),
