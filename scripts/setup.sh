@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Set up potluck on a fresh machine: Fashion-MNIST (Debian package), a virtual environment,
 # the pinned CPU build of PyTorch, and potluck itself. Pass --dev for the test tools (and Ray,
-# which the Ray engine's tests need), --opacus for Opacus 1.6 (the DP-SGD benchmark's peer).
+# which the Ray engine's tests need, and TenSEAL on Linux and Windows, which the homomorphic
+# aggregation's tests need), --he for TenSEAL (transform ckks), --opacus for Opacus 1.6 (the
+# DP-SGD benchmark's peer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEV=0; OPACUS=0
+DEV=0; OPACUS=0; HE=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
     --opacus) OPACUS=1 ;;
-    *) echo "usage: scripts/setup.sh [--dev] [--opacus]" >&2; exit 2 ;;
+    --he) HE=1 ;;
+    *) echo "usage: scripts/setup.sh [--dev] [--he] [--opacus]" >&2; exit 2 ;;
   esac
 done
 
@@ -29,8 +32,11 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
-if [ "$DEV" = 1 ]; then
-  .venv/bin/pip install -q -e ".[dev,ray]"
+EXTRAS=""
+[ "$DEV" = 1 ] && EXTRAS="dev,ray"
+[ "$HE" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}he"
+if [ -n "$EXTRAS" ]; then
+  .venv/bin/pip install -q -e ".[$EXTRAS]"
 else
   .venv/bin/pip install -q -e .
 fi
