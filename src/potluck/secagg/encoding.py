@@ -28,13 +28,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from potluck.secagg.crypto import DTYPES
 
 SIGNED: dict[int, np.dtype[Any]] = {32: np.dtype(np.int32), 64: np.dtype(np.int64)}
+
+
+class Encoding(Protocol):
+    """What the masked input needs of an encoding: its modulus ``2^bits``, the overflow
+    check of a cohort, ``encode`` of an update and ``decode`` of the unmasked sum
+    (``FixedPoint``; ``ddp_encoding.SkellamEncoding`` for distributed DP)."""
+
+    @property
+    def bits(self) -> int: ...
+
+    def check_capacity(self, n: int) -> None: ...
+
+    def encode(self, delta: np.ndarray, weight: float, rng: np.random.Generator) -> np.ndarray: ...
+
+    def decode(self, total: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from potluck.core.parts import Context, Need, RoundAborted, State
 from potluck.core.registry import register
 from potluck.secagg import protocol
 from potluck.secagg.crypto import DTYPES
-from potluck.secagg.encoding import SIGNED, FixedPoint
+from potluck.secagg.encoding import SIGNED, Encoding, FixedPoint
 from potluck.secagg.graph import degree, harary
 from potluck.updates.base import Transform
 
@@ -115,7 +115,7 @@ class SecAgg(Transform):
         if not 0 <= self.dropout <= 1:
             raise ValueError(f"dropout must be in [0, 1], got {self.dropout}")
 
-    def encoding(self, where: str = "secagg") -> FixedPoint:
+    def encoding(self, where: str = "secagg") -> Encoding:
         """The fixed-point encoding of the updates (``where`` names it in errors)."""
         return FixedPoint(
             self.clip_range, self.quantization_bits, self.bits, self.max_weight, where

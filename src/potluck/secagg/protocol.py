@@ -59,7 +59,7 @@ import torch
 from potluck.core.message import Message, MessageError
 from potluck.core.parts import Context, RoundAborted, State
 from potluck.secagg import crypto, shamir
-from potluck.secagg.encoding import SIGNED, FixedPoint
+from potluck.secagg.encoding import SIGNED, Encoding
 
 BOX_BYTES = crypto.NONCE_BYTES + 2 * shamir.SHARE_BYTES + crypto.TAG_BYTES
 KEY = crypto.KEY_BYTES
@@ -152,7 +152,7 @@ def share_keys(shared: Message, state: State, ctx: Context) -> tuple[Message, St
 
 
 def mask_input(
-    message: Message, state: State, ctx: Context, encoding: FixedPoint
+    message: Message, state: State, ctx: Context, encoding: Encoding
 ) -> tuple[Message | None, State]:
     """Stage 3: the encoded update plus its masks; ``None`` (the client goes no further) if
     fewer than ``t`` neighbours sent it shares. The shares received are kept for stage 4."""
