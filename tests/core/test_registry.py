@@ -19,6 +19,7 @@ from potluck.privacy.local import LocalGaussian
 from potluck.privacy.tree import TreeAggregatedMean
 from potluck.sampling import PoissonSampler, ShuffledSampler, Stragglers, UniformSampler
 from potluck.secagg import SecAgg, SecureSum
+from potluck.secagg.distributed_dp import DistributedSkellam
 from potluck.updates import Cast, ClipNorm, KeepLocal
 
 # each registered part with parameters other than its defaults (and with its defaults)
@@ -52,6 +53,9 @@ EXAMPLES: dict[str, list[Any]] = {
         SecAgg(6, 0.75),
         LocalGaussian(),
         LocalGaussian(0.3, 4.0, "secure"),
+        DistributedSkellam(),
+        DistributedSkellam(neighbours="all", quantization_bits=24, bits=64, clip=0.5),
+        DistributedSkellam(noise_multiplier=1.3, min_survivors=7, colluders=2, noise="secure"),
     ],
     "downlink": [Cast("float16"), Cast()],
     "aggregator": [

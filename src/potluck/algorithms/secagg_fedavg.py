@@ -3,7 +3,8 @@ updates, never one client's, even when clients drop out mid-round. SecAgg+ (Bell
 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS) with about
 ``log2 n`` neighbours per client, or SecAgg (Bonawitz et al. 2017, "Practical Secure
 Aggregation for Privacy-Preserving Machine Learning", CCS) with ``neighbours = "all"``;
-``potluck.secagg`` has the protocol and its settings.
+``potluck.secagg`` has the protocol and its settings. ``ddp_secagg_fedavg`` adds distributed
+DP: each client's share of Skellam noise goes into the sum before masking.
 
 Example:
     >>> algo = secagg_fedavg(neighbours="all", clients_per_round=10)
@@ -18,7 +19,7 @@ from typing import Any
 
 from potluck.algorithms.base import Algorithm, preset
 from potluck.algorithms.fedavg import fedavg
-from potluck.secagg import SecAgg, SecureSum
+from potluck.secagg import DistributedSkellam, SecAgg, SecureSum
 
 
 @preset("secagg_fedavg")
@@ -58,6 +59,70 @@ def secagg_fedavg(
     return replace(
         base,
         name="secagg_fedavg",
+        transforms=(*base.transforms, *parts["transforms"]),
+        aggregator=parts["aggregator"],
+    )
+
+
+@preset("ddp_secagg_fedavg")
+def ddp_secagg_fedavg_parts(
+    *,
+    clip: float = 1.0,
+    noise_multiplier: float = 1.0,
+    min_survivors: int | float = 0.8,
+    colluders: int = 0,
+    noise: str = "seed",
+    neighbours: int | str = "log",
+    threshold: int | float = 0.5,
+    quantization_bits: int = 20,
+    bits: int = 32,
+    dropout: float = 0.0,
+) -> dict[str, Any]:
+    """The ``DistributedSkellam`` transform with these settings and the ``SecureSum``
+    aggregator."""
+    ddp = DistributedSkellam(
+        neighbours=neighbours, threshold=threshold, quantization_bits=quantization_bits,
+        bits=bits, dropout=dropout, clip=clip, noise_multiplier=noise_multiplier,
+        min_survivors=min_survivors, colluders=colluders, noise=noise,
+    )  # fmt: skip
+    return {"transforms": (ddp,), "aggregator": SecureSum()}
+
+
+def ddp_secagg_fedavg(
+    *,
+    clip: float = 1.0,
+    noise_multiplier: float = 1.0,
+    min_survivors: int | float = 0.8,
+    colluders: int = 0,
+    noise: str = "seed",
+    neighbours: int | str = "log",
+    threshold: int | float = 0.5,
+    quantization_bits: int = 20,
+    bits: int = 32,
+    dropout: float = 0.0,
+    **fedavg_args: Any,
+) -> Algorithm:
+    """FedAvg with distributed DP on secure aggregation (Agarwal, Kairouz, Liu 2021, "The
+    Skellam Mechanism for Differentially Private Federated Learning", NeurIPS): each client
+    clips its update to ``clip`` and adds its share of Skellam noise before masking, so the
+    server unmasks only a noised sum; ``potluck.secagg.distributed_dp`` has the mechanism and
+    its trust model, ``potluck.privacy.distributed`` its accounting. A fixed-size cohort
+    (``clients_per_round``); other arguments as for ``fedavg``.
+
+    Example:
+        >>> algo = ddp_secagg_fedavg(clip=0.5, clients_per_round=10)
+        >>> type(algo.transforms[0]).__name__, algo.transforms[0].clip, algo.name
+        ('DistributedSkellam', 0.5, 'ddp_secagg_fedavg')
+    """
+    parts = ddp_secagg_fedavg_parts(
+        clip=clip, noise_multiplier=noise_multiplier, min_survivors=min_survivors,
+        colluders=colluders, noise=noise, neighbours=neighbours, threshold=threshold,
+        quantization_bits=quantization_bits, bits=bits, dropout=dropout,
+    )  # fmt: skip
+    base = fedavg(**fedavg_args)
+    return replace(
+        base,
+        name="ddp_secagg_fedavg",
         transforms=(*base.transforms, *parts["transforms"]),
         aggregator=parts["aggregator"],
     )

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from potluck.core.parts import State
+from potluck.privacy import distributed
 from potluck.privacy.accounting import (
     ACCOUNTANTS,
     Poisson,
@@ -41,6 +42,9 @@ from potluck.privacy.accounting import (
     epsilon,
 )
 from potluck.privacy.participation import Participation, ParticipationLedger, gaussian_calibrate
+
+if TYPE_CHECKING:
+    from potluck.privacy.distributed import DistributedLedger
 
 SLOT = "privacy"
 
@@ -95,14 +99,15 @@ def check_deployable(algorithm: Any) -> None:
 
 
 def private_parts(algorithm: Any) -> list[tuple[str, Any]]:
-    """The parts of ``algorithm`` that release through a Gaussian mechanism (namespace,
-    part): a private aggregator, local DP transforms."""
+    """The parts of ``algorithm`` that release through a private mechanism (namespace,
+    part): a private aggregator, local DP transforms, distributed DP on secure aggregation."""
     from potluck.privacy.local import LocalGaussian
+    from potluck.secagg.distributed_dp import DistributedSkellam
 
     found: list[tuple[str, Any]] = [
         (f"transforms.{i}", t)
         for i, t in enumerate(algorithm.transforms)
-        if isinstance(t, LocalGaussian)
+        if isinstance(t, LocalGaussian | DistributedSkellam)
     ]
     if isinstance(algorithm.aggregator, GaussianMechanism):
         found.append(("aggregator", algorithm.aggregator))
@@ -153,7 +158,10 @@ def prepare(algorithm: Any, num_clients: int, rounds: int, budget: PrivacyBudget
         return algorithm
     ns, part = found
     participation = _participation(part)
-    if participation is None:
+    if _distributed(part):
+        sampling = sampling_of(algorithm.sampler, num_clients)
+        part = distributed.prepared(part, sampling, rounds, budget)
+    elif participation is None:
         part = calibrated(part, budget, rounds, sampling_of(algorithm.sampler, num_clients))
     elif budget.target_epsilon is not None:
         bound = _sensitivity_bound(participation, algorithm.sampler, num_clients, rounds)
@@ -182,23 +190,37 @@ def _sensitivity_bound(
 
 def ledger_for(
     algorithm: Any, num_clients: int, budget: PrivacyBudget
-) -> Ledger | ParticipationLedger | None:
+) -> Ledger | ParticipationLedger | DistributedLedger | None:
     """The privacy ledger of ``algorithm``'s private mechanism (None without one)."""
     found = private_mechanism(algorithm)
     if found is None:
         return None
     part = found[1]
+    if _distributed(part):
+        return distributed.DistributedLedger.of(
+            part, sampling_of(algorithm.sampler, num_clients), budget
+        )
     participation = _participation(part)
     if participation is None:
         return Ledger(part, sampling_of(algorithm.sampler, num_clients), budget)
     return ParticipationLedger(participation, part.noise_multiplier, part.clip, budget, num_clients)
 
 
-def stored_ledger(state: State, budget: PrivacyBudget) -> Ledger | ParticipationLedger:
+def stored_ledger(
+    state: State, budget: PrivacyBudget
+) -> Ledger | ParticipationLedger | DistributedLedger:
     """The ledger a run stored (its ``privacy`` slot), of whichever mechanism it was."""
+    if "mu" in state:
+        return distributed.DistributedLedger.stored(state, budget)
     if "kind" in state:
         return ParticipationLedger.stored(state, budget)
     return Ledger.stored(state, budget)
+
+
+def _distributed(part: Any) -> bool:
+    from potluck.secagg.distributed_dp import DistributedSkellam
+
+    return isinstance(part, DistributedSkellam)
 
 
 def sampling_of(sampler: object, num_clients: int) -> Sampling:
