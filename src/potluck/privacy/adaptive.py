@@ -35,7 +35,7 @@ import torch
 from potluck.core.parts import Context, Need, State
 from potluck.core.registry import register
 from potluck.privacy.central import (
-    NOISE_SOURCES,
+    check_gaussian,
     clip_scales,
     clipped_sum,
     gaussian_noise,
@@ -63,10 +63,7 @@ class AdaptiveGaussianMean:
     gives: ClassVar[frozenset[str]] = frozenset({Need.FIXED_DENOMINATOR, Need.EQUAL_WEIGHTS})
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"clip must be a finite number > 0, got {self.clip}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        check_gaussian(self.clip, self.noise_multiplier, self.noise)
         if not 0 < self.target_quantile < 1:
             raise ValueError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -75,8 +72,6 @@ class AdaptiveGaussianMean:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        if self.noise not in NOISE_SOURCES:
-            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {self.noise!r}")
         if self.count_noise is not None:
             self.delta_noise_multiplier()  # refuses a count noise too small for the total
 

@@ -57,14 +57,9 @@ class GaussianMean:
     gives: ClassVar[frozenset[str]] = frozenset({Need.FIXED_DENOMINATOR, Need.EQUAL_WEIGHTS})
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"clip must be a finite number > 0, got {self.clip}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        check_gaussian(self.clip, self.noise_multiplier, self.noise)
         if self.denominator is not None and not self.denominator > 0:
             raise ValueError(f"denominator must be > 0, got {self.denominator}")
-        if self.noise not in NOISE_SOURCES:
-            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {self.noise!r}")
 
     def bind_cohort(self, expected_cohort: float) -> GaussianMean:
         """This aggregator with its denominator: ``expected_cohort`` unless one is given."""
@@ -81,6 +76,24 @@ class GaussianMean:
         total = clipped_sum(deltas, clip_scales(row_norms(deltas), self.clip))
         total += gaussian_noise(total.shape[0], self.noise_multiplier * self.clip, self.noise, ctx)
         return (total / self.denominator).to(deltas.dtype), state
+
+
+def check_gaussian(clip: float, noise_multiplier: float, noise: str) -> None:
+    """Refuse a Gaussian mechanism's settings: ``clip`` a finite number > 0,
+    ``noise_multiplier`` >= 0, ``noise`` one of ``NOISE_SOURCES``.
+
+    Example:
+        >>> check_gaussian(1.0, -1.0, "seed")
+        Traceback (most recent call last):
+        ...
+        ValueError: noise_multiplier must be >= 0, got -1.0
+    """
+    if not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be a finite number > 0, got {clip}")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if noise not in NOISE_SOURCES:
+        raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
 
 
 def gaussian_noise(d: int, std: float, source: str, ctx: Context, *path: str) -> torch.Tensor:

@@ -37,7 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,7 +47,7 @@ from potluck.client.terms import Term
 from potluck.core.params import ParamSpec
 from potluck.core.parts import ClientView, Context, LocalResult, Need, State, TermOutput
 from potluck.core.registry import register
-from potluck.privacy.central import NOISE_SOURCES, NORM_SLACK, secure_gaussian
+from potluck.privacy.central import NORM_SLACK, check_gaussian, secure_gaussian
 from potluck.privacy.example import largest_epsilon
 
 
@@ -101,12 +100,7 @@ class DpSgd(Term):
     client_state: ClassVar[dict[str, str]] = {"steps": "int64", "rate": "float64"}
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"clip must be a finite number > 0, got {self.clip}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
-        if self.noise not in NOISE_SOURCES:
-            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {self.noise!r}")
+        check_gaussian(self.clip, self.noise_multiplier, self.noise)
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 

@@ -32,14 +32,18 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from potluck.core.message import Message
 from potluck.core.parts import Context, Need, State
 from potluck.core.registry import register
-from potluck.privacy.central import NOISE_SOURCES, clip_scales, gaussian_noise, row_norms
+from potluck.privacy.central import (
+    check_gaussian,
+    clip_scales,
+    gaussian_noise,
+    row_norms,
+)
 from potluck.updates.base import Transform
 
 WITHHELD = {"num_examples": 1, "num_steps": 0, "weight": 1.0}
@@ -59,12 +63,7 @@ class LocalGaussian(Transform):
     gives: ClassVar[frozenset[str]] = frozenset({Need.BOUNDED_SENSITIVITY, Need.EQUAL_WEIGHTS})
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"clip must be a finite number > 0, got {self.clip}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
-        if self.noise not in NOISE_SOURCES:
-            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {self.noise!r}")
+        check_gaussian(self.clip, self.noise_multiplier, self.noise)
 
     def encode(self, message: Message, state: State, ctx: Context) -> tuple[Message, State]:
         delta = message.arrays["delta"]

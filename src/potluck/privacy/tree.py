@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -42,7 +41,7 @@ import torch
 from potluck.core.parts import Context, Need, State
 from potluck.core.registry import register
 from potluck.privacy.central import (
-    NOISE_SOURCES,
+    check_gaussian,
     clip_scales,
     clipped_sum,
     gaussian_noise,
@@ -76,16 +75,11 @@ class TreeAggregatedMean:
     gives: ClassVar[frozenset[str]] = frozenset({Need.FIXED_DENOMINATOR, Need.EQUAL_WEIGHTS})
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"clip must be a finite number > 0, got {self.clip}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        check_gaussian(self.clip, self.noise_multiplier, self.noise)
         if self.restart_every is not None and self.restart_every < 1:
             raise ValueError(f"restart_every must be >= 1 or None, got {self.restart_every}")
         if self.denominator is not None and not self.denominator > 0:
             raise ValueError(f"denominator must be > 0, got {self.denominator}")
-        if self.noise not in NOISE_SOURCES:
-            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {self.noise!r}")
 
     def bind_cohort(self, expected_cohort: float) -> TreeAggregatedMean:
         """This aggregator with its denominator: ``expected_cohort`` unless one is given."""
