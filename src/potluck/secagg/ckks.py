@@ -234,28 +234,35 @@ def encrypt(context: Any, values: np.ndarray, params: Parameters, key: bytes) ->
 
 @dataclass(frozen=True)
 class Row:
-    """An unpacked row: its fingerprint, the bytes kept per ciphertext, the ciphertexts."""
+    """A checked row: its fingerprint, the bytes kept per ciphertext, and where each
+    ciphertext lies in ``data`` (start, size)."""
 
     key: bytes
     kept: int
-    ciphertexts: list[bytes]
+    data: np.ndarray
+    spans: tuple[tuple[int, int], ...]
+
+    @property
+    def ciphertexts(self) -> list[bytes]:
+        return [self.data[start : start + size].tobytes() for start, size in self.spans]
 
 
 def unpack(row: np.ndarray, who: str) -> Row:
-    """A row's fingerprint and serialised ciphertexts; a malformed row is refused."""
+    """A row's fingerprint and where its serialised ciphertexts lie; a malformed row is
+    refused."""
     if row.dtype != np.uint8 or row.ndim != 1 or row.size < HEADER.size:
         raise MessageError(f"{who}: not a row of CKKS ciphertexts")
     magic, count, kept, key = HEADER.unpack_from(row.data, 0)
     if magic != MAGIC or row.size != HEADER.size + count * (LENGTH.size + kept):
         raise MessageError(f"{who}: not a row of CKKS ciphertexts (header {magic!r}, {count})")
-    out, offset = [], HEADER.size
+    spans, offset = [], HEADER.size
     for _ in range(count):
         (size,) = LENGTH.unpack_from(row.data, offset)
         if size > kept:
             raise MessageError(f"{who}: a ciphertext of {size} bytes in a slot of {kept}")
-        out.append(row[offset + LENGTH.size : offset + LENGTH.size + size].tobytes())
+        spans.append((offset + LENGTH.size, size))
         offset += LENGTH.size + kept
-    return Row(key, kept, out)
+    return Row(key, kept, row, tuple(spans))
 
 
 def add(context: Any, rows: np.ndarray, key: bytes, who: str) -> np.ndarray:
@@ -268,7 +275,7 @@ def add(context: Any, rows: np.ndarray, key: bytes, who: str) -> np.ndarray:
     sums: list[Any] = []
     for i in range(len(rows)):
         row = first if i == 0 else unpack(rows[i], who)
-        if row.key != key or len(row.ciphertexts) != len(first.ciphertexts):
+        if row.key != key or len(row.spans) != len(first.spans):
             raise MessageError(f"{who}: a row not encrypted under the round's key and layout")
         vectors = [_vector(ts, context, c, who) for c in row.ciphertexts]
         if not sums:
