@@ -64,6 +64,7 @@ from potluck.core.task import Task
 from potluck.data.federation import Federation
 from potluck.engines.base import Engine, EngineOptions, choose_engine, make_engine
 from potluck.privacy import ledger as privacy
+from potluck.privacy.distributed import DistributedLedger
 from potluck.privacy.ledger import PrivacyBudget
 from potluck.privacy.participation import ParticipationLedger
 from potluck.store.checkpoint import Checkpoint
@@ -171,7 +172,8 @@ class Experiment:
             if budget is not None:
                 raise ValueError(
                     "privacy: a budget needs a private mechanism (aggregator dp_mean, "
-                    "dp_mean_adaptive or dp_ftrl, or a local_dp transform); this algorithm "
+                    "dp_mean_adaptive or dp_ftrl, or a local_dp or dskellam transform); this "
+                    "algorithm "
                     f"has none (aggregator {type(algo.aggregator).__name__})"
                 )
             return
@@ -405,8 +407,10 @@ class PartStages:
     ``client_stage`` answers on each client) to the round's current ``members`` and returns
     the answers of those that answered; the others have dropped out of the round. ``leave``
     puts a message in a member's inbox for the ``train`` stage (the part's ``encode`` finds
-    it in ``ctx.inbox``); ``state`` is a member's client state of the part (after the
-    ``train`` stage, the new one); ``report`` adds a round metric ``<namespace>/<name>``."""
+    it in ``ctx.inbox``, and the part's server ``decode`` of that member's upload too);
+    ``tell_aggregator`` leaves a message for the aggregator's ``aggregate`` (its
+    ``ctx.inbox``); ``state`` is a member's client state of the part (after the ``train``
+    stage, the new one); ``report`` adds a round metric ``<namespace>/<name>``."""
 
     def __init__(self, stages: RoundStages, namespace: str) -> None:
         self._stages, self.namespace = stages, namespace
@@ -429,6 +433,9 @@ class PartStages:
 
     def leave(self, client: int, message: Message) -> None:
         self._stages.inbox.setdefault(int(client), {})[self.namespace] = message
+
+    def tell_aggregator(self, message: Message) -> None:
+        self._stages.told_aggregator = message
 
     def state(self, client: int) -> State:
         """This part's client state of member ``client`` as of the round's latest stage;
@@ -458,6 +465,7 @@ class RoundStages:
         }
         self.changed: dict[int, set[str]] = {}
         self.inbox: dict[int, dict[str, Message]] = {}
+        self.told_aggregator: Message | None = None
         self.metrics: dict[str, float] = {}
         self.refused: dict[str, int] = {}  # stage -> answers that arrived but were refused
         self.bytes_up: dict[int, int] = {}
@@ -553,7 +561,9 @@ class _Loop:
                 self.engine.close()
                 raise
 
-    def _private_aggregation(self) -> tuple[Any, privacy.Ledger | ParticipationLedger | None]:
+    def _private_aggregation(
+        self,
+    ) -> tuple[Any, privacy.Ledger | ParticipationLedger | DistributedLedger | None]:
         """The aggregator, with its denominator set to the expected cohort where it has a
         fixed one, and the privacy ledger of a private mechanism."""
         agg, sampler = self.exp.algorithm.aggregator, self.exp.algorithm.sampler
@@ -669,8 +679,12 @@ class _Loop:
 
     # ---- one round ---------------------------------------------------------------------
 
-    def _ctx(self, ns: str, rnd: int, client: int | None = None) -> Context:
-        return part_context(self.exp.seed, rnd, ns, client, num_clients=self.num_clients)
+    def _ctx(
+        self, ns: str, rnd: int, client: int | None = None, inbox: Message | None = None
+    ) -> Context:
+        return part_context(
+            self.exp.seed, rnd, ns, client, num_clients=self.num_clients, inbox=inbox
+        )
 
     def _round(
         self, engine: Engine, state: _State, rnd: int
@@ -699,6 +713,8 @@ class _Loop:
             ledger_state = slots.get(privacy.SLOT, {})
             new_state.slots[privacy.SLOT], spent = self.ledger.record(ledger_state, cohort)
             privacy_metrics["epsilon"] = spent
+            if isinstance(self.ledger, DistributedLedger):  # and the server's own
+                privacy_metrics.update(self.ledger.metrics(new_state.slots[privacy.SLOT]))
         active = len(cohort[reports])
         metrics = {
             "cohort_size": float(len(cohort)),
@@ -745,10 +761,10 @@ class _Loop:
         for ns, part in self.finishing:
             view = PartStages(stages, ns)
             slots[ns] = dict(part.after_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
-        updates = self._collect(rnd, trained, tolerant=stages.engine.remote)
+        updates = self._collect(rnd, trained, stages.inbox, tolerant=stages.engine.remote)
         if self.on_updates is not None:
             self.on_updates(rnd, state.w, {u.client: u.message for u in updates})
-        return trained, updates, self._step(state, slots, updates, rnd)
+        return trained, updates, self._step(state, slots, updates, stages)
 
     def _train_payload(self, work: float, inbox: Mapping[str, Message]) -> Message:
         arrays = {f"{ns}/{k}": v for ns, m in inbox.items() for k, v in m.arrays.items()}
@@ -770,9 +786,12 @@ class _Loop:
         return message
 
     def _step(
-        self, state: _State, slots: dict[str, State], updates: list[_Update], rnd: int
+        self, state: _State, slots: dict[str, State], updates: list[_Update], stages: RoundStages
     ) -> _State:
-        """Aggregate, decode the aggregate, the terms' server halves, the server step."""
+        """Aggregate, decode the aggregate (a transform with an ``after_aggregate`` stage hook
+        runs it first, e.g. to have the sum decrypted), the terms' server halves, the server
+        step."""
+        rnd = stages.round
         weights = torch.tensor([u.weight for u in updates], dtype=torch.float64)
         fixed = Need.FIXED_DENOMINATOR in gives(self.aggregator)  # defined for any count
         if not fixed and (len(updates) < self.exp.min_updates or not float(weights.sum()) > 0):
@@ -790,11 +809,17 @@ class _Loop:
         rows = [u.message.arrays["delta"] for u in updates]
         deltas = self.stack.stack(rows) if rows else state.w.new_zeros((0, state.w.numel()))
         aggregate, slots["aggregator"] = self.aggregator.aggregate(
-            deltas, weights, slots.get("aggregator", {}), self._ctx("aggregator", rnd)
+            deltas,
+            weights,
+            slots.get("aggregator", {}),
+            self._ctx("aggregator", rnd, inbox=stages.told_aggregator),
         )
         for ns, transform in reversed(
             list(zip(self.program.transform_ns, self.program.transforms, strict=True))
         ):
+            if hasattr(transform, "after_aggregate"):
+                view, ctx = PartStages(stages, ns), self._ctx(ns, rnd)
+                slots[ns] = dict(transform.after_aggregate(view, aggregate, slots.get(ns, {}), ctx))
             aggregate, slots[ns] = transform.decode_aggregate(
                 aggregate, slots.get(ns, {}), self._ctx(ns, rnd)
             )
@@ -873,13 +898,20 @@ class _Loop:
         shapes = getattr(self.parts[ns], "client_state_shapes", None)
         return {} if shapes is None else shapes(self.program.spec)
 
-    def _collect(self, rnd: int, replies: Mapping[int, Reply], tolerant: bool) -> list[_Update]:
-        """Decode and validate the reported updates. An invalid one stops the run, unless
+    def _collect(
+        self,
+        rnd: int,
+        replies: Mapping[int, Reply],
+        inbox: Mapping[int, Mapping[str, Message]],
+        tolerant: bool,
+    ) -> list[_Update]:
+        """Decode and validate the reported updates (each transform's ``decode`` with what its
+        stages left for the member, ``inbox``). An invalid one stops the run, unless
         ``tolerant`` (remote clients): then it is refused, logged and left out."""
         updates = []
         for cid, reply in replies.items():
             try:
-                updates.append(self._validated(rnd, cid, reply.message))
+                updates.append(self._validated(rnd, cid, reply.message, inbox.get(cid, {})))
             except MessageError as exc:
                 if not tolerant:
                     raise
@@ -935,11 +967,11 @@ class _Loop:
             numbers += [f"{ns}/{name}" for name in term.upload_scalars]
         return arrays, numbers, {"delta": dtype}
 
-    def _validated(self, rnd: int, cid: int, raw: Message) -> _Update:
+    def _validated(self, rnd: int, cid: int, raw: Message, left: Mapping[str, Message]) -> _Update:
         source = f"update from client {cid}"
         msg = raw
         for ns, transform in reversed(self.transforms):
-            msg = transform.decode(msg, self._ctx(ns, rnd, cid))
+            msg = transform.decode(msg, self._ctx(ns, rnd, cid, left.get(ns)))
         expected, numbers = self.upload_arrays, self.upload_numbers
         msg.validate(expected, source=source, dtypes=self.upload_dtypes)
         if len(msg.arrays) != len(expected):
