@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -401,6 +403,19 @@ def test_the_cli_runs_the_preset_from_toml_and_states_its_privacy(tmp_path: Path
     payload = json.loads(stated.output)
     assert "distributed Skellam mechanism on secure aggregation" in payload["statement"]
     assert len(payload["epsilon"]) == 2 and payload["epsilon"][-1] <= 50.0
+
+
+def test_the_readmes_example_builds_with_its_calibrated_noise() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.DOTALL)
+    (block,) = [b for b in blocks if 'name = "ddp_secagg_fedavg"' in b]
+    given = tomllib.loads(block)
+    data = {"dataset": "digits", "num_clients": 200, "partition": {"kind": "iid"}}
+    exp = ExperimentConfig.from_dict({**BASE, **given, "data": data, "rounds": 10}).build()
+    part = exp.algorithm.transforms[0]
+    assert isinstance(part, DistributedSkellam) and part.min_survivors == 80
+    assert exp.privacy is not None and exp.privacy.target_epsilon == 8.0
+    assert part.noise_multiplier > 1.0  # calibrated: 10 rounds of 100 of 200 clients, epsilon 8
 
 
 # ---- refused --------------------------------------------------------------------------------
