@@ -20,6 +20,7 @@ from potluck.privacy.tree import TreeAggregatedMean
 from potluck.sampling import PoissonSampler, ShuffledSampler, Stragglers, UniformSampler
 from potluck.secagg import SecAgg, SecureSum
 from potluck.secagg.distributed_dp import DistributedSkellam
+from potluck.secagg.homomorphic import CKKS, CKKSSum
 from potluck.updates import Cast, ClipNorm, KeepLocal
 
 # each registered part with parameters other than its defaults (and with its defaults)
@@ -56,6 +57,8 @@ EXAMPLES: dict[str, list[Any]] = {
         DistributedSkellam(),
         DistributedSkellam(neighbours="all", quantization_bits=24, bits=64, clip=0.5),
         DistributedSkellam(noise_multiplier=1.3, min_survivors=7, colluders=2, noise="secure"),
+        CKKS(),
+        CKKS(key_holder=3, clip_range=0.5, min_clients=3, scale_bits=40),
     ],
     "downlink": [Cast("float16"), Cast()],
     "aggregator": [
@@ -65,6 +68,7 @@ EXAMPLES: dict[str, list[Any]] = {
         AdaptiveGaussianMean(),
         AdaptiveGaussianMean(0.2, 1.1, 0.7, 0.1, count_noise=3.0, noise="secure"),
         SecureSum(),
+        CKKSSum(),
         TreeAggregatedMean(),
         TreeAggregatedMean(0.5, 3.0, restart_every=30, denominator=100.0, noise="secure"),
     ],
