@@ -22,6 +22,7 @@ from potluck.engines.base import available_engines
 from potluck.privacy.accounting import Poisson, Round, WithoutReplacement, calibrate, epsilon
 from potluck.privacy.central import NORM_SLACK, GaussianMean, clipped, secure_gaussian
 from potluck.privacy.ledger import Ledger, PrivacyBudget, sampling_of
+from potluck.privacy.participation import gaussian_epsilon
 from potluck.sampling.poisson import PoissonSampler
 from potluck.store.sqlite import RunStore
 
@@ -40,14 +41,19 @@ def test_epsilon_equals_dp_accountings_own() -> None:
 
 
 def test_sampling_without_replacement_is_accounted_under_replace_one() -> None:
+    """Replacing one client's data moves the clipped sum by up to 2 clips: dp-accounting's
+    noise multiplier is over that sensitivity, so z = 1.1 clips is 0.55 of it."""
     ours = epsilon([Round(1.1, WithoutReplacement(1000, 10))] * 100, 1e-5)
     acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
     acc.compose(
         dpa.SelfComposedDpEvent(
-            dpa.SampledWithoutReplacementDpEvent(1000, 10, dpa.GaussianDpEvent(1.1)), 100
+            dpa.SampledWithoutReplacementDpEvent(1000, 10, dpa.GaussianDpEvent(0.55)), 100
         )
     )
     assert ours == acc.get_epsilon(1e-5)
+    everyone = epsilon([Round(1.1, WithoutReplacement(10, 10))], 1e-5)
+    # all of them: the Gaussian mechanism on a sum of sensitivity 2 clips
+    assert everyone == pytest.approx(gaussian_epsilon(0.55, 1e-5), rel=1e-9)
     with pytest.raises(ValueError, match="PLD accountant cannot account sampling without"):
         epsilon([Round(1.1, WithoutReplacement(1000, 10))], 1e-5, "pld")
 

@@ -6,8 +6,10 @@ multiplier ``z`` on the sum of the sampled clients' clipped updates; sampling am
 - Poisson sampling (``PoissonSampler``, each client with probability ``q``):
   ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, under add-or-remove-one adjacency;
 - fixed-size sampling (``UniformSampler``, ``m`` of ``N`` without replacement):
-  ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z))``, under replace-one adjacency
-  (the RDP accountant only; ``dp-accounting``'s PLD accountant has no such event).
+  ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2))``, under replace-one
+  adjacency (the RDP accountant only; ``dp-accounting``'s PLD accountant has no such event):
+  replacing one client's data moves the sum of clipped updates by up to twice the clip, and
+  dp-accounting takes the noise multiplier over that sensitivity.
 The unit of privacy is one client (all of its data): user-level DP.
 
 Example:
@@ -22,6 +24,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 from itertools import groupby
 
 import dp_accounting as dpa
@@ -49,6 +52,7 @@ class Poisson:
     """Each client takes part independently with probability ``q``."""
 
     q: float
+    sensitivity: ClassVar[float] = 1.0  # in clips: adding or removing one client
 
     def event(self, inner: dpa.DpEvent) -> dpa.DpEvent:
         return dpa.PoissonSampledDpEvent(self.q, inner)
@@ -67,6 +71,7 @@ class WithoutReplacement:
 
     n: int
     m: int
+    sensitivity: ClassVar[float] = 2.0  # in clips: replacing one client's data
 
     def event(self, inner: dpa.DpEvent) -> dpa.DpEvent:
         return dpa.SampledWithoutReplacementDpEvent(self.n, self.m, inner)
@@ -76,7 +81,10 @@ class WithoutReplacement:
         return dpa.NeighboringRelation.REPLACE_ONE
 
     def describe(self) -> str:
-        return f"{self.m} of {self.n} clients without replacement"
+        return (
+            f"{self.m} of {self.n} clients without replacement (replace-one: sensitivity "
+            "twice the clip)"
+        )
 
 
 Sampling = Poisson | WithoutReplacement
@@ -85,13 +93,13 @@ Sampling = Poisson | WithoutReplacement
 @dataclass(frozen=True)
 class Round:
     """One round of the Gaussian mechanism: noise multiplier ``z`` (noise std over the
-    sensitivity) and how its participants were sampled."""
+    clip) and how its participants were sampled, which sets the sensitivity in clips."""
 
     z: float
     sampling: Sampling
 
     def event(self) -> dpa.DpEvent:
-        return self.sampling.event(dpa.GaussianDpEvent(self.z))
+        return self.sampling.event(dpa.GaussianDpEvent(self.z / self.sampling.sensitivity))
 
 
 def composed(rounds: Sequence[Round]) -> dpa.DpEvent:
