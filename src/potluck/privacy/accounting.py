@@ -24,8 +24,8 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 from itertools import groupby
+from typing import ClassVar
 
 import dp_accounting as dpa
 from dp_accounting import pld, rdp
