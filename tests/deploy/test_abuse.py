@@ -80,7 +80,7 @@ def test_300_stalled_streams_do_not_stop_the_members_rounds(
     assert set(seen["revoked"]) - turned_away == {"refused: client 'revoked-site' is revoked"}
     busy = f"refused: client '{ROGUE}' already has 4 open streams (deploy.max_streams_per_client)"
     assert seen["rogue"]["cut"] >= 1 and seen["rogue"][busy] >= 46
-    assert set(seen["rogue"]) == {"cut", busy}
+    assert set(seen["rogue"]) - {"other"} == {"cut", busy}  # "other": as above, a loaded host
     partial = seen["rogue, partial"]
     assert any(r.startswith(too_large) for r in partial), partial
     assert all(r.startswith(too_large) or r == busy for r in partial), partial
