@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import REPO, header, write_result
+from _common import REPO, RESULTS, cpu_times, header, now_utc, own_cpu_s, write_result
 
 FLOWER_PY = REPO / ".venv-flower" / "bin" / "python"
 FLOWER_APP = REPO / "benchmarks" / "flower" / "secagg_app.py"
@@ -348,6 +348,7 @@ def run_side(
         cmd += ["--out", str(out)]
     sampler = {"interval": 0.1, "pss_cpu_share": 0.02}
     failures = []
+    cpu0, own0, load0 = cpu_times(), own_cpu_s(), load()
     try:
         for attempt in range(tries):
             try:
@@ -364,6 +365,15 @@ def run_side(
         if side == "flower":
             shutil.rmtree(ray_tmp, ignore_errors=True)
     res = json.loads(out.read_text())
+    cpu1, own = cpu_times(), own_cpu_s() - own0
+    busy = cpu1["busy_s"] - cpu0["busy_s"]
+    proc["machine"] = {  # the other agents' work on the machine while this side ran
+        "loadavg_before": load0,
+        "loadavg_after": load(),
+        "busy_cpu_s": busy,
+        "this_side_cpu_s": own,
+        "other_processes_cpu_s": busy - own,
+    }
     return {**res, "process": proc, "failed_attempts": failures}
 
 
@@ -391,9 +401,8 @@ def summarise(side: str, res: dict[str, Any], spec: dict[str, Any]) -> dict[str,
     before = res["first_round_epoch"] - proc["start_epoch"]
     out["startup_s"] = before + max(0.0, warm["plain"] - out["plain"]["wall_s"])
     out["first_secagg_round_extra_s"] = warm["secagg"] - out["none"]["wall_s"]
-    out["process"] = {
-        k: proc[k] for k in ("wall_s", "peak_pss_mib", "peak_rss_mib", "peak_processes")
-    }
+    keys = ("wall_s", "peak_pss_mib", "peak_rss_mib", "peak_processes", "machine")
+    out["process"] = {k: proc[k] for k in keys}
     out["failed_attempts"] = res["failed_attempts"]
     out["rounds"] = rounds
     return out
@@ -468,6 +477,7 @@ def compare(
     workdir = tmp / f"n{n}-d{d}"
     workdir.mkdir()
     entry: dict[str, Any] = {"n": n, "d": d, "k": spec["k"], "threshold": spec["threshold"]}
+    entry["measured_at"] = now_utc()
     entry["repeats"] = repeats
     entry["loadavg_before"] = load()
     pot = summarise("potluck", run_side("potluck", spec, workdir, timeout_s), spec)
@@ -538,6 +548,12 @@ def main() -> None:
     parser.add_argument("--curve-d", type=int, default=100_000)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
     parser.add_argument("--skip-flower", action="store_true")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the (n, d) entries measured now (and the curve, if --curve) in the "
+        "existing results file, keeping the others",
+    )
     parser.add_argument("--side", choices=("potluck",), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -578,8 +594,24 @@ def main() -> None:
         payload["curve"] = curve(ints(args.curve), args.curve_d, 2, tmp, args.timeout)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.merge:
+        payload = merged(payload)
     print_table(payload["grid"])
     print(f"wrote {write_result('compare_flower_secagg', payload)}")
+
+
+def merged(new: dict[str, Any]) -> dict[str, Any]:
+    """The existing results with the entries measured in ``new`` replaced; every run that
+    contributed is listed in ``runs``."""
+    old = json.loads((RESULTS / "compare_flower_secagg.json").read_text())
+    runs = old.pop("runs", [{k: old[k] for k in ("command", "date", "source")}])
+    fresh = {(e["n"], e["d"]) for e in new["grid"]}
+    grid = [e for e in old["grid"] if (e["n"], e["d"]) not in fresh] + new["grid"]
+    new["grid"] = sorted(grid, key=lambda e: (e["d"], e["n"]))
+    if not new["curve"]:
+        new["curve"] = old["curve"]
+    new["runs"] = [*runs, {k: new[k] for k in ("command", "date", "source")}]
+    return new
 
 
 def print_table(grid: list[dict[str, Any]]) -> None:

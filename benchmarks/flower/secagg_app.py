@@ -330,15 +330,19 @@ def main() -> None:
     here = str(Path(__file__).resolve().parent)  # Ray workers import this module by name
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=int(spec()["n"]),
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": args.cpus, "include_dashboard": False},
-        },
-    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=int(spec()["n"]),
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": args.cpus, "include_dashboard": False},
+            },
+        )
+    except Exception as exc:  # e.g. Ray's start-up timing out on a loaded machine
+        print(f"run_simulation failed: {exc!r}", file=sys.stderr, flush=True)
+        os._exit(1)  # the ServerApp thread would keep waiting for nodes that never come
     result = json.loads(Path(spec()["server_out"]).read_text())
     result.update(run_simulation_s=time.perf_counter() - t0, ray_cpus=args.cpus)
     Path(args.out).write_text(json.dumps(result) + "\n")
