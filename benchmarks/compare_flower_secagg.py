@@ -56,6 +56,7 @@ Run from the repository root (``bash scripts/setup_flower.sh`` first):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -324,46 +325,33 @@ def flower_round(raw: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 def run_side(
-    side: str, spec: dict[str, Any], workdir: Path, timeout_s: float, tries: int = 3
+    side: str, spec: dict[str, Any], workdir: Path, timeout_s: float, tries: int = 4
 ) -> dict[str, Any]:
-    """Run one side in its own process (network namespace), retrying a Flower run whose Ray
-    start-up timed out on the loaded machine; its result and process-tree numbers."""
-    from compare_flower import in_netns, spawn
-
+    """Run one side in its own process (network namespace), retrying a run that failed (Ray's
+    start-up times out after 30 s on a loaded machine); its result and process numbers."""
     spec_path, out = workdir / f"{side}-spec.json", workdir / f"{side}-out.json"
     spec = {**spec, "server_out": str(workdir / f"{side}-server.json")}
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
     if side == "flower":
-        ray_tmp = Path(tempfile.mkdtemp(prefix="rsa", dir="/tmp"))  # short: Ray's socket paths
-        env.update(
-            FLWR_TELEMETRY_ENABLED="0",
-            RAY_USAGE_STATS_ENABLED="0",
-            RAY_TMPDIR=str(ray_tmp),
-            PYTHONPATH=str(FLOWER_APP.parent),
-        )
         cmd = [str(FLOWER_PY), str(FLOWER_APP), "--spec", str(spec_path), "--out", str(out)]
     else:
         cmd = [sys.executable, __file__, "--side", "potluck", "--spec", str(spec_path)]
         cmd += ["--out", str(out)]
-    sampler = {"interval": 0.1, "pss_cpu_share": 0.02}
-    failures = []
+    failures: list[str] = []
     cpu0, own0, load0 = cpu_times(), own_cpu_s(), load()
-    try:
-        for attempt in range(tries):
-            try:
-                proc = spawn(
-                    in_netns(cmd), workdir / f"{side}-{attempt}.log", sampler, env, timeout_s
-                )
-                break
-            except RuntimeError as exc:
-                failures.append(str(exc)[-300:])
-                print(f"  {side} attempt {attempt + 1} failed: {str(exc)[-200:]}", flush=True)
-        else:
-            raise RuntimeError(f"{side} failed {tries} times: {failures}")
-    finally:
-        if side == "flower":
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+    for attempt in range(tries):
+        log = workdir / f"{side}-{attempt}.log"
+        try:
+            proc = _spawn_side(side, cmd, log, timeout_s)
+            break
+        except RuntimeError:
+            lines = log.read_text(errors="replace").splitlines()
+            why = next((x for x in reversed(lines) if "Exception" in x or "Error" in x), "?")
+            failures.append(why[-300:])
+            print(f"  {side} attempt {attempt + 1} failed: {why[-200:]}", flush=True)
+            time.sleep(30.0 * (attempt + 1))  # let the machine's load pass
+    else:
+        raise RuntimeError(f"{side} failed {tries} times: {failures}")
     res = json.loads(out.read_text())
     cpu1, own = cpu_times(), own_cpu_s() - own0
     busy = cpu1["busy_s"] - cpu0["busy_s"]
@@ -375,6 +363,27 @@ def run_side(
         "other_processes_cpu_s": busy - own,
     }
     return {**res, "process": proc, "failed_attempts": failures}
+
+
+def _spawn_side(side: str, cmd: list[str], log: Path, timeout_s: float) -> dict[str, Any]:
+    """One run of a side's process, Flower's with a fresh ``RAY_TMPDIR``."""
+    from compare_flower import in_netns, spawn
+
+    sampler = {"interval": 0.1, "pss_cpu_share": 0.02}
+    if side != "flower":
+        return spawn(in_netns(cmd), log, sampler, dict(os.environ), timeout_s)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rsa", dir="/tmp"))  # short: Ray's socket paths
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TMPDIR": str(ray_tmp),
+        "PYTHONPATH": str(FLOWER_APP.parent),
+    }
+    try:
+        return spawn(in_netns(cmd), log, sampler, env, timeout_s)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def summarise(side: str, res: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
@@ -585,19 +594,30 @@ def main() -> None:
         "protocol time leaves out its FedAvg re-average (strategy_fedavg_s) and the check"
     )
     tmp = Path(tempfile.mkdtemp(prefix="compare-flower-secagg-"))
+    payload["grid"], payload["curve"] = [], []
     try:
-        payload["grid"] = [
-            compare(n, d, repeats_for(n, d, args), tmp, args.timeout, args.skip_flower)
-            for d in ints(args.dims)
-            for n in ints(args.sizes)
-        ]
+        for d in ints(args.dims):
+            for n in ints(args.sizes):
+                try:
+                    entry = compare(
+                        n, d, repeats_for(n, d, args), tmp, args.timeout, args.skip_flower
+                    )
+                except RuntimeError as exc:  # recorded; re-measure it later with --merge
+                    print(f"n={n} d={d} failed: {exc}", flush=True)
+                    entry = {"n": n, "d": d, "error": str(exc)[-2000:], "measured_at": now_utc()}
+                payload["grid"].append(entry)
+                save(payload, args.merge)  # after every setting: a later failure loses nothing
         payload["curve"] = curve(ints(args.curve), args.curve_d, 2, tmp, args.timeout)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.merge:
-        payload = merged(payload)
-    print_table(payload["grid"])
-    print(f"wrote {write_result('compare_flower_secagg', payload)}")
+    print_table(save(payload, args.merge)["grid"])
+
+
+def save(payload: dict[str, Any], merge: bool) -> dict[str, Any]:
+    """Write the results so far (merged into the existing file with ``merge``)."""
+    out = merged(copy.deepcopy(payload)) if merge else copy.deepcopy(payload)
+    print(f"wrote {write_result('compare_flower_secagg', out)}", flush=True)
+    return out
 
 
 def merged(new: dict[str, Any]) -> dict[str, Any]:
@@ -609,8 +629,9 @@ def merged(new: dict[str, Any]) -> dict[str, Any]:
     grid = [e for e in old["grid"] if (e["n"], e["d"]) not in fresh] + new["grid"]
     new["grid"] = sorted(grid, key=lambda e: (e["d"], e["n"]))
     if not new["curve"]:
-        new["curve"] = old["curve"]
-    new["runs"] = [*runs, {k: new[k] for k in ("command", "date", "source")}]
+        new["curve"] = old.get("curve", [])
+    this = {k: new[k] for k in ("command", "date", "source")}
+    new["runs"] = [*(r for r in runs if r != this), this]
     return new
 
 
