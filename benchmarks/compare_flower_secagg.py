@@ -392,6 +392,8 @@ def summarise(side: str, res: dict[str, Any], spec: dict[str, Any]) -> dict[str,
     rounds = res["rounds"]
     if side == "flower":
         rounds = [flower_round(r, n) for r in rounds]
+    halted = [r for r in rounds if "aggregated" not in r]  # SecAgg+ stopped before the sum
+    rounds = [r for r in rounds if "aggregated" in r]
     for r in rounds:
         bound = error_bound(spec, r["aggregated"])
         if not r["max_error"] <= bound:
@@ -413,6 +415,9 @@ def summarise(side: str, res: dict[str, Any], spec: dict[str, Any]) -> dict[str,
     keys = ("wall_s", "peak_pss_mib", "peak_rss_mib", "peak_processes", "machine")
     out["process"] = {k: proc[k] for k in keys}
     out["failed_attempts"] = res["failed_attempts"]
+    out["halted_rounds"] = [
+        {k: r.get(k) for k in ("round", "dropout", "completed")} for r in halted
+    ]
     out["rounds"] = rounds
     return out
 
@@ -448,8 +453,13 @@ def median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def check_same_work(pot: dict[str, Any], flo: dict[str, Any]) -> None:
-    """Both sides aggregated the same clients and the same plaintext mean every round."""
-    for a, b in zip(pot["rounds"], flo["rounds"], strict=True):
+    """Both sides aggregated the same clients and the same plaintext mean every round
+    (that both completed)."""
+    done = {r["round"]: r for r in flo["rounds"]}
+    for a in pot["rounds"]:
+        if a["round"] not in done:
+            continue
+        b = done[a["round"]]
         if a["aggregated"] != b["aggregated"]:
             raise RuntimeError(f"round {a['round']}: the sides aggregated different clients")
         if not np.allclose(a["expected_fingerprint"], b["expected_fingerprint"], rtol=1e-9):
@@ -602,7 +612,7 @@ def main() -> None:
                     entry = compare(
                         n, d, repeats_for(n, d, args), tmp, args.timeout, args.skip_flower
                     )
-                except RuntimeError as exc:  # recorded; re-measure it later with --merge
+                except Exception as exc:  # recorded; re-measure it later with --merge
                     print(f"n={n} d={d} failed: {exc}", flush=True)
                     entry = {"n": n, "d": d, "error": str(exc)[-2000:], "measured_at": now_utc()}
                 payload["grid"].append(entry)
