@@ -37,7 +37,7 @@ from potluck.deploy.server import (
     serve,
 )
 from potluck.orchestrator import RoundCallback, RunResult, resume_experiment, run_experiment
-from potluck.privacy.ledger import check_deployable
+from potluck.privacy.ledger import PrivacyBudget, check_deployable, prepare
 from potluck.store.sqlite import RunStore
 
 log = logging.getLogger("potluck.deploy")
@@ -238,8 +238,11 @@ def site_program(
 
     ``data=None`` takes the site's data from the experiment's own (simulated) federation:
     client ``client_id``'s partition, which makes a deployment reproduce a simulation
-    exactly (used by the tests and for trying a deployment out). A config whose DP noise
-    follows from its seed is refused here too (``check_deployable``).
+    exactly (used by the tests and for trying a deployment out). The algorithm is the one
+    the server's experiment runs: a private mechanism's noise calibrated to the budget's
+    ``target_epsilon`` and bound to the expected cohort (``privacy.prepare``), so a site's
+    local or distributed noise is what the server accounts. A config whose DP noise follows
+    from its seed is refused here too (``check_deployable``).
     """
     cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_dict(config)
     from potluck.data.federation import Federation
@@ -266,7 +269,9 @@ def site_program(
     if task is None:  # the config's: [task] by import path, or the built-in [model]
         task = cfg.build_task(federation)
     torch.set_num_threads(cfg.run.threads or 1)  # as the simulation computes
-    algorithm = cfg.algorithm_parts()
+    # as the server's experiment has it: noise calibrated to the budget, cohort bound
+    budget = PrivacyBudget(**cfg.privacy.model_dump()) if cfg.privacy else PrivacyBudget()
+    algorithm = prepare(cfg.algorithm_parts(), cfg.data.num_clients, cfg.rounds, budget)
     check_deployable(algorithm)  # the site's own examples' noise (DP-SGD) too
     return algorithm.client_program(
         task, federation, seed=cfg.seed, finetune_epochs=cfg.evaluation.finetune_epochs

@@ -503,7 +503,7 @@ class RoundStages:
                 if reply.refused:
                     raise MessageError(reply.refused)
                 if reply.state:
-                    self.loop._check_state(cid, reply, self.states[cid])
+                    self.loop._check_state(cid, reply, self.states[cid], self.engine.remote)
             except MessageError as exc:
                 if not self.engine.remote:
                     raise
@@ -556,7 +556,6 @@ class _Loop:
         if self.engine.remote:
             try:
                 privacy.check_deployable(self.exp.algorithm)
-                _check_secrets_deployable(self.secret)
             except ValueError:
                 self.engine.close()
                 raise
@@ -726,7 +725,7 @@ class _Loop:
             **privacy_metrics,
         }
         if engine.remote:
-            refused = stages.refused.get(TRAIN, 0)
+            refused = sum(stages.refused.values())  # at any stage: each drops its member
             metrics["failed"] = float(active - len(trained) - refused)
             metrics["refused"] = float(refused + len(trained) - len(updates))
             metrics["capped"] = float(sum("claimed_weight" in u.metrics for u in updates))
@@ -859,12 +858,19 @@ class _Loop:
             ]
         return tuple({**s, **fresh.get(int(c), {})} for c, s in zip(clients, stored, strict=True))
 
-    def _check_state(self, cid: int, reply: Reply, before: Mapping[str, State]) -> None:
+    def _check_state(
+        self, cid: int, reply: Reply, before: Mapping[str, State], remote: bool = False
+    ) -> None:
         """A member's new client state: only for parts that keep state, under the names and
         dtypes a part declares (its ``client_state``: name -> dtype), finite, of the shape it
         declares (``client_state_shapes``) and of the dtype and shape of the version it
-        replaces (``before``)."""
+        replaces (``before``); never a ``secret_state`` part's from a ``remote`` member (a
+        site keeps its secrets: the server must not hold them)."""
         for ns, state in reply.state.items():
+            if remote and ns in self.secret:
+                raise MessageError(
+                    f"client {cid} sent the secret state of {ns!r}, which a site keeps to itself"
+                )
             if ns not in self.stateful:
                 raise MessageError(
                     f"client {cid} sent state for {ns!r}, which is not a part of this run "
@@ -1099,17 +1105,6 @@ class _Loop:
         }
         self.store.commit_round(
             self.run_id, state.round, metrics, per_client, ckpt, client_states=flat
-        )
-
-
-def _check_secrets_deployable(secret: set[str]) -> None:
-    """A remote engine carries client state through the server, which must never see a
-    part's secret state: refuse such parts until the sites keep it themselves."""
-    if secret:
-        raise ValueError(
-            f"{sorted(secret)[0]} keeps secrets in its client state between stages, which a "
-            "deployment would carry through the server (site-local state is not built yet): "
-            "run it in simulation"
         )
 
 

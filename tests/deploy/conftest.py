@@ -140,8 +140,8 @@ class Deployment:
         assert listening.wait(60), "the server did not start"
         return self
 
-    def site(self, name: str, tls: ClientTLS | None, **kw: Any) -> Site:
-        site = Site(
+    def site(self, name: str, tls: ClientTLS | None, *, kind: type[Site] = Site, **kw: Any) -> Site:
+        site = kind(
             f"127.0.0.1:{self.port}",
             name=name,
             tls=tls,

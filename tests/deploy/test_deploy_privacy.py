@@ -121,3 +121,22 @@ def test_dp_sgd_deployed_equals_its_simulation_and_accounts_each_sites_steps(
     assert pairs and noised.history[-1]["terms.0.dp_sgd/epsilon"] == largest_epsilon(
         pairs, 1.0, 1e-5
     )
+
+
+@pytest.mark.parametrize("name", ["ldp_fedavg", "ddp_secagg_fedavg"])
+def test_a_sites_noise_is_the_one_the_server_calibrated_and_accounts(
+    tmp_path: Path, name: str
+) -> None:
+    """With a ``target_epsilon`` the server calibrates the noise multiplier; a site builds
+    its program from the same config and must add exactly that noise (and bind the same
+    cohort), else the accountant would describe noise no site added."""
+    from potluck.deployment import site_program
+
+    d = per_client(tmp_path, name).to_dict()
+    d["sampler"] = {"clients_per_round": 5}
+    d["privacy"] = {"delta": 1e-5, "target_epsilon": 4.0, "accountant": "rdp"}
+    cfg = ExperimentConfig.from_dict(d)
+    server = cfg.build().algorithm.transforms[0]
+    site = site_program(cfg.to_dict(), 2).algorithm.transforms[0]
+    assert site.noise_multiplier == server.noise_multiplier != 1.0
+    assert site == server

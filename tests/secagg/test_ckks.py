@@ -351,9 +351,11 @@ class _Remote(InlineEngine):
     remote = True
 
 
-def test_a_remote_engine_refuses_it_until_sites_keep_their_own_state() -> None:
-    with pytest.raises(ValueError, match=r"transforms\.0\.ckks keeps secrets in its client state"):
-        run_experiment(config(**HE).build(), engine=_Remote)
+def test_a_remote_key_holder_that_sends_its_secret_key_is_refused() -> None:
+    """A deployed site keeps its secret key (``deploy.secrets``); a remote key holder that
+    sends it anyway is refused, and the round aborts without a key."""
+    result = run_experiment(config(**HE).build(), engine=_Remote)
+    assert [(m["aborted"], m["refused"]) for m in result.history] == [(1.0, 1.0)]
 
 
 def test_the_parts_run_from_a_toml_file_with_the_cli(tmp_path: Path) -> None:

@@ -185,9 +185,17 @@ class _Remote(InlineEngine):
     remote = True
 
 
-def test_a_remote_engine_refuses_it_until_sites_keep_their_own_state() -> None:
-    with pytest.raises(ValueError, match="keeps secrets in its client state between stages"):
-        run_experiment(config(**SECAGG).build(), engine=_Remote)
+def test_members_of_a_remote_engine_that_send_their_secret_state_are_refused() -> None:
+    """A deployed site keeps its secrets (``deploy.secrets``); a remote member that sends
+    them anyway is refused at its first stage, so no update is aggregated and the model
+    does not move."""
+    exp = config(rounds=2, **SECAGG).build()
+    result = run_experiment(exp, engine=_Remote)
+    assert torch.equal(result.weights, exp.algorithm.client_program(
+        exp.task, exp.federation, seed=exp.seed).initial_weights())  # fmt: skip
+    cohort = [m["cohort_size"] for m in result.history]
+    assert [m["refused"] for m in result.history] == cohort and cohort[0] > 0
+    assert all(m["transforms.0.secagg/advertised"] == 0 for m in result.history)
 
 
 def test_the_preset_runs_from_a_toml_file_with_the_cli(tmp_path: Path) -> None:

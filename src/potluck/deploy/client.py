@@ -37,6 +37,7 @@ from potluck.client.program import ClientProgram
 from potluck.core import records
 from potluck.core.message import MessageError
 from potluck.deploy import wire
+from potluck.deploy.secrets import RoundSecrets
 
 log = logging.getLogger("potluck.deploy")
 
@@ -99,6 +100,7 @@ class Site:
         self.program_for, self.server_name = program_for, server_name
         self.backoff, self.max_failures = backoff, max_failures
         self._program: tuple[str, int, ClientProgram] | None = None
+        self._secrets = RoundSecrets(())
         self._stub: Any = None
         self._delay, self._failures = backoff[0], 0
         self._pending: wire.Envelope | None = None  # an answer not yet delivered
@@ -133,6 +135,7 @@ class Site:
             raise _Retry(f"join refused: {welcome.scalars.get('reason', welcome.kind)}")
         self._delay, self._failures = self.backoff[0], 0  # connected: a new row of failures
         program, cid = self._ensure_program(welcome)
+        self._secrets.forget()  # the server may have restarted since the round's last stage
         log.info("joined run %s as client %d", welcome.run_id, cid)
         if self._pending is not None and self._pending.run_id == welcome.run_id:
             self._deliver()  # the connection failed while it was being sent
@@ -165,21 +168,24 @@ class Site:
         cid = int(welcome.scalars["client_id"])
         if self._program is None or self._program[:2] != (welcome.run_id, cid):
             config = json.loads(str(welcome.scalars["config"]))
-            self._program = (welcome.run_id, cid, self.program_for(config, cid))
+            program = self.program_for(config, cid)
+            self._program = (welcome.run_id, cid, program)
+            secret = [ns for ns, p in program.parts.items() if getattr(p, "secret_state", False)]
+            self._secrets = RoundSecrets(secret)
         return self._program[2], cid
 
     def _work(self, program: ClientProgram, cid: int, task: wire.Envelope) -> wire.Envelope:
         stage, t0 = str(task.scalars.get("stage", "")), time.perf_counter()
         try:
             job = records.job_from_task(stage, task.round, cid, task.message())
-            reply = program.run_stage(job)[0]
+            reply = program.run_stage(self._secrets.fill(task.run_id, job))[0]
         except (records.RecordError, MessageError, ValueError) as exc:
             raise _Retry(f"round {task.round}: cannot do stage {stage!r}: {exc}") from exc
         if reply is None:
             log.info("round %d: declined stage %s", task.round, stage)
             return self._answer("declined", task, {}, {})
         log.info("round %d: %s done in %.2f s", task.round, stage, time.perf_counter() - t0)
-        message = records.reply_to_message(reply)
+        message = records.reply_to_message(self._secrets.keep(task.run_id, task.round, reply))
         return self._answer("reply", task, dict(message.arrays), dict(message.scalars))
 
     def _answer(

@@ -180,7 +180,7 @@ class DistributedSkellam(SecAgg):
         return super().client_stage(stage, shared, state, ctx)
 
     def encode(self, message: Message, state: State, ctx: Context) -> tuple[Message | None, State]:
-        if self._drops(ctx, "masked_input"):
+        if self._drops(ctx, "masked_input", state):
             return None, {}
         encoding = self.encoding(str(ctx.stream[0])).for_round(
             ctx.seed, ctx.round, self._noise_source(ctx)

@@ -59,6 +59,9 @@ from potluck.secagg.graph import degree, harary
 from potluck.updates.base import Transform
 
 STAGES = ("advertise", "share", "masked_input", "unmask")  # where a member may drop out
+# the secret each stage needs from the one before (a deployed site that lost its secrets,
+# restarted mid-round, has none of them and drops out)
+_NEEDS = {"share": "c_sk", "masked_input": "b", "unmask": "senders"}
 _TORCH = {32: torch.int32, 64: torch.int64}
 
 
@@ -152,7 +155,11 @@ class SecAgg(Transform):
 
     # ---- the client's half -------------------------------------------------------------
 
-    def _drops(self, ctx: Context, stage: str) -> bool:
+    def _drops(self, ctx: Context, stage: str, state: State) -> bool:
+        """Whether the member leaves before ``stage``: it lost the secrets the stage needs,
+        or (simulation) the ``dropout`` draw says so."""
+        if stage in _NEEDS and _NEEDS[stage] not in state:
+            return True
         return self.dropout > 0 and float(ctx.rng("dropout", stage).random()) < self.dropout
 
     def client_stage(
@@ -160,7 +167,7 @@ class SecAgg(Transform):
     ) -> tuple[Message | None, State]:
         if stage not in STAGES or stage == "masked_input":
             raise ValueError(f"SecAgg has no client stage {stage!r}")
-        if self._drops(ctx, stage):
+        if self._drops(ctx, stage, state):
             return None, {}
         if stage == "advertise":
             return protocol.advertise()
@@ -169,7 +176,7 @@ class SecAgg(Transform):
         return protocol.unmask(shared, state, ctx), {}
 
     def encode(self, message: Message, state: State, ctx: Context) -> tuple[Message | None, State]:
-        if self._drops(ctx, "masked_input"):
+        if self._drops(ctx, "masked_input", state):
             return None, {}
         return protocol.mask_input(message, state, ctx, self.encoding(str(ctx.stream[0])))
 
