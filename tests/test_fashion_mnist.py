@@ -1,9 +1,12 @@
-"""FedAvg learns Fashion-MNIST under label skew in a CI-sized run."""
+"""FedAvg learns Fashion-MNIST under label skew (slow: 30 s)."""
+
+import pytest
 
 from potluck.config import ExperimentConfig
 from potluck.orchestrator import run_experiment
 
 
+@pytest.mark.slow
 def test_fedavg_reaches_meaningful_accuracy_on_non_iid_fashion_mnist() -> None:
     # The default experiment (100 clients, Dirichlet(0.5) label skew, 10 clients per round,
     # small CNN, 2 local epochs) cut to 10 rounds, evaluated once at the end. Seeds 0-2 reach

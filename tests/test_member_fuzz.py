@@ -304,6 +304,7 @@ def test_many_corruptions_at_once(corrupts: list[Corrupt]) -> None:
     check(all_of)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
 def test_atheris_harness_runs_clean(tmp_path: Path) -> None:
     """A short run of the coverage-guided fuzz of the member's answers (``fuzz_member.py``)."""

@@ -158,7 +158,7 @@ def _committed_rounds(store: Path) -> int:
             return 0
 
 
-@pytest.mark.parametrize("checkpoint_every", [1, 3])
+@pytest.mark.parametrize("checkpoint_every", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, checkpoint_every: int) -> None:
     sets = [
         "--set",

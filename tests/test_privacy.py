@@ -58,7 +58,10 @@ def test_sampling_without_replacement_is_accounted_under_replace_one() -> None:
         epsilon([Round(1.1, WithoutReplacement(1000, 10))], 1e-5, "pld")
 
 
-@pytest.mark.parametrize(("target", "kind"), [(1.0, "rdp"), (4.0, "rdp"), (2.0, "pld")])
+@pytest.mark.parametrize(
+    ("target", "kind"),
+    [(1.0, "rdp"), (4.0, "rdp"), pytest.param(2.0, "pld", marks=pytest.mark.slow)],
+)
 def test_calibration_hits_the_target_within_one_percent(target: float, kind: str) -> None:
     sampling, rounds = Poisson(0.01), (200 if kind == "rdp" else 5)
     z = calibrate(target, 1e-5, rounds, sampling, kind)

@@ -3,6 +3,8 @@ commands, with certificates from ``potluck certs``.
 
 - Across network namespaces (a server host and five client hosts, each with its own address,
   joined by veth pairs), the deployed run equals the simulation of the same experiment.
+- Across the namespaces, SecAgg+ survives clients killed between each two of its stages and
+  equals the simulation of the same dropouts.
 - On loopback: clients killed mid-run are dropped from the later rounds and the run finishes;
   a server killed mid-run and restarted resumes the run, its clients reconnect by themselves,
   no committed round is lost and the result equals the uninterrupted simulation; a server
@@ -401,6 +403,7 @@ def test_user_parts_named_by_import_path_deploy_across_hosts(
     assert all(m["failed"] == 0 and m["refused"] == 0 for m in run.history)
 
 
+@pytest.mark.slow  # the SecAgg+ test kills clients mid-run too
 def test_clients_killed_mid_run_are_dropped_and_the_run_finishes(
     procs: Procs, pki: Path, tmp_path: Path
 ) -> None:
@@ -461,6 +464,7 @@ def test_a_killed_and_restarted_server_resumes_and_its_clients_reconnect(
     assert torch.equal(run.weights, sim.weights)
 
 
+@pytest.mark.slow  # test_deploy's in-process version runs by default
 def test_a_failed_server_restarted_with_a_fixed_config_gets_its_clients_back(
     procs: Procs, pki: Path, tmp_path: Path
 ) -> None:
@@ -499,4 +503,70 @@ def test_a_failed_server_restarted_with_a_fixed_config_gets_its_clients_back(
     assert all(m["failed"] == 0 and m["refused"] == 0 for m in run.history)
     sim = simulate(fixed)  # the fixed config, uninterrupted
     assert learning(run.history) == learning(sim.history)
+    assert torch.equal(run.weights, sim.weights)
+
+
+class Killed(InlineEngine):
+    """The simulation in which client ``c`` answers nothing after stage ``stage`` of round
+    ``round`` (``killed[c] = (round, stage)``); a simulation engine (not remote), so the
+    parts' secret state stays with the clients."""
+
+    ORDER = ("advertise", "share", "train", "unmask")
+
+    def __init__(self, program: Any, killed: dict[int, tuple[int, str]]) -> None:
+        super().__init__(program)
+        self.killed = {c: (r, self.ORDER.index(s)) for c, (r, s) in killed.items()}
+
+    def run_stage(self, job: StageJob) -> list[Reply | None]:
+        replies = self.program.run_stage(job)
+        now = (job.round, self.ORDER.index(job.stage.rpartition(":")[2]))
+        pairs = zip(job.clients, replies, strict=True)
+        return [None if self.killed.get(int(c), now) < now else r for c, r in pairs]
+
+
+def test_secagg_across_hosts_survives_clients_killed_between_its_stages(
+    star: Star, procs: Procs, pki: Path, tmp_path: Path
+) -> None:
+    """SecAgg+ on five hosts, its four stages real exchanges over the network: in round 2
+    site-4 is killed after advertising its keys and site-3 after sharing them (before its
+    masked input); in round 3 site-2 after its masked input (before unmasking), while site-1
+    is held up (``slow_parts:Pause``) so the unmask stage cannot start first. Every round
+    completes (the dropped clients' masks are rebuilt from the survivors' shares) and the
+    model is, bit for bit, the simulation's in which exactly the masked inputs that arrived
+    were summed."""
+    store = tmp_path / "runs"
+
+    def secure(seconds: float) -> ExperimentConfig:
+        pause = {"name": "slow_parts:Pause", "rounds_of": [0, 3, 0, 2, 0], "seconds": seconds}
+        secagg = {"name": "secagg", "max_weight": 20000.0}  # weights: up to 12,000 examples
+        parts = {"transforms": [pause, secagg], "aggregator": {"name": "secagg_sum"}}
+        return experiment(
+            store, rounds=4, federated_clients=0, parts=parts, listen="0.0.0.0:0",
+            round_timeout_s=4,
+        )  # fmt: skip
+
+    cfg = secure(3.0)
+    toml = write(cfg, tmp_path / "exp.toml")
+    server = procs.server(toml, store, pki, listen="0.0.0.0:0", prefix=star.exec(star.hub))
+    port = server.port()
+    clients = [
+        procs.client(name, f"{star.hub_address(i)}:{port}", pki, prefix=star.exec(star.spoke(i)))
+        for i, name in enumerate(SITES)
+    ]
+    ns = "transforms.1.secagg"
+    for victim, rnd, stage in [(4, 2, f"{ns}:advertise"), (3, 2, f"{ns}:share"), (2, 3, "train")]:
+        clients[victim].wait_for(rf"round {rnd}: {stage} done", 120)
+        clients[victim].kill()
+    assert server.finish() == 0, procs.tails()
+    assert [c.finish(30) for c in clients[:2]] == [0] * 2, procs.tails()
+    run = stored(store)
+    assert run.rounds == [1, 2, 3, 4] and run.status == "finished"
+    assert all("aborted" not in m for m in run.history), procs.tails()
+    masked = [int(m[f"{ns}/masked"]) for m in run.history]
+    unmasked = [int(m[f"{ns}/unmasked"]) for m in run.history]
+    assert masked[:2] == [5, 3] and masked[2] in (2, 3) and masked[3] == 2, masked
+    assert unmasked == [5, 3, 2, 2], unmasked  # site-2 never unmasked in round 3
+    killed = {4: (2, "advertise"), 3: (2, "share"), 2: (3, "train" if masked[2] == 3 else "share")}
+    sim = simulate(secure(0.0), lambda p: Killed(p, killed))  # the pause is the identity
+    assert [m[f"{ns}/masked"] for m in sim.history] == masked
     assert torch.equal(run.weights, sim.weights)
