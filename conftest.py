@@ -1,10 +1,20 @@
 """Shared test setup: the user-written parts of ``examples/my_lab`` are importable, as a
-user's own package would be (for the tests and the doctests of ``src/`` and ``examples/``)."""
+user's own package would be (for the tests and the doctests of ``src/`` and ``examples/``).
+
+gRPC's fork handlers are turned off, before gRPC is first imported: the deployment tests run
+gRPC servers and channels in this process and the pool engine's tests later fork workers
+from it; the handlers would reset gRPC's event engine in each child, which aborts a worker
+(an ``ev_epoll1_linux.cc`` check) when a finished test's server left its pollers behind.
+The workers never call gRPC.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 if str(EXAMPLES) not in sys.path:
