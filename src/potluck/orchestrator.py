@@ -172,7 +172,8 @@ class Experiment:
             if budget is not None:
                 raise ValueError(
                     "privacy: a budget needs a private mechanism (aggregator dp_mean, "
-                    "dp_mean_adaptive or dp_ftrl, or a local_dp or dskellam transform); this "
+                    "dp_mean_adaptive or dp_ftrl, or a local_dp, dskellam or central_dp "
+                    "transform); this "
                     "algorithm "
                     f"has none (aggregator {type(algo.aggregator).__name__})"
                 )

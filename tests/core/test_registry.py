@@ -16,6 +16,7 @@ from potluck.privacy.adaptive import AdaptiveGaussianMean
 from potluck.privacy.central import GaussianMean
 from potluck.privacy.dp_sgd import DpSgd
 from potluck.privacy.local import LocalGaussian
+from potluck.privacy.secure_central import SecureCentralGaussian
 from potluck.privacy.tree import TreeAggregatedMean
 from potluck.sampling import PoissonSampler, ShuffledSampler, Stragglers, UniformSampler
 from potluck.secagg import SecAgg, SecureSum
@@ -57,6 +58,8 @@ EXAMPLES: dict[str, list[Any]] = {
         DistributedSkellam(),
         DistributedSkellam(neighbours="all", quantization_bits=24, bits=64, clip=0.5),
         DistributedSkellam(noise_multiplier=1.3, min_survivors=7, colluders=2, noise="secure"),
+        SecureCentralGaussian(),
+        SecureCentralGaussian(0.5, 2.0, "secure"),
         CKKS(),
         CKKS(key_holder=3, clip_range=0.5, min_clients=3, scale_bits=40),
     ],

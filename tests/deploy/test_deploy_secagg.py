@@ -77,27 +77,28 @@ def deploy(deployment: Make, pki: PKI, cfg: ExperimentConfig, kind: type[Site] =
 
 
 @pytest.mark.parametrize(
-    "algorithm",
+    ("algorithm", "ns"),
     [
-        {},
-        {
-            "name": "ddp_secagg_fedavg",
-            "clip": 0.5,
-            "noise_multiplier": 0.0,
-            "noise": "secure",
-            "threshold": 3,
-        },
+        ({}, "transforms.0.secagg"),
+        ({"name": "ddp_secagg_fedavg", "clip": 0.5, "noise_multiplier": 0.0, "noise": "secure",
+          "threshold": 3}, "transforms.0.dskellam"),
+        ({"name": "dp_secagg_fedavg", "clip": 0.5, "noise_multiplier": 0.0, "noise": "secure",
+          "threshold": 3}, "transforms.1.secagg"),
     ],
-    ids=["secagg", "dskellam"],
-)
+    ids=["secagg", "dskellam", "central_dp"],
+)  # fmt: skip
 def test_secure_aggregation_deployed_equals_its_simulation_and_no_secret_leaves_a_site(
-    deployment: Make, pki: PKI, tmp_path: Path, received: list[wire.Envelope], algorithm: Any
+    deployment: Make,
+    pki: PKI,
+    tmp_path: Path,
+    received: list[wire.Envelope],
+    algorithm: Any,
+    ns: str,
 ) -> None:
     result = deploy(deployment, pki, secure(tmp_path / "runs", **algorithm))
     sim = run_experiment(secure(tmp_path / "sim", **algorithm).build(), engine=Dropping)
     assert torch.equal(result.weights, sim.weights)  # the masks cancel: the same bits
     assert learning(result) == learning(sim)
-    ns = "transforms.0." + ("dskellam" if algorithm else "secagg")
     for m in result.history:
         assert "aborted" not in m and m[f"{ns}/masked"] == 5 and m[f"{ns}/unmasked"] == 5
     answers = [env for env in received if env.kind == "reply"]

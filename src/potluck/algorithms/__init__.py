@@ -11,13 +11,14 @@ from potluck.algorithms.he_fedavg import he_fedavg
 from potluck.algorithms.personal import ditto, fedper
 from potluck.algorithms.qffl import qffl
 from potluck.algorithms.scaffold import scaffold
-from potluck.algorithms.secagg_fedavg import secagg_fedavg
+from potluck.algorithms.secagg_fedavg import dp_secagg_fedavg, secagg_fedavg
 
 __all__ = [
     "Algorithm",
     "ditto",
     "dp_fedavg",
     "dp_ftrl",
+    "dp_secagg_fedavg",
     "fedavg",
     "fednova",
     "fedper",

@@ -4,7 +4,8 @@ updates, never one client's, even when clients drop out mid-round. SecAgg+ (Bell
 ``log2 n`` neighbours per client, or SecAgg (Bonawitz et al. 2017, "Practical Secure
 Aggregation for Privacy-Preserving Machine Learning", CCS) with ``neighbours = "all"``;
 ``potluck.secagg`` has the protocol and its settings. ``ddp_secagg_fedavg`` adds distributed
-DP: each client's share of Skellam noise goes into the sum before masking.
+DP: each client's share of Skellam noise goes into the sum before masking;
+``dp_secagg_fedavg`` central DP: clients clip, the server noises the unmasked sum.
 
 Example:
     >>> algo = secagg_fedavg(neighbours="all", clients_per_round=10)
@@ -19,6 +20,7 @@ from typing import Any
 
 from potluck.algorithms.base import Algorithm, preset
 from potluck.algorithms.fedavg import fedavg
+from potluck.privacy.secure_central import SecureCentralGaussian
 from potluck.secagg import DistributedSkellam, SecAgg, SecureSum
 
 
@@ -123,6 +125,65 @@ def ddp_secagg_fedavg(
     return replace(
         base,
         name="ddp_secagg_fedavg",
+        transforms=(*base.transforms, *parts["transforms"]),
+        aggregator=parts["aggregator"],
+    )
+
+
+@preset("dp_secagg_fedavg")
+def dp_secagg_fedavg_parts(
+    *,
+    clip: float = 1.0,
+    noise_multiplier: float = 1.0,
+    noise: str = "seed",
+    neighbours: int | str = "log",
+    threshold: int | float = 0.5,
+    quantization_bits: int = 20,
+    bits: int = 32,
+    dropout: float = 0.0,
+) -> dict[str, Any]:
+    """The ``SecureCentralGaussian`` transform (client clip, server noise), then ``SecAgg``
+    with its clipping range at ``clip`` (no coordinate of a clipped update exceeds it) and
+    weights of 1, and the ``SecureSum`` aggregator."""
+    central = SecureCentralGaussian(clip=clip, noise_multiplier=noise_multiplier, noise=noise)
+    secagg = SecAgg(
+        neighbours, threshold, clip_range=clip, quantization_bits=quantization_bits, bits=bits,
+        max_weight=1.0, dropout=dropout,
+    )  # fmt: skip
+    return {"transforms": (central, secagg), "aggregator": SecureSum()}
+
+
+def dp_secagg_fedavg(
+    *,
+    clip: float = 1.0,
+    noise_multiplier: float = 1.0,
+    noise: str = "seed",
+    neighbours: int | str = "log",
+    threshold: int | float = 0.5,
+    quantization_bits: int = 20,
+    bits: int = 32,
+    dropout: float = 0.0,
+    **fedavg_args: Any,
+) -> Algorithm:
+    """DP-FedAvg on secure aggregation (McMahan et al. 2018, "Learning Differentially
+    Private Recurrent Language Models", ICLR): clients clip to ``clip``, SecAgg+ sums them,
+    the server noises the sum; ``potluck.privacy.secure_central`` has the mechanism, its
+    trust model and its accounting. A fixed-size cohort (``clients_per_round``); other
+    arguments as for ``fedavg``.
+
+    Example:
+        >>> algo = dp_secagg_fedavg(clip=0.5, clients_per_round=10)
+        >>> [type(t).__name__ for t in algo.transforms], algo.transforms[1].clip_range
+        (['SecureCentralGaussian', 'SecAgg'], 0.5)
+    """
+    parts = dp_secagg_fedavg_parts(
+        clip=clip, noise_multiplier=noise_multiplier, noise=noise, neighbours=neighbours,
+        threshold=threshold, quantization_bits=quantization_bits, bits=bits, dropout=dropout,
+    )  # fmt: skip
+    base = fedavg(**fedavg_args)
+    return replace(
+        base,
+        name="dp_secagg_fedavg",
         transforms=(*base.transforms, *parts["transforms"]),
         aggregator=parts["aggregator"],
     )

@@ -50,6 +50,7 @@ _BUILTINS = {
     "transform": (
         "potluck.updates",
         "potluck.privacy.local",
+        "potluck.privacy.secure_central",
         "potluck.secagg",
         "potluck.secagg.homomorphic",
     ),

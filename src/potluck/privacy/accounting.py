@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,14 +124,18 @@ def accountant(kind: str, relation: dpa.NeighboringRelation) -> dpa.PrivacyAccou
 
 
 def epsilon(rounds: Sequence[Round], delta: float, kind: str = "rdp") -> float:
-    """Epsilon at ``delta`` after ``rounds`` (0 for none).
+    """Epsilon at ``delta`` after ``rounds`` (0 for none; infinite if one had no noise).
 
     Example:
         >>> epsilon([Round(1.0, WithoutReplacement(100, 10))] * 10, 1e-5) > 0
         True
+        >>> epsilon([Round(0.0, WithoutReplacement(100, 10))], 1e-5)
+        inf
     """
     if not rounds:
         return 0.0
+    if any(r.z == 0 for r in rounds):  # a release without noise: no guarantee at all
+        return math.inf
     relations = {r.sampling.relation for r in rounds}
     if len(relations) > 1:
         raise ValueError("rounds under different adjacency relations cannot be composed")

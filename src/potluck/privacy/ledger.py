@@ -100,14 +100,15 @@ def check_deployable(algorithm: Any) -> None:
 
 def private_parts(algorithm: Any) -> list[tuple[str, Any]]:
     """The parts of ``algorithm`` that release through a private mechanism (namespace,
-    part): a private aggregator, local DP transforms, distributed DP on secure aggregation."""
+    part): a private aggregator, local DP transforms, distributed DP on secure aggregation,
+    central DP on a secure sum."""
     from potluck.privacy.local import LocalGaussian
+    from potluck.privacy.secure_central import SecureCentralGaussian
     from potluck.secagg.distributed_dp import DistributedSkellam
 
+    private = LocalGaussian | DistributedSkellam | SecureCentralGaussian
     found: list[tuple[str, Any]] = [
-        (f"transforms.{i}", t)
-        for i, t in enumerate(algorithm.transforms)
-        if isinstance(t, LocalGaussian | DistributedSkellam)
+        (f"transforms.{i}", t) for i, t in enumerate(algorithm.transforms) if isinstance(t, private)
     ]
     if isinstance(algorithm.aggregator, GaussianMechanism):
         found.append(("aggregator", algorithm.aggregator))
@@ -162,7 +163,11 @@ def prepare(algorithm: Any, num_clients: int, rounds: int, budget: PrivacyBudget
         sampling = sampling_of(algorithm.sampler, num_clients)
         part = distributed.prepared(part, sampling, rounds, budget)
     elif participation is None:
-        part = calibrated(part, budget, rounds, sampling_of(algorithm.sampler, num_clients))
+        sampling = sampling_of(algorithm.sampler, num_clients)
+        check = getattr(part, "check_sampling", None)  # a sampling it is not accounted under
+        if check is not None:
+            check(sampling)
+        part = calibrated(part, budget, rounds, sampling)
     elif budget.target_epsilon is not None:
         bound = _sensitivity_bound(participation, algorithm.sampler, num_clients, rounds)
         z = gaussian_calibrate(budget.target_epsilon, budget.delta, budget.accountant)
