@@ -174,3 +174,14 @@ def test_ckks_deployed_equals_its_simulation_within_the_error(
     leaked = [k for env in received for k in env.arrays if k.startswith(SECRET)]
     assert not leaked  # the key holder's secret key stayed on it
     assert np.isfinite(result.weights.numpy()).all()
+
+
+def test_secagg_deployed_equals_fedavg_without_it_within_the_fixed_point_error(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    result = deploy(deployment, pki, secure(tmp_path / "runs"))
+    plain = run_experiment(secure(tmp_path / "sim", name="fedavg").build(), engine=Dropping)
+    gap = (result.weights - plain.weights).abs().max().item()
+    # three rounds of rounding to 2^-19 of the clip range, over a summed weight of 1.15
+    # (1,152 examples over max_weight 1000)
+    assert 0 < gap < 1e-4, gap
