@@ -1,6 +1,23 @@
-"""Aggregators: how the server combines the cohort's updates."""
+"""Aggregators: how the server combines the cohort's updates (the weighted mean, and the
+Byzantine-robust rules of ``byzantine``, ``coordinate``, ``krum``, ``geometric`` and
+``clipping``)."""
 
+from potluck.aggregate.clipping import CenteredClipping, NormBounding
+from potluck.aggregate.coordinate import CoordinateMedian, TrimmedMean
+from potluck.aggregate.geometric import GeometricMedian
+from potluck.aggregate.krum import Bulyan, Krum, MultiKrum
 from potluck.aggregate.mean import WeightedMean
 from potluck.aggregate.stack import StackBuffer
 
-__all__ = ["StackBuffer", "WeightedMean"]
+__all__ = [
+    "Bulyan",
+    "CenteredClipping",
+    "CoordinateMedian",
+    "GeometricMedian",
+    "Krum",
+    "MultiKrum",
+    "NormBounding",
+    "StackBuffer",
+    "TrimmedMean",
+    "WeightedMean",
+]

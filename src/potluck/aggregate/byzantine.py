@@ -1,0 +1,142 @@
+"""What the Byzantine-robust aggregators share: the number of Byzantine clients ``f`` they
+are configured for, the cohort size their paper's guarantee needs, and the kernels several
+of them use (the coordinate-wise median, pairwise squared distances).
+
+A setting of ``f`` is a count (an ``int``: at most that many clients of every round lie) or
+a fraction of the cohort (a ``float`` in [0, 1): ``f = floor(fraction * n)`` for a cohort
+of ``n``). Before a run ``bind_cohort`` refuses a setting whose expected cohort breaks the
+aggregator's assumption (``ValueError``); in a round whose cohort is too small for it (after
+dropouts) ``aggregate`` raises ``RoundAborted`` and the round loop leaves the model unmoved.
+
+Robust aggregators count every update alike: a client's aggregation weight is what it
+claims (its example count), which a Byzantine client could inflate at will, so they give
+``Need.EQUAL_WEIGHTS`` and ignore the weights.
+
+Example:
+    >>> byzantine_count(2, 10), byzantine_count(0.25, 10)
+    (2, 2)
+    >>> check_byzantine("byzantine", 1.5)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: byzantine must be an int >= 0 (a count) or a float in [0, 1) ..., got 1.5
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar, Self
+
+import torch
+
+from potluck.core.parts import Need, RoundAborted
+
+ROBUST_NEEDS = frozenset({Need.INDIVIDUAL_UPDATES})
+ROBUST_GIVES = frozenset({Need.EQUAL_WEIGHTS})
+
+
+def check_byzantine(setting: str, value: int | float) -> None:
+    """Refuse a setting of ``f`` that is neither a count >= 0 nor a fraction in [0, 1)."""
+    count = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    fraction = isinstance(value, float) and 0 <= value < 1
+    if not (count or fraction):
+        raise ValueError(
+            f"{setting} must be an int >= 0 (a count) or a float in [0, 1) "
+            f"(a fraction of the cohort), got {value!r}"
+        )
+
+
+def byzantine_count(value: int | float, n: int) -> int:
+    """``f`` for a cohort of ``n``: the count itself, or ``floor(fraction * n)``."""
+    return value if isinstance(value, int) else math.floor(value * n)
+
+
+def check_positive_int(setting: str, value: int, minimum: int = 1) -> None:
+    """Refuse an integer setting below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{setting} must be an int >= {minimum}, got {value!r}")
+
+
+def check_positive(setting: str, value: float) -> None:
+    """Refuse a setting that is not a finite number > 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{setting} must be a finite number > 0, got {value!r}")
+
+
+class ByzantineRobust(ABC):
+    """Mixin of a robust aggregator: it says its assumption (``rule``, e.g.
+    ``"n >= 2f + 3"``), the smallest cohort it needs for ``f`` Byzantine clients
+    (``needed``), and which of its settings gives ``f`` (``setting``, ``"byzantine"`` unless
+    it says otherwise)."""
+
+    rule: ClassVar[str]
+    setting: ClassVar[str] = "byzantine"
+    needs: ClassVar[frozenset[str]] = ROBUST_NEEDS
+    gives: ClassVar[frozenset[str]] = ROBUST_GIVES
+
+    @abstractmethod
+    def needed(self, f: int) -> int:
+        """The smallest cohort for which the guarantee holds with ``f`` Byzantine clients."""
+
+    def faulty(self, n: int) -> int:
+        """``f`` in a cohort of ``n``."""
+        return byzantine_count(getattr(self, self.setting), n)
+
+    def _breach(self, n: int) -> str | None:
+        f = self.faulty(n)
+        need = self.needed(f)
+        if n >= need:
+            return None
+        value = getattr(self, self.setting)
+        return (
+            f"{type(self).__name__} assumes {self.rule}: {self.setting} = {value!r} "
+            f"(f = {f}) needs a cohort of at least {need}"
+        )
+
+    def bind_cohort(self, expected_cohort: float) -> Self:
+        """This aggregator, once its assumption holds for the sampler's expected cohort."""
+        breach = self._breach(math.floor(expected_cohort + 1e-9))
+        if breach:
+            raise ValueError(
+                f"aggregator: {breach}, but the expected cohort is {expected_cohort:g}: "
+                f"sample more clients per round or lower {self.setting}"
+            )
+        return self
+
+    def check_round(self, k: int) -> int:
+        """``f`` for this round's ``k`` updates; ``RoundAborted`` if they are too few."""
+        breach = self._breach(k)
+        if breach:
+            raise RoundAborted(f"{breach}, but this round has {k} updates")
+        return self.faulty(k)
+
+
+def coordinate_median(deltas: torch.Tensor) -> torch.Tensor:
+    """The coordinate-wise median of a (K, d) stack (the mean of the two middle values for
+    an even K).
+
+    Example:
+        >>> coordinate_median(torch.tensor([[1.0, 5.0], [3.0, 0.0], [2.0, 9.0], [4.0, 1.0]]))
+        tensor([2.5000, 3.0000])
+    """
+    ordered = deltas.sort(dim=0).values
+    k = deltas.shape[0]
+    return (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
+
+
+def pairwise_sq_distances(deltas: torch.Tensor) -> torch.Tensor:
+    """The (K, K) squared L2 distances between the rows (float64), from one Gram matrix of
+    the rows centred on their coordinate-wise median (a Byzantine row far away cannot then
+    drown the honest rows' distances in rounding); the diagonal is 0.
+
+    Example:
+        >>> pairwise_sq_distances(torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]]))
+        tensor([[ 0., 25.,  1.],
+                [25.,  0., 18.],
+                [ 1., 18.,  0.]], dtype=torch.float64)
+    """
+    centred = deltas - coordinate_median(deltas)
+    gram = (centred @ centred.T).double()
+    sq = gram.diagonal()
+    d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp(min=0)
+    return d2.fill_diagonal_(0)
