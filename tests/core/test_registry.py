@@ -8,7 +8,17 @@ from typing import Any
 
 import pytest
 
-from potluck.aggregate import WeightedMean
+from potluck.aggregate import (
+    Bulyan,
+    CenteredClipping,
+    CoordinateMedian,
+    GeometricMedian,
+    Krum,
+    MultiKrum,
+    NormBounding,
+    TrimmedMean,
+    WeightedMean,
+)
 from potluck.client import QFFL, Ditto, FedNova, FedPer, FedProx, LocalSGD, Scaffold
 from potluck.core import registry
 from potluck.optim import ServerAdagrad, ServerAdam, ServerSGD, ServerYogi
@@ -74,6 +84,22 @@ EXAMPLES: dict[str, list[Any]] = {
         CKKSSum(),
         TreeAggregatedMean(),
         TreeAggregatedMean(0.5, 3.0, restart_every=30, denominator=100.0, noise="secure"),
+        CoordinateMedian(),
+        CoordinateMedian(byzantine=0.2),
+        TrimmedMean(),
+        TrimmedMean(trim=3),
+        Krum(),
+        Krum(byzantine=0.25),
+        MultiKrum(),
+        MultiKrum(byzantine=2, selected=5),
+        Bulyan(),
+        Bulyan(byzantine=0.2),
+        GeometricMedian(),
+        GeometricMedian(byzantine=3, iterations=4, smoothing=1e-4),
+        CenteredClipping(),
+        CenteredClipping(tau=0.5, iterations=3, byzantine=0.1),
+        NormBounding(),
+        NormBounding(bound=0.3, noise_std=0.01),
     ],
     "server": [
         ServerSGD(0.5, 0.9),
