@@ -40,9 +40,11 @@ def check_byzantine(setting: str, value: int | float) -> None:
     count = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     fraction = isinstance(value, float) and 0 <= value < 1
     if not (count or fraction):
+        whole = isinstance(value, float) and value.is_integer() and value >= 1
+        hint = f" (write {int(value)} for a count)" if whole else ""
         raise ValueError(
             f"{setting} must be an int >= 0 (a count) or a float in [0, 1) "
-            f"(a fraction of the cohort), got {value!r}"
+            f"(a fraction of the cohort), got {value!r}{hint}"
         )
 
 
