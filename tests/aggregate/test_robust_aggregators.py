@@ -188,6 +188,27 @@ def test_clipping_aggregators_equal_their_references(seed: int, k: int, d: int, 
     close(aggregate(NormBounding(bound=0.5), x)[0], ref_norm_bounding(x, 0.5), x)
 
 
+def test_centered_clipping_starts_from_the_previous_aggregate() -> None:
+    agg = CenteredClipping(tau=0.5)
+    x1, x2 = stack(1, 9, 4), stack(2, 9, 4)
+    v1, state = aggregate(agg, x1)
+    v2, _ = aggregate(agg, x2, state)
+    close(v2, ref_centered_clipping(x2, v1, 0.5, 1), x2)
+    assert not np.allclose(v2, aggregate(agg, x2)[0], atol=1e-3)  # not from zero again
+
+
+def test_norm_bounding_adds_seeded_gaussian_noise_of_its_std() -> None:
+    x = torch.from_numpy(stack(4, 6, 20_000).astype(np.float32))
+    agg, plain = NormBounding(bound=1.0, noise_std=0.05), NormBounding(bound=1.0)
+    noise = [
+        agg.aggregate(x, torch.ones(6), {}, part_context(0, rnd, "aggregator"))[0]
+        - plain.aggregate(x, torch.ones(6), {}, CTX)[0]
+        for rnd in (1, 1, 2)
+    ]
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert abs(float(noise[2].std()) - 0.05) < 0.002 and abs(float(noise[2].mean())) < 0.002
+
+
 AGGREGATORS = [
     CoordinateMedian(2),
     TrimmedMean(2),
