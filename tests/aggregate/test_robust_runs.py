@@ -6,6 +6,7 @@ uninterrupted one."""
 
 from __future__ import annotations
 
+import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from potluck.aggregate import Bulyan
 from potluck.cli import app
 from potluck.config import ExperimentConfig
 from potluck.engines import available_engines
 from potluck.orchestrator import RunResult, resume_experiment, run_experiment
 from potluck.store.sqlite import RunStore
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 BASE: dict[str, Any] = {
     "data": {"dataset": "digits", "num_clients": 20, "partition": {"kind": "dirichlet"}},
     "model": {"name": "mlp"},
@@ -87,6 +90,20 @@ def test_secure_aggregation_refuses_a_robust_aggregator_with_the_reason(name: st
         f"aggregator ({cls}) needs individual updates, but transforms.0.secagg (SecAgg) gives "
         "the server only their sum" in str(err.value)
     )
+
+
+def test_a_term_that_needs_weighted_updates_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"needs the updates' aggregation weights honoured, "):
+        config({"name": "median"}, terms=[{"name": "qffl"}])
+
+
+def test_the_readme_example_builds_its_aggregator() -> None:
+    section = README.read_text().split("### Byzantine-robust aggregation")[1]
+    block = section.split("```toml\n")[1].split("```")[0]
+    cfg = ExperimentConfig.from_dict(
+        {**BASE, **tomllib.loads(block), "sampler": {"clients_per_round": 11}}
+    )
+    assert cfg.build().algorithm.aggregator == Bulyan(byzantine=2)
 
 
 def test_a_round_with_too_few_updates_is_aborted_and_the_run_goes_on() -> None:
