@@ -159,6 +159,7 @@ def potluck_side(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from potluck.core.params import ParamSpec
+    from potluck.core.parts import RoundAborted
     from potluck.secagg import SecAgg
 
     torch.set_num_threads(1)
@@ -177,7 +178,11 @@ def potluck_side(spec: dict[str, Any]) -> dict[str, Any]:
             first = time.time()
         start = time.time()
         one = plain_round if entry["kind"] == "plain" else secagg_round
-        rounds.append({"round": rnd, **entry, "start_epoch": start, **one(part, n, d, rnd, entry)})
+        try:
+            result = one(part, n, d, rnd, entry)
+        except RoundAborted as exc:  # too few share holders left: reported, as Flower's halts
+            result = {"aborted": str(exc)}
+        rounds.append({"round": rnd, **entry, "start_epoch": start, **result})
     return {"first_round_epoch": first, "rounds": rounds}
 
 
@@ -416,7 +421,7 @@ def summarise(side: str, res: dict[str, Any], spec: dict[str, Any]) -> dict[str,
     out["process"] = {k: proc[k] for k in keys}
     out["failed_attempts"] = res["failed_attempts"]
     out["halted_rounds"] = [
-        {k: r.get(k) for k in ("round", "dropout", "completed")} for r in halted
+        {k: r.get(k) for k in ("round", "dropout", "completed", "aborted")} for r in halted
     ]
     out["rounds"] = rounds
     return out
@@ -531,8 +536,20 @@ def curve(sizes: list[int], d: int, repeats: int, tmp: Path, timeout_s: float) -
         workdir = tmp / f"curve-n{n}"
         workdir.mkdir()
         res = run_side("potluck", spec, workdir, timeout_s)
-        r = median_rounds([r for r in res["rounds"] if not r.get("warmup")])
-        row = {"n": n, "d": d, "k": spec["k"], "threshold": spec["threshold"], **r}
+        measured = [r for r in res["rounds"] if not r.get("warmup")]
+        done = [r for r in measured if "aborted" not in r]
+        if not done:
+            raise RuntimeError(f"curve n={n}: every round aborted ({measured[0]['aborted']})")
+        row = {
+            "n": n,
+            "d": d,
+            "k": spec["k"],
+            "threshold": spec["threshold"],
+            **median_rounds(done),
+        }
+        row["aborted_rounds"] = [
+            {"round": r["round"], "why": r["aborted"]} for r in measured if r not in done
+        ]
         rows.append(row)
         print(
             f"curve n={n} (k={spec['k']}): client {row['client_total_ms']:.1f} ms, server "
@@ -617,7 +634,7 @@ def main() -> None:
                     entry = {"n": n, "d": d, "error": str(exc)[-2000:], "measured_at": now_utc()}
                 payload["grid"].append(entry)
                 save(payload, args.merge)  # after every setting: a later failure loses nothing
-        payload["curve"] = curve(ints(args.curve), args.curve_d, 2, tmp, args.timeout)
+        payload["curve"] = curve(ints(args.curve), args.curve_d, args.repeats, tmp, args.timeout)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(save(payload, args.merge)["grid"])
