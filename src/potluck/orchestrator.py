@@ -173,9 +173,8 @@ class Experiment:
                 raise ValueError(
                     "privacy: a budget needs a private mechanism (aggregator dp_mean, "
                     "dp_mean_adaptive or dp_ftrl, or a local_dp, dskellam or central_dp "
-                    "transform); this "
-                    "algorithm "
-                    f"has none (aggregator {type(algo.aggregator).__name__})"
+                    "transform); this algorithm has none (aggregator "
+                    f"{type(algo.aggregator).__name__})"
                 )
             return
         if Need.FIXED_DENOMINATOR in gives(found[1]) and self.min_updates > 1:
