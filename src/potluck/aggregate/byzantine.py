@@ -29,7 +29,8 @@ from typing import ClassVar, Self
 
 import torch
 
-from potluck.core.parts import Need, RoundAborted
+from potluck.aggregate.mean import check_stack
+from potluck.core.parts import Context, Need, RoundAborted, State
 
 ROBUST_NEEDS = frozenset({Need.INDIVIDUAL_UPDATES})
 ROBUST_GIVES = frozenset({Need.EQUAL_WEIGHTS})
@@ -66,19 +67,38 @@ def check_positive(setting: str, value: float) -> None:
 
 
 class ByzantineRobust(ABC):
-    """Mixin of a robust aggregator: it says its assumption (``rule``, e.g.
+    """Base of a robust aggregator: it says its assumption (``rule``, e.g.
     ``"n >= 2f + 3"``), the smallest cohort it needs for ``f`` Byzantine clients
-    (``needed``), and which of its settings gives ``f`` (``setting``, ``"byzantine"`` unless
-    it says otherwise)."""
+    (``needed``), which of its settings gives ``f`` (``setting``, ``"byzantine"`` unless it
+    says otherwise), and its rule over a round's stack (``combine``); ``aggregate`` checks
+    the stack and the round's cohort first."""
 
     rule: ClassVar[str]
     setting: ClassVar[str] = "byzantine"
     needs: ClassVar[frozenset[str]] = ROBUST_NEEDS
     gives: ClassVar[frozenset[str]] = ROBUST_GIVES
 
+    def __post_init__(self) -> None:
+        check_byzantine(self.setting, getattr(self, self.setting))
+
     @abstractmethod
     def needed(self, f: int) -> int:
         """The smallest cohort for which the guarantee holds with ``f`` Byzantine clients."""
+
+    @abstractmethod
+    def combine(self, deltas: torch.Tensor, f: int, state: State) -> tuple[torch.Tensor, State]:
+        """The aggregate of a (K, d) stack with ``f`` Byzantine rows, and the new state."""
+
+    def init(self, w: torch.Tensor) -> State:
+        return {}
+
+    def aggregate(
+        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
+    ) -> tuple[torch.Tensor, State]:
+        """``combine`` of this round's updates (their weights ignored); ``RoundAborted`` if
+        they are too few for the assumption."""
+        check_stack(deltas, weights)
+        return self.combine(deltas, self.check_round(deltas.shape[0]), state)
 
     def faulty(self, n: int) -> int:
         """``f`` in a cohort of ``n``."""

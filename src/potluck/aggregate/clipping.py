@@ -42,7 +42,6 @@ from potluck.aggregate.byzantine import (
     ROBUST_GIVES,
     ROBUST_NEEDS,
     ByzantineRobust,
-    check_byzantine,
     check_positive,
     check_positive_int,
 )
@@ -77,9 +76,9 @@ class CenteredClipping(ByzantineRobust):
     rule: ClassVar[str] = "f <= 0.1 n"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_positive("tau", self.tau)
         check_positive_int("iterations", self.iterations)
-        check_byzantine("byzantine", self.byzantine)
 
     def needed(self, f: int) -> int:
         return max(10 * f, 1)
@@ -87,11 +86,7 @@ class CenteredClipping(ByzantineRobust):
     def init(self, w: torch.Tensor) -> State:
         return {"center": torch.zeros_like(w)}
 
-    def aggregate(
-        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
-    ) -> tuple[torch.Tensor, State]:
-        check_stack(deltas, weights)
-        self.check_round(deltas.shape[0])
+    def combine(self, deltas: torch.Tensor, f: int, state: State) -> tuple[torch.Tensor, State]:
         center = state.get("center", deltas.new_zeros(deltas.shape[1]))
         v = centered_clip(deltas, center, self.tau, self.iterations)
         return v, {"center": v.clone()}

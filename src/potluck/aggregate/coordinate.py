@@ -25,9 +25,8 @@ from typing import ClassVar
 
 import torch
 
-from potluck.aggregate.byzantine import ByzantineRobust, check_byzantine, coordinate_median
-from potluck.aggregate.mean import check_stack
-from potluck.core.parts import Context, State
+from potluck.aggregate.byzantine import ByzantineRobust, coordinate_median
+from potluck.core.parts import State
 from potluck.core.registry import register
 
 
@@ -40,20 +39,10 @@ class CoordinateMedian(ByzantineRobust):
     byzantine: int | float = 0
     rule: ClassVar[str] = "n >= 2f + 1"
 
-    def __post_init__(self) -> None:
-        check_byzantine("byzantine", self.byzantine)
-
     def needed(self, f: int) -> int:
         return 2 * f + 1
 
-    def init(self, w: torch.Tensor) -> State:
-        return {}
-
-    def aggregate(
-        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
-    ) -> tuple[torch.Tensor, State]:
-        check_stack(deltas, weights)
-        self.check_round(deltas.shape[0])
+    def combine(self, deltas: torch.Tensor, f: int, state: State) -> tuple[torch.Tensor, State]:
         return coordinate_median(deltas), state
 
 
@@ -70,22 +59,15 @@ class TrimmedMean(ByzantineRobust):
     setting: ClassVar[str] = "trim"
 
     def __post_init__(self) -> None:
-        check_byzantine("trim", self.trim)
+        super().__post_init__()
         if isinstance(self.trim, float) and not self.trim < 0.5:
             raise ValueError(f"trim must be below 0.5 of the cohort, got {self.trim!r}")
 
     def needed(self, f: int) -> int:
         return 2 * f + 1
 
-    def init(self, w: torch.Tensor) -> State:
-        return {}
-
-    def aggregate(
-        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
-    ) -> tuple[torch.Tensor, State]:
-        check_stack(deltas, weights)
-        b = self.check_round(deltas.shape[0])
-        return trimmed_mean(deltas, b), state
+    def combine(self, deltas: torch.Tensor, f: int, state: State) -> tuple[torch.Tensor, State]:
+        return trimmed_mean(deltas, f), state
 
 
 def trimmed_mean(deltas: torch.Tensor, b: int) -> torch.Tensor:

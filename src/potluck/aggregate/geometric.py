@@ -30,13 +30,11 @@ import torch
 
 from potluck.aggregate.byzantine import (
     ByzantineRobust,
-    check_byzantine,
     check_positive,
     check_positive_int,
     coordinate_median,
 )
-from potluck.aggregate.mean import check_stack
-from potluck.core.parts import Context, State
+from potluck.core.parts import State
 from potluck.core.registry import register
 
 
@@ -72,20 +70,13 @@ class GeometricMedian(ByzantineRobust):
     rule: ClassVar[str] = "n >= 2f + 1"
 
     def __post_init__(self) -> None:
-        check_byzantine("byzantine", self.byzantine)
+        super().__post_init__()
         check_positive_int("iterations", self.iterations)
         check_positive("smoothing", self.smoothing)
 
     def needed(self, f: int) -> int:
         return 2 * f + 1
 
-    def init(self, w: torch.Tensor) -> State:
-        return {}
-
-    def aggregate(
-        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
-    ) -> tuple[torch.Tensor, State]:
-        check_stack(deltas, weights)
-        self.check_round(deltas.shape[0])
+    def combine(self, deltas: torch.Tensor, f: int, state: State) -> tuple[torch.Tensor, State]:
         start = coordinate_median(deltas)
         return smoothed_weiszfeld(deltas, start, self.iterations, self.smoothing), state

@@ -38,13 +38,11 @@ import torch
 
 from potluck.aggregate.byzantine import (
     ByzantineRobust,
-    check_byzantine,
     check_positive_int,
     coordinate_median,
     pairwise_sq_distances,
 )
-from potluck.aggregate.mean import check_stack
-from potluck.core.parts import Context, State
+from potluck.core.parts import State
 from potluck.core.registry import register
 
 
@@ -77,20 +75,10 @@ class Krum(ByzantineRobust):
     byzantine: int | float = 1
     rule: ClassVar[str] = "n >= 2f + 3"
 
-    def __post_init__(self) -> None:
-        check_byzantine("byzantine", self.byzantine)
-
     def needed(self, f: int) -> int:
         return 2 * f + 3
 
-    def init(self, w: torch.Tensor) -> State:
-        return {}
-
-    def aggregate(
-        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
-    ) -> tuple[torch.Tensor, State]:
-        check_stack(deltas, weights)
-        f = self.check_round(deltas.shape[0])
+    def combine(self, deltas: torch.Tensor, f: int, state: State) -> tuple[torch.Tensor, State]:
         return multi_krum(deltas, f, 1), state
 
 
@@ -105,23 +93,15 @@ class MultiKrum(ByzantineRobust):
     rule: ClassVar[str] = "n >= 2f + 3 and m <= n - f"
 
     def __post_init__(self) -> None:
-        check_byzantine("byzantine", self.byzantine)
+        super().__post_init__()
         if self.selected is not None:
             check_positive_int("selected", self.selected)
 
     def needed(self, f: int) -> int:
         return max(2 * f + 3, f + (self.selected or 0))
 
-    def init(self, w: torch.Tensor) -> State:
-        return {}
-
-    def aggregate(
-        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
-    ) -> tuple[torch.Tensor, State]:
-        check_stack(deltas, weights)
-        k = deltas.shape[0]
-        f = self.check_round(k)
-        return multi_krum(deltas, f, self.selected or k - f), state
+    def combine(self, deltas: torch.Tensor, f: int, state: State) -> tuple[torch.Tensor, State]:
+        return multi_krum(deltas, f, self.selected or deltas.shape[0] - f), state
 
 
 def bulyan_selection(d2: torch.Tensor, f: int, theta: int) -> torch.Tensor:
@@ -165,21 +145,10 @@ class Bulyan(ByzantineRobust):
     byzantine: int | float = 1
     rule: ClassVar[str] = "n >= 4f + 3"
 
-    def __post_init__(self) -> None:
-        check_byzantine("byzantine", self.byzantine)
-
     def needed(self, f: int) -> int:
         return 4 * f + 3
 
-    def init(self, w: torch.Tensor) -> State:
-        return {}
-
-    def aggregate(
-        self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
-    ) -> tuple[torch.Tensor, State]:
-        check_stack(deltas, weights)
-        k = deltas.shape[0]
-        f = self.check_round(k)
-        theta = k - 2 * f
+    def combine(self, deltas: torch.Tensor, f: int, state: State) -> tuple[torch.Tensor, State]:
+        theta = deltas.shape[0] - 2 * f
         chosen = bulyan_selection(pairwise_sq_distances(deltas), f, theta)
         return closest_to_median_mean(deltas[chosen], theta - 2 * f).to(deltas.dtype), state
