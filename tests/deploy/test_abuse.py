@@ -83,7 +83,8 @@ def test_300_stalled_streams_do_not_stop_the_members_rounds(
     assert set(seen["rogue"]) - {"other"} == {"cut", busy}  # "other": as above, a loaded host
     partial = seen["rogue, partial"]
     assert any(r.startswith(too_large) for r in partial), partial
-    # on a loaded host a partial stream may also outlast the receive deadline and be cut
-    assert all(r.startswith(too_large) or r in (busy, "cut") for r in partial), partial
+    # on a loaded host a partial stream may also outlast the receive deadline and be cut, or
+    # be turned away by gRPC itself, as the others' streams may
+    assert all(r.startswith(too_large) or r in (busy, *turned_away) for r in partial), partial
     assert f"cut stream from {ROGUE}" in caplog.text
     assert "receiving the message took longer than 1.5 s" in caplog.text
