@@ -70,6 +70,7 @@ from typing import Any
 
 import numpy as np
 from _common import REPO, RESULTS, cpu_times, header, now_utc, own_cpu_s, write_result
+from flower.secagg_inputs import client_input, dropouts  # the Flower side imports the same
 
 FLOWER_PY = REPO / ".venv-flower" / "bin" / "python"
 FLOWER_APP = REPO / "benchmarks" / "flower" / "secagg_app.py"
@@ -87,20 +88,7 @@ FLOWER_STAGES = {  # Flower's stage names -> potluck's
 NS = "transforms.0.secagg"
 
 
-# -- inputs shared by both sides (benchmarks/flower/secagg_app.py draws the same) -----------
-
-
-def client_input(seed: int, client: int, d: int) -> tuple[np.ndarray, int]:
-    """Client ``client``'s vector and weight."""
-    rng = np.random.default_rng([seed, client])
-    weight = int(rng.integers(1, 601))
-    return rng.uniform(-0.5, 0.5, d).astype(np.float32), weight
-
-
-def dropouts(seed: int, n: int, rnd: int, rate: float) -> set[int]:
-    """The clients that drop out in round ``rnd``."""
-    k = round(rate * n)
-    return set(np.random.default_rng([seed, n, rnd]).choice(n, size=k, replace=False).tolist())
+# -- inputs shared by both sides (benchmarks/flower/secagg_inputs.py) ------------------------
 
 
 def expected_mean(seed: int, clients: list[int], d: int) -> tuple[np.ndarray, int]:

@@ -60,6 +60,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
+from secagg_inputs import client_input, dropouts  # the potluck side draws the same
 
 SPEC_ENV = "POTLUCK_FLOWER_SECAGG_SPEC"  # inherited by Ray's raylet and workers
 BENCH = "bench"  # the config record a client's timing and bytes travel back in
@@ -69,19 +70,6 @@ DROP_STAGE = {"after_masked_input": Stage.UNMASK, "after_share_keys": Stage.COLL
 @cache
 def spec() -> dict[str, Any]:
     return json.loads(Path(os.environ[SPEC_ENV]).read_text())
-
-
-def client_input(seed: int, client: int, d: int) -> tuple[np.ndarray, int]:
-    """Client ``client``'s vector and weight (the potluck side draws the same)."""
-    rng = np.random.default_rng([seed, client])
-    weight = int(rng.integers(1, 601))
-    return rng.uniform(-0.5, 0.5, d).astype(np.float32), weight
-
-
-def dropouts(seed: int, n: int, rnd: int, rate: float) -> set[int]:
-    """The clients that drop out in round ``rnd`` (the potluck side drops the same)."""
-    k = round(rate * n)
-    return set(np.random.default_rng([seed, n, rnd]).choice(n, size=k, replace=False).tolist())
 
 
 def payload_bytes(content: RecordDict) -> int:
