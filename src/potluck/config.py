@@ -8,9 +8,10 @@ The algorithm's parts each have a section of their own, validated by that part's
 parameters through the registry (``potluck.core.registry``): ``[algorithm]`` (a named
 algorithm and its parameters), ``[sampler]``, ``[stragglers]``, ``[client]`` (the local
 optimizer), ``[[terms]]``, ``[[transforms]]``, ``[[downlink]]``, ``[aggregator]`` and
-``[server]``; each has a ``name`` (a registered one, or an import path such as
-``"my_lab.agg:Median"``). A validated config holds every part written out in full, so it
-is stored, resumed and deployed exactly.
+``[server]``, and the threat model's ``[attack]`` (a poisoning attack, ``potluck.attacks``);
+each has a ``name`` (a registered one, or an import path such as ``"my_lab.agg:Median"``).
+A validated config holds every part written out in full, so it is stored, resumed and
+deployed exactly.
 
 Example:
     >>> cfg = ExperimentConfig.from_dict({"rounds": 3}, overrides=["client.lr=0.2"])
@@ -29,10 +30,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from potluck.core.registry import NotNameable, RegistryError
+from potluck.core.registry import NotNameable, RegistryError, part_config
 
 if TYPE_CHECKING:
     from potluck.algorithms.base import Algorithm
+    from potluck.attacks.poisoning import Attack
     from potluck.core.task import Task
     from potluck.data.federation import Federation
     from potluck.orchestrator import Experiment
@@ -258,6 +260,7 @@ class ExperimentConfig(_Section):
     aggregator: dict[str, Any] = Field(default_factory=dict)
     server: dict[str, Any] = Field(default_factory=dict)
     privacy: PrivacyConfig | None = None
+    attack: dict[str, Any] | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
     deploy: DeployConfig = DeployConfig()
@@ -273,6 +276,9 @@ class ExperimentConfig(_Section):
             raise ConfigError(_format_errors(exc)) from None
         try:
             written = cfg.algorithm_parts().to_config()
+            attack = cfg.build_attack()
+            if attack is not None:
+                written["attack"] = part_config("attack", attack)
         except (RegistryError, NotNameable, ValueError, TypeError) as exc:
             raise ConfigError(f"invalid experiment configuration: {exc}") from None
         return cfg.model_copy(update=written)
@@ -341,9 +347,19 @@ class ExperimentConfig(_Section):
             max_norm_ratio=self.deploy.max_norm_ratio or None,
             max_weight_ratio=self.deploy.max_weight_ratio or None,
             privacy=PrivacyBudget(**self.privacy.model_dump()) if self.privacy else None,
+            attack=self.build_attack(),
             name=run.name,
             config=self.model_copy(update={"run": run}).to_dict(),
         )
+
+    def build_attack(self) -> Attack | None:
+        """The poisoning attack of ``[attack]`` (``name`` and its parameters), if any."""
+        from potluck.attacks.poisoning import check_attack
+        from potluck.core.registry import build_part
+
+        if self.attack is None:
+            return None
+        return check_attack(build_part("attack", self.attack, "attack"))
 
     def build_task(self, federation: Federation) -> Task:
         """The task: the user's (``[task]``) or the built-in ``[model]`` for the data."""
@@ -455,6 +471,11 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
     )
     if experiment.privacy is not None:
         out["privacy"] = _given(**dataclasses.asdict(experiment.privacy))
+    if experiment.attack is not None:
+        try:
+            out["attack"] = part_config("attack", experiment.attack)
+        except NotNameable as exc:
+            problems.append(f"attack: {exc}")
     out["deploy"] = _given(
         min_updates=experiment.min_updates,
         max_update_norm=experiment.max_update_norm,

@@ -46,6 +46,7 @@ import torch
 from potluck.aggregate import cohort
 from potluck.aggregate.stack import StackBuffer
 from potluck.algorithms.base import Algorithm
+from potluck.attacks.poisoning import Attack, attack_context, check_attack
 from potluck.client.program import ClientProgram, EvalResult, parse_evaluation
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
@@ -135,6 +136,7 @@ class Experiment:
     max_norm_ratio: float | None = 10.0
     max_weight_ratio: float | None = 10.0
     privacy: PrivacyBudget | None = None
+    attack: Attack | None = None
     name: str | None = None
     config: Mapping[str, Any] | None = None
 
@@ -160,6 +162,8 @@ class Experiment:
             )
         EngineOptions(self.workers, self.threads, self.ray_address)  # validates them
         self.algorithm.sampler.cohort_size(self.federation.num_clients)
+        if self.attack is not None:
+            check_attack(self.attack)
         self._check_privacy()
 
     def _check_privacy(self) -> None:
@@ -313,7 +317,11 @@ def resolve_engine(experiment: Experiment) -> tuple[Experiment, str]:
 
 def _program(exp: Experiment) -> ClientProgram:
     return exp.algorithm.client_program(
-        exp.task, exp.federation, seed=exp.seed, finetune_epochs=exp.evaluation.finetune_epochs
+        exp.task,
+        exp.federation,
+        seed=exp.seed,
+        finetune_epochs=exp.evaluation.finetune_epochs,
+        attack=exp.attack,
     )
 
 
@@ -546,6 +554,12 @@ class _Loop:
         # parts whose client state is a round's secrets: kept between its stages, not stored
         self.secret = {ns for ns, p in self.parts.items() if getattr(p, "secret_state", False)}
         self.aggregator, self.ledger = self._private_aggregation()
+        attack = exp.attack
+        if attack is not None and attack.colludes and self.upload_dtypes["delta"] != torch.float32:
+            raise ValueError(
+                f"attack: {type(attack).__name__} crafts the decoded updates, but a transform "
+                "encodes them for the aggregator (secure aggregation): the server never sees one"
+            )
         # an engine that cannot run this experiment refuses here, before any run is stored
         if engine is not None:
             self.engine = engine(self.program)
@@ -556,6 +570,11 @@ class _Loop:
         if self.engine.remote:
             try:
                 privacy.check_deployable(self.exp.algorithm)
+                if exp.attack is not None:
+                    raise ValueError(
+                        "attack: in a deployment the malicious clients run the attack "
+                        "(potluck client --attack NAME); the server's experiment has none"
+                    )
             except ValueError:
                 self.engine.close()
                 raise
@@ -724,6 +743,8 @@ class _Loop:
             **stages.metrics,
             **privacy_metrics,
         }
+        if self.exp.attack is not None:
+            metrics["malicious"] = float(sum(u.client in self.program.attackers for u in updates))
         if engine.remote:
             refused = sum(stages.refused.values())  # at any stage: each drops its member
             metrics["failed"] = float(active - len(trained) - refused)
@@ -761,9 +782,40 @@ class _Loop:
             view = PartStages(stages, ns)
             slots[ns] = dict(part.after_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
         updates = self._collect(rnd, trained, stages.inbox, tolerant=stages.engine.remote)
+        if self.exp.attack is not None and self.exp.attack.colludes:
+            updates = self._collude(rnd, updates)
         if self.on_updates is not None:
             self.on_updates(rnd, state.w, {u.client: u.message for u in updates})
         return trained, updates, self._step(state, slots, updates, stages)
+
+    def _collude(self, rnd: int, updates: list[_Update]) -> list[_Update]:
+        """The round's malicious updates rewritten together by a colluding attack (the side
+        channel its attackers assume), from their honest versions and, if it is omniscient,
+        the benign ones; the others unchanged."""
+        attack, attackers = self.exp.attack, self.program.attackers
+        assert attack is not None
+        bad = [i for i, u in enumerate(updates) if u.client in attackers]
+        if not bad:
+            return updates
+        good = [i for i, u in enumerate(updates) if u.client not in attackers]
+        rows = [updates[i].message.arrays["delta"] for i in bad]
+        shown = good if attack.knowledge == "omniscient" else []
+        benign = [updates[i].message.arrays["delta"] for i in shown]
+        empty = rows[0].new_zeros((0, rows[0].numel()))
+        ctx = attack_context(self.exp.seed, rnd)
+        crafted = attack.collude(torch.stack(rows), torch.stack(benign) if benign else empty, ctx)
+        out: list[_Update | None] = list(updates)
+        for row, i in zip(crafted, bad, strict=True):
+            u = updates[i]
+            if not bool(torch.isfinite(row).all()):  # refused, as the server refuses any
+                _log.warning("refused update from client %d in round %d: NaN or Inf", u.client,
+                             rnd)  # fmt: skip
+                out[i] = None
+                continue
+            out[i] = replace(
+                u, message=Message({**u.message.arrays, "delta": row}, u.message.scalars)
+            )
+        return [u for u in out if u is not None]
 
     def _train_payload(self, work: float, inbox: Mapping[str, Message]) -> Message:
         arrays = {f"{ns}/{k}": v for ns, m in inbox.items() for k, v in m.arrays.items()}
@@ -1017,11 +1069,14 @@ class _Loop:
 
     def _per_client(self, updates: Sequence[_Update], stages: RoundStages) -> PerClient:
         out: PerClient = []
+        attacked = self.exp.attack is not None
         for u in updates:
             traffic = {
                 "bytes_up": float(stages.bytes_up.get(u.client, 0)),
                 "bytes_down": float(stages.bytes_down.get(u.client, 0)),
             }
+            if attacked:  # the ground truth that detection is scored against
+                traffic["malicious"] = float(u.client in self.program.attackers)
             out.append((u.client, {**u.metrics, **traffic}))
         return out
 
@@ -1035,6 +1090,11 @@ class _Loop:
             if len(test):
                 res = engine.evaluate_test(w)
                 out.update(test_loss=res.loss, test_accuracy=res.accuracy)
+                triggered = getattr(self.exp.attack, "triggered", None)
+                if triggered is not None:  # a backdoor's attack success rate
+                    x, y = triggered(torch.from_numpy(test.features()), torch.from_numpy(test.y))
+                    asr = self.program.evaluate_arrays(w, x.numpy(), y.numpy())
+                    out["backdoor_accuracy"] = asr.accuracy
         if not ev.federated_clients:
             return out, []
         k = self.num_clients if ev.federated_clients == -1 else ev.federated_clients

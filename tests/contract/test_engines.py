@@ -77,6 +77,16 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "terms": [{"name": "fedprox", "mu": 0.1}, {"name": "scaffold"}],
         "downlink": [{"name": "cast", "dtype": "bfloat16"}],
     },
+    # poisoning: a backdoor (poisoned data, boosted updates) and a colluding attack
+    "backdoor_median": {
+        "attack": {"name": "backdoor", "fraction": 0.3, "target": 3, "boost": 2.0},
+        "aggregator": {"name": "median"},
+    },
+    "alie_trimmed_mean": {
+        "data": DIRICHLET,
+        "attack": {"name": "alie", "fraction": 0.3},
+        "aggregator": {"name": "trimmed_mean", "trim": 1},
+    },
 }
 
 
@@ -137,6 +147,8 @@ def test_engine_matches_reference(name: str, engine: str) -> None:
             assert g[key] == pytest.approx(r[key], abs=ONE_EXAMPLE + 1e-12), key
         assert g["updates"] == r["updates"]
         assert g["bytes_up"] == r["bytes_up"]
+        if "backdoor_accuracy" in r:
+            assert g["backdoor_accuracy"] == pytest.approx(r["backdoor_accuracy"], abs=1e-2)
     torch.testing.assert_close(got.weights, ref.weights, atol=WEIGHT_TOL, rtol=WEIGHT_TOL)
     assert got.personal.keys() == ref.personal.keys()
     assert bool(ref.personal) == (name in PERSONAL)

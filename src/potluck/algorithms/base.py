@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from potluck.core.parts import (
     Downlink,
     GradientTerm,
     LocalOptimizer,
+    PoisoningAttack,
     Sampler,
     ServerOptimizer,
     Transform,
@@ -101,11 +102,19 @@ class Algorithm:
         return out
 
     def client_program(
-        self, task: Task, federation: Federation, *, seed: int, finetune_epochs: int = 0
+        self,
+        task: Task,
+        federation: Federation,
+        *,
+        seed: int,
+        finetune_epochs: int = 0,
+        attack: PoisoningAttack | None = None,
+        attackers: Sequence[int] | None = None,
     ) -> ClientProgram:
         """What every client of a run executes: the same on every engine and on a deployed
         site (which passes a federation holding only its own data). ``finetune_epochs > 0``
-        also fine-tunes the global model locally before evaluating it.
+        also fine-tunes the global model locally before evaluating it; ``attack`` makes its
+        ``attackers`` (by default the attack's own draw) poison their data and updates.
 
         Example:
             >>> import torch
@@ -120,7 +129,15 @@ class Algorithm:
         """
         from potluck.client.program import ClientProgram
 
-        return ClientProgram(task, federation, self, seed=seed, finetune_epochs=finetune_epochs)
+        return ClientProgram(
+            task,
+            federation,
+            self,
+            seed=seed,
+            finetune_epochs=finetune_epochs,
+            attack=attack,
+            attackers=attackers,
+        )
 
     def to_config(self) -> dict[str, Any]:
         """The config sections of this algorithm (``algorithm``, ``sampler``, ``client``,

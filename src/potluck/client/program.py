@@ -37,6 +37,7 @@ from potluck.core.parts import (
     LocalOptimizer,
     LocalResult,
     Need,
+    PoisoningAttack,
     State,
     describe_part,
     gives,
@@ -208,8 +209,16 @@ class ClientProgram:
         *,
         seed: int = 0,
         finetune_epochs: int = 0,
+        attack: PoisoningAttack | None = None,
+        attackers: Sequence[int] | None = None,
     ) -> None:
         self.task, self.federation, self.algorithm = task, federation, algorithm
+        # a poisoning attack's malicious clients poison their data and craft their updates
+        # here (``attackers``: by default the attack's own draw from the run seed)
+        self.attack = attack
+        if attack is not None and attackers is None:
+            attackers = attack.attackers(federation.num_clients, seed).tolist()
+        self.attackers = frozenset(int(c) for c in attackers or ())
         self.optimizer = algorithm.local
         self.seed, self.seeds = seed, Seeds(seed)
         with torch.random.fork_rng():
@@ -440,6 +449,9 @@ class ClientProgram:
             scalars.update({f"{ns}/{k}": v for k, v in out.scalars.items()})
             if out.state:
                 new_state[ns] = out.state
+        if self.attack is not None and self.attack.crafts and prep.cid in self.attackers:
+            ctx = part_context(self.seed, prep.round, "attack", prep.cid)
+            result = replace(result, delta=self.attack.craft(result.delta, ctx))
         if seen:
             scalars["train_loss"] = loss_sum / seen
         scalars["weight"] = result.weight
@@ -470,6 +482,10 @@ class ClientProgram:
             return cached[1]
         data = self.federation.client(cid)
         tensors = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+        attack = self.attack
+        if attack is not None and attack.poisons_data and cid in self.attackers:
+            gen = self.seeds.torch("attack", "data", cid)
+            tensors = attack.poison(*tensors, self.federation.source.num_classes, gen)
         self._cached = (cid, tensors)
         return tensors
 

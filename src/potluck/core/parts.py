@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -362,6 +362,26 @@ class ServerOptimizer(Protocol):
     def step(
         self, w: torch.Tensor, mean_delta: torch.Tensor, state: State, ctx: Context
     ) -> tuple[torch.Tensor, State]: ...
+
+
+# ---- the threat model: a poisoning attack (``potluck.attacks``) --------------------------
+
+
+@runtime_checkable
+class PoisoningAttack(Protocol):
+    """What a client program asks of a poisoning attack (``potluck.attacks.poisoning.Attack``
+    implements it): its malicious clients, and what they do to their data and their update."""
+
+    poisons_data: ClassVar[bool]
+    crafts: ClassVar[bool]
+
+    def attackers(self, num_clients: int, seed: int) -> np.ndarray: ...
+
+    def poison(
+        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def craft(self, delta: torch.Tensor, ctx: Context) -> torch.Tensor: ...
 
 
 # ---- declared needs -------------------------------------------------------------------------

@@ -40,6 +40,7 @@ KINDS = (
     "server",
     "algorithm",
     "engine",
+    "attack",
 )
 # the modules whose import registers the built-ins of each kind (imported on first lookup)
 _BUILTINS = {
@@ -66,6 +67,11 @@ _BUILTINS = {
     "server": ("potluck.optim",),
     "algorithm": ("potluck.algorithms",),
     "engine": ("potluck.engines",),
+    "attack": (
+        "potluck.attacks.poisoning",
+        "potluck.attacks.colluding",
+        "potluck.attacks.backdoor",
+    ),
 }
 _BY_NAME: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 _BY_OBJECT: dict[str, dict[int, str]] = {kind: {} for kind in KINDS}
