@@ -859,11 +859,13 @@ class _Loop:
         algo = self.exp.algorithm
         rows = [u.message.arrays["delta"] for u in updates]
         deltas = self.stack.stack(rows) if rows else state.w.new_zeros((0, state.w.numel()))
+        members = tuple(u.client for u in updates)
+        ctx = replace(
+            self._ctx("aggregator", rnd, inbox=self._aggregator_inbox(stages, state.w)),
+            members=members,
+        )
         aggregate, slots["aggregator"] = self.aggregator.aggregate(
-            deltas,
-            weights,
-            slots.get("aggregator", {}),
-            self._ctx("aggregator", rnd, inbox=stages.told_aggregator),
+            deltas, weights, slots.get("aggregator", {}), ctx
         )
         for ns, transform in reversed(
             list(zip(self.program.transform_ns, self.program.transforms, strict=True))
@@ -892,6 +894,17 @@ class _Loop:
             return _State(rnd, state.w, before)
         slots["server"] = server_state
         return _State(rnd, w, {ns: s for ns, s in slots.items() if s})
+
+    def _aggregator_inbox(self, stages: RoundStages, w: torch.Tensor) -> Message | None:
+        """What the aggregator is told this round: what its stages left, and the server's
+        own update on ``root_examples`` examples of root data if it asks for them (FLTrust's
+        trusted update, trained from the global model ``w`` like a client's)."""
+        told, k = stages.told_aggregator, getattr(self.aggregator, "root_examples", 0)
+        if not k:
+            return told
+        root = self.program.root_update(w, stages.round, k)
+        base = told or Message()
+        return Message({**base.arrays, "root_delta": root}, base.scalars)
 
     def _client_states(
         self, clients: np.ndarray, fresh: Mapping[int, Mapping[str, State]] | None = None

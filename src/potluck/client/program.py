@@ -539,6 +539,23 @@ class ClientProgram:
             seen += len(idx)
         return w, loss_sum, seen
 
+    def root_update(self, w_global: torch.Tensor, round: int, k: int) -> torch.Tensor:
+        """The server's own update in ``round``: local training from ``w_global`` (this
+        program's optimizer, no terms) on its root data, ``k`` examples of the source's
+        training set drawn once from the run seed (FLTrust's small clean root dataset)."""
+        train = self.federation.source.train
+        if not 0 < k <= len(train.y):
+            raise ValueError(
+                f"aggregator.root_examples = {k}: the source's training set holds {len(train.y)}"
+            )
+        rows = np.sort(self.seeds.numpy("root").choice(len(train.y), size=k, replace=False))
+        x, y = torch.from_numpy(train.features(rows)), torch.from_numpy(train.y[rows])
+        torch.default_generator.manual_seed(self.seeds.integer("dropout", "root", round))
+        self.model.train()
+        gen = self.seeds.torch("root", round)
+        w, _, _ = self._local_steps(w_global, _identity, x, y, self.optimizer.num_steps(k), gen)
+        return w - w_global
+
     # ---- evaluation ----------------------------------------------------------------------
 
     @torch.no_grad()

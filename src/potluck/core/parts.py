@@ -88,7 +88,10 @@ class Context:
     """Where a part is called: the round, the client (``None`` on the server), and the
     part's random stream, derived from the run seed and ``stream`` (by default
     ``(part namespace, round, client)``). ``num_clients`` is the federation's size;
-    ``inbox`` what an earlier stage of the round left for this client and part."""
+    ``inbox`` what an earlier stage of the round left for this client and part (for the
+    aggregator, also the server's own update on its root data, ``root_delta``, when it asks
+    for one with a ``root_examples`` attribute); ``members`` the clients of the updates an
+    aggregator combines, in the order of its stack."""
 
     seed: int
     round: int
@@ -96,6 +99,7 @@ class Context:
     client: int | None = None
     num_clients: int = 0
     inbox: Message | None = None
+    members: tuple[int, ...] = ()
 
     def generator(self, *path: Key) -> torch.Generator:
         """A torch generator of this part's stream (``path`` for sub-streams)."""
