@@ -235,10 +235,12 @@ def show(
     if clients:
         ctable = Table("round", "client", "metrics", title="per-client metrics")
         for rnd, cid, metrics in per_client:
+            shown = {k: v for k, v in metrics.items() if k not in _ANOMALY_KEYS}
             ctable.add_row(
-                str(rnd), str(cid), ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+                str(rnd), str(cid), ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
             )
         console.print(ctable)
+        _show_anomalies(per_client)
     _show_health(health)
     console.print(f"run directory: {info.run_dir}")
 
@@ -308,6 +310,24 @@ def _example_statements(st: RunStore, run_id: str, cfg: ExperimentConfig) -> dic
 def _slot(tensors: dict[str, Any], slot: str) -> dict[str, Any]:
     prefix = f"{slot}/"
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+_ANOMALY_KEYS = ("score_norm", "score_cosine", "score_krum", "flagged", "malicious")
+
+
+def _show_anomalies(per_client: list[tuple[int, int, dict[str, float]]]) -> None:
+    """The per-client anomaly scores of each round (``detection``), flagged rows in red;
+    ``malicious`` is the simulated attack's ground truth, where there is one."""
+    rows = [(r, c, m) for r, c, m in per_client if any(k.startswith("score_") for k in m)]
+    if not rows:
+        return
+    keys = [k for k in _ANOMALY_KEYS if any(k in m for _, _, m in rows)]
+    table = Table("round", "client", *(k.removeprefix("score_") for k in keys),
+                  title="anomaly scores")  # fmt: skip
+    for rnd, cid, m in rows:
+        style = "red" if m.get("flagged") else None
+        table.add_row(str(rnd), str(cid), *(_fmt(m.get(k, "")) for k in keys), style=style)
+    console.print(table)
 
 
 def _show_health(rows: list[dict[str, Any]]) -> None:

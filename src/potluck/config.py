@@ -140,6 +140,27 @@ class EvaluationConfig(_Section):
     finetune_epochs: int = Field(0, ge=0, description="also evaluate after local fine-tuning")
 
 
+class DetectionConfig(_Section):
+    """Per-client anomaly scores every round, flagging and quarantine
+    (``potluck.aggregate.anomaly``)."""
+
+    scores: list[Literal["norm", "cosine", "krum"]] = Field(
+        ["norm", "cosine"], description="scores recorded per client each round"
+    )
+    flag_on: Literal["norm", "cosine", "krum"] = Field("norm", description="the flagging score")
+    threshold: float = Field(3.0, gt=0, description="flag past this many scaled MADs")
+    quarantine: bool = Field(False, description="leave clients flagged `strikes` times out")
+    strikes: int = Field(2, ge=1, description="flagged rounds before quarantine")
+
+    @model_validator(mode="after")
+    def _flag_on_recorded(self) -> DetectionConfig:
+        if self.flag_on not in self.scores:
+            raise ValueError(
+                f"flag_on = {self.flag_on!r} must be one of the recorded scores {self.scores}"
+            )
+        return self
+
+
 class PrivacyConfig(_Section):
     """The privacy budget of a run with a private mechanism (aggregator ``dp_mean``,
     ``dp_mean_adaptive`` or ``dp_ftrl``; transform ``local_dp``)."""
@@ -261,6 +282,7 @@ class ExperimentConfig(_Section):
     server: dict[str, Any] = Field(default_factory=dict)
     privacy: PrivacyConfig | None = None
     attack: dict[str, Any] | None = None
+    detection: DetectionConfig = DetectionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
     deploy: DeployConfig = DeployConfig()
@@ -322,6 +344,7 @@ class ExperimentConfig(_Section):
         """The runnable ``Experiment`` (loads the dataset, builds the partition)."""
         import torch
 
+        from potluck.aggregate.anomaly import Detection
         from potluck.orchestrator import Evaluation, Experiment
         from potluck.privacy.ledger import PrivacyBudget
 
@@ -348,6 +371,7 @@ class ExperimentConfig(_Section):
             max_weight_ratio=self.deploy.max_weight_ratio or None,
             privacy=PrivacyBudget(**self.privacy.model_dump()) if self.privacy else None,
             attack=self.build_attack(),
+            detection=Detection(**self.detection.model_dump()),
             name=run.name,
             config=self.model_copy(update={"run": run}).to_dict(),
         )
@@ -461,6 +485,8 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
     except NotNameable as exc:
         problems.append(f"algorithm: {exc}")
     out["evaluation"] = dataclasses.asdict(experiment.evaluation)
+    detection = dataclasses.asdict(experiment.detection)
+    out["detection"] = {**detection, "scores": list(detection["scores"])}
     out["run"] = _given(
         engine=experiment.engine,
         workers=experiment.workers,

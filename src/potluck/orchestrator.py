@@ -44,6 +44,8 @@ import numpy as np
 import torch
 
 from potluck.aggregate import cohort
+from potluck.aggregate.anomaly import Detection, anomaly_scores
+from potluck.aggregate.byzantine import byzantine_count
 from potluck.aggregate.stack import StackBuffer
 from potluck.algorithms.base import Algorithm
 from potluck.attacks.poisoning import Attack, attack_context, check_attack
@@ -137,6 +139,7 @@ class Experiment:
     max_weight_ratio: float | None = 10.0
     privacy: PrivacyBudget | None = None
     attack: Attack | None = None
+    detection: Detection = field(default_factory=Detection)
     name: str | None = None
     config: Mapping[str, Any] | None = None
 
@@ -478,6 +481,7 @@ class RoundStages:
         self.refused: dict[str, int] = {}  # stage -> answers that arrived but were refused
         self.bytes_up: dict[int, int] = {}
         self.bytes_down: dict[int, int] = {}
+        self.scores: dict[int, dict[str, float]] = {}  # client -> anomaly scores, flagged
 
     def run(
         self,
@@ -692,6 +696,7 @@ class _Loop:
             title=title,
             summary=summary,
             config=info.config,
+            clients=self.store.client_metrics(self.run_id),
         )
         return info.run_dir
 
@@ -713,6 +718,8 @@ class _Loop:
         cohort, slots["sampler"] = algo.sampler.sample(
             self.num_clients, slots.get("sampler", {}), sampling
         )
+        quarantined = self._quarantined(cohort, slots)
+        cohort = cohort[~quarantined]
         work, reports = algo.stragglers.plan(
             len(cohort), algo.local.epochs, self.seeds.numpy("stragglers", rnd)
         )
@@ -743,8 +750,15 @@ class _Loop:
             **stages.metrics,
             **privacy_metrics,
         }
+        if self.exp.detection.quarantine:
+            metrics["quarantined"] = float(quarantined.sum())
         if self.exp.attack is not None:
-            metrics["malicious"] = float(sum(u.client in self.program.attackers for u in updates))
+            attackers = self.program.attackers
+            metrics["malicious"] = float(sum(u.client in attackers for u in updates))
+            if "flagged" in metrics:  # detection scored against the ground truth
+                metrics["flagged_malicious"] = float(
+                    sum(stages.scores.get(c, {}).get("flagged", 0.0) for c in attackers)
+                )
         if engine.remote:
             refused = sum(stages.refused.values())  # at any stage: each drops its member
             metrics["failed"] = float(active - len(trained) - refused)
@@ -867,6 +881,8 @@ class _Loop:
         aggregate, slots["aggregator"] = self.aggregator.aggregate(
             deltas, weights, slots.get("aggregator", {}), ctx
         )
+        if self.upload_dtypes["delta"] == torch.float32:  # individual updates to score
+            self._score(stages, members, deltas, aggregate, slots)
         for ns, transform in reversed(
             list(zip(self.program.transform_ns, self.program.transforms, strict=True))
         ):
@@ -894,6 +910,39 @@ class _Loop:
             return _State(rnd, state.w, before)
         slots["server"] = server_state
         return _State(rnd, w, {ns: s for ns, s in slots.items() if s})
+
+    def _score(
+        self,
+        stages: RoundStages,
+        members: tuple[int, ...],
+        deltas: torch.Tensor,
+        aggregate: torch.Tensor,
+        slots: dict[str, State],
+    ) -> None:
+        """The round's anomaly scores and flags, per client (``stages.scores``), and a
+        flagged client's strike (server state ``quarantine/strikes``) under quarantine."""
+        det = self.exp.detection
+        f = byzantine_count(getattr(self.aggregator, "byzantine", 0), len(members))
+        scores = anomaly_scores(deltas, aggregate, det.scores, f)
+        flagged = det.flagged(scores, len(members))
+        for i, c in enumerate(members):
+            row = {f"score_{name}": float(v[i]) for name, v in scores.items()}
+            stages.scores[c] = {**row, "flagged": float(flagged[i])}
+        stages.metrics["flagged"] = float(flagged.sum())
+        if det.quarantine and bool(flagged.any()):
+            strikes = slots.get("quarantine", {}).get("strikes")
+            if strikes is None:
+                strikes = torch.zeros(self.num_clients, dtype=torch.int32)
+            strikes = strikes.clone()
+            strikes[torch.tensor(members, dtype=torch.int64)[flagged]] += 1
+            slots["quarantine"] = {"strikes": strikes}
+
+    def _quarantined(self, cohort: np.ndarray, slots: Mapping[str, State]) -> np.ndarray:
+        """Which of ``cohort`` are quarantined (flagged in ``detection.strikes`` rounds)."""
+        strikes = slots.get("quarantine", {}).get("strikes")
+        if strikes is None or not self.exp.detection.quarantine:
+            return np.zeros(len(cohort), dtype=bool)
+        return strikes.numpy()[cohort] >= self.exp.detection.strikes
 
     def _aggregator_inbox(self, stages: RoundStages, w: torch.Tensor) -> Message | None:
         """What the aggregator is told this round: what its stages left, and the server's
@@ -1090,7 +1139,7 @@ class _Loop:
             }
             if attacked:  # the ground truth that detection is scored against
                 traffic["malicious"] = float(u.client in self.program.attackers)
-            out.append((u.client, {**u.metrics, **traffic}))
+            out.append((u.client, {**u.metrics, **traffic, **stages.scores.get(u.client, {})}))
         return out
 
     def _evaluate(

@@ -124,6 +124,11 @@ def refresh_report(store: RunStore, run_id: str) -> Path:
     named = info.name and info.name != run_id
     title = f"potluck run {run_id}" + (f" ({info.name})" if named else "")
     paths = write_report(
-        info.run_dir, store.rounds(run_id), title=title, summary=info.summary, config=info.config
+        info.run_dir,
+        store.rounds(run_id),
+        title=title,
+        summary=info.summary,
+        config=info.config,
+        clients=store.client_metrics(run_id),
     )
     return paths["html"]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from potluck.report.anomaly import PerClientRows, anomaly_section
 from potluck.report.attacks import attack_section
 from potluck.report.svg import Panel, panels
 from potluck.store.sqlite import RoundRecord
@@ -27,7 +28,10 @@ from potluck.store.sqlite import RoundRecord
 SVG_NAME = "curves.svg"
 HTML_NAME = "report.html"
 _PANELS = (("loss", ("loss",)), ("accuracy", ("accuracy", "acc")))  # (label, name suffixes)
-_OPTIONAL_PANELS = (("epsilon (privacy spent)", ("epsilon",)),)  # drawn for runs that have it
+_OPTIONAL_PANELS = (  # drawn for runs that have them
+    ("epsilon (privacy spent)", ("epsilon",)),
+    ("updates flagged", ("flagged", "flagged_malicious", "malicious")),
+)
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -48,13 +52,16 @@ def write_report(
     title: str,
     summary: dict[str, Any],
     config: dict[str, Any] | None = None,
+    clients: PerClientRows = (),
 ) -> dict[str, Path]:
     """Write ``curves.svg`` and ``report.html`` into ``run_dir``; return their paths.
 
     The plot has a loss panel (metrics named ``*loss``) and an accuracy panel (``*accuracy``,
     ``*acc``), and for a private run the epsilon spent; rounds where a metric is absent, NaN
-    or infinite are skipped in the plot. Attack results in ``run_dir/attacks`` (``potluck
-    attack``) get a section of their own.
+    or infinite are skipped in the plot; a run with anomaly detection gets a panel of the
+    updates flagged and a section on the clients that look wrong (from the per-client
+    metrics ``clients``). Attack results in ``run_dir/attacks`` (``potluck attack``) get a
+    section of their own.
 
     Example:
         >>> import tempfile
@@ -67,7 +74,8 @@ def write_report(
     svg = curves_svg(rounds, title)
     svg_path, html_path = run_dir / SVG_NAME, run_dir / HTML_NAME
     svg_path.write_text(svg, encoding="utf-8")
-    page = _html(title, svg, rounds, summary, config, attack_section(run_dir))
+    sections = anomaly_section(clients) + attack_section(run_dir)
+    page = _html(title, svg, rounds, summary, config, sections)
     html_path.write_text(page, encoding="utf-8")
     return {"svg": svg_path, "html": html_path}
 
