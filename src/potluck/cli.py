@@ -633,8 +633,19 @@ def client(
     backoff_max: Annotated[
         float, typer.Option(help="longest wait between reconnection attempts (s)")
     ] = 30.0,
+    attack: Annotated[
+        str | None,
+        typer.Option(help="run as a MALICIOUS client: a poisoning attack's name (for testing)"),
+    ] = None,
+    attack_param: Annotated[
+        list[str] | None,
+        typer.Option("--attack-param", help="the attack's parameter, key=value (repeatable)"),
+    ] = None,
 ) -> None:
-    """Join a potluck server and train on local data; reconnects until the run is done."""
+    """Join a potluck server and train on local data; reconnects until the run is done.
+
+    With ``--attack`` the client is malicious, to test a federation's defences: it poisons
+    its data or crafts its updates as the attack's attackers do in simulation."""
     from potluck.deploy.client import ClientTLS, Site
     from potluck.deployment import load_site_data, load_task, site_program
 
@@ -652,17 +663,45 @@ def client(
             _fail("--insecure clients need --name")
         user_task = load_task(task) if task else None
         arrays = None if data == "federation" else load_site_data(Path(data))
+        poison = _attack(attack, attack_param or [])
+        if poison is not None:
+            err.print(f"[bold red]WARNING: a malicious client: attack {attack}[/]")
         site = Site(
             server_addr,
             name=who,
             tls=tls,
-            program_for=lambda cfg, cid: site_program(cfg, cid, task=user_task, data=arrays),
+            program_for=lambda cfg, cid: site_program(
+                cfg, cid, task=user_task, data=arrays, attack=poison
+            ),
             server_name=server_name,
             backoff=(min(0.5, backoff_max), backoff_max),
             max_failures=max_failures,
         )
         code = site.run()
     raise typer.Exit(code)
+
+
+def _attack(name: str | None, params: list[str]) -> Any:
+    """The poisoning attack of ``--attack NAME --attack-param key=value ...`` (None if no
+    name); one that needs other clients' updates is refused."""
+    from potluck.attacks.poisoning import check_attack
+    from potluck.config import _parse_value
+    from potluck.core.registry import build_part
+    from potluck.deployment import check_site_attack
+
+    if name is None:
+        if params:
+            _fail("--attack-param needs --attack NAME")
+        return None
+    section: dict[str, Any] = {"name": name}
+    for item in params:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--attack-param {item!r}: expected key=value")
+        section[key.strip()] = _parse_value(raw)
+    attack = check_attack(build_part("attack", section, "attack"))
+    check_site_attack(attack)
+    return attack
 
 
 def _log_to_stderr() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from potluck.attacks.poisoning import Attack
 from potluck.client.program import ClientProgram
 from potluck.config import ExperimentConfig
 from potluck.core.task import Task
@@ -227,12 +228,25 @@ def load_site_data(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
+def check_site_attack(attack: Attack) -> None:
+    """Refuse an attack a deployed site cannot run: one that crafts with the other clients'
+    updates (a colluding or omniscient one), which a site never sees."""
+    if attack.colludes:
+        raise ValueError(
+            f"attack: {type(attack).__name__} crafts with the other clients' updates "
+            f"({attack.knowledge}), which a deployed site never sees; a malicious site runs "
+            "attacks on its own data and update (label_flip, sign_flip, scaling, gaussian, "
+            "backdoor)"
+        )
+
+
 def site_program(
     config: ExperimentConfig | dict[str, Any],
     client_id: int,
     *,
     task: Task | None = None,
     data: tuple[np.ndarray, np.ndarray] | None = None,
+    attack: Attack | None = None,
 ) -> ClientProgram:
     """The program a site runs: the simulation's, over this site's data.
 
@@ -243,6 +257,10 @@ def site_program(
     ``target_epsilon`` and bound to the expected cohort (``privacy.prepare``), so a site's
     local or distributed noise is what the server accounts. A config whose DP noise follows
     from its seed is refused here too (``check_deployable``).
+
+    With an ``attack`` the site is malicious (``potluck client --attack``): it poisons its
+    data and crafts its updates as the attack's attackers do in simulation. An attack that
+    needs the other clients' updates (a colluding one) is refused: a site sees only its own.
     """
     cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_dict(config)
     from potluck.data.federation import Federation
@@ -273,6 +291,13 @@ def site_program(
     budget = PrivacyBudget(**cfg.privacy.model_dump()) if cfg.privacy else PrivacyBudget()
     algorithm = prepare(cfg.algorithm_parts(), cfg.data.num_clients, cfg.rounds, budget)
     check_deployable(algorithm)  # the site's own examples' noise (DP-SGD) too
+    if attack is not None:
+        check_site_attack(attack)
     return algorithm.client_program(
-        task, federation, seed=cfg.seed, finetune_epochs=cfg.evaluation.finetune_epochs
+        task,
+        federation,
+        seed=cfg.seed,
+        finetune_epochs=cfg.evaluation.finetune_epochs,
+        attack=attack,
+        attackers=None if attack is None else [client_id],
     )

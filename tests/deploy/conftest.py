@@ -140,12 +140,20 @@ class Deployment:
         assert listening.wait(60), "the server did not start"
         return self
 
-    def site(self, name: str, tls: ClientTLS | None, *, kind: type[Site] = Site, **kw: Any) -> Site:
+    def site(
+        self,
+        name: str,
+        tls: ClientTLS | None,
+        *,
+        kind: type[Site] = Site,
+        program_for: Any = site_program,
+        **kw: Any,
+    ) -> Site:
         site = kind(
             f"127.0.0.1:{self.port}",
             name=name,
             tls=tls,
-            program_for=lambda cfg, cid: site_program(cfg, cid),
+            program_for=program_for,
             server_name="localhost" if tls else None,
             backoff=(0.1, 0.5),
             **kw,
