@@ -6,7 +6,8 @@ compression with error feedback (a transform with client state), a coordinate-wi
 (an aggregator), FedDyn (a gradient term with client and server state), FedProx + error
 feedback (a preset composed with a user transform), a round-robin sampler with server state
 under SCAFFOLD, and a commit-then-reveal beacon (a part with two stages of its own around
-training, and dropouts between them). Tolerances as in ``test_engines.py``.
+training, and dropouts between them), and a colluding poisoning attack (poisoned data and
+updates crafted together). Tolerances as in ``test_engines.py``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ USER: dict[str, dict[str, Any]] = {
         "sampler": {"name": "my_lab.sampler:RoundRobin", "clients_per_round": 5},
     },
     "beacon": {"transforms": [{"name": "my_lab.beacon:Beacon", "drop": 0.4}]},
+    "colluding_attack": {
+        "attack": {"name": "my_lab.poison:CollectiveFlip", "fraction": 0.3},
+        "aggregator": {"name": "my_lab.agg:Median"},
+    },
 }
 ENGINES = [e for e in available_engines() if e not in ("inline", "ray")]
 WEIGHT_TOL = LOSS_RTOL = 1e-5
