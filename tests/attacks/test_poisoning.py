@@ -5,6 +5,7 @@ uninterrupted one, bad settings refused with the parameter named)."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,13 @@ def test_a_resumed_attacked_run_equals_an_uninterrupted_one(tmp_path: Path) -> N
     resumed = resume_experiment(ExperimentConfig.from_dict(info.config).build(), store, info.run_id)
     assert torch.equal(resumed.weights, whole.weights)
     assert resumed.history[-1]["backdoor_accuracy"] == whole.history[-1]["backdoor_accuracy"]
+
+
+def test_the_readme_examples_build() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for heading, check in (
+        ("### Poisoning attacks", lambda cfg: cfg.build_attack() == ALIE(fraction=0.2)),
+        ("### Anomaly detection and quarantine", lambda cfg: cfg.detection.strikes == 2),
+    ):
+        block = readme.split(heading)[1].split("```toml\n")[1].split("```")[0]
+        assert check(ExperimentConfig.from_dict({**BASE, **tomllib.loads(block)}))
