@@ -312,7 +312,7 @@ def _slot(tensors: dict[str, Any], slot: str) -> dict[str, Any]:
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-_ANOMALY_KEYS = ("score_norm", "score_cosine", "score_krum", "flagged", "malicious")
+_ANOMALY_KEYS = ("score_norm", "score_cosine", "score_krum", "score_trust", "flagged", "malicious")
 
 
 def _show_anomalies(per_client: list[tuple[int, int, dict[str, float]]]) -> None:

@@ -558,6 +558,12 @@ class _Loop:
         # parts whose client state is a round's secrets: kept between its stages, not stored
         self.secret = {ns for ns, p in self.parts.items() if getattr(p, "secret_state", False)}
         self.aggregator, self.ledger = self._private_aggregation()
+        root, train = getattr(self.aggregator, "root_examples", 0), exp.federation.source.train
+        if root > len(train.y):
+            raise ValueError(
+                f"aggregator.root_examples = {root}: the server's root data is drawn from the "
+                f"source's training set, which holds {len(train.y)} examples"
+            )
         attack = exp.attack
         if attack is not None and attack.colludes and self.upload_dtypes["delta"] != torch.float32:
             raise ValueError(
@@ -882,7 +888,7 @@ class _Loop:
             deltas, weights, slots.get("aggregator", {}), ctx
         )
         if self.upload_dtypes["delta"] == torch.float32:  # individual updates to score
-            self._score(stages, members, deltas, aggregate, slots)
+            self._score(stages, members, deltas, aggregate, slots, ctx)
         for ns, transform in reversed(
             list(zip(self.program.transform_ns, self.program.transforms, strict=True))
         ):
@@ -918,12 +924,17 @@ class _Loop:
         deltas: torch.Tensor,
         aggregate: torch.Tensor,
         slots: dict[str, State],
+        ctx: Context,
     ) -> None:
-        """The round's anomaly scores and flags, per client (``stages.scores``), and a
+        """The round's anomaly scores and flags, per client (``stages.scores``), with the
+        aggregator's own (its ``update_scores(deltas, ctx)``, e.g. FLTrust's trust), and a
         flagged client's strike (server state ``quarantine/strikes``) under quarantine."""
         det = self.exp.detection
         f = byzantine_count(getattr(self.aggregator, "byzantine", 0), len(members))
         scores = anomaly_scores(deltas, aggregate, det.scores, f)
+        own = getattr(self.aggregator, "update_scores", None)  # a rule's own (FLTrust's trust)
+        if own is not None:
+            scores.update(own(deltas, ctx))
         flagged = det.flagged(scores, len(members))
         for i, c in enumerate(members):
             row = {f"score_{name}": float(v[i]) for name, v in scores.items()}

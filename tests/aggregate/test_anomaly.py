@@ -149,3 +149,19 @@ def test_scores_are_shown_by_the_cli_and_in_the_report(tmp_path: Path) -> None:
 def test_secure_aggregation_has_no_individual_updates_to_score() -> None:
     result = run_experiment(config(1, algorithm={"name": "secagg_fedavg"}).build())
     assert "flagged" not in result.history[0]
+
+
+def test_fltrust_adds_its_trust_scores_and_a_root_set_too_large_is_refused(
+    tmp_path: Path,
+) -> None:
+    store = RunStore(tmp_path)
+    attack = {"name": "sign_flip", "fraction": 0.2, "scale": 2.0}
+    run_experiment(config(2, aggregator={"name": "fltrust"}, attack=attack).build(), store)
+    (info,) = store.list_runs()
+    rows = [m for _, _, m in store.client_metrics(info.run_id) if "score_trust" in m]
+    assert len(rows) == 20
+    assert all(0.0 <= m["score_trust"] <= 1.0 for m in rows)
+    flipped = [m["score_trust"] for m in rows if m["malicious"]]
+    assert flipped and max(flipped) == 0.0  # reversed updates earn no trust
+    with pytest.raises(ValueError, match="root_examples = 5000: the server's root data"):
+        run_experiment(config(1, aggregator={"name": "fltrust", "root_examples": 5000}).build())

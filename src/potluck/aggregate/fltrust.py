@@ -103,6 +103,11 @@ class FLTrust:
     def init(self, w: torch.Tensor) -> State:
         return {}
 
+    def update_scores(self, deltas: torch.Tensor, ctx: Context) -> dict[str, torch.Tensor]:
+        """The round's per-update anomaly scores this rule computes: its ``trust``."""
+        inbox = ctx.inbox.arrays if ctx.inbox is not None else {}
+        return {"trust": trust_scores(deltas, check_root(inbox.get(ROOT), deltas.shape[1]))}
+
     def aggregate(
         self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
     ) -> tuple[torch.Tensor, State]:
