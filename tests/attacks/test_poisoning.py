@@ -296,3 +296,21 @@ def test_the_readme_examples_build() -> None:
     ):
         block = readme.split(heading)[1].split("```toml\n")[1].split("```")[0]
         assert check(ExperimentConfig.from_dict({**BASE, **tomllib.loads(block)}))
+
+
+def test_an_experiment_built_in_python_says_its_attack_and_detection_back() -> None:
+    from dataclasses import replace
+
+    from potluck.aggregate.anomaly import Detection
+
+    exp = replace(
+        config(None).build(),
+        attack=MinSum(fraction=0.1, direction="sign"),
+        detection=Detection(scores=("norm", "krum"), flag_on="krum", quarantine=True),
+        config=None,
+    )
+    said = exp.describe()
+    cfg = ExperimentConfig.from_dict({**BASE, "attack": said["attack"],
+                                      "detection": said["detection"]})  # fmt: skip
+    again = cfg.build()
+    assert again.attack == exp.attack and again.detection == exp.detection

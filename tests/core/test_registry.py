@@ -21,6 +21,9 @@ from potluck.aggregate import (
     TrimmedMean,
     WeightedMean,
 )
+from potluck.attacks.backdoor import Backdoor
+from potluck.attacks.colluding import ALIE, IPM, FangKrum, FangTrimmedMean, MinMax, MinSum
+from potluck.attacks.poisoning import GaussianNoise, LabelFlip, Scaling, SignFlip
 from potluck.client import QFFL, Ditto, FedNova, FedPer, FedProx, LocalSGD, Scaffold
 from potluck.core import registry
 from potluck.optim import ServerAdagrad, ServerAdam, ServerSGD, ServerYogi
@@ -106,6 +109,21 @@ EXAMPLES: dict[str, list[Any]] = {
         FLTrust(root_examples=40),
         FoolsGold(),
         FoolsGold(kappa=0.5, max_history_bytes=2**20),
+    ],
+    "attack": [
+        LabelFlip(),
+        LabelFlip(fraction=0.1, source=1, target=7),
+        SignFlip(scale=3.0),
+        Scaling(fraction=0.3, factor=5.0),
+        GaussianNoise(std=0.5),
+        ALIE(),
+        ALIE(omniscient=True, z=1.5),
+        IPM(epsilon=0.1),
+        MinMax(direction="unit", gamma_init=5.0),
+        MinSum(omniscient=False, tau=1e-4),
+        FangKrum(threshold=1e-4),
+        FangTrimmedMean(b=3.0),
+        Backdoor(target=2, poison_fraction=0.3, size=4, value=1.0, boost=10.0, norm_bound=2.0),
     ],
     "server": [
         ServerSGD(0.5, 0.9),
