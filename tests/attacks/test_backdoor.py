@@ -106,3 +106,23 @@ def test_train_and_scale_keeps_within_the_norm_bound() -> None:
     reply = program.train(0, 16, w)
     assert reply is not None
     assert float(reply.message.arrays["delta"].norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_constrain_and_scale_keeps_the_attacker_near_the_global_model() -> None:
+    """Bagdasaryan et al.'s anomaly term: with alpha < 1 the attacker's local model stays
+    closer to the global one (a smaller update for a defence to see)."""
+    cfg, w = pretrained()
+    exp = cfg.build()
+
+    def attacker_update(alpha: float) -> torch.Tensor:
+        attack = Backdoor(fraction=0.05, target=0, alpha=alpha)
+        program = exp.algorithm.client_program(exp.task, exp.federation, seed=0, attack=attack,
+                                               attackers=[0])  # fmt: skip
+        reply = program.train(0, 16, w)
+        assert reply is not None
+        return reply.message.arrays["delta"]
+
+    plain, constrained = attacker_update(1.0), attacker_update(0.5)
+    assert float(constrained.norm()) < 0.9 * float(plain.norm())
+    with pytest.raises(ValueError, match=r"attack\.alpha must be in \(0, 1\]"):
+        Backdoor(alpha=0.0)

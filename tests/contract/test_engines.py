@@ -79,7 +79,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     },
     # poisoning: a backdoor (poisoned data, boosted updates) and a colluding attack
     "backdoor_median": {
-        "attack": {"name": "backdoor", "fraction": 0.3, "target": 3, "boost": 2.0},
+        "attack": {"name": "backdoor", "fraction": 0.3, "target": 3, "boost": 2.0, "alpha": 0.7},
         "aggregator": {"name": "median"},
     },
     "alie_trimmed_mean": {

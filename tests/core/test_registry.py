@@ -123,7 +123,9 @@ EXAMPLES: dict[str, list[Any]] = {
         MinSum(omniscient=False, tau=1e-4),
         FangKrum(threshold=1e-4),
         FangTrimmedMean(b=3.0),
-        Backdoor(target=2, poison_fraction=0.3, size=4, value=1.0, boost=10.0, norm_bound=2.0),
+        Backdoor(
+            target=2, poison_fraction=0.3, size=4, value=1.0, boost=10.0, norm_bound=2.0, alpha=0.8
+        ),
     ],
     "server": [
         ServerSGD(0.5, 0.9),

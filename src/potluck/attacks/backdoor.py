@@ -1,16 +1,18 @@
 """The pixel-pattern backdoor with model replacement (Bagdasaryan, Veit, Hua, Estrin,
 Shmatikov 2020, "How To Backdoor Federated Learning", AISTATS).
 
-Each attacker stamps a trigger (a checkerboard of ``size`` x ``size`` pixels in the
-bottom-right corner of every image, or of the last features of a flat input that is not a
-square image) on ``poison_fraction`` of its training examples and relabels them
-``target``, trains as usual, then scales its update by ``boost`` (model replacement: with
-``boost = n / eta`` for ``n`` equally weighted updates and server learning rate ``eta``,
-the new global model is the attacker's) and, with a ``norm_bound``, scales it back to that
-L2 norm if it is longer (the paper's train-and-scale, which evades a server bounding norms
-at that value). The round loop reports ``backdoor_accuracy``, the attack success rate: the
-share of the held-out test examples not of class ``target`` that the global model
-classifies as ``target`` once triggered.
+Each attacker stamps a trigger (a checkerboard of ``size`` x ``size`` pixels in the bottom-
+right corner of every image, or of the last features of a flat input that is not a square
+image) on ``poison_fraction`` of its training examples and relabels them ``target``, trains
+as usual, then scales its update by ``boost`` (model replacement: with ``boost = n / eta``
+for ``n`` equally weighted updates and server learning rate ``eta``, the new global model is
+the attacker's) and, with a ``norm_bound``, scales it back to that L2 norm if it is longer
+(the paper's train-and-scale, which evades a server bounding norms at that value). With
+``alpha < 1`` the attackers train on the paper's constrain-and-scale loss ``alpha * L_class
++ (1 - alpha) * L_ano``, with the anomaly term ``L_ano = ||w - w_global||^2``, the squared
+distance a norm- or distance-based defence looks at. The round loop reports
+``backdoor_accuracy``, the attack success rate: the share of the held-out test examples not
+of class ``target`` that the global model classifies as ``target`` once triggered.
 
 Example:
     >>> attack = Backdoor(target=1, size=2, value=1.0)
@@ -50,6 +52,7 @@ class Backdoor(Attack):
     value: float | None = None
     boost: float = 1.0
     norm_bound: float | None = None
+    alpha: float = 1.0
     poisons_data: ClassVar[bool] = True
     crafts: ClassVar[bool] = True
 
@@ -68,6 +71,16 @@ class Backdoor(Attack):
         _check_positive("boost", self.boost)
         if self.norm_bound is not None:
             _check_positive("norm_bound", self.norm_bound)
+        if not (isinstance(self.alpha, int | float) and 0 < self.alpha <= 1):
+            raise ValueError(f"attack.alpha must be in (0, 1], got {self.alpha!r}")
+
+    @property
+    def steers(self) -> bool:
+        return self.alpha < 1
+
+    def gradient(self, w: torch.Tensor, g: torch.Tensor, w_global: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``alpha * L_class + (1 - alpha) * ||w - w_global||^2``."""
+        return self.alpha * g + (2 * (1 - self.alpha)) * (w - w_global)
 
     def trigger(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (a batch) with the trigger stamped on every example."""

@@ -6,9 +6,11 @@ through up to three hooks:
 
 - ``poison(x, y, num_classes, gen)``: their training data (label flipping, a backdoor
   trigger), before local training; the client trains on it as usual.
+- ``gradient(w, g, w_global)`` (if it ``steers``): each local step's gradient, for a loss of
+  the attackers' own (a backdoor's anomaly-evading term).
 - ``craft(delta, ctx)``: their own update after local training and before the update
   transforms, knowing nothing but it (sign flipping, scaling, noise, model replacement).
-  A deployed malicious ``potluck client --attack`` runs exactly these two hooks.
+  A deployed malicious ``potluck client --attack`` runs exactly these hooks.
 - ``collude(malicious, benign, ctx)``: the round's malicious updates rewritten together,
   knowing each other's honest updates (``knowledge = "colluders"``, e.g. ALIE) or also every
   benign one (``"omniscient"``, e.g. IPM, Min-Max). The round loop runs it in simulation,
@@ -97,6 +99,17 @@ class Attack:
     def craft(self, delta: torch.Tensor, ctx: Context) -> torch.Tensor:
         """A malicious client's update from its honest one (unchanged by default)."""
         return delta
+
+    @property
+    def steers(self) -> bool:
+        """Whether the attackers train with a loss of their own (``gradient``)."""
+        return False
+
+    def gradient(self, w: torch.Tensor, g: torch.Tensor, w_global: torch.Tensor) -> torch.Tensor:
+        """An attacker's local-step gradient at ``w`` from the honest one ``g`` (with the
+        round's global model ``w_global``): elementwise tensor code, which the vectorized
+        engine applies to a stack of clients at once. The honest gradient by default."""
+        return g
 
     def collude(self, malicious: torch.Tensor, benign: torch.Tensor, ctx: Context) -> torch.Tensor:
         """The round's (m, d) malicious updates from their honest versions and, for an

@@ -333,6 +333,13 @@ class ClientProgram:
         x, y = self._data(cid)
         gen = self.seeds.torch("batch", round, cid)
         correct = self.correction(prep.works)
+        attack = self.attack
+        if attack is not None and self.steered(cid):
+            honest = correct
+
+            def correct(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+                return attack.gradient(w, honest(w, g), w_global)
+
         example = self.example_step(prep)
         w, loss_sum, seen = self._local_steps(
             prep.w_start, correct, x, y, prep.steps, gen, example=example
@@ -538,6 +545,10 @@ class ClientProgram:
             loss_sum += float(loss) * len(idx)
             seen += len(idx)
         return w, loss_sum, seen
+
+    def steered(self, cid: int) -> bool:
+        """Whether client ``cid`` is an attacker that trains with the attack's own gradient."""
+        return self.attack is not None and self.attack.steers and cid in self.attackers
 
     def root_update(self, w_global: torch.Tensor, round: int, k: int) -> torch.Tensor:
         """The server's own update in ``round``: local training from ``w_global`` (this

@@ -387,6 +387,15 @@ class PoisoningAttack(Protocol):
 
     def craft(self, delta: torch.Tensor, ctx: Context) -> torch.Tensor: ...
 
+    @property
+    def steers(self) -> bool:
+        """Whether its attackers' local steps follow ``gradient`` (their own training loss)."""
+        ...
+
+    def gradient(self, w: torch.Tensor, g: torch.Tensor, w_global: torch.Tensor) -> torch.Tensor:
+        """An attacker's gradient from the honest one (pure elementwise tensor code)."""
+        ...
+
 
 # ---- declared needs -------------------------------------------------------------------------
 

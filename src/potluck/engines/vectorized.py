@@ -288,7 +288,8 @@ class VectorizedEngine(InlineEngine):
         ]
         steps = [program.example_step(preps[k]) for k in cohort.positions]
         gens = [step.gen for step in steps if step is not None]
-        w, loss_sums, seen = self._steps(w, works, cohort, gens)
+        steered = torch.tensor([program.steered(preps[k].cid) for k in cohort.positions])
+        w, loss_sums, seen = self._steps(w, works, cohort, gens, (steered, w_global))
         return {
             k: program.conclude(preps[k], w[row], loss_sums[row], seen[row])
             for row, k in enumerate(cohort.positions)
@@ -312,11 +313,19 @@ class VectorizedEngine(InlineEngine):
         return _Cohort(positions, total, sizes, torch.cat(xs), torch.cat(ys), index, mask, active)
 
     def _steps(
-        self, w: torch.Tensor, works: list[State], cohort: _Cohort, gens: list[torch.Generator]
+        self,
+        w: torch.Tensor,
+        works: list[State],
+        cohort: _Cohort,
+        gens: list[torch.Generator],
+        steer: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, list[float], list[int]]:
         """All members' local steps: the final stacked weights, and per member the sum of
         batch loss x batch size and the examples seen (as ``ClientProgram`` accumulates).
-        ``gens``: the reducing term's stream of each member, if a term reduces."""
+        ``gens``: the reducing term's stream of each member, if a term reduces; ``steer``:
+        which members are attackers with a gradient of their own, and the global model."""
+        steered, w_global = steer
+        attack = self.program.attack if bool(steered.any()) else None
         opt = self.program.optimizer
         opt_state = opt.init(w)
         step_losses = torch.zeros(cohort.index.shape[:2], dtype=torch.float64)
@@ -326,6 +335,8 @@ class VectorizedEngine(InlineEngine):
             works_a = [{key: v[:a] for key, v in wk.items()} for wk in works]
             g, loss = self._gradient(w_a, cohort.x[idx], cohort.y[idx], m, works_a, gens[:a])
             g = self._correct(w_a, g, works_a)
+            if attack is not None:
+                g = torch.where(steered[:a, None], attack.gradient(w_a, g, w_global), g)
             w_a, state_a = opt.step(w_a, state_a, g)
             w, opt_state = _replace_prefix(w, w_a), _replace_state(opt_state, state_a)
             step_losses[s, :a] = loss.double() * m.sum(1).double()
