@@ -27,6 +27,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -124,13 +125,12 @@ def honest_norm(rounds: int, seed: int) -> tuple[float, dict[str, Any]]:
     """The clean FedAvg run, and the median norm of its updates."""
     from potluck.store.sqlite import RunStore
 
-    store_dir = Path("/tmp/potluck_robustness_clean")
-    with RunStore(store_dir) as store:
+    with tempfile.TemporaryDirectory() as folder, RunStore(folder) as store:
         exp = ExperimentConfig.from_dict({**base(rounds, seed), "aggregator": {"name": "mean"}})
-        run_experiment(exp.build(), store)
-        run_id = store.list_runs()[-1].run_id
+        run_id = run_experiment(exp.build(), store).run_id
+        assert run_id is not None
         norms = [m["score_norm"] for _, _, m in store.client_metrics(run_id) if "score_norm" in m]
-    return statistics.median(norms), {"norms_seen": len(norms)}
+    return statistics.median(norms), {"norms_seen": len(norms), "rounds": rounds}
 
 
 def plot(results: dict[str, Any]) -> Path | None:
