@@ -43,13 +43,13 @@ def anomaly_scores(
 ) -> dict[str, torch.Tensor]:
     """The ``names`` scores (of ``SCORES``) of each row of a (K, d) stack of updates."""
     out: dict[str, torch.Tensor] = {}
-    norms = deltas.norm(dim=1, dtype=torch.float64) if deltas.numel() else deltas.new_zeros(0)
+    # float32 passes over the stack (no float64 copy of it), results in float64
+    norms = torch.linalg.vector_norm(deltas, dim=1).double()
     if "norm" in names:
         out["norm"] = norms
     if "cosine" in names:
-        agg = aggregate.to(torch.float64)
-        dots = deltas.to(torch.float64) @ agg if len(deltas) else norms
-        out["cosine"] = dots / (norms * agg.norm()).clamp(min=1e-30)
+        dots = (deltas @ aggregate.to(deltas.dtype)).double()
+        out["cosine"] = dots / (norms * float(aggregate.norm())).clamp(min=1e-30)
     if "krum" in names and len(deltas) >= 2:
         k = len(deltas)
         neighbours = min(max(k - f - 2, 1), k - 1)
