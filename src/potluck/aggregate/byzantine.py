@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar, Self
 
 import torch
@@ -133,6 +134,40 @@ class ByzantineRobust(ABC):
         return self.faulty(k)
 
 
+BLOCK = 2**22  # elements of the stack in one block of ``by_coordinates`` (16 MiB of float32)
+
+
+def by_coordinates(
+    deltas: torch.Tensor,
+    rule: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A per-coordinate ``rule`` over a (K, d) stack, block by block of coordinates: each
+    block goes to ``rule`` as a contiguous (c, K) tensor, a row per coordinate, and its (c,)
+    results fill the (d,) output (of ``dtype``, the stack's by default). Over the whole stack
+    at once, a sort's values and int64 indices alone would take three times the stack (20 GB
+    for 1,000 updates of the McMahan CNN: BENCHMARKS.md section 20).
+
+    Example:
+        >>> by_coordinates(torch.tensor([[1.0, 5.0], [3.0, 0.0]]), lambda rows: rows.amax(1))
+        tensor([3., 5.])
+    """
+    k, d = deltas.shape
+    out = torch.empty(d, dtype=dtype or deltas.dtype)
+    step = max(1, BLOCK // k)
+    for start in range(0, d, step):
+        out[start : start + step] = rule(deltas[:, start : start + step].T.contiguous())
+    return out
+
+
+def row_medians(rows: torch.Tensor) -> torch.Tensor:
+    """The median of each row of a (c, K) tensor (the mean of the two middle values for an
+    even K; a NaN counts as the largest value, as in a sort)."""
+    k = rows.shape[1]
+    low = rows.topk(k // 2 + 1, dim=1, largest=False).values
+    return (low[:, (k - 1) // 2] + low[:, k // 2]) / 2
+
+
 def coordinate_median(deltas: torch.Tensor) -> torch.Tensor:
     """The coordinate-wise median of a (K, d) stack (the mean of the two middle values for
     an even K).
@@ -141,9 +176,7 @@ def coordinate_median(deltas: torch.Tensor) -> torch.Tensor:
         >>> coordinate_median(torch.tensor([[1.0, 5.0], [3.0, 0.0], [2.0, 9.0], [4.0, 1.0]]))
         tensor([2.5000, 3.0000])
     """
-    ordered = deltas.sort(dim=0).values
-    k = deltas.shape[0]
-    return (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
+    return by_coordinates(deltas, row_medians)
 
 
 def pairwise_sq_distances(deltas: torch.Tensor) -> torch.Tensor:

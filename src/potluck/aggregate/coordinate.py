@@ -4,8 +4,8 @@
 Each coordinate is aggregated on its own: the median of the K values, or the mean of the
 values left after removing the ``b`` largest and ``b`` smallest. Both hold for a fraction
 of Byzantine clients below one half (the median for ``f < n / 2``; the trimmed mean for
-``f <= b`` with ``2b < n``), and both count every update alike (weights ignored). One sort
-of the (K, d) stack along the clients, no loop over them.
+``f <= b`` with ``2b < n``), and both count every update alike (weights ignored). A sort
+along the clients, block by block of coordinates (``by_coordinates``), no loop over them.
 
 Example:
     >>> import torch
@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from potluck.aggregate.byzantine import ByzantineRobust, coordinate_median
+from potluck.aggregate.byzantine import ByzantineRobust, by_coordinates, coordinate_median
 from potluck.core.parts import State
 from potluck.core.registry import register
 
@@ -74,5 +74,9 @@ def trimmed_mean(deltas: torch.Tensor, b: int) -> torch.Tensor:
     """Per coordinate, the mean of a (K, d) stack's values without its ``b`` largest and
     ``b`` smallest (summed in float64)."""
     k = deltas.shape[0]
-    kept = deltas.sort(dim=0).values[b : k - b]
-    return (kept.sum(dim=0, dtype=torch.float64) / (k - 2 * b)).to(deltas.dtype)
+
+    def kept_mean(rows: torch.Tensor) -> torch.Tensor:
+        kept = rows.sort(dim=1).values[:, b : k - b]
+        return kept.sum(dim=1, dtype=torch.float64) / (k - 2 * b)
+
+    return by_coordinates(deltas, kept_mean)

@@ -38,9 +38,10 @@ import torch
 
 from potluck.aggregate.byzantine import (
     ByzantineRobust,
+    by_coordinates,
     check_positive_int,
-    coordinate_median,
     pairwise_sq_distances,
+    row_medians,
 )
 from potluck.core.parts import State
 from potluck.core.registry import register
@@ -131,9 +132,12 @@ def bulyan_selection(d2: torch.Tensor, f: int, theta: int) -> torch.Tensor:
 def closest_to_median_mean(selected: torch.Tensor, beta: int) -> torch.Tensor:
     """Per coordinate, the mean of the ``beta`` values of a (theta, d) stack closest to
     their median."""
-    distance = (selected - coordinate_median(selected)).abs()
-    nearest = distance.topk(beta, dim=0, largest=False).indices
-    return selected.gather(0, nearest).sum(dim=0, dtype=torch.float64) / beta
+
+    def nearest_mean(rows: torch.Tensor) -> torch.Tensor:
+        nearest = (rows - row_medians(rows)[:, None]).abs().topk(beta, dim=1, largest=False)
+        return rows.gather(1, nearest.indices).sum(dim=1, dtype=torch.float64) / beta
+
+    return by_coordinates(selected, nearest_mean, torch.float64)
 
 
 @register("aggregator", "bulyan")
