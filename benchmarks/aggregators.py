@@ -33,7 +33,7 @@ Beside them, the kernels that this issue replaced (``previous_kernels``): FedAvg
 coordinate median's sort of the whole stack along the clients (its values and int64
 indices: three times the stack).
 
-Run from the repository root (about 14 minutes, 9 of them the robust rules at K = 1,000, one
+Run from the repository root (about 14 minutes, 10 of them the robust rules at K = 1,000, one
 call each; ``--quick`` uses d = 50,000):
     .venv/bin/python benchmarks/aggregators.py --k 100,1000
 """
