@@ -8,6 +8,7 @@ work are refused with the reason."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from potluck.secagg import ckks
 from potluck.secagg.homomorphic import CKKS
 from potluck.store.sqlite import RunStore
 
-ts = pytest.importorskip("tenseal")
+pytest.importorskip("tenseal")
+ts = ckks.tenseal()  # refuses, rather than aborts, where protoc's compiler was loaded first
 
 D = 5000  # two ciphertexts of 4096 slots: the update is split and summed slot-wise
 CLIENTS = [0, 1, 2, 3, 4]
@@ -373,3 +375,17 @@ def test_the_parts_run_from_a_toml_file_with_the_cli(tmp_path: Path) -> None:
     written = ExperimentConfig.from_dict(info.config)
     (transform,) = written.algorithm_parts().transforms
     assert transform == CKKS(key_holder=3)
+
+
+def test_tenseal_is_refused_with_the_reason_after_protocs_compiler_was_loaded() -> None:
+    code = (
+        "import grpc_tools.protoc\n"
+        "from potluck.secagg import ckks\n"
+        "try:\n"
+        "    ckks.tenseal()\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr  # not an abort (134)
+    assert "TenSEAL cannot load in a process that has loaded grpc_tools" in done.stdout

@@ -36,6 +36,7 @@ import hashlib
 import math
 import os
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +55,22 @@ LENGTH = struct.Struct("<I")
 SIGMA = 3.2  # SEAL's error standard deviation
 _SLACK = 512  # serialisation overhead allowed beyond a ciphertext's raw data (measured: 145)
 EXTRA = "he"  # pip install 'potluck[he]'
+_PROTOC = "grpc_tools._protoc_compiler"
 
 
 def tenseal() -> Any:
-    """The ``tenseal`` module, or an error naming the optional extra that installs it."""
+    """The ``tenseal`` module, or an error naming the optional extra that installs it.
+
+    Refused, with the reason, in a process that has loaded grpcio-tools' protoc compiler
+    (``grpc.protos``): each carries its own protobuf C++ runtime, and TenSEAL's then aborts the
+    whole process as it loads (seen with grpcio-tools 1.85).
+    """
+    if "tenseal" not in sys.modules and _PROTOC in sys.modules:
+        raise RuntimeError(
+            f"TenSEAL cannot load in a process that has loaded {_PROTOC} (grpc.protos or "
+            "grpc_tools.protoc): its protobuf runtime would abort the process; compile protos "
+            "in a child process, or load TenSEAL first"
+        )
     try:
         import tenseal as ts
         import tenseal.sealapi  # the bindings that read a context's moduli
