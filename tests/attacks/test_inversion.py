@@ -67,11 +67,18 @@ def test_target_gradient_of_a_fedsgd_update_is_the_clients_gradient() -> None:
 
 
 def test_dlg_recovers_a_single_image_from_an_unprotected_update() -> None:
-    results = _attack({}, DLG(iterations=300))
+    clients = tuple(range(8))
+    results = _attack({}, DLG(iterations=600), clients)
     recovered = [r for r in results if r["psnr"] > RECOVERED_DB and r["label_accuracy"] == 1]
     # DLG's joint search over image and label can stall in a local minimum (the failure
-    # iDLG removes): two of the three images come back, each far above the threshold
-    assert len(recovered) >= 2, [r["psnr"] for r in results]
+    # iDLG removes), and which images stall moves with the floating-point details (seen: a
+    # new dependency release turned one of three recovered images into a stalled one). Of
+    # eight images at least half come back exactly (seen: 5, each above 110 dB), and every
+    # stalled one is still closer than the dataset's mean image, which needs no update (seen:
+    # 3 to 14 dB closer)
+    assert len(recovered) >= 4, [r["psnr"] for r in results]
+    floor = [mean_image_psnr(c) for c in clients]
+    assert all(r["psnr"] > f for r, f in zip(results, floor, strict=True)), (results, floor)
 
 
 def test_idlg_recovers_every_single_image_with_its_label() -> None:
