@@ -37,7 +37,7 @@ from potluck.sampling import PoissonSampler, ShuffledSampler, Stragglers, Unifor
 from potluck.secagg import SecAgg, SecureSum
 from potluck.secagg.distributed_dp import DistributedSkellam
 from potluck.secagg.homomorphic import CKKS, CKKSSum
-from potluck.updates import Cast, ClipNorm, KeepLocal
+from potluck.updates import QSGD, Cast, CastUpdate, ClipNorm, KeepLocal
 
 # each registered part with parameters other than its defaults (and with its defaults)
 EXAMPLES: dict[str, list[Any]] = {
@@ -77,6 +77,11 @@ EXAMPLES: dict[str, list[Any]] = {
         SecureCentralGaussian(0.5, 2.0, "secure"),
         CKKS(),
         CKKS(key_holder=3, clip_range=0.5, min_clients=3, scale_bits=40),
+        QSGD(),
+        QSGD(bits=4, block=256, norm="l2", rotate=True),
+        QSGD(bits=3, block=0),
+        CastUpdate(),
+        CastUpdate("float16"),
     ],
     "downlink": [Cast("float16"), Cast()],
     "aggregator": [

@@ -3,5 +3,6 @@
 transforms of the broadcast."""
 
 from potluck.updates.base import Cast, ClipNorm, KeepLocal, Transform
+from potluck.updates.quantize import QSGD, CastUpdate
 
-__all__ = ["Cast", "ClipNorm", "KeepLocal", "Transform"]
+__all__ = ["QSGD", "Cast", "CastUpdate", "ClipNorm", "KeepLocal", "Transform"]

@@ -1,0 +1,273 @@
+"""Quantised uploads: QSGD is unbiased (a statistical test), its error is within the paper's
+bound (and the max-norm variant's), the Hadamard rotation is orthonormal and shrinks the
+error of a spiky update as Suresh et al. show; codes pack at ``bits`` per coordinate and
+round-trip (hypothesis); a hostile message is refused with the reason; the bytes a run
+counts are the packed ones; whole runs learn, from Python, TOML and the CLI; a transform
+after the quantiser is refused."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from potluck.cli import app
+from potluck.config import ExperimentConfig
+from potluck.core.message import Message, MessageError
+from potluck.core.params import ParamSpec
+from potluck.core.parts import part_context
+from potluck.models.zoo import build_model
+from potluck.orchestrator import run_experiment
+from potluck.store.sqlite import RunStore
+from potluck.updates import bitpack
+from potluck.updates.quantize import QSGD, SCALE, CastUpdate, hadamard
+
+
+def spec(*numels: int) -> ParamSpec:
+    return ParamSpec(tuple(f"p{i}" for i in range(len(numels))), tuple((n,) for n in numels))
+
+
+def ctx(round: int = 1, client: int = 0) -> Any:
+    return part_context(7, round, "transforms.0.qsgd", client=client)
+
+
+def roundtrip(q: QSGD, x: torch.Tensor, round: int = 1, client: int = 0) -> torch.Tensor:
+    c = ctx(round, client)
+    sent, _ = q.encode(Message({"delta": x}), {}, c)
+    return q.decode(sent, c).arrays["delta"]
+
+
+# ---- packing ----
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), count=st.integers(0, 300), seed=st.integers(0, 2**32 - 1))
+def test_codes_pack_at_bits_per_code_and_round_trip(bits: int, count: int, seed: int) -> None:
+    codes = np.random.default_rng(seed).integers(0, 2**bits, count).astype(np.uint8)
+    buf = bitpack.pack(codes, bits)
+    assert buf.dtype == np.uint8 and len(buf) == math.ceil(count * bits / 8)
+    np.testing.assert_array_equal(bitpack.unpack(buf, bits, count), codes)
+
+
+def test_a_packed_buffer_of_the_wrong_length_is_refused() -> None:
+    with pytest.raises(MessageError, match="10 codes of 3 bits take 4 bytes"):
+        bitpack.unpack(np.zeros(3, dtype=np.uint8), 3, 10)
+
+
+# ---- QSGD ----
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    block=st.sampled_from([0, 1, 7, 64]),
+    norm=st.sampled_from(["max", "l2"]),
+    numels=st.lists(st.integers(1, 90), min_size=1, max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_decode_of_encode_keeps_shape_dtype_and_the_error_bound(
+    bits: int, block: int, norm: str, numels: list[int], seed: int
+) -> None:
+    q = QSGD(bits, block, norm).bind(spec(*numels))  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(numels), generator=g) * 10 ** float(torch.rand(1, generator=g) * 6 - 3)
+    out = roundtrip(q, x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    # every coordinate lands on one of the two levels around it: within one level's width
+    c = ctx()
+    sent, _ = q.encode(Message({"delta": x}), {}, c)
+    width = q._per_coordinate(sent.arrays[SCALE])[: len(x)] / q.levels
+    assert bool(((out - x).abs() <= width * (1 + 1e-5) + 1e-30).all())
+    assert bool((torch.sign(out) * torch.sign(x) >= 0).all())  # never the wrong sign
+
+
+@pytest.mark.parametrize(("norm", "rotate"), [("max", False), ("l2", False), ("max", True)])
+def test_qsgd_is_unbiased(norm: str, rotate: bool) -> None:
+    d, trials = 64, 4000
+    q = QSGD(bits=2, block=16, norm=norm, rotate=rotate).bind(spec(d))  # type: ignore[arg-type]
+    x = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    outs = torch.stack([roundtrip(q, x, round=r) for r in range(trials)])
+    mean, sd = outs.mean(0), outs.std(0)
+    # each coordinate's mean within 5 standard errors of the truth (1 level of 2 bits: the
+    # rounding is far from deterministic), and the whole vector's error of the mean small
+    assert bool(((mean - x).abs() <= 5 * sd / math.sqrt(trials) + 1e-6).all())
+    assert float(torch.linalg.vector_norm(mean - x) / torch.linalg.vector_norm(x)) < 0.05
+
+
+def test_the_variance_is_within_qsgds_bound_and_the_max_norm_variants() -> None:
+    d, block, bits, trials = 256, 64, 3, 400
+    x = torch.randn(d, generator=torch.Generator().manual_seed(1))
+    blocks = x.view(-1, block)
+    for norm in ("l2", "max"):
+        q = QSGD(bits, block, norm).bind(spec(d))  # type: ignore[arg-type]
+        s = q.levels
+        err = torch.stack([roundtrip(q, x, round=r) - x for r in range(trials)])
+        var = float((err**2).sum(1).mean())
+        if norm == "l2":  # Alistarh et al., Lemma 3.1, per bucket of n coordinates
+            n = block
+            bound = min(n / s**2, math.sqrt(n) / s) * float((blocks**2).sum())
+        else:  # a uniform grid of width scale / s: at most width^2 / 4 per coordinate
+            bound = float((blocks.abs().amax(1) ** 2).sum()) * block / (4 * s**2)
+        assert var <= bound, (norm, var, bound)
+        assert var > 0.05 * bound  # not vacuous: the error is really of that order
+
+
+def test_the_hadamard_rotation_is_orthonormal_and_its_own_inverse() -> None:
+    rows = torch.randn(3, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    h = hadamard(torch.eye(8, dtype=torch.float64))
+    torch.testing.assert_close(h @ h.T, torch.eye(8, dtype=torch.float64))
+    torch.testing.assert_close(hadamard(hadamard(rows)), rows)
+    torch.testing.assert_close(rows.norm(dim=1), hadamard(rows).norm(dim=1))
+
+
+def test_rotation_shrinks_the_error_of_a_spiky_update() -> None:
+    """Suresh et al.: a few large coordinates set the scale every other coordinate is
+    quantised against; the rotation spreads them, and the mean squared error falls."""
+    d = 1024
+    x = torch.randn(d, generator=torch.Generator().manual_seed(3)) * 0.01
+    x[[5, 700]] = torch.tensor([4.0, -3.0])
+    errors = {}
+    for rotate in (False, True):
+        q = QSGD(bits=4, block=1024, rotate=rotate).bind(spec(d))
+        err = torch.stack([roundtrip(q, x, round=r) - x for r in range(50)])
+        errors[rotate] = float((err**2).sum(1).mean())
+    assert errors[True] < errors[False] / 5, errors
+
+
+def test_the_rotation_depends_on_the_round_and_the_client() -> None:
+    q = QSGD(bits=8, block=8, rotate=True).bind(spec(8))
+    signs = {(r, c): tuple(q._signs(ctx(r, c)).tolist()) for r in (1, 2) for c in (0, 1)}
+    assert len(set(signs.values())) == 4
+
+
+def test_the_packed_bytes_are_bits_per_coordinate_plus_the_scales() -> None:
+    q = QSGD(bits=4, block=512).bind(spec(1000, 30))
+    sent, _ = q.encode(Message({"delta": torch.randn(1030)}), {}, ctx())
+    assert sent.nbytes == 3 * 512 * 4 // 8 + 3 * 4  # 3 padded blocks of 512, 3 scales
+    per_layer = QSGD(bits=4, block=0).bind(spec(1000, 30))
+    sent, _ = per_layer.encode(Message({"delta": torch.randn(1030)}), {}, ctx())
+    assert sent.nbytes == math.ceil(1030 * 4 / 8) + 2 * 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({SCALE: None}, "'delta/scale' must be a float32 array"),
+        ({SCALE: torch.ones(3)}, "must hold 2 scales"),
+        ({SCALE: torch.tensor([1.0, float("nan")])}, "must be finite and >= 0"),
+        ({SCALE: torch.tensor([1.0, -1.0])}, "must be finite and >= 0"),
+        ({"delta": torch.zeros(10)}, "the packed delta must be a uint8 array"),
+        ({"delta": torch.zeros(10, dtype=torch.uint8)}, "take 64 bytes"),
+    ],
+)
+def test_a_hostile_message_is_refused_with_the_reason(change: dict, message: str) -> None:
+    q = QSGD(bits=4, block=64).bind(spec(100))
+    sent, _ = q.encode(Message({"delta": torch.randn(100)}), {}, ctx())
+    arrays = {k: v for k, v in {**sent.arrays, **change}.items() if v is not None}
+    with pytest.raises(MessageError, match=message):
+        q.decode(Message(arrays), ctx())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 1}, "qsgd.bits must be 2 to 8"),
+        ({"bits": 9}, "qsgd.bits must be 2 to 8"),
+        ({"block": -1}, "qsgd.block must be >= 0"),
+        ({"norm": "l1"}, "qsgd.norm must be 'max' or 'l2'"),
+        ({"rotate": True, "block": 0}, "power of two"),
+        ({"rotate": True, "block": 100}, "power of two"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        QSGD(**kwargs)
+
+
+# ---- casting ----
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_cast_update_halves_the_bytes_and_rounds_to_nearest(dtype: str) -> None:
+    cast = CastUpdate(dtype)  # type: ignore[arg-type]
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    sent, _ = cast.encode(Message({"delta": x}), {}, ctx())
+    assert sent.nbytes == 2000
+    out = cast.decode(sent, ctx()).arrays["delta"]
+    eps = {"bfloat16": 2**-8, "float16": 2**-11}[dtype]  # half a unit in the last place
+    assert bool(((out - x).abs() <= x.abs() * eps).all())
+    with pytest.raises(MessageError, match=f"the delta must be {dtype}"):
+        cast.decode(Message({"delta": x}), ctx())
+
+
+# ---- whole runs ----
+
+BASE: dict[str, Any] = {
+    "seed": 0,
+    "rounds": 6,
+    "data": {"dataset": "digits", "num_clients": 10, "partition": {"kind": "iid"}},
+    "model": {"name": "mlp"},
+    "sampler": {"clients_per_round": 5},
+    "client": {"epochs": 1, "batch_size": 16, "lr": 0.1},
+}
+
+
+def run(transforms: list[dict[str, Any]], **extra: Any) -> Any:
+    cfg = ExperimentConfig.from_dict({**BASE, "transforms": transforms, **extra})
+    return run_experiment(cfg.build())
+
+
+@pytest.fixture(scope="module")
+def dense() -> Any:
+    return run([])
+
+
+def test_quantised_runs_learn_and_count_the_packed_bytes(dense: Any) -> None:
+    d = dense.weights.numel()
+    q8 = run([{"name": "qsgd", "bits": 8}])
+    q4 = run([{"name": "qsgd", "bits": 4, "rotate": True}])
+    for result, bits in ((q8, 8), (q4, 4)):
+        blocks = math.ceil(d / 512)
+        per_update = blocks * 512 * bits // 8 + 4 * blocks
+        for r, m in zip(dense.history, result.history, strict=True):
+            assert m["bytes_up"] == m["updates"] * per_update
+            assert r["bytes_up"] == r["updates"] * 4 * d  # the dense float32 delta
+    final = {k: r.history[-1]["test_accuracy"] for k, r in (("f32", dense), ("q8", q8), ("q4", q4))}
+    assert final["f32"] > 0.5, final  # learning (chance: 0.1), and the quantised runs alike
+    assert final["q8"] == pytest.approx(final["f32"], abs=0.02), final
+    assert final["q4"] == pytest.approx(final["f32"], abs=0.03), final
+
+
+def test_a_transform_after_the_quantiser_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"qsgd.*needs to be the last update transform"):
+        run([{"name": "qsgd"}, {"name": "clip", "max_norm": 1.0}])
+
+
+def test_the_cli_runs_a_quantised_experiment_from_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "q.toml"
+    toml.write_text(
+        "rounds = 2\n"
+        '[data]\ndataset = "digits"\nnum_clients = 6\n'
+        '[model]\nname = "mlp"\n'
+        "[sampler]\nclients_per_round = 3\n"
+        '[[transforms]]\nname = "qsgd"\nbits = 4\nblock = 256\nrotate = true\n'
+    )
+    out = CliRunner().invoke(app, ["run", str(toml), "--store", str(tmp_path / "runs")])
+    assert out.exit_code == 0, out.output
+    store = RunStore(tmp_path / "runs")
+    (info,) = store.list_runs()
+    assert info.config["transforms"] == [
+        {"name": "qsgd", "bits": 4, "block": 256, "norm": "max", "rotate": True}
+    ]
+    d = sum(p.numel() for p in build_model("mlp", input_shape=(64,), num_classes=10).parameters())
+    blocks = math.ceil(d / 256)
+    for record in store.rounds(info.run_id):  # the stored bytes are the packed ones
+        per_update = blocks * 256 // 2 + 4 * blocks
+        assert record.metrics["bytes_up"] == record.metrics["updates"] * per_update
