@@ -77,6 +77,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "terms": [{"name": "fedprox", "mu": 0.1}, {"name": "scaffold"}],
         "downlink": [{"name": "cast", "dtype": "bfloat16"}],
     },
+    # compression: stochastic rounding and a rotation drawn per round and client
+    "qsgd4_rotated": {"transforms": [{"name": "qsgd", "bits": 4, "block": 256, "rotate": True}]},
     # poisoning: a backdoor (poisoned data, boosted updates) and a colluding attack
     "backdoor_median": {
         "attack": {"name": "backdoor", "fraction": 0.3, "target": 3, "boost": 2.0, "alpha": 0.7},
