@@ -505,10 +505,10 @@ class RoundStages:
             else []
         )
         out: dict[int, Reply] = {}
-        shared_bytes = shared.nbytes
+        shared_bytes = shared.wire_bytes
         for c, p, reply in zip(clients, own, answers, strict=True):
             cid = int(c)
-            self.bytes_down[cid] = self.bytes_down.get(cid, 0) + shared_bytes + p.nbytes
+            self.bytes_down[cid] = self.bytes_down.get(cid, 0) + shared_bytes + p.wire_bytes
             if reply is None:
                 continue
             try:
@@ -522,7 +522,7 @@ class RoundStages:
                 _log.warning("refused %s", exc)
                 self.refused[stage] = self.refused.get(stage, 0) + 1
                 continue
-            self.bytes_up[cid] = self.bytes_up.get(cid, 0) + reply.message.nbytes
+            self.bytes_up[cid] = self.bytes_up.get(cid, 0) + reply.message.wire_bytes
             for ns, state in reply.state.items():
                 self.states[cid][ns] = dict(state)
                 self.changed.setdefault(cid, set()).add(ns)

@@ -12,6 +12,7 @@ updates crafted together). Tolerances as in ``test_engines.py``.
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,10 @@ def test_the_user_parts_really_keep_state(tmp_path: Path) -> None:
     residuals = [s["transforms.0.SignEF/residual"] for s in states if s]
     assert residuals and all(float(r.abs().sum()) > 0 for r in residuals)
     plain = run_experiment(ExperimentConfig.from_dict({**BASE, "run": {"threads": 1}}).build())
-    ratio = plain.history[0]["bytes_up"] / ef.history[0]["bytes_up"]
-    assert 31 < ratio <= 32
+    d, (first,) = ef.weights.numel(), ef.history[:1]
+    # one bit per coordinate, and each update's framing (names, dtypes, shapes, scalars)
+    assert 0 < first["bytes_up"] - first["updates"] * math.ceil(d / 8) < first["updates"] * 200
+    assert plain.history[0]["bytes_up"] / first["bytes_up"] > 20
     dyn = run_experiment(config("feddyn").build(), store)
     _, ckpt = store.latest_checkpoint(dyn.run_id)
     assert float(ckpt.tensors["terms.0.FedDyn/h"].abs().sum()) > 0

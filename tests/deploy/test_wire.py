@@ -109,6 +109,16 @@ def test_encode_decode_round_trip(env: Envelope) -> None:
 
 
 @FAST
+@given(envelopes())
+def test_a_messages_wire_bytes_are_its_fields_in_the_encoded_envelope(env: Envelope) -> None:
+    """``Message.wire_bytes`` (what ``bytes_up`` and ``bytes_down`` count) is the length the
+    encoder gives the arrays and scalars: the whole envelope less its routing fields."""
+    routing = replace(env, arrays={}, scalars={})
+    payload = len(wire.encode(env)) - len(wire.encode(routing))
+    assert env.message().wire_bytes == payload
+
+
+@FAST
 @given(envelopes(), st.integers(1, 300))
 def test_send_receive_round_trip_in_random_chunks(env: Envelope, chunk_bytes: int) -> None:
     frames = list(wire.send(env, chunk_bytes))

@@ -34,8 +34,24 @@ class Message:
 
     @property
     def nbytes(self) -> int:
-        """Payload bytes of the arrays (what a transport would move)."""
+        """Payload bytes of the arrays (their raw data alone)."""
         return sum(a.numel() * a.element_size() for a in self.arrays.values())
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes of this message's arrays and scalars in the protobuf ``Envelope`` of
+        ``potluck/deploy/potluck.proto``, as the deployment sends them: each array's data,
+        name, dtype and shape, each scalar's name and value, and their field framing (the
+        envelope's routing fields, kind, run, round, task and client, excepted). What the
+        round metrics ``bytes_up`` and ``bytes_down`` count; ``tests/deploy/test_wire.py``
+        checks it against the encoder.
+
+        Example:
+            >>> Message({"delta": torch.zeros(3)}, {"num_examples": 5}).wire_bytes
+            53
+        """
+        arrays = sum(_framed(_array_body(name, a)) for name, a in self.arrays.items())
+        return arrays + sum(_framed(_scalar_body(k, v)) for k, v in self.scalars.items())
 
     def validate(
         self,
@@ -83,3 +99,36 @@ def _all_finite(arr: torch.Tensor) -> bool:
         (True, False)
     """
     return bool(torch.isfinite(arr.sum())) or bool(torch.isfinite(arr).all())
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _text_size(text: str) -> int:
+    """A string field, left out when empty (as protobuf does)."""
+    raw = len(text.encode())
+    return 1 + _varint_size(raw) + raw if raw else 0
+
+
+def _framed(body: int) -> int:
+    """A length-delimited field of ``body`` bytes (field number below 16)."""
+    return 1 + _varint_size(body) + body
+
+
+def _array_body(name: str, a: torch.Tensor) -> int:
+    size = _text_size(name) + _text_size(str(a.dtype).removeprefix("torch."))
+    if a.dim():
+        size += _framed(sum(_varint_size(d) for d in a.shape))
+    data = a.numel() * a.element_size()
+    return size + (_framed(data) if data else 0)
+
+
+def _scalar_body(name: str, value: Scalar) -> int:
+    if isinstance(value, str):
+        size = _framed(len(value.encode()))
+    elif isinstance(value, int):
+        size = 1 + _varint_size(((value << 1) ^ (value >> 63)) % (1 << 64))  # zigzag
+    else:
+        size = 1 + 8  # a double
+    return _text_size(name) + size
