@@ -79,6 +79,11 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     },
     # compression: stochastic rounding and a rotation drawn per round and client
     "qsgd4_rotated": {"transforms": [{"name": "qsgd", "bits": 4, "block": 256, "rotate": True}]},
+    # sparsification with DGC's momentum correction: client state u and v
+    "top_k_dgc": {
+        "data": DIRICHLET,
+        "transforms": [{"name": "top_k", "fraction": 0.05, "momentum": 0.9}],
+    },
     # poisoning: a backdoor (poisoned data, boosted updates) and a colluding attack
     "backdoor_median": {
         "attack": {"name": "backdoor", "fraction": 0.3, "target": 3, "boost": 2.0, "alpha": 0.7},

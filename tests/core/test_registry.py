@@ -37,7 +37,7 @@ from potluck.sampling import PoissonSampler, ShuffledSampler, Stragglers, Unifor
 from potluck.secagg import SecAgg, SecureSum
 from potluck.secagg.distributed_dp import DistributedSkellam
 from potluck.secagg.homomorphic import CKKS, CKKSSum
-from potluck.updates import QSGD, Cast, CastUpdate, ClipNorm, KeepLocal
+from potluck.updates import QSGD, Cast, CastUpdate, ClipNorm, KeepLocal, RandomK, SignEF, TopK
 
 # each registered part with parameters other than its defaults (and with its defaults)
 EXAMPLES: dict[str, list[Any]] = {
@@ -82,6 +82,13 @@ EXAMPLES: dict[str, list[Any]] = {
         QSGD(bits=3, block=0),
         CastUpdate(),
         CastUpdate("float16"),
+        TopK(),
+        TopK(0.05, momentum=0.9),
+        TopK(0.1, error_feedback=False),
+        RandomK(),
+        RandomK(0.2, error_feedback=False),
+        SignEF(),
+        SignEF(error_feedback=False),
     ],
     "downlink": [Cast("float16"), Cast()],
     "aggregator": [

@@ -4,5 +4,17 @@ transforms of the broadcast."""
 
 from potluck.updates.base import Cast, ClipNorm, KeepLocal, Transform
 from potluck.updates.quantize import QSGD, CastUpdate
+from potluck.updates.sign import SignEF
+from potluck.updates.sparsify import RandomK, TopK
 
-__all__ = ["QSGD", "Cast", "CastUpdate", "ClipNorm", "KeepLocal", "Transform"]
+__all__ = [
+    "QSGD",
+    "Cast",
+    "CastUpdate",
+    "ClipNorm",
+    "KeepLocal",
+    "RandomK",
+    "SignEF",
+    "TopK",
+    "Transform",
+]
