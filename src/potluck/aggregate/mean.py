@@ -17,10 +17,11 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from potluck.core.parts import Context, State
+from potluck.core.parts import Context, Need, State
 from potluck.core.registry import register
 
 
@@ -70,6 +71,8 @@ def weighted_sum(w: torch.Tensor, deltas: torch.Tensor, batched: int = BATCHED) 
 @dataclass(frozen=True)
 class WeightedMean:
     """``sum_k w_k delta_k / sum_k w_k``, weights usually the clients' example counts."""
+
+    gives: ClassVar[frozenset[str]] = frozenset({Need.LINEAR_AGGREGATE})
 
     def init(self, w: torch.Tensor) -> State:
         return {}

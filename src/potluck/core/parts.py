@@ -74,6 +74,7 @@ class Need(StrEnum):
     LAST_TRANSFORM = "to be the last update transform (one after it would see only its encoding)"
     CIPHERTEXT_SUM = "the ciphertexts added homomorphically (aggregator ckks_sum)"
     CIPHERTEXT_UPDATES = "updates encrypted with CKKS (transform ckks)"
+    LINEAR_AGGREGATE = "a linear aggregate (the weighted mean: a mean of sketches is a sketch)"
 
 
 class RoundAborted(Exception):
@@ -460,7 +461,11 @@ def composition_problems(parts: Sequence[tuple[str, object]]) -> list[str]:
 
 
 # the slot that conventionally gives a need, named when nothing does
-_PROVIDER = {Need.PLAIN_SERVER_STEP: "server", Need.SEVERAL_LOCAL_STEPS: "local"}
+_PROVIDER = {
+    Need.PLAIN_SERVER_STEP: "server",
+    Need.SEVERAL_LOCAL_STEPS: "local",
+    Need.LINEAR_AGGREGATE: "aggregator",
+}
 
 
 def _unmet(
