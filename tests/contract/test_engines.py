@@ -84,6 +84,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "data": DIRICHLET,
         "transforms": [{"name": "top_k", "fraction": 0.05, "momentum": 0.9}],
     },
+    # low rank: power iteration warm-started from client state, error feedback
+    "powersgd_ef": {"data": DIRICHLET, "transforms": [{"name": "powersgd", "rank": 2}]},
     # poisoning: a backdoor (poisoned data, boosted updates) and a colluding attack
     "backdoor_median": {
         "attack": {"name": "backdoor", "fraction": 0.3, "target": 3, "boost": 2.0, "alpha": 0.7},

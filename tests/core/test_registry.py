@@ -38,6 +38,7 @@ from potluck.secagg import SecAgg, SecureSum
 from potluck.secagg.distributed_dp import DistributedSkellam
 from potluck.secagg.homomorphic import CKKS, CKKSSum
 from potluck.updates import QSGD, Cast, CastUpdate, ClipNorm, KeepLocal, RandomK, SignEF, TopK
+from potluck.updates.lowrank import PowerSGD
 
 # each registered part with parameters other than its defaults (and with its defaults)
 EXAMPLES: dict[str, list[Any]] = {
@@ -82,6 +83,8 @@ EXAMPLES: dict[str, list[Any]] = {
         QSGD(bits=3, block=0),
         CastUpdate(),
         CastUpdate("float16"),
+        PowerSGD(),
+        PowerSGD(rank=4, error_feedback=False, warm_start=False),
         TopK(),
         TopK(0.05, momentum=0.9),
         TopK(0.1, error_feedback=False),

@@ -3,6 +3,7 @@
 transforms of the broadcast."""
 
 from potluck.updates.base import Cast, ClipNorm, KeepLocal, Transform
+from potluck.updates.lowrank import PowerSGD
 from potluck.updates.quantize import QSGD, CastUpdate
 from potluck.updates.sign import SignEF
 from potluck.updates.sparsify import RandomK, TopK
@@ -13,6 +14,7 @@ __all__ = [
     "CastUpdate",
     "ClipNorm",
     "KeepLocal",
+    "PowerSGD",
     "RandomK",
     "SignEF",
     "TopK",
