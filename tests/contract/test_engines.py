@@ -79,6 +79,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     },
     # compression: stochastic rounding and a rotation drawn per round and client
     "qsgd4_rotated": {"transforms": [{"name": "qsgd", "bits": 4, "block": 256, "rotate": True}]},
+    # a sketch summed by the aggregator, unsketched with the server's momentum and error
+    "fetchsgd": {"transforms": [{"name": "fetchsgd", "rows": 3, "cols": 400, "top_k": 0.02}]},
     # sparsification with DGC's momentum correction: client state u and v
     "top_k_dgc": {
         "data": DIRICHLET,

@@ -37,7 +37,17 @@ from potluck.sampling import PoissonSampler, ShuffledSampler, Stragglers, Unifor
 from potluck.secagg import SecAgg, SecureSum
 from potluck.secagg.distributed_dp import DistributedSkellam
 from potluck.secagg.homomorphic import CKKS, CKKSSum
-from potluck.updates import QSGD, Cast, CastUpdate, ClipNorm, KeepLocal, RandomK, SignEF, TopK
+from potluck.updates import (
+    QSGD,
+    Cast,
+    CastUpdate,
+    ClipNorm,
+    FetchSGD,
+    KeepLocal,
+    RandomK,
+    SignEF,
+    TopK,
+)
 from potluck.updates.lowrank import PowerSGD
 
 # each registered part with parameters other than its defaults (and with its defaults)
@@ -83,6 +93,8 @@ EXAMPLES: dict[str, list[Any]] = {
         QSGD(bits=3, block=0),
         CastUpdate(),
         CastUpdate("float16"),
+        FetchSGD(),
+        FetchSGD(rows=3, cols=500, top_k=0.05, momentum=0.0, lr=1.0),
         PowerSGD(),
         PowerSGD(rank=4, error_feedback=False, warm_start=False),
         TopK(),

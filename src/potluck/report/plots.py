@@ -22,6 +22,7 @@ from typing import Any
 
 from potluck.report.anomaly import PerClientRows, anomaly_section
 from potluck.report.attacks import attack_section
+from potluck.report.communication import accuracy_by_bytes, communication_section
 from potluck.report.svg import Panel, panels
 from potluck.store.sqlite import RoundRecord
 
@@ -58,7 +59,9 @@ def write_report(
 
     The plot has a loss panel (metrics named ``*loss``) and an accuracy panel (``*accuracy``,
     ``*acc``), and for a private run the epsilon spent; rounds where a metric is absent, NaN
-    or infinite are skipped in the plot; a run with anomaly detection gets a panel of the
+    or infinite are skipped in the plot; a run that counted bytes gets a panel of its accuracy
+    against the megabytes uploaded and a communication section (the bytes to reach each
+    accuracy level, ``report.communication``); a run with anomaly detection gets a panel of the
     updates flagged and a section on the clients that look wrong (from the per-client
     metrics ``clients``). Attack results in ``run_dir/attacks`` (``potluck attack``) get a
     section of their own.
@@ -74,7 +77,7 @@ def write_report(
     svg = curves_svg(rounds, title)
     svg_path, html_path = run_dir / SVG_NAME, run_dir / HTML_NAME
     svg_path.write_text(svg, encoding="utf-8")
-    sections = anomaly_section(clients) + attack_section(run_dir)
+    sections = communication_section(rounds) + anomaly_section(clients) + attack_section(run_dir)
     page = _html(title, svg, rounds, summary, config, sections)
     html_path.write_text(page, encoding="utf-8")
     return {"svg": svg_path, "html": html_path}
@@ -104,6 +107,9 @@ def curves_svg(rounds: Sequence[RoundRecord], title: str) -> str:
         drawn = {n: xy for n, xy in series.items() if xy[0]}
         if drawn or (label, suffixes) in _PANELS:
             charts.append(Panel(label, drawn))
+    by_bytes = accuracy_by_bytes(rounds)
+    if by_bytes is not None:
+        charts.append(by_bytes)
     return panels(title, charts)
 
 

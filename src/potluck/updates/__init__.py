@@ -6,6 +6,7 @@ from potluck.updates.base import Cast, ClipNorm, KeepLocal, Transform
 from potluck.updates.lowrank import PowerSGD
 from potluck.updates.quantize import QSGD, CastUpdate
 from potluck.updates.sign import SignEF
+from potluck.updates.sketch import FetchSGD
 from potluck.updates.sparsify import RandomK, TopK
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Cast",
     "CastUpdate",
     "ClipNorm",
+    "FetchSGD",
     "KeepLocal",
     "PowerSGD",
     "RandomK",
