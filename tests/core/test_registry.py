@@ -49,6 +49,7 @@ from potluck.updates import (
     TopK,
 )
 from potluck.updates.lowrank import PowerSGD
+from potluck.updates.quantize import QuantizeDownlink
 
 # each registered part with parameters other than its defaults (and with its defaults)
 EXAMPLES: dict[str, list[Any]] = {
@@ -105,7 +106,7 @@ EXAMPLES: dict[str, list[Any]] = {
         SignEF(),
         SignEF(error_feedback=False),
     ],
-    "downlink": [Cast("float16"), Cast()],
+    "downlink": [Cast("float16"), Cast(), QuantizeDownlink(), QuantizeDownlink(4, 64)],
     "aggregator": [
         WeightedMean(),
         GaussianMean(),

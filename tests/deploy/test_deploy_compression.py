@@ -26,11 +26,15 @@ SCHEMES: dict[str, dict[str, Any]] = {
     "fetchsgd": {"name": "fetchsgd", "rows": 3, "cols": 400, "top_k": 0.02},
     "powersgd": {"name": "powersgd", "rank": 2},
 }
+DOWNLINK = {"qsgd_rotated": [{"name": "quantize", "bits": 8}]}  # and a quantised broadcast
 
 
-def compressed(store: Path, scheme: dict[str, Any]) -> ExperimentConfig:
+def compressed(
+    store: Path, scheme: dict[str, Any], downlink: list[dict[str, Any]] | None = None
+) -> ExperimentConfig:
     d = config(store).to_dict()
     d["algorithm"], d["terms"], d["transforms"] = {"name": "fedavg"}, None, [scheme]
+    d["downlink"] = downlink
     return ExperimentConfig.from_dict(d)
 
 
@@ -38,11 +42,12 @@ def compressed(store: Path, scheme: dict[str, Any]) -> ExperimentConfig:
 def test_a_compressed_deployment_equals_its_simulation_byte_for_byte(
     deployment: Make, pki: PKI, tmp_path: Path, name: str
 ) -> None:
-    dep = deployment(pki.server(), cfg=compressed(tmp_path / "runs", SCHEMES[name]))
+    down = DOWNLINK.get(name)
+    dep = deployment(pki.server(), cfg=compressed(tmp_path / "runs", SCHEMES[name], down))
     for site in SITES:
         dep.site(site, pki.client(site))
     result = dep.finish()
-    sim = run_experiment(compressed(tmp_path / "sim", SCHEMES[name]).build())
+    sim = run_experiment(compressed(tmp_path / "sim", SCHEMES[name], down).build())
     assert all(m["updates"] > 0 for m in result.history)  # the encodings were accepted
     assert learning(result) == learning(sim)  # bytes_up included: the encoded messages
     assert torch.equal(result.weights, sim.weights)

@@ -27,7 +27,7 @@ from potluck.models.zoo import build_model
 from potluck.orchestrator import run_experiment
 from potluck.store.sqlite import RunStore
 from potluck.updates import bitpack
-from potluck.updates.quantize import QSGD, SCALE, CastUpdate, hadamard
+from potluck.updates.quantize import QSGD, SCALE, CastUpdate, QuantizeDownlink, hadamard
 
 
 def spec(*numels: int) -> ParamSpec:
@@ -274,3 +274,66 @@ def test_the_cli_runs_a_quantised_experiment_from_toml(tmp_path: Path) -> None:
         per_update = blocks * 256 // 2 + 4 * blocks
         framing = record.metrics["updates"] * FRAMING
         assert 0 < record.metrics["bytes_up"] - record.metrics["updates"] * per_update < framing
+
+
+# ---- the downlink ----
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(1, 8),
+    block=st.integers(1, 100),
+    size=st.integers(0, 300),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_quantised_broadcast_is_within_half_a_step(
+    bits: int, block: int, size: int, seed: int
+) -> None:
+    down = QuantizeDownlink(bits, block)
+    w = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    extra = torch.arange(3, dtype=torch.int64)  # not float32: passed as it is
+    sent = down.encode(Message({"w": w, "t/count": extra}, {"note": "x"}))
+    back = down.decode(sent)
+    assert set(back.arrays) == {"w", "t/count"} and back.scalars == {"note": "x"}
+    assert torch.equal(back.arrays["t/count"], extra)
+    out = back.arrays["w"]
+    assert out.dtype == torch.float32 and out.shape == w.shape
+    blocks = max(1, math.ceil(size / block))
+    padded = torch.zeros(blocks * block)
+    padded[:size] = w
+    rows = padded.view(blocks, block)
+    step = (rows.amax(1) - rows.amin(1)) / (2**bits - 1)
+    half = step.repeat_interleave(block)[:size] / 2
+    assert bool(((out - w).abs() <= half * (1 + 1e-4) + 1e-6).all())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"w/size": -1}, "bad size"),
+        ({"w/grid": torch.ones(3)}, "needs 4 finite grid values"),
+        ({"w/grid": torch.tensor([0.0, 1.0, float("inf"), 1.0])}, "needs 4 finite grid values"),
+        ({"w": torch.zeros(3)}, "must be packed uint8 codes"),
+        ({"w": torch.zeros(3, dtype=torch.uint8)}, "take 128 bytes"),
+    ],
+)
+def test_a_malformed_broadcast_is_refused_by_the_client(change: dict, message: str) -> None:
+    down = QuantizeDownlink(8, 64)
+    sent = down.encode(Message({"w": torch.randn(100)}))
+    arrays = {k: v for k, v in {**sent.arrays, **change}.items() if isinstance(v, torch.Tensor)}
+    scalars = {
+        **sent.scalars,
+        **{k: v for k, v in change.items() if not isinstance(v, torch.Tensor)},
+    }
+    with pytest.raises(MessageError, match=message):
+        down.decode(Message(arrays, scalars))
+
+
+def test_an_8_bit_downlink_quarters_the_bytes_down_and_still_learns(dense: Any) -> None:
+    q = run([], downlink=[{"name": "quantize", "bits": 8}])
+    for f, h in zip(dense.history, q.history, strict=True):
+        # a byte per weight, padded to whole blocks of 512 (4,810 -> 5,120), a grid per block
+        assert 0.25 < h["bytes_down"] / f["bytes_down"] < 0.28
+    assert not torch.equal(dense.weights, q.weights)  # clients trained from rounded weights
+    final = (dense.history[-1]["test_accuracy"], q.history[-1]["test_accuracy"])
+    assert final[1] == pytest.approx(final[0], abs=0.02), final

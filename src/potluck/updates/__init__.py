@@ -4,7 +4,7 @@ transforms of the broadcast."""
 
 from potluck.updates.base import Cast, ClipNorm, KeepLocal, Transform
 from potluck.updates.lowrank import PowerSGD
-from potluck.updates.quantize import QSGD, CastUpdate
+from potluck.updates.quantize import QSGD, CastUpdate, QuantizeDownlink
 from potluck.updates.sign import SignEF
 from potluck.updates.sketch import FetchSGD
 from potluck.updates.sparsify import RandomK, TopK
@@ -17,6 +17,7 @@ __all__ = [
     "FetchSGD",
     "KeepLocal",
     "PowerSGD",
+    "QuantizeDownlink",
     "RandomK",
     "SignEF",
     "TopK",
