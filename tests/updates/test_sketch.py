@@ -184,6 +184,8 @@ def test_a_non_linear_aggregator_and_an_oversized_sketch_are_refused(tmp_path: P
     with pytest.raises(ValueError, match="is no smaller than the update"):
         run_experiment(big.build(), store)
     assert store.list_runs() == []  # refused before anything was stored
+    with pytest.raises(ValueError, match=r"unsketches k = 241 .* from rows of 200 buckets"):
+        bound(4810, rows=3, cols=200, top_k=0.05)
 
 
 def test_the_cli_runs_a_sketched_experiment_from_toml(tmp_path: Path) -> None:

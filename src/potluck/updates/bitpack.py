@@ -26,10 +26,14 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     _check_bits(bits)
     if bits == 8:
         return np.ascontiguousarray(codes, dtype=np.uint8)
-    if bits == 4:
-        even = np.zeros(len(codes) + len(codes) % 2, dtype=np.uint8)
-        even[: len(codes)] = codes
-        return (even[0::2] << 4) | even[1::2]
+    if 8 % bits == 0:  # whole codes per byte: shifts and ors, one pass per field
+        per = 8 // bits
+        rows = np.zeros((packed_size(len(codes), bits), per), dtype=np.uint8)
+        rows.reshape(-1)[: len(codes)] = codes
+        out = rows[:, 0] << (8 - bits)
+        for j in range(1, per):
+            out |= rows[:, j] << (8 - bits * (j + 1))
+        return out
     fields = np.unpackbits(codes.reshape(-1, 1), axis=1)[:, 8 - bits :]
     return np.packbits(fields.ravel())
 
@@ -42,10 +46,12 @@ def unpack(buf: np.ndarray, bits: int, count: int) -> np.ndarray:
         raise MessageError(f"{count} codes of {bits} bits take {want} bytes, got {buf.shape}")
     if bits == 8:
         return buf.copy()
-    if bits == 4:
-        out = np.empty(2 * len(buf), dtype=np.uint8)
-        out[0::2], out[1::2] = buf >> 4, buf & 15
-        return out[:count]
+    if 8 % bits == 0:
+        per, mask = 8 // bits, (1 << bits) - 1
+        out = np.empty((len(buf), per), dtype=np.uint8)
+        for j in range(per):
+            out[:, j] = (buf >> (8 - bits * (j + 1))) & mask
+        return out.reshape(-1)[:count]
     fields = np.unpackbits(buf, count=count * bits).reshape(count, bits)
     wide = np.zeros((count, 8), dtype=np.uint8)
     wide[:, 8 - bits :] = fields

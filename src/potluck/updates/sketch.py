@@ -91,6 +91,13 @@ class FetchSGD(Transform):
         bound = replace(self)
         object.__setattr__(bound, "size", spec.size)
         object.__setattr__(bound, "_hashes", {})
+        if bound.k >= self.cols:
+            raise ValueError(
+                f"fetchsgd: top_k = {self.top_k} unsketches k = {bound.k} of the update's "
+                f"{spec.size} coordinates from rows of {self.cols} buckets: a count sketch "
+                "recovers fewer heavy coordinates than it has buckets (keep cols several "
+                "times k): raise cols or lower top_k"
+            )
         return bound
 
     def encoded_delta(self, size: int) -> tuple[int, torch.dtype]:
