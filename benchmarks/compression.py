@@ -149,9 +149,11 @@ def plot(results: dict[str, Any]) -> Path | None:
     models = [m for m in MODELS if m in results["cells"]]
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.6), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        for name, c in results["cells"][model].items():
+        colours = plt.get_cmap("tab20").colors
+        for i, (name, c) in enumerate(results["cells"][model].items()):
             mb = [b / 1e6 for b in c["bytes_up_cumulative"]]
-            ax.plot(mb, c["accuracy_curve"], label=name, lw=2 if name == "dense" else 1.2)
+            style = {"lw": 2.2, "color": "black"} if name == "dense" else {"lw": 1.2}
+            ax.plot(mb, c["accuracy_curve"], label=name, **({"color": colours[i]} | style))
         ax.set_xscale("log")
         ax.set_xlabel("MB uploaded (cumulative, log scale)")
         ax.set_ylabel("test accuracy")
