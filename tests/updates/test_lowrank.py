@@ -23,8 +23,9 @@ from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
 from potluck.core.parts import Context, part_context
 from potluck.models.zoo import build_model
-from potluck.orchestrator import TIMING_METRICS, RunResult, resume_experiment, run_experiment
+from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
 from potluck.store.sqlite import RunStore
+from potluck.testing import interrupted_and_resumed
 from potluck.updates.lowrank import PowerSGD
 
 
@@ -316,18 +317,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path: Path) -> None:
     """The residuals and warm-start Q's travel through the store: a run stopped after round
     2 and resumed ends bit for bit where the uninterrupted run does."""
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(rnd: int, _metrics: object) -> None:
-        if rnd == 2:
-            raise Stop
-
-    store = RunStore(tmp_path)
-    with pytest.raises(Stop):
-        run_experiment(ExperimentConfig.from_dict(RESUMED).build(), store, on_round=stop_after_two)
-    (info,) = store.list_runs()
-    resumed = resume_experiment(ExperimentConfig.from_dict(info.config).build(), store, info.run_id)
+    resumed = interrupted_and_resumed(ExperimentConfig.from_dict(RESUMED), tmp_path, after=2)
     full = run_experiment(ExperimentConfig.from_dict(RESUMED).build())
 
     def learning(result: RunResult) -> list[dict[str, float]]:

@@ -20,8 +20,9 @@ from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
 from potluck.core.parts import part_context
-from potluck.orchestrator import TIMING_METRICS, RunResult, resume_experiment, run_experiment
+from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
 from potluck.store.sqlite import RunStore
+from potluck.testing import interrupted_and_resumed
 from potluck.updates.sign import SCALE, SignEF
 
 EPS = float(torch.finfo(torch.float32).eps)
@@ -195,20 +196,12 @@ def test_a_sign_run_sends_a_bit_a_coordinate_and_learns() -> None:
 
 
 def test_a_resumed_sign_run_equals_the_uninterrupted_one(tmp_path: Path) -> None:
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(rnd: int, _metrics: object) -> None:
-        if rnd == 2:
-            raise Stop
-
+    sign = ExperimentConfig.from_dict({**BASE, "transforms": [{"name": "sign_ef"}], "rounds": 4})
+    resumed = interrupted_and_resumed(sign, tmp_path, after=2)
     store = RunStore(tmp_path)
-    with pytest.raises(Stop):
-        run_experiment(experiment([{"name": "sign_ef"}], rounds=4), store, on_round=stop_after_two)
     (info,) = store.list_runs()
     stored = [s for s in store.client_states(info.run_id, list(range(10))) if s]
     assert stored and all(float(s["transforms.0.sign_ef/residual"].abs().sum()) > 0 for s in stored)
-    resumed = resume_experiment(ExperimentConfig.from_dict(info.config).build(), store, info.run_id)
     full = run_experiment(experiment([{"name": "sign_ef"}], rounds=4))
     assert learning(resumed) == learning(full)
     assert torch.equal(resumed.weights, full.weights)

@@ -20,8 +20,9 @@ from potluck.config import ExperimentConfig
 from potluck.core.message import Message
 from potluck.core.params import ParamSpec
 from potluck.core.parts import part_context
-from potluck.orchestrator import TIMING_METRICS, resume_experiment, run_experiment
+from potluck.orchestrator import TIMING_METRICS, run_experiment
 from potluck.store.sqlite import RunStore
+from potluck.testing import interrupted_and_resumed
 from potluck.updates.sketch import FetchSGD
 
 NS = "transforms.0.fetchsgd"
@@ -153,18 +154,7 @@ def test_a_sketched_run_learns_and_uploads_the_sketch() -> None:
 
 
 def test_a_resumed_sketched_run_equals_the_uninterrupted_one(tmp_path: Path) -> None:
-    class Stop(Exception):
-        pass
-
-    def stop_after_three(rnd: int, _metrics: object) -> None:
-        if rnd == 3:
-            raise Stop
-
-    store = RunStore(tmp_path)
-    with pytest.raises(Stop):
-        run_experiment(config().build(), store, on_round=stop_after_three)
-    (info,) = store.list_runs()
-    resumed = resume_experiment(ExperimentConfig.from_dict(info.config).build(), store, info.run_id)
+    resumed = interrupted_and_resumed(config(), tmp_path, after=3)
     full = run_experiment(config().build())
     strip = [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in full.history]
     assert [

@@ -24,8 +24,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from potluck.core.seeding import Seeds
+from potluck.updates import hadamard
 
 
 def padded(d: int) -> int:
@@ -35,18 +37,9 @@ def padded(d: int) -> int:
 
 def fwht(x: np.ndarray) -> np.ndarray:
     """``H x`` for the unnormalised Walsh-Hadamard matrix ``H`` (float64, a new array), in
-    ``n log2 n`` additions; ``H H = n I``."""
-    y = np.array(x, dtype=np.float64)
-    n, h = y.size, 1
-    if n & (n - 1):
-        raise ValueError(f"a Hadamard transform needs a power-of-two length, got {n}")
-    while h < n:
-        v = y.reshape(-1, 2, h)  # blocks of 2h: the butterflies of this level
-        first = v[:, 0, :].copy()
-        v[:, 0, :] += v[:, 1, :]
-        v[:, 1, :] = first - v[:, 1, :]
-        h *= 2
-    return y
+    ``n log2 n`` additions; ``H H = n I`` (``updates.hadamard.fwht`` on one row)."""
+    row = torch.from_numpy(np.array(x, dtype=np.float64)).reshape(1, -1)
+    return hadamard.fwht(row).reshape(-1).numpy()
 
 
 def rotation_signs(seed: int, namespace: str, round: int, n: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from potluck.core.parts import Context, Need, State
 from potluck.core.registry import register
 from potluck.updates import bitpack
 from potluck.updates.base import Transform
+from potluck.updates.hadamard import fwht
 
 SCALE = "delta/scale"  # the per-block scales, next to the packed delta
 
@@ -165,21 +166,14 @@ class QSGD(Transform):
 
 
 def hadamard(rows: torch.Tensor) -> torch.Tensor:
-    """Each row times the orthonormal Walsh-Hadamard matrix (rows of a power-of-two length),
-    by the fast transform: ``log2(n)`` butterfly passes. It is its own inverse.
+    """Each row times the orthonormal Walsh-Hadamard matrix (rows of a power-of-two length):
+    its own inverse.
 
     Example:
         >>> hadamard(torch.tensor([[1.0, 0.0, 0.0, 0.0]])).tolist()
         [[0.5, 0.5, 0.5, 0.5]]
     """
-    count, n = rows.shape
-    y, h = rows, 1
-    while h < n:
-        pairs = y.reshape(count, n // (2 * h), 2, h)
-        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=2)
-        h *= 2
-    return y.reshape(count, n) / math.sqrt(n)
+    return fwht(rows) / math.sqrt(rows.shape[1])
 
 
 @register("transform", "cast")
