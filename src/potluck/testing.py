@@ -1,5 +1,6 @@
 """Helpers for testing parts: a run interrupted after a round and resumed as ``potluck
-resume`` does, to check that a part (a user's too) keeps all it needs in its state.
+resume`` does, to check that a part (a user's too) keeps all it needs in its state, and a
+run's metrics without the wall-clock ones, to compare two runs.
 
 Example:
     >>> import tempfile
@@ -17,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from potluck.config import ExperimentConfig
-from potluck.orchestrator import RunResult, resume_experiment, run_experiment
+from potluck.orchestrator import TIMING_METRICS, RunResult, resume_experiment, run_experiment
 from potluck.store.sqlite import RunStore
 
 
@@ -44,3 +45,8 @@ def interrupted_and_resumed(config: ExperimentConfig, root: str | Path, after: i
     (info,) = store.list_runs()
     stored = ExperimentConfig.from_dict(info.config)
     return resume_experiment(stored.build(), store, info.run_id)
+
+
+def learning(result: RunResult) -> list[dict[str, float]]:
+    """Each round's metrics but the timings (``TIMING_METRICS``): equal for equal runs."""
+    return [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in result.history]

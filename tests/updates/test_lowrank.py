@@ -23,9 +23,9 @@ from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
 from potluck.core.parts import Context, part_context
 from potluck.models.zoo import build_model
-from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
+from potluck.orchestrator import RunResult, run_experiment
 from potluck.store.sqlite import RunStore
-from potluck.testing import interrupted_and_resumed
+from potluck.testing import interrupted_and_resumed, learning
 from potluck.updates.lowrank import PowerSGD
 
 
@@ -319,9 +319,6 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path: Path) -> None:
 
     resumed = interrupted_and_resumed(ExperimentConfig.from_dict(RESUMED), tmp_path, after=2)
     full = run_experiment(ExperimentConfig.from_dict(RESUMED).build())
-
-    def learning(result: RunResult) -> list[dict[str, float]]:
-        return [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in result.history]
 
     assert learning(resumed) == learning(full)
     assert torch.equal(resumed.weights, full.weights)

@@ -20,9 +20,9 @@ from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
 from potluck.core.parts import part_context
-from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
+from potluck.orchestrator import run_experiment
 from potluck.store.sqlite import RunStore
-from potluck.testing import interrupted_and_resumed
+from potluck.testing import interrupted_and_resumed, learning
 from potluck.updates.sign import SCALE, SignEF
 
 EPS = float(torch.finfo(torch.float32).eps)
@@ -176,10 +176,6 @@ BASE: dict[str, Any] = {
 
 def experiment(transforms: list[dict[str, Any]], **extra: Any) -> Any:
     return ExperimentConfig.from_dict({**BASE, "transforms": transforms, **extra}).build()
-
-
-def learning(result: RunResult) -> list[dict[str, float]]:
-    return [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in result.history]
 
 
 def test_a_sign_run_sends_a_bit_a_coordinate_and_learns() -> None:

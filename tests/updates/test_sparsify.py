@@ -25,8 +25,9 @@ from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
 from potluck.core.parts import part_context
-from potluck.orchestrator import TIMING_METRICS, RunResult, resume_experiment, run_experiment
+from potluck.orchestrator import resume_experiment, run_experiment
 from potluck.store.sqlite import RunStore
+from potluck.testing import learning
 from potluck.updates.indices import decode_indices, encode_indices
 from potluck.updates.sparsify import INDEX, RandomK, Sparsifier, TopK, kept
 
@@ -363,10 +364,6 @@ BASE: dict[str, Any] = {
 
 def experiment(transforms: list[dict[str, Any]], **extra: Any) -> Any:
     return ExperimentConfig.from_dict({**BASE, "transforms": transforms, **extra}).build()
-
-
-def learning(result: RunResult) -> list[dict[str, float]]:
-    return [{k: v for k, v in m.items() if k not in TIMING_METRICS} for m in result.history]
 
 
 def test_a_run_counts_the_encoded_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
