@@ -555,8 +555,16 @@ class _Loop:
         self.finishing = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "after_train")]
         self.stateful = {ns for ns in self.parts if ns.startswith(("terms.", "transforms."))}
         self.stateful |= {ns for ns, p in self.parts.items() if hasattr(p, "client_stage")}
+        # downlinks that send each member its own message (from their server state)
+        self.member_downlinks = [
+            (ns, p) for ns, p in self.parts.items() if hasattr(p, "encode_members")
+        ]
+        self.stateful |= {ns for ns, _ in self.member_downlinks}
         # parts whose client state is a round's secrets: kept between its stages, not stored
         self.secret = {ns for ns, p in self.parts.items() if getattr(p, "secret_state", False)}
+        # parts whose client state a deployed site keeps to itself across rounds (stored in
+        # a simulation, where it stands for the site's own memory)
+        self.site_kept = {ns for ns, p in self.parts.items() if getattr(p, "site_state", False)}
         self.aggregator, self.ledger = self._private_aggregation()
         root, train = getattr(self.aggregator, "root_examples", 0), exp.federation.source.train
         if root > len(train.y):
@@ -794,10 +802,18 @@ class _Loop:
         for ns, part in self.staged:
             view = PartStages(stages, ns)
             slots[ns] = dict(part.before_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
+        shared = self._broadcast(state.w, slots)
+        for ns, down in self.member_downlinks:
+            ctx = self._ctx(ns, rnd)
+            shared, sent, slots[ns] = down.encode_members(
+                shared, stages.members, slots.get(ns, {}), ctx
+            )
+            for c, message in sent.items():
+                stages.inbox.setdefault(int(c), {})[ns] = message
         payloads = {
             c: self._train_payload(work[c], stages.inbox.get(c, {})) for c in stages.members
         }
-        trained = stages._send(TRAIN, self._broadcast(state.w, slots), payloads)
+        trained = stages._send(TRAIN, shared, payloads)
         for ns, part in self.finishing:
             view = PartStages(stages, ns)
             slots[ns] = dict(part.after_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
@@ -992,9 +1008,9 @@ class _Loop:
         replaces (``before``); never a ``secret_state`` part's from a ``remote`` member (a
         site keeps its secrets: the server must not hold them)."""
         for ns, state in reply.state.items():
-            if remote and ns in self.secret:
+            if remote and (ns in self.secret or ns in self.site_kept):
                 raise MessageError(
-                    f"client {cid} sent the secret state of {ns!r}, which a site keeps to itself"
+                    f"client {cid} sent the state of {ns!r}, which a site keeps to itself"
                 )
             if ns not in self.stateful:
                 raise MessageError(

@@ -88,6 +88,12 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     },
     # low rank: power iteration warm-started from client state, error feedback
     "powersgd_ef": {"data": DIRICHLET, "transforms": [{"name": "powersgd", "rank": 2}]},
+    # the broadcast as a delta against each client's last model (client and server state)
+    "delta_downlink": {
+        "transforms": [{"name": "top_k", "fraction": 0.02}],
+        "server": {"name": "sgd", "lr": 1.0},
+        "downlink": [{"name": "delta"}],
+    },
     # poisoning: a backdoor (poisoned data, boosted updates) and a colluding attack
     "backdoor_median": {
         "attack": {"name": "backdoor", "fraction": 0.3, "target": 3, "boost": 2.0, "alpha": 0.7},

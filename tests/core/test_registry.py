@@ -48,6 +48,7 @@ from potluck.updates import (
     SignEF,
     TopK,
 )
+from potluck.updates.delta import DeltaDownlink
 from potluck.updates.lowrank import PowerSGD
 from potluck.updates.quantize import QuantizeDownlink
 
@@ -106,7 +107,13 @@ EXAMPLES: dict[str, list[Any]] = {
         SignEF(),
         SignEF(error_feedback=False),
     ],
-    "downlink": [Cast("float16"), Cast(), QuantizeDownlink(), QuantizeDownlink(4, 64)],
+    "downlink": [
+        Cast("float16"),
+        Cast(),
+        QuantizeDownlink(),
+        QuantizeDownlink(4, 64),
+        DeltaDownlink(),
+    ],
     "aggregator": [
         WeightedMean(),
         GaussianMean(),

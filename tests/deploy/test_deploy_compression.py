@@ -3,7 +3,7 @@ payloads (packed codes, indices, sketches, factors), not decoded floats; the ser
 them as the simulation does, so the deployed run equals the simulated one bit for bit,
 ``bytes_up`` included; the stateful schemes' client state (error-feedback residuals, DGC's
 momentum, PowerSGD's warm start) and FetchSGD's server state travel and are kept as in
-simulation."""
+simulation. The delta downlink's last models stay on the sites."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from test_deploy import learning
 
 from potluck.config import ExperimentConfig
 from potluck.orchestrator import run_experiment
+from potluck.store.sqlite import RunStore
 
 Make = Callable[..., Deployment]
 SCHEMES: dict[str, dict[str, Any]] = {
@@ -58,3 +59,32 @@ def test_a_compressed_deployment_equals_its_simulation_byte_for_byte(
         c["bytes_up"] < d["bytes_up"] / 3
         for c, d in zip(result.history, dense.history, strict=True)
     )
+
+
+def test_the_delta_downlink_deployed_equals_its_simulation_and_the_sites_keep_their_models(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    """Each site rebuilds the weights from the changes since its last model, which it keeps
+    to itself across rounds: the server's store holds none of them, and the bytes down are
+    the simulation's."""
+    sparse = {"name": "top_k", "fraction": 0.02}
+
+    def cfg(store: Path) -> ExperimentConfig:
+        d = compressed(store, sparse, [{"name": "delta"}]).to_dict()
+        d["rounds"], d["server"] = 4, {"name": "sgd", "lr": 1.0}
+        return ExperimentConfig.from_dict(d)
+
+    dep = deployment(pki.server(), cfg=cfg(tmp_path / "runs"))
+    for site in SITES:
+        dep.site(site, pki.client(site))
+    result = dep.finish()
+    sim = run_experiment(cfg(tmp_path / "sim").build())
+    assert all(m["updates"] == 4 for m in result.history)
+    assert learning(result) == learning(sim)  # bytes_down included
+    assert torch.equal(result.weights, sim.weights)
+    down = [m["bytes_down"] for m in result.history]
+    assert all(b < down[0] / 2 for b in down[2:]), down  # changes, not whole models
+    store = RunStore(tmp_path / "runs")
+    (info,) = store.list_runs()
+    kept = store.client_states(info.run_id, list(range(5)))
+    assert all(not any(k.startswith("downlink.") for k in s) for s in kept)

@@ -126,7 +126,7 @@ def test_a_site_that_sends_its_secret_state_is_refused_and_the_round_goes_on(
     every round, and the others' rounds complete."""
     caplog.set_level("WARNING", logger="potluck")
     result = deploy(deployment, pki, secure(tmp_path / "runs"), kind=Leaky)
-    refused = "client 4 sent the secret state of 'transforms.0.secagg', which a site keeps"
+    refused = "client 4 sent the state of 'transforms.0.secagg', which a site keeps"
     assert sum(refused in line for line in caplog.text.splitlines()) == 3
     for m in result.history:
         assert "aborted" not in m and (m["refused"], m["failed"]) == (1, 0)

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from potluck.algorithms.base import Algorithm
     from potluck.data.federation import ClientData, Federation
 
+_log = logging.getLogger(__name__)
 EVAL_BATCH = 256  # faster than 1024 on this CPU (benchmarks/default_run.py)
 EVAL_KINDS = ("global", "personal", "finetuned")
 Correction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -232,6 +234,11 @@ class ClientProgram:
         self.transforms = [named[ns].bind(self.spec) for ns in self.transform_ns]
         self.parts = {**named, **dict(zip(self.term_ns, self.terms, strict=True))}
         self.parts.update(zip(self.transform_ns, self.transforms, strict=True))
+        self.member_downlinks = [
+            (ns, p)
+            for ns, p in algorithm.parts()
+            if ns.startswith("downlink.") and hasattr(p, "decode_member")
+        ]
         self.personal = next(
             (i for i, t in enumerate(self.terms) if Need.PERSONAL_MODEL in gives(t)), None
         )
@@ -257,8 +264,11 @@ class ClientProgram:
         """Every member's reply to ``job``, one after another."""
         members = zip(job.clients, job.payloads, job.states, strict=True)
         if job.stage == TRAIN:
-            w, broadcasts = self.open(job.shared)
-            return [self.train(int(c), job.round, w, broadcasts, s, p) for c, p, s in members]
+            w, b, kept = self.opened(job)
+            return [
+                None if k is None else with_state(self.train(int(c), job.round, w, b, s, p), k)
+                for (c, p, s), k in zip(members, kept, strict=True)
+            ]
         if job.stage == EVALUATE:
             w = job.shared.arrays["w"]
             self.spec.check(w, "the evaluated global weights")
@@ -281,6 +291,40 @@ class ClientProgram:
                 "'<part namespace>:<stage>' of a part with client_stage"
             )
         return ns, name
+
+    def opened(
+        self, job: StageJob
+    ) -> tuple[torch.Tensor, dict[str, State], list[dict[str, State] | None]]:
+        """The ``train`` job's broadcast as its members see it (``open``) and each member's
+        new client state of the downlinks that send it a message of its own (``None``: it
+        declines the round, its model could not be rebuilt). Those downlinks rebuild the
+        server's weights exactly, so every member that does not decline trains from the
+        same ``w``."""
+        if not self.member_downlinks:
+            return (*self.open(job.shared), [{}] * len(job.clients))
+        kept: list[dict[str, State] | None] = []
+        shared: Message | None = None
+        for c, payload, state in zip(job.clients, job.payloads, job.states, strict=True):
+            got = self._rebuilt(int(c), job.round, job.shared, payload, state)
+            kept.append(None if got is None else got[1])
+            if shared is None and got is not None:
+                shared = got[0]
+        if shared is None:  # nobody could rebuild it: nobody trains
+            return self.initial_weights(), {}, kept
+        return (*self.open(shared), kept)
+
+    def _rebuilt(
+        self, cid: int, round: int, shared: Message, payload: Message, state: ClientState
+    ) -> tuple[Message, dict[str, State]] | None:
+        inbox, kept = _inboxes(payload), {}
+        for ns, down in reversed(self.member_downlinks):
+            ctx = part_context(self.seed, round, ns, cid, inbox=inbox.get(ns))
+            try:
+                shared, kept[ns] = down.decode_member(shared, state.get(ns, {}), ctx)
+            except MessageError as exc:
+                _log.warning("client %d declines round %d: %s", cid, round, exc)
+                return None
+        return shared, kept
 
     def open(self, shared: Message) -> tuple[torch.Tensor, dict[str, State]]:
         """The broadcast as this client sees it: decoded by the downlink transforms (in
@@ -683,6 +727,13 @@ def _check_labels(fed: Federation, outputs: int) -> None:
 
 def _identity(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g
+
+
+def with_state(reply: Reply | None, kept: Mapping[str, State]) -> Reply | None:
+    """``reply`` with the downlinks' new client state ``kept`` added."""
+    if reply is None or not kept:
+        return reply
+    return Reply(reply.message, {**reply.state, **kept}, reply.refused)
 
 
 def _inboxes(payload: Message) -> dict[str, Message]:

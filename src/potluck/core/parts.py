@@ -75,6 +75,7 @@ class Need(StrEnum):
     CIPHERTEXT_SUM = "the ciphertexts added homomorphically (aggregator ckks_sum)"
     CIPHERTEXT_UPDATES = "updates encrypted with CKKS (transform ckks)"
     LINEAR_AGGREGATE = "a linear aggregate (the weighted mean: a mean of sketches is a sketch)"
+    LAST_DOWNLINK = "to be the last downlink transform (one after it would see only its encoding)"
 
 
 class RoundAborted(Exception):
@@ -334,7 +335,11 @@ class Transform(Protocol):
 @runtime_checkable
 class Downlink(Protocol):
     """A broadcast transform: ``encode`` once per round on the server, ``decode`` on each
-    client."""
+    client. One that sends each member its own message adds ``encode_members(shared,
+    members, state, ctx) -> (shared, {member: message}, state)`` (after every downlink's
+    ``encode``, with its server state) and ``decode_member(shared, state, ctx) -> (shared,
+    state)`` (first on the client, with its client state and its message in ``ctx.inbox``;
+    a ``MessageError`` declines the round): ``updates.delta.DeltaDownlink``."""
 
     def encode(self, message: Message) -> Message: ...
 
@@ -506,8 +511,9 @@ def _unmet(
         if readers:
             return f"{describe_part(*parts[readers[0]])} reads it outside them, unprotected"
         return None
-    if need == Need.LAST_TRANSFORM:
-        later = [j for j in range(i + 1, len(parts)) if parts[j][0].startswith("transforms.")]
+    if need in (Need.LAST_TRANSFORM, Need.LAST_DOWNLINK):
+        chain = "transforms." if need == Need.LAST_TRANSFORM else "downlink."
+        later = [j for j in range(i + 1, len(parts)) if parts[j][0].startswith(chain)]
         if later:
             return f"{describe_part(*parts[later[0]])} comes after it"
         return None

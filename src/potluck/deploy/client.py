@@ -171,7 +171,8 @@ class Site:
             program = self.program_for(config, cid)
             self._program = (welcome.run_id, cid, program)
             secret = [ns for ns, p in program.parts.items() if getattr(p, "secret_state", False)]
-            self._secrets = RoundSecrets(secret)
+            lasting = [ns for ns, p in program.parts.items() if getattr(p, "site_state", False)]
+            self._secrets = RoundSecrets(secret, lasting)
         return self._program[2], cid
 
     def _work(self, program: ClientProgram, cid: int, task: wire.Envelope) -> wire.Envelope:

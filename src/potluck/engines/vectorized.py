@@ -60,7 +60,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from typing import Any
 
@@ -69,7 +69,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from potluck.client.program import ClientProgram, Prepared
+from potluck.client.program import ClientProgram, Prepared, with_state
 from potluck.client.sgd import OptState
 from potluck.core.parts import Need, State, describe_part, needs
 from potluck.core.records import TRAIN, Reply, StageJob
@@ -239,11 +239,22 @@ class VectorizedEngine(InlineEngine):
         """One reply per member, in order (as ``InlineEngine``); ``train`` batched."""
         if job.stage != TRAIN:
             return self.program.run_stage(job)
-        w, broadcasts = self.program.open(job.shared)
+        w, broadcasts, kept = self.program.opened(job)
+        rebuilt = [k for k, state in enumerate(kept) if state is not None]
+        if len(rebuilt) < len(job.clients):  # some declined: train the others
+            job = replace(
+                job,
+                clients=job.clients[rebuilt],
+                payloads=tuple(job.payloads[k] for k in rebuilt),
+                states=tuple(job.states[k] for k in rebuilt),
+            )
         results: dict[int, Reply | None] = {}
         for chunk in self._chunks(len(job.clients)):
             results.update(self._train_chunk(job, w, broadcasts, chunk))
-        return [results[k] for k in range(len(job.clients))]
+        out: list[Reply | None] = [None] * len(kept)
+        for k, position in enumerate(rebuilt):
+            out[position] = with_state(results[k], kept[position] or {})
+        return out
 
     def _fitting_chunk(self) -> int:
         """Clients trained together: ``max_clients``, capped by a coarse memory estimate

@@ -3,6 +3,7 @@
 transforms of the broadcast."""
 
 from potluck.updates.base import Cast, ClipNorm, KeepLocal, Transform
+from potluck.updates.delta import DeltaDownlink
 from potluck.updates.lowrank import PowerSGD
 from potluck.updates.quantize import QSGD, CastUpdate, QuantizeDownlink
 from potluck.updates.sign import SignEF
@@ -14,6 +15,7 @@ __all__ = [
     "Cast",
     "CastUpdate",
     "ClipNorm",
+    "DeltaDownlink",
     "FetchSGD",
     "KeepLocal",
     "PowerSGD",
