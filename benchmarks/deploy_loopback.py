@@ -11,9 +11,31 @@ measured in the same run. The clients are
 *light*: a few processes (``--procs``) each run ``clients / procs`` clients as threads, each
 with its own gRPC channel (its own TCP and TLS connection). They do not train and never
 import torch: they join, long-poll, read each task (the header is parsed, every byte is
-received, none is checked) and answer it with an update of the right shape (``m/delta``
-zeros of the model's size, ``num_examples``) whose array chunks are serialized once per
-process, so that the server and the protocol are what is measured.
+received, none is checked) and answer it with the same real reply, so that the server and the
+protocol are what is measured. That reply is computed once, in the driver (``reply_body``):
+client 0 of the experiment trained for round 1 by the program a ``potluck client`` site runs,
+from the initial weights as the server broadcasts them, its upload encoded by the
+experiment's transforms and packed with its new client state as a site packs it
+(``0/m/delta``, ``0/s/<part>/<name>``, the scalars ``num_examples``, ``num_steps``,
+``weight``, ``train_loss``); it is serialized by ``wire.encode`` and each light client only
+appends the routing fields (the driver checks that the result reassembles into that reply
+and has the length of the envelope ``wire`` would send).
+
+**Compression** (``--compression NAME[,NAME...]``, issue 17): one deployment per setting and
+mode, into ``deploy_loopback_compression.json``. A setting is an upload scheme of ``UPLINK``
+(``none``, ``qsgd8``, ``qsgd4``, ``top_k1``: top-k 1 % with error feedback,
+``top_k1_no_ef``, ``sign_ef``, ``powersgd4``: rank 4 with error feedback and warm start),
+optionally with ``+q8``, the broadcast quantised to 8 bits (``[[downlink]] quantize``); it
+becomes the server's ``[[transforms]]`` and ``[[downlink]]`` sections and the light clients'
+reply. The stateful schemes keep their client state (error-feedback residual, PowerSGD's
+``q``) where a deployment keeps it: on the server, sent with every task from round 2 on and
+returned with every reply; the light clients return the state of client 0's first round every
+time (the bytes and shapes of a real round, not its values). Every light client sends the
+same update (the server cannot tell). Per setting: round 1 and the median of the later rounds
+of the round time, the run store's ``bytes_up`` and ``bytes_down``, the gRPC bytes the clients
+sent and received, the bytes on loopback and the server's CPU, their ratios to ``none`` in
+the same run, and whether the server accepted every update (``updates`` = the clients, none
+failed or refused).
 
 Measured per round: the server's ``round_seconds`` (run store); the gRPC message bytes the
 clients received and sent, and the bytes on the loopback interface (whole machine, TLS,
@@ -34,6 +56,9 @@ Run from the repository root (the issue-4 setting is the default; about 7 minute
     .venv/bin/python benchmarks/deploy_loopback.py
 Small, for development:
     .venv/bin/python benchmarks/deploy_loopback.py --clients 20 --procs 2 --rounds 2
+With compression (issue 17; about 10 minutes):
+    .venv/bin/python benchmarks/deploy_loopback.py --clients 100 --rounds 4 \\
+        --compression none,qsgd8,qsgd4,top_k1,top_k1_no_ef,sign_ef,powersgd4,qsgd8+q8
 """
 
 from __future__ import annotations
@@ -54,7 +79,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -63,7 +88,6 @@ from _common import cpu_times, header, summary, write_result
 
 CALL = "/potluck.v1.Coordinator/Call"
 CHUNK = 1 << 20  # wire.DEFAULT_CHUNK_BYTES (the light clients do not import wire: it needs torch)
-EXAMPLES = 300  # num_examples each light client reports
 VENV_BIN = Path(sys.executable).parent
 PERF_HZ = 499
 
@@ -80,27 +104,23 @@ def _pb() -> Any:
 
 
 class UpdateEncoder:
-    """Serialized chunks of an update envelope ``m/delta`` (zeros) + header, built fast.
+    """Serialized chunks of a reply envelope, built fast: ``body`` (a real reply without its
+    routing fields, from ``reply_body``) and a header (run, round, task id, client) last.
 
-    The arrays go first and the header (kind, run, round, task id, client, scalars) last: a
-    protobuf message may be the concatenation of its parts, so the arrays' bytes, their
-    SHA-256 state and every chunk that holds only array bytes are computed once per process;
+    A protobuf message may be the concatenation of its parts, so the body's bytes, their
+    SHA-256 state and every chunk that holds only body bytes are computed once per process;
     per update only the header, the last chunk(s) and a copy of the hash state are new.
     """
 
-    def __init__(self, pb: Any, size: int, chunk_bytes: int = CHUNK) -> None:
-        body = pb.Envelope()
-        body.arrays.add(name="m/delta", dtype="float32", shape=[size], data=bytes(4 * size))
-        self.pb, self.chunk = pb, chunk_bytes
-        self.body = body.SerializeToString()
+    def __init__(self, pb: Any, body: bytes, chunk_bytes: int = CHUNK) -> None:
+        self.pb, self.chunk, self.body = pb, chunk_bytes, body
         self.hash = hashlib.sha256(self.body)
         self._prefix: dict[int, list[bytes]] = {}
         self._lock = threading.Lock()
 
     def chunks(self, run_id: str, rnd: int, task_id: bytes, client: str) -> list[bytes]:
         pb, c, body = self.pb, self.chunk, self.body
-        head = pb.Envelope(kind="update", run_id=run_id, round=rnd, task_id=task_id, client=client)
-        head.scalars.add(name="num_examples", int=EXAMPLES)
+        head = pb.Envelope(run_id=run_id, round=rnd, task_id=task_id, client=client)
         tail_head = head.SerializeToString()
         total, full = len(body) + len(tail_head), len(body) // c
         with self._lock:
@@ -219,7 +239,8 @@ class TaskLog:
 
 @dataclass
 class LightClient:
-    """Join, poll, answer every train task with a zero update; until the server says done."""
+    """Join, poll, answer every train task with the encoder's reply; until the server says
+    done."""
 
     name: str
     channel: Any
@@ -315,7 +336,7 @@ def light_client_main(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     pb = _pb()
-    encoder = UpdateEncoder(pb, spec["model_size"])
+    encoder = UpdateEncoder(pb, Path(spec["update"]).read_bytes())
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", 4 * CHUNK),
         ("grpc.max_send_message_length", 4 * CHUNK),
@@ -441,6 +462,34 @@ class Monitor(threading.Thread):
 # ---- one deployment -----------------------------------------------------------------------
 
 
+UPLINK: dict[str, list[dict[str, Any]]] = {  # --compression: the [[transforms]] of each
+    "none": [],
+    "qsgd8": [{"name": "qsgd", "bits": 8}],
+    "qsgd4": [{"name": "qsgd", "bits": 4}],
+    "top_k1": [{"name": "top_k", "fraction": 0.01}],  # with error feedback (the default)
+    "top_k1_no_ef": [{"name": "top_k", "fraction": 0.01, "error_feedback": False}],
+    "sign_ef": [{"name": "sign_ef"}],
+    "powersgd4": [{"name": "powersgd", "rank": 4}],  # error feedback and warm start
+}
+DOWNLINK: dict[str, list[dict[str, Any]]] = {"q8": [{"name": "quantize", "bits": 8}]}
+
+
+def chains(setting: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``[[transforms]]`` and ``[[downlink]]`` of a compression setting, ``UP[+DOWN]``.
+
+    Example:
+        >>> chains("qsgd8+q8")
+        ([{'name': 'qsgd', 'bits': 8}], [{'name': 'quantize', 'bits': 8}])
+    """
+    up, _, down = setting.partition("+")
+    if up not in UPLINK or (down and down not in DOWNLINK):
+        raise ValueError(
+            f"compression {setting!r}: UP[+DOWN] with UP one of {', '.join(UPLINK)} and "
+            f"DOWN one of {', '.join(DOWNLINK)}"
+        )
+    return [dict(t) for t in UPLINK[up]], [dict(t) for t in DOWNLINK.get(down, [])]
+
+
 @dataclass
 class Setup:
     clients: int
@@ -451,6 +500,8 @@ class Setup:
     work: Path
     perf: bool = False
     poll_timeout_s: float = 20.0
+    compression: str = "none"  # a key of ``chains``
+    update: Path | None = None  # the light clients' reply body (``reply_body``)
 
     @property
     def names(self) -> list[str]:
@@ -469,10 +520,14 @@ def make_pki(directory: Path, names: Sequence[str]) -> float:
     return time.perf_counter() - t0
 
 
-def experiment_toml(setup: Setup, store: Path, reuse_memory: bool = True) -> str:
+def experiment_config(setup: Setup, store: Path, reuse_memory: bool = True) -> Any:
+    """The server's ``ExperimentConfig``, with the compression's sections."""
     from potluck.config import ExperimentConfig
 
-    cfg = ExperimentConfig.from_dict(
+    transforms, downlink = chains(setup.compression)
+    sections = {"transforms": transforms} if transforms else {}
+    sections |= {"downlink": downlink} if downlink else {}
+    return ExperimentConfig.from_dict(
         {
             "rounds": setup.rounds,
             "data": {
@@ -482,6 +537,7 @@ def experiment_toml(setup: Setup, store: Path, reuse_memory: bool = True) -> str
             },
             "model": {"name": setup.model},
             "sampler": {"clients_per_round": setup.clients},
+            **sections,
             "evaluation": {"centralized": False, "federated_clients": 0},
             "run": {"threads": 1, "store": str(store), "name": "deploy-loopback"},
             "deploy": {
@@ -495,7 +551,90 @@ def experiment_toml(setup: Setup, store: Path, reuse_memory: bool = True) -> str
             },
         }
     )
-    return cfg.to_toml()
+
+
+def experiment_toml(setup: Setup, store: Path, reuse_memory: bool = True) -> str:
+    return str(experiment_config(setup, store, reuse_memory).to_toml())
+
+
+def reply_body(setup: Setup, path: Path) -> dict[str, Any]:
+    """Write to ``path`` the body of a real client's reply to round 1 of ``setup``'s
+    experiment (its envelope without the routing fields, as ``wire.encode`` writes it) and
+    describe it: client 0 trained by the program a site runs (``site_program``) from the
+    initial weights as the server broadcasts them (encoded by the downlink, decoded by the
+    client), its upload encoded by the transforms, packed with its new client state.
+
+    Also checks that the light clients' chunks of it reassemble into that reply and are as
+    long as the envelope ``wire.encode`` makes of it (``check_reply``)."""
+    import numpy as np
+
+    from potluck.core import records
+    from potluck.core.message import Message
+    from potluck.deploy import wire
+    from potluck.deployment import site_program
+
+    program = site_program(experiment_config(setup, setup.work / "no-store"), 0)
+    shared = Message({"w": program.initial_weights()})
+    for down in program.algorithm.downlink:
+        shared = down.encode(shared)
+    job = records.StageJob(
+        "train", 1, shared, np.array([0]), (Message(scalars={"work": 1.0}),), ({},)
+    )
+    reply = program.run_stage(job)[0]
+    if reply is None:
+        raise RuntimeError(f"{setup.compression}: client 0 dropped out of round 1")
+    message = records.reply_to_message(reply)
+    body = wire.encode(wire.Envelope("reply", arrays=message.arrays, scalars=message.scalars))
+    path.write_bytes(body)
+    envelope_bytes = check_reply(body, message)
+    state = [t for s in reply.state.values() for t in s.values()]
+    return {
+        "arrays": {
+            name: {"dtype": str(a.dtype).removeprefix("torch."), "shape": list(a.shape)}
+            for name, a in message.arrays.items()
+        },
+        "scalars": dict(message.scalars),
+        "upload_wire_bytes": reply.message.wire_bytes,  # what the run store's bytes_up counts
+        "client_state_bytes": sum(t.numel() * t.element_size() for t in state),
+        "envelope_bytes": envelope_bytes,
+        "broadcast_wire_bytes": shared.wire_bytes,  # the run store's bytes_down per client
+    }
+
+
+def check_reply(body: bytes, message: Any) -> int:
+    """That ``UpdateEncoder``'s chunks of ``body`` are the reply ``message`` as a site sends
+    it: ``wire.receive`` gives back its arrays and scalars and the routing fields, the server
+    unpacks it (``records.reply_from_message``), and it is as long as ``wire.encode``'s
+    envelope of the same reply; that length (RuntimeError otherwise)."""
+    import torch
+
+    from potluck.core import records
+    from potluck.deploy import codec, wire
+
+    run, task_id, rnd = "0123456789abcdef", os.urandom(16), 2
+    chunks = UpdateEncoder(_pb(), body).chunks(run, rnd, task_id, "c000")
+    got = wire.receive(chunks)
+    real = wire.Envelope("reply", run, rnd, task_id, "c000", message.arrays, message.scalars)
+    size = len(wire.encode(real))
+    problems = [
+        what
+        for what, bad in [
+            ("routing fields", (got.kind, got.run_id, got.round, got.task_id, got.client)
+             != ("reply", run, rnd, task_id, "c000")),
+            ("scalars", dict(got.scalars) != dict(message.scalars)),
+            ("array names", set(got.arrays) != set(message.arrays)),
+            ("array values", any(
+                not torch.equal(got.arrays[k], v) for k, v in message.arrays.items()
+                if k in got.arrays
+            )),
+            ("length", len(wire.from_chunks([codec.parse_chunk(c) for c in chunks])) != size),
+        ]
+        if bad
+    ]  # fmt: skip
+    records.reply_from_message(got.message())
+    if problems:
+        raise RuntimeError(f"the light clients' reply differs from a site's: {problems}")
+    return size
 
 
 def _wait_for_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 300) -> int:
@@ -583,8 +722,9 @@ def rounds_of(mode: str, run_dir: Path) -> tuple[list[Any], list[dict[str, Any]]
 def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
     """One deployment run; everything it measured. ``mode``: "tls" or "insecure", with
     "+glibc" for a server that leaves glibc's malloc as it is (``deploy.reuse_memory``), or
-    "floor-tls" / "floor-insecure" for the bare grpcio server (``grpc_floor.py``)."""
-    run_dir = setup.work / mode
+    "floor-tls" / "floor-insecure" for the bare grpcio server (``grpc_floor.py``). The
+    light clients answer with ``setup.update``."""
+    run_dir = setup.work / f"{mode}-{setup.compression}"
     logs = run_dir / "logs"
     logs.mkdir(parents=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -615,7 +755,7 @@ def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
                 "server": f"127.0.0.1:{port}",
                 "names": names[i * per : (i + 1) * per],
                 "pki": str(pki) if "tls" in mode else None,
-                "model_size": setup.model_size,
+                "update": str(setup.update),
                 "poll_timeout_s": setup.poll_timeout_s,
                 "out": str(out_path),
             }
@@ -974,17 +1114,19 @@ def _timed(fn: Callable[[], object], repeats: int = 9) -> float:
     return statistics.median(times)
 
 
-def stage_profile(size: int, clients: int) -> dict[str, Any]:
+def stage_profile(size: int, clients: int, body: bytes) -> dict[str, Any]:
     """Seconds per envelope of each step of the server path for a model of ``size`` floats
-    (median of 9), the whole path per envelope and per round (x ``clients``), checksums and
-    the aggregation. Run in a fresh process, with malloc tuned as the server tunes it."""
+    and the light clients' uncompressed reply ``body`` (median of 9), the whole path per
+    envelope and per round (x ``clients``), checksums and the aggregation. Run in a fresh
+    process, with malloc tuned as the server tunes it."""
     import zlib
 
     import torch
 
     from potluck.aggregate.mean import WeightedMean
     from potluck.aggregate.stack import StackBuffer
-    from potluck.core.message import Message
+    from potluck.core import records
+    from potluck.core.parts import part_context
     from potluck.deploy import codec, wire
     from potluck.deploy.memory import reuse_freed_memory
 
@@ -996,9 +1138,10 @@ def stage_profile(size: int, clients: int) -> dict[str, Any]:
         scalars={"op": "train", "work": 1.0},
     )  # fmt: skip
     task = wire.Envelope(**{**own.__dict__, "arrays": {"w": w}})
-    raw_update = UpdateEncoder(_pb(), size).chunks("0123456789abcdef", 1, os.urandom(16), "c000")
+    raw_update = UpdateEncoder(_pb(), body).chunks("0123456789abcdef", 1, os.urandom(16), "c000")
     update = wire.receive(raw_update)
-    assert update.arrays["m/delta"].shape == (size,) and update.scalars["num_examples"] == EXAMPLES
+    assert update.arrays["0/m/delta"].shape == (size,)
+    examples = float(update.scalars["num_examples"])
     data = wire.encode(task)
     chunks = list(wire.to_chunks(data))
     up_chunks = [codec.parse_chunk(m) for m in raw_update]
@@ -1006,8 +1149,7 @@ def stage_profile(size: int, clients: int) -> dict[str, Any]:
     prefix = wire.Prefix(wire.Envelope("task", arrays={"w": w}))
 
     def validate(env: Any) -> None:
-        msg = Message(arrays={"delta": env.arrays["m/delta"]}, scalars=dict(env.scalars))
-        msg.validate({"delta": size})
+        records.reply_from_message(env.message()).message.validate({"delta": size})
 
     def down() -> list[bytes]:  # what a gRPC thread does for one task (weights encoded once)
         return list(wire.send_encoded(prefix.extend(own)))
@@ -1029,10 +1171,11 @@ def stage_profile(size: int, clients: int) -> dict[str, Any]:
     per = {k: _timed(fn) for k, fn in stages.items()}
     whole = {"down: one task, whole path": _timed(down), "up: one update, whole path": _timed(up)}
     deltas = [torch.zeros(size) for _ in range(clients)]
-    weights = torch.full((clients,), float(EXAMPLES), dtype=torch.float64)
-    aggregate = _timed(lambda: WeightedMean()(torch.stack(deltas), weights), 3)
+    weights = torch.full((clients,), examples, dtype=torch.float64)
+    ctx = part_context(0, 1, "aggregator")
+    aggregate = _timed(lambda: WeightedMean().aggregate(torch.stack(deltas), weights, {}, ctx), 3)
     kept = StackBuffer()
-    reused = _timed(lambda: WeightedMean()(kept.stack(deltas), weights), 3)
+    reused = _timed(lambda: WeightedMean().aggregate(kept.stack(deltas), weights, {}, ctx), 3)
     running = torch.zeros(size)
 
     def running_sum() -> torch.Tensor:  # as the updates arrive: no (K, d) stack at all
@@ -1045,7 +1188,7 @@ def stage_profile(size: int, clients: int) -> dict[str, Any]:
     streamed = _timed(running_sum, 3)
     first_touch = _timed(lambda: torch.empty(clients, size).fill_(0.0), 3)
     deltas.clear()
-    delta = update.arrays["m/delta"]
+    delta = update.arrays["0/m/delta"]
     reference = {
         "sha256": _timed(lambda: hashlib.sha256(data).digest()),
         "zlib.crc32": _timed(lambda: zlib.crc32(data)),
@@ -1084,7 +1227,7 @@ def hub_round_seconds(clients: int, rounds: int = 3) -> float:
         while not hub.finished:
             task = hub.next_task(name, 5.0)
             if task is not None:
-                answer = wire.Envelope("update", "run", round=task.round, task_id=task.task_id)
+                answer = wire.Envelope("reply", "run", round=task.round, task_id=task.task_id)
                 hub.answer(name, answer)
 
     threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in names]
@@ -1117,14 +1260,128 @@ def model_size(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+SUMMARY_KEYS = (  # per round, as ``analyse`` names them
+    "round_seconds",
+    "bytes_up_nominal",  # the run store's bytes_up
+    "bytes_down_nominal",
+    "update_bytes_sent",  # gRPC messages, as the clients sent and received them
+    "task_bytes_received",
+    "loopback_bytes",
+    "server_cpu_s",
+)
+
+
+def run_summary(run: dict[str, Any], clients: int) -> dict[str, Any]:
+    """Round 1 and the median of the later rounds (all, if there is one) of ``SUMMARY_KEYS``,
+    and whether the server accepted every update (None for the floor, which checks nothing).
+    """
+    rounds = run["rounds"]
+    later = rounds[1:] or rounds
+    floor = run["mode"].startswith("floor-")
+    return {
+        "round_1": {k: rounds[0][k] for k in SUMMARY_KEYS},
+        "later_rounds_median": {k: statistics.median(r[k] for r in later) for k in SUMMARY_KEYS},
+        "all_updates_accepted": None
+        if floor
+        else all(r["updates"] == clients and not r["failed"] and not r["refused"] for r in rounds),
+    }
+
+
+def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each setting's summary and its ratios to ``none`` (same mode, same run), per mode;
+    ``runs`` is keyed ``"<mode>/<setting>"``."""
+    out: dict[str, Any] = {}
+    for key, run in runs.items():
+        mode, setting = key.split("/", 1)
+        base = runs.get(f"{mode}/none")
+        row = dict(run["summary"])
+        if base is not None:
+            for part in ("round_1", "later_rounds_median"):
+                ours, theirs = row[part], base["summary"][part]
+                row[f"{part}_vs_none"] = {
+                    k: ours[k] / theirs[k] if theirs[k] else float("nan") for k in SUMMARY_KEYS
+                }
+        out.setdefault(mode, {})[setting] = row
+    return out
+
+
+def _cell(row: dict[str, Any], key: str, scale: float = 1.0, fmt: str = ",.1f") -> str:
+    """A later-rounds median of ``row`` and its ratio to ``none`` in brackets."""
+    ratio = row.get("later_rounds_median_vs_none", {}).get(key)
+    value = f"{row['later_rounds_median'][key] / scale:{fmt}}"
+    return value + (f" ({ratio:.3f})" if ratio is not None else "")
+
+
+def print_comparison(table: dict[str, Any]) -> None:
+    mib = 2**20
+    for mode, rows in table.items():
+        print(f"[{mode}] rounds after the first (median), ratio to none in brackets")
+        for setting, row in rows.items():
+            print(
+                f"  {setting:>14}: round 1 {row['round_1']['round_seconds']:.2f} s, later "
+                f"{_cell(row, 'round_seconds', fmt='.2f')} s; store up "
+                f"{_cell(row, 'bytes_up_nominal', mib)} down "
+                f"{_cell(row, 'bytes_down_nominal', mib)} MiB; gRPC up "
+                f"{_cell(row, 'update_bytes_sent', mib)} down "
+                f"{_cell(row, 'task_bytes_received', mib)} MiB; lo "
+                f"{_cell(row, 'loopback_bytes', mib)} MiB; server CPU "
+                f"{_cell(row, 'server_cpu_s', fmt='.2f')} s; all accepted: "
+                f"{row['all_updates_accepted']}",
+                flush=True,
+            )
+
+
+def measure(setup: Setup, mode: str, pki: Path, raw_repeats: int) -> dict[str, Any]:
+    """``deploy`` and the raw transfer of the bytes it moved; printed as it goes."""
+    run = deploy(setup, mode, pki)
+    moved = int(
+        statistics.median(r["task_bytes_received"] + r["update_bytes_sent"] for r in run["rounds"])
+    )
+    run["raw"] = raw_transfer(moved, pki, raw_repeats)
+    tcp, tls = run["raw"]["tcp_s"]["median"], run["raw"]["tls_s"]["median"]
+    for r in run["rounds"]:
+        r["overhead_vs_tcp"] = r["round_seconds"] / tcp
+        r["overhead_vs_tls"] = r["round_seconds"] / tls
+        r["server_cpu_vs_tcp"] = r["server_cpu_s"] / tcp
+        print(
+            f"  round {r['round']}: {r['round_seconds']:.2f} s, "
+            f"{(r['task_bytes_received'] + r['update_bytes_sent']) / 2**20:,.0f} MiB of "
+            f"messages ({r['loopback_bytes'] / 2**20:,.0f} MiB on lo), server CPU "
+            f"{r['server_cpu_s']:.2f} s ({r['server_minor_faults']:,.0f} page faults), "
+            f"clients CPU {r['clients_cpu_s']:.2f} s, overhead "
+            f"{r['overhead_vs_tcp']:.1f}x TCP / {r['overhead_vs_tls']:.1f}x TLS; updates "
+            f"{r['updates']}, failed {r['failed']}, refused {r['refused']}",
+            flush=True,
+        )
+    print(
+        f"  raw: TCP {tcp:.3f} s, TLS {tls:.3f} s for {moved / 2**20:,.0f} MiB; server "
+        f"peak RSS {run['server']['peak_rss_mib']:,.0f} MiB",
+        flush=True,
+    )
+    run["summary"] = run_summary(run, setup.clients)
+    return run
+
+
+def run_stage_profile(size: int, clients: int, body: Path) -> dict[str, Any]:
+    """``stage_profile`` in a fresh process (one torch thread)."""
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    cmd = [sys.executable, __file__, "--stage-profile", str(size), str(clients), str(body)]
+    subprocess.run([*cmd, str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    profile: dict[str, Any] = json.loads(out.read_text())
+    out.unlink()
+    for k, v in profile["per_round_s"].items():
+        print(f"  {k}: {v:.3f} s per round")
+    return profile
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--light-client"]:
         light_client_main(argv[1])
         return
     if argv[:1] == ["--stage-profile"]:
-        result = stage_profile(int(argv[1]), int(argv[2]))
-        Path(argv[3]).write_text(json.dumps(result, indent=1))
+        result = stage_profile(int(argv[1]), int(argv[2]), Path(argv[3]).read_bytes())
+        Path(argv[4]).write_text(json.dumps(result, indent=1))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=200)
@@ -1133,11 +1390,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="cnn")
     parser.add_argument(
         "--modes",
-        default="tls,insecure,floor-tls,floor-insecure",
-        help="tls, insecure, tls+glibc (potluck server); floor-tls, floor-insecure (bare grpcio)",
+        help="tls, insecure, tls+glibc (potluck server); floor-tls, floor-insecure (bare "
+        "grpcio); default tls,insecure,floor-tls,floor-insecure, with --compression tls",
+    )
+    parser.add_argument(
+        "--compression",
+        help="settings UP[+DOWN], comma-separated: UP one of "
+        f"{', '.join(UPLINK)}; DOWN one of {', '.join(DOWNLINK)} (the broadcast)",
     )
     parser.add_argument("--raw-repeats", type=int, default=3)
-    parser.add_argument("--name", default="deploy_loopback", help="results file name")
+    parser.add_argument(
+        "--name", help="results file name (deploy_loopback, with --compression _compression)"
+    )
     parser.add_argument(
         "--perf",
         action=argparse.BooleanOptionalAction,
@@ -1145,60 +1409,64 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"profile the server with perf record at {PERF_HZ} Hz (if perf is installed)",
     )
     parser.add_argument(
+        "--stages",
+        action=argparse.BooleanOptionalAction,
+        help="the stage profile (default: only without --compression)",
+    )
+    parser.add_argument(
         "--stages-only", action="store_true", help="only the stage profiles (no deployment)"
     )
     parser.add_argument("--keep", type=Path, help="keep the work directory (logs, store) here")
     args = parser.parse_args(argv)
+    settings = args.compression.split(",") if args.compression else ["none"]
+    default_modes = "tls" if args.compression else "tls,insecure,floor-tls,floor-insecure"
+    modes = [] if args.stages_only else (args.modes or default_modes).split(",")
+    for setting in settings:
+        try:
+            chains(setting)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.compression and any(m.startswith("floor-") for m in modes):
+        parser.error("the floor modes serve the uncompressed model only: not with --compression")
+    stages = args.stages_only or (not args.compression if args.stages is None else args.stages)
+    name = args.name or ("deploy_loopback_compression" if args.compression else "deploy_loopback")
 
     payload = header("deploy_loopback")
     size = model_size(args.model)
     results: dict[str, Any] = {}
+    replies: dict[str, Any] = {}
+    profile = None
     with tempfile.TemporaryDirectory(prefix="potluck-deploy-bench-") as tmp:
         work = args.keep or Path(tmp)
         perf = args.perf and shutil.which("perf") is not None
-        setup = Setup(args.clients, args.procs, args.rounds, args.model, size, work, perf)
-        pki = setup.work / "pki"
-        pki_s = make_pki(pki, setup.names)
+        base = Setup(args.clients, args.procs, args.rounds, args.model, size, work, perf)
+        pki = base.work / "pki"
+        pki_s = make_pki(pki, base.names)
         print(f"PKI: {args.clients} client certificates in {pki_s:.1f} s", flush=True)
-        for mode in [] if args.stages_only else args.modes.split(","):
-            what = f"{args.clients} clients, {args.model} ({size:,} parameters)"
-            print(f"[{mode}] {what}", flush=True)
-            run = deploy(setup, mode, pki)
-            moved = int(
-                statistics.median(
-                    r["task_bytes_received"] + r["update_bytes_sent"] for r in run["rounds"]
-                )
-            )
-            run["raw"] = raw_transfer(moved, pki, args.raw_repeats)
-            tcp, tls = run["raw"]["tcp_s"]["median"], run["raw"]["tls_s"]["median"]
-            for r in run["rounds"]:
-                r["overhead_vs_tcp"] = r["round_seconds"] / tcp
-                r["overhead_vs_tls"] = r["round_seconds"] / tls
-                r["server_cpu_vs_tcp"] = r["server_cpu_s"] / tcp
-            results[mode] = run
-            for r in run["rounds"]:
-                print(
-                    f"  round {r['round']}: {r['round_seconds']:.2f} s, "
-                    f"{(r['task_bytes_received'] + r['update_bytes_sent']) / 2**20:,.0f} MiB of "
-                    f"messages ({r['loopback_bytes'] / 2**20:,.0f} MiB on lo), server CPU "
-                    f"{r['server_cpu_s']:.2f} s ({r['server_minor_faults']:,.0f} page faults), "
-                    f"clients CPU {r['clients_cpu_s']:.2f} s, overhead "
-                    f"{r['overhead_vs_tcp']:.1f}x TCP / {r['overhead_vs_tls']:.1f}x TLS",
-                    flush=True,
-                )
+        what = f"{args.clients} clients, {args.model} ({size:,} parameters)"
+        for setting in settings if modes else []:
+            body = work / f"reply-{setting}.bin"
+            setup = replace(base, compression=setting, update=body)
+            replies[setting] = reply_body(setup, body)
             print(
-                f"  raw: TCP {tcp:.3f} s, TLS {tls:.3f} s for {moved / 2**20:,.0f} MiB; server "
-                f"peak RSS {run['server']['peak_rss_mib']:,.0f} MiB",
+                f"{setting}: the reply is {replies[setting]['envelope_bytes']:,} bytes "
+                f"(upload {replies[setting]['upload_wire_bytes']:,}, client state "
+                f"{replies[setting]['client_state_bytes']:,})",
                 flush=True,
             )
-    print("stage profile ...", flush=True)
-    out = Path(tempfile.mkstemp(suffix=".json")[1])
-    cmd = [sys.executable, __file__, "--stage-profile", str(size), str(args.clients), str(out)]
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    profile = json.loads(out.read_text())
-    out.unlink()
-    for k, v in profile["per_round_s"].items():
-        print(f"  {k}: {v:.3f} s per round")
+            for mode in modes:
+                print(f"[{mode} {setting}] {what}", flush=True)
+                run = measure(setup, mode, pki, args.raw_repeats)
+                results[f"{mode}/{setting}" if args.compression else mode] = run
+        if stages:
+            print("stage profile ...", flush=True)
+            dense = work / "reply-none.bin"
+            if not dense.exists():
+                reply_body(base, dense)
+            profile = run_stage_profile(size, args.clients, dense)
+    comparison = compare(results) if args.compression else None
+    if comparison is not None:
+        print_comparison(comparison)
     payload.update(
         setup={
             "clients": args.clients,
@@ -1209,11 +1477,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             "model_bytes": 4 * size,
             "pki_seconds": pki_s,
             "perf": perf,
+            "compression": {
+                s: dict(zip(("transforms", "downlink"), chains(s), strict=True)) for s in settings
+            },
         },
+        replies=replies,
         deployments=results,
+        comparison=comparison,
         stage_profile=profile,
     )
-    print(write_result(args.name, payload))
+    print(write_result(name, payload))
+    refused = [k for k, run in results.items() if run["summary"]["all_updates_accepted"] is False]
+    if refused:
+        raise SystemExit(f"the server did not accept every update in: {', '.join(refused)}")
 
 
 if __name__ == "__main__":
