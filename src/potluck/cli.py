@@ -528,8 +528,24 @@ def _describe_end(result: RunResult) -> None:
 
 
 _PROGRESS_KEYS = (
-    "cohort_size", "train_loss", "test_accuracy", "fed_accuracy", "epsilon", "round_seconds",
+    "cohort_size", "train_loss", "test_accuracy", "fed_accuracy", "epsilon", "virtual_time_s",
+    "round_seconds",
 )  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    """Virtual seconds as ``1d 02:03:04`` or ``02:03:04.5``.
+
+    Example:
+        >>> _duration(93784.5), _duration(4.25)
+        ('1d 02:03:04', '00:00:04.2')
+    """
+    days, rest = divmod(float(seconds), 86_400.0)
+    h, rest = divmod(rest, 3600.0)
+    m, sec = divmod(rest, 60.0)
+    if days:
+        return f"{int(days)}d {int(h):02d}:{int(m):02d}:{int(sec):02d}"
+    return f"{int(h):02d}:{int(m):02d}:{sec:04.1f}"
 
 
 class _progress:
@@ -566,8 +582,12 @@ class _progress:
         }
         if acc is not None:
             fields["acc"] = _fmt(acc)
+        extra = []
         if "epsilon" in metrics:  # a private run: the privacy spent so far
-            fields["privacy"] = f"epsilon {_fmt(metrics['epsilon'])}"
+            extra.append(f"epsilon {_fmt(metrics['epsilon'])}")
+        if "virtual_time_s" in metrics:  # on a virtual clock: its time
+            extra.append(f"virtual {_duration(metrics['virtual_time_s'])}")
+        fields["privacy"] = "  ".join(extra)
         self.bar.update(self.task, completed=rnd, **fields)
         if self.quiet:
             shown = [k for k in _PROGRESS_KEYS if k in metrics]

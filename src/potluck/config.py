@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from potluck.attacks.poisoning import Attack
     from potluck.core.task import Task
     from potluck.data.federation import Federation
+    from potluck.data.profiles import LognormalProfiles, TraceProfiles
     from potluck.orchestrator import Experiment
 
 
@@ -158,6 +159,50 @@ class DetectionConfig(_Section):
             raise ValueError(
                 f"flag_on = {self.flag_on!r} must be one of the recorded scores {self.scores}"
             )
+        return self
+
+
+class ClockConfig(_Section):
+    """Synchronous rounds on virtual time (``potluck.core.clock``): a deadline, late
+    members dropped or given the partial work that fits it, over-selection."""
+
+    deadline_s: float | None = Field(None, gt=0, description="virtual seconds a round waits")
+    late: Literal["drop", "partial"] = Field(
+        "drop", description='"partial": ask each member for the work that fits the deadline'
+    )
+    over_selection: float = Field(
+        0.0, ge=0, le=10, description="sample K (1 + this) members, keep the first K answers"
+    )
+    server_s: float = Field(0.0, ge=0, description="the server's own virtual seconds a round")
+    start_hour: float = Field(0.0, ge=0, lt=24, description="time of day round 1 starts")
+
+    @model_validator(mode="after")
+    def _partial_needs_deadline(self) -> ClockConfig:
+        if self.late == "partial" and self.deadline_s is None:
+            raise ValueError('late = "partial" needs a deadline_s to fit the work into')
+        return self
+
+
+class ProfilesConfig(_Section):
+    """Device profiles (``potluck.data.profiles``): drawn lognormal around medians, or read
+    from a trace file (CSV or JSON, one device a row)."""
+
+    kind: Literal["lognormal", "trace"] = "lognormal"
+    path: str | None = Field(None, description="the trace file (kind = trace)")
+    speed: float = Field(20.0, gt=0, description="median local steps per second")
+    speed_sigma: float = Field(0.5, ge=0, description="lognormal sigma of the speeds")
+    down_mbps: float = Field(20.0, gt=0, description="median download megabits per second")
+    up_mbps: float = Field(5.0, gt=0, description="median upload megabits per second")
+    bandwidth_sigma: float = Field(0.8, ge=0, description="lognormal sigma of bandwidths")
+    latency_ms: float = Field(50.0, ge=0, description="median one-way latency")
+    latency_sigma: float = Field(0.5, ge=0)
+    failure: float = Field(0.0, ge=0, le=1, description="chance a round's answer is lost")
+    available_hours: float = Field(24.0, gt=0, le=24, description="hours online a day")
+
+    @model_validator(mode="after")
+    def _trace_has_path(self) -> ProfilesConfig:
+        if (self.kind == "trace") != (self.path is not None):
+            raise ValueError('give path exactly when kind = "trace"')
         return self
 
 
@@ -283,6 +328,8 @@ class ExperimentConfig(_Section):
     privacy: PrivacyConfig | None = None
     attack: dict[str, Any] | None = None
     detection: DetectionConfig = DetectionConfig()
+    clock: ClockConfig | None = None
+    profiles: ProfilesConfig | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
     deploy: DeployConfig = DeployConfig()
@@ -345,6 +392,7 @@ class ExperimentConfig(_Section):
         import torch
 
         from potluck.aggregate.anomaly import Detection
+        from potluck.core.clock import ClockPolicy
         from potluck.orchestrator import Evaluation, Experiment
         from potluck.privacy.ledger import PrivacyBudget
 
@@ -372,9 +420,23 @@ class ExperimentConfig(_Section):
             privacy=PrivacyBudget(**self.privacy.model_dump()) if self.privacy else None,
             attack=self.build_attack(),
             detection=Detection(**self.detection.model_dump()),
+            clock=ClockPolicy(**self.clock.model_dump()) if self.clock else None,
+            profiles=self.build_profiles(),
             name=run.name,
             config=self.model_copy(update={"run": run}).to_dict(),
         )
+
+    def build_profiles(self) -> LognormalProfiles | TraceProfiles | None:
+        """The device profiles of ``[profiles]``, if given (a trace is read when drawn)."""
+        from potluck.data.profiles import LognormalProfiles, TraceProfiles
+
+        p = self.profiles
+        if p is None:
+            return None
+        if p.kind == "trace":
+            assert p.path is not None
+            return TraceProfiles(p.path)
+        return LognormalProfiles(**p.model_dump(exclude={"kind", "path"}))
 
     def build_attack(self) -> Attack | None:
         """The poisoning attack of ``[attack]`` (``name`` and its parameters), if any."""
@@ -497,6 +559,12 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
     )
     if experiment.privacy is not None:
         out["privacy"] = _given(**dataclasses.asdict(experiment.privacy))
+    if experiment.clock is not None:
+        out["clock"] = _given(**dataclasses.asdict(experiment.clock))
+    if experiment.profiles is not None:
+        p = experiment.profiles
+        kind = "trace" if hasattr(p, "path") else "lognormal"
+        out["profiles"] = {"kind": kind, **dataclasses.asdict(p)}
     if experiment.attack is not None:
         try:
             out["attack"] = part_config("attack", experiment.attack)

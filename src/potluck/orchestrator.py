@@ -50,6 +50,7 @@ from potluck.aggregate.stack import StackBuffer
 from potluck.algorithms.base import Algorithm
 from potluck.attacks.poisoning import Attack, attack_context, check_attack
 from potluck.client.program import ClientProgram, EvalResult, parse_evaluation
+from potluck.core.clock import KEPT, ClockPolicy
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
 from potluck.core.parts import (
@@ -65,11 +66,13 @@ from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
 from potluck.data.federation import Federation
+from potluck.data.profiles import LognormalProfiles, TraceProfiles
 from potluck.engines.base import Engine, EngineOptions, choose_engine, make_engine
 from potluck.privacy import ledger as privacy
 from potluck.privacy.distributed import DistributedLedger
 from potluck.privacy.ledger import PrivacyBudget
 from potluck.privacy.participation import ParticipationLedger
+from potluck.sampling import clock as virtual
 from potluck.store.checkpoint import Checkpoint
 from potluck.store.sqlite import ResumePoint, RunStore
 
@@ -140,6 +143,8 @@ class Experiment:
     privacy: PrivacyBudget | None = None
     attack: Attack | None = None
     detection: Detection = field(default_factory=Detection)
+    clock: ClockPolicy | None = None
+    profiles: LognormalProfiles | TraceProfiles | None = None
     name: str | None = None
     config: Mapping[str, Any] | None = None
 
@@ -482,6 +487,8 @@ class RoundStages:
         self.bytes_up: dict[int, int] = {}
         self.bytes_down: dict[int, int] = {}
         self.scores: dict[int, dict[str, float]] = {}  # client -> anomaly scores, flagged
+        self.start, self.target = 0.0, 0  # on a virtual clock: the start, the answers kept
+        self.settled: virtual.Settled | None = None
 
     def run(
         self,
@@ -572,6 +579,7 @@ class _Loop:
                 f"aggregator.root_examples = {root}: the server's root data is drawn from the "
                 f"source's training set, which holds {len(train.y)} examples"
             )
+        self.clock = self._virtual_clock()
         attack = exp.attack
         if attack is not None and attack.colludes and self.upload_dtypes["delta"] != torch.float32:
             raise ValueError(
@@ -593,9 +601,43 @@ class _Loop:
                         "attack: in a deployment the malicious clients run the attack "
                         "(potluck client --attack NAME); the server's experiment has none"
                     )
+                if self.clock is not None:
+                    raise ValueError(
+                        "clock/profiles: a deployment runs on real time, its devices are "
+                        "real; its deadline is deploy.round_timeout_s"
+                    )
             except ValueError:
                 self.engine.close()
                 raise
+
+    def _virtual_clock(self) -> virtual.VirtualClock | None:
+        """The experiment's devices and round policy on virtual time, if it has either;
+        refused with what cannot work on it."""
+        exp = self.exp
+        if exp.clock is None and exp.profiles is None:
+            return None
+        clock = virtual.VirtualClock(
+            exp.clock or ClockPolicy(),
+            exp.profiles or LognormalProfiles(),
+            self.num_clients,
+            exp.seed,
+        )
+        sampler = exp.algorithm.sampler
+        name = type(sampler).__name__
+        if clock.policy.over_selection and not hasattr(sampler, "resized"):
+            raise ValueError(f"clock.over_selection: the sampler {name} cannot be asked for more")
+        if not clock.devices.always_available:
+            if not getattr(sampler, "samples_available", False):
+                raise ValueError(
+                    f"profiles: devices that are not always online need a sampler that samples "
+                    f"among the online ones; {name} does not (uniform does)"
+                )
+            if exp.privacy is not None:
+                raise ValueError(
+                    "profiles: sampling among the online devices is not the sampling the "
+                    "privacy accountant assumes; give every device 24 available hours"
+                )
+        return clock
 
     def _private_aggregation(
         self,
@@ -728,8 +770,18 @@ class _Loop:
     ) -> tuple[_State, dict[str, float], PerClient, dict[int, dict[str, State]]]:
         algo, t0 = self.exp.algorithm, time.perf_counter()
         slots = {ns: dict(s) for ns, s in state.slots.items()}
-        sampling = Context(self.exp.seed, rnd, ("sampling", rnd), num_clients=self.num_clients)
-        cohort, slots["sampler"] = algo.sampler.sample(
+        clock, sampler, target, now = self.clock, algo.sampler, 0, 0.0
+        if clock is not None:
+            now = clock.now(slots.get(virtual.SLOT, {}))
+            sampler, target = clock.sampler(sampler, self.num_clients)
+        sampling = Context(
+            self.exp.seed,
+            rnd,
+            ("sampling", rnd),
+            num_clients=self.num_clients,
+            available=clock.available(now) if clock is not None else None,
+        )
+        cohort, slots["sampler"] = sampler.sample(
             self.num_clients, slots.get("sampler", {}), sampling
         )
         quarantined = self._quarantined(cohort, slots)
@@ -737,7 +789,10 @@ class _Loop:
         work, reports = algo.stragglers.plan(
             len(cohort), algo.local.epochs, self.seeds.numpy("stragglers", rnd)
         )
+        if clock is not None:
+            work = work * self._fitting(now, cohort, work, slots)
         stages = RoundStages(self, engine, rnd, cohort[reports])
+        stages.start, stages.target = now, target
         shares = dict(zip((int(c) for c in cohort[reports]), work[reports], strict=True))
         try:
             trained, updates, new_state = self._stages_and_step(stages, state, slots, shares)
@@ -773,6 +828,12 @@ class _Loop:
                 metrics["flagged_malicious"] = float(
                     sum(stages.scores.get(c, {}).get("flagged", 0.0) for c in attackers)
                 )
+        if clock is not None:
+            settled = stages.settled or virtual.unsettled(now, clock.policy)
+            down = np.array(list(stages.bytes_down.values()), dtype=np.float64)
+            up = np.array([b for b in stages.bytes_up.values() if b > 0], dtype=np.float64)
+            new_state.slots[virtual.SLOT] = clock.slot(settled.end, down, up)
+            metrics.update(settled.metrics(now))
         if engine.remote:
             refused = sum(stages.refused.values())  # at any stage: each drops its member
             metrics["failed"] = float(active - len(trained) - refused)
@@ -785,6 +846,8 @@ class _Loop:
             if c in accepted
         }
         per_client = self._per_client(updates, stages)
+        if stages.settled is not None:  # every timed member's transfers and compute
+            per_client = _merge_clients(per_client, list(stages.settled.per_client().items()))
         if self.exp.evaluation.due(rnd, self.exp.rounds):
             evaluated, per_eval = self._evaluate(engine, new_state.w, rnd, client_states)
             metrics.update(evaluated)
@@ -814,6 +877,8 @@ class _Loop:
             c: self._train_payload(work[c], stages.inbox.get(c, {})) for c in stages.members
         }
         trained = stages._send(TRAIN, shared, payloads)
+        if self.clock is not None:
+            trained = self._on_time(stages, trained, work)
         for ns, part in self.finishing:
             view = PartStages(stages, ns)
             slots[ns] = dict(part.after_train(view, slots.get(ns, {}), self._ctx(ns, rnd)))
@@ -852,6 +917,45 @@ class _Loop:
                 u, message=Message({**u.message.arrays, "delta": row}, u.message.scalars)
             )
         return [u for u in out if u is not None]
+
+    def _fitting(
+        self, now: float, cohort: np.ndarray, work: np.ndarray, slots: Mapping[str, State]
+    ) -> np.ndarray:
+        """Each member's share of its work that fits the clock's deadline (``late =
+        "partial"``; 1 otherwise); a member for which nothing fits does one step, late."""
+        assert self.clock is not None
+        steps = np.array(
+            [self.program.steps_for(int(c), float(w)) for c, w in zip(cohort, work, strict=True)]
+        )
+        model_bytes = Message({"w": self.program.initial_weights()}).wire_bytes
+        fit = self.clock.work(now, cohort, slots.get(virtual.SLOT, {}), steps, model_bytes)
+        return np.maximum(fit, 1e-9)
+
+    def _on_time(
+        self, stages: RoundStages, trained: dict[int, Reply], work: Mapping[int, float]
+    ) -> dict[int, Reply]:
+        """The ``train`` answers the virtual clock keeps (``Settled``, on ``stages``); the
+        others leave the round as dropped members do: no update, no client state kept."""
+        assert self.clock is not None
+        members = np.array([c for c in trained], dtype=np.int64)
+        steps = np.array(
+            [
+                trained[c].message.scalars.get("num_steps", self.program.steps_for(c, work[c]))
+                for c in trained
+            ],
+            dtype=np.float64,
+        )
+        down = np.array([stages.bytes_down.get(c, 0) for c in trained], dtype=np.float64)
+        up = np.array([stages.bytes_up.get(c, 0) for c in trained], dtype=np.float64)
+        settled = self.clock.settle(
+            stages.round, stages.start, members, down, up, steps, stages.target
+        )
+        stages.settled = settled
+        kept = {int(c) for c, o in zip(members, settled.outcome, strict=True) if o == KEPT}
+        for c in set(trained) - kept:
+            stages.changed.pop(c, None)
+        stages.members = np.array([c for c in stages.members if int(c) in kept], dtype=np.int64)
+        return {c: r for c, r in trained.items() if c in kept}
 
     def _train_payload(self, work: float, inbox: Mapping[str, Message]) -> Message:
         arrays = {f"{ns}/{k}": v for ns, m in inbox.items() for k, v in m.arrays.items()}

@@ -93,7 +93,9 @@ class Context:
     ``inbox`` what an earlier stage of the round left for this client and part (for the
     aggregator, also the server's own update on its root data, ``root_delta``, when it asks
     for one with a ``root_examples`` attribute); ``members`` the clients of the updates an
-    aggregator combines, in the order of its stack."""
+    aggregator combines, in the order of its stack; ``available`` (for a sampler) the ids of
+    the clients online now, on a virtual clock whose devices are not always online (``None``:
+    every client)."""
 
     seed: int
     round: int
@@ -102,6 +104,7 @@ class Context:
     num_clients: int = 0
     inbox: Message | None = None
     members: tuple[int, ...] = ()
+    available: np.ndarray | None = field(default=None, compare=False)
 
     def generator(self, *path: Key) -> torch.Generator:
         """A torch generator of this part's stream (``path`` for sub-streams)."""

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -55,8 +56,19 @@ class UniformSampler:
             )
         return max(k, self.min_clients)
 
+    samples_available: ClassVar[bool] = True  # samples among ctx.available when given
+
+    def resized(self, clients_per_round: int) -> UniformSampler:
+        """This sampler drawing ``clients_per_round`` (the virtual clock's over-selection)."""
+        return UniformSampler(clients_per_round=clients_per_round, min_clients=1)
+
     def sample(self, num_clients: int, state: State, ctx: Context) -> tuple[np.ndarray, State]:
-        """Sorted unique client ids (int64); the state is unchanged (there is none)."""
+        """Sorted unique client ids (int64), among ``ctx.available`` if given (as many as
+        are online, if fewer); the state is unchanged (there is none)."""
         k = self.cohort_size(num_clients)
+        if ctx.available is not None:
+            pool = np.asarray(ctx.available, dtype=np.int64)
+            picked = ctx.rng().choice(len(pool), size=min(k, len(pool)), replace=False)
+            return np.sort(pool[picked]), state
         cohort = ctx.rng().choice(num_clients, size=k, replace=False)
         return np.sort(cohort).astype(np.int64), state
