@@ -1467,7 +1467,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     comparison = compare(results) if args.compression else None
     if comparison is not None:
         print_comparison(comparison)
+    import potluck
+
     payload.update(
+        potluck_imported_from=str(Path(potluck.__file__).resolve().parent),  # a snapshot?
         setup={
             "clients": args.clients,
             "client_processes": args.procs,
