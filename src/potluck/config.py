@@ -206,6 +206,32 @@ class ProfilesConfig(_Section):
         return self
 
 
+class AsyncConfig(_Section):
+    """Asynchronous FL (``potluck.buffered``): FedBuff (the defaults) or FedAsync (``buffer
+    = 1``, ``mix = "model"``), on the virtual clock."""
+
+    concurrency: int = Field(..., ge=1, description="clients training at once")
+    buffer: int = Field(10, ge=1, description="updates per server step (FedBuff's K)")
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        "polynomial", description="s(tau): 1, (1 + tau)^-a, or hinge at b"
+    )
+    a: float = Field(0.5, ge=0, description="the staleness function's exponent or slope")
+    b: float = Field(4.0, ge=0, description="the hinge's knee")
+    mix: Literal["delta", "model"] = Field(
+        "delta", description='"model": FedAsync mixes in the client\'s model'
+    )
+    max_staleness: int | None = Field(None, ge=0, description="older updates are dropped")
+
+    @model_validator(mode="after")
+    def _buffer_fits(self) -> AsyncConfig:
+        if self.buffer > self.concurrency:
+            raise ValueError(
+                f"buffer = {self.buffer} is more than concurrency = {self.concurrency}: "
+                "the clients in flight could never fill it"
+            )
+        return self
+
+
 class PrivacyConfig(_Section):
     """The privacy budget of a run with a private mechanism (aggregator ``dp_mean``,
     ``dp_mean_adaptive`` or ``dp_ftrl``; transform ``local_dp``)."""
@@ -310,6 +336,10 @@ DEFAULT_PARTS: dict[str, Any] = {
 class ExperimentConfig(_Section):
     """A whole experiment; the defaults are potluck's default experiment."""
 
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True
+    )
+
     format: Literal[2] = FORMAT
     seed: int = Field(0, ge=0)
     rounds: int = Field(20, ge=1)
@@ -330,6 +360,7 @@ class ExperimentConfig(_Section):
     detection: DetectionConfig = DetectionConfig()
     clock: ClockConfig | None = None
     profiles: ProfilesConfig | None = None
+    asynchrony: AsyncConfig | None = Field(None, alias="async")
     evaluation: EvaluationConfig = EvaluationConfig()
     run: RunConfig = RunConfig()
     deploy: DeployConfig = DeployConfig()
@@ -380,12 +411,12 @@ class ExperimentConfig(_Section):
         return cls.from_dict(data, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
     def to_toml(self) -> str:
         import tomli_w
 
-        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
 
     def build(self) -> Experiment:
         """The runnable ``Experiment`` (loads the dataset, builds the partition)."""
@@ -395,6 +426,7 @@ class ExperimentConfig(_Section):
         from potluck.core.clock import ClockPolicy
         from potluck.orchestrator import Evaluation, Experiment
         from potluck.privacy.ledger import PrivacyBudget
+        from potluck.sampling.asynchrony import Asynchrony
 
         federation = self.build_federation()
         # float results depend on the intra-op thread count: fix it in the stored config so a
@@ -422,6 +454,7 @@ class ExperimentConfig(_Section):
             detection=Detection(**self.detection.model_dump()),
             clock=ClockPolicy(**self.clock.model_dump()) if self.clock else None,
             profiles=self.build_profiles(),
+            asynchrony=Asynchrony(**self.asynchrony.model_dump()) if self.asynchrony else None,
             name=run.name,
             config=self.model_copy(update={"run": run}).to_dict(),
         )
@@ -561,6 +594,8 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
         out["privacy"] = _given(**dataclasses.asdict(experiment.privacy))
     if experiment.clock is not None:
         out["clock"] = _given(**dataclasses.asdict(experiment.clock))
+    if experiment.asynchrony is not None:
+        out["async"] = _given(**dataclasses.asdict(experiment.asynchrony))
     if experiment.profiles is not None:
         p = experiment.profiles
         kind = "trace" if hasattr(p, "path") else "lognormal"

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -73,8 +73,12 @@ from potluck.privacy.distributed import DistributedLedger
 from potluck.privacy.ledger import PrivacyBudget
 from potluck.privacy.participation import ParticipationLedger
 from potluck.sampling import clock as virtual
+from potluck.sampling.asynchrony import Asynchrony
 from potluck.store.checkpoint import Checkpoint
 from potluck.store.sqlite import ResumePoint, RunStore
+
+if TYPE_CHECKING:
+    from potluck.buffered import AsyncDriver
 
 _log = logging.getLogger("potluck")
 
@@ -145,6 +149,7 @@ class Experiment:
     detection: Detection = field(default_factory=Detection)
     clock: ClockPolicy | None = None
     profiles: LognormalProfiles | TraceProfiles | None = None
+    asynchrony: Asynchrony | None = None
     name: str | None = None
     config: Mapping[str, Any] | None = None
 
@@ -580,6 +585,12 @@ class _Loop:
                 f"source's training set, which holds {len(train.y)} examples"
             )
         self.clock = self._virtual_clock()
+        self.driver: AsyncDriver | None = None
+        if exp.asynchrony is not None:
+            from potluck import buffered
+
+            buffered.check(self, exp.asynchrony)
+            self.driver = buffered.AsyncDriver(self, exp.asynchrony)
         attack = exp.attack
         if attack is not None and attack.colludes and self.upload_dtypes["delta"] != torch.float32:
             raise ValueError(
@@ -601,6 +612,11 @@ class _Loop:
                         "attack: in a deployment the malicious clients run the attack "
                         "(potluck client --attack NAME); the server's experiment has none"
                     )
+                if self.driver is not None:
+                    raise ValueError(
+                        "async: the deployed asynchronous server is not built yet; run it "
+                        "in simulation"
+                    )
                 if self.clock is not None:
                     raise ValueError(
                         "clock/profiles: a deployment runs on real time, its devices are "
@@ -614,7 +630,7 @@ class _Loop:
         """The experiment's devices and round policy on virtual time, if it has either;
         refused with what cannot work on it."""
         exp = self.exp
-        if exp.clock is None and exp.profiles is None:
+        if exp.clock is None and exp.profiles is None and exp.asynchrony is None:
             return None
         clock = virtual.VirtualClock(
             exp.clock or ClockPolicy(),
@@ -676,7 +692,8 @@ class _Loop:
                 if stopped:
                     _log.warning("run stopped before round %d: %s", rnd, stopped)
                     break
-                state, metrics, per_client, client_states = self._round(engine, state, rnd)
+                step = self._round if self.driver is None else self.driver.step
+                state, metrics, per_client, client_states = step(engine, state, rnd)
                 self._commit(state, metrics, per_client, client_states)
                 history.append(metrics)
                 if self.on_round:

@@ -1,0 +1,408 @@
+"""The asynchronous driver (FedBuff, FedAsync): the same parts as the synchronous rounds,
+driven by virtual arrivals instead of a round barrier.
+
+``concurrency`` clients are in flight at any time, each training from the model version it
+was released with. Answers arrive in virtual time (``sampling.clock``: download, local
+steps, upload, from the device profiles and the bytes really sent); each arrival is decoded
+and checked as in a round, weighed by its staleness (``sampling.asynchrony``) and buffered;
+a freed slot releases a new client with the current model. When the buffer holds ``buffer``
+updates the server aggregates them and steps: one *step* is what the run store, the
+checkpoint and the metrics call a round. Arrivals at one virtual instant are taken before
+the releases of that instant, so the clients released after a step get the new model.
+
+Engines train whatever set of clients the driver releases: the clients released at one
+model version are trained together, in one stage job, when the earliest of them could
+arrive before every update already trained (its download and steps alone take longer than
+that, so that a batch of releases is trained at once without changing any outcome). Round
+seeds are the version a client trains from plus one, and a client is released at most once
+per version, so a run with ``buffer = concurrency`` on identical devices is synchronous
+FedAvg.
+
+Server state (slot ``async``): the virtual time, the in-flight clients (client, version,
+release time, order) and the models of the versions they train from. A resume retrains the
+in-flight clients from those (every draw is seeded), so it continues exactly.
+
+Example: see ``tests/test_async.py`` and README "Asynchronous FL".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from potluck.core.clock import KEPT
+from potluck.core.message import Message
+from potluck.core.parts import Context, State
+from potluck.core.records import TRAIN, Reply
+from potluck.sampling.asynchrony import Asynchrony
+
+if TYPE_CHECKING:
+    from potluck.engines.base import Engine
+    from potluck.orchestrator import PerClient, _Loop, _State, _Update
+
+SLOT = "async"
+
+
+@dataclass
+class Flight:
+    """A released client: what it trains from and, once trained, its answer."""
+
+    order: int  # release order: ties in arrival break by it
+    client: int
+    version: int
+    released_at: float
+    update: _Update | None = None
+    state: dict[str, State] = field(default_factory=dict)
+    arrival: float = float("inf")
+    outcome: str = KEPT
+    timing: dict[str, float] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    lower_bound: float = 0.0  # its arrival is no earlier (download and steps alone)
+
+    @property
+    def trained(self) -> bool:
+        return self.arrival != float("inf") or self.outcome != KEPT
+
+
+@dataclass
+class Buffered:
+    """An arrival in the server's buffer."""
+
+    flight: Flight
+    staleness: int
+
+
+class AsyncDriver:
+    """FedBuff's and FedAsync's step for a ``_Loop`` whose experiment has ``asynchrony``."""
+
+    def __init__(self, loop: _Loop, policy: Asynchrony) -> None:
+        self.loop, self.policy = loop, policy
+        self.flights: list[Flight] | None = None  # None: restore from the slot
+        self.versions: dict[int, torch.Tensor] = {}
+        self.now = 0.0
+        self.order = 0
+        self.fresh: dict[int, dict[str, State]] = {}  # consumed, not yet committed
+        self._released_at: dict[int, set[int]] = {}  # version -> clients released with it
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(
+        self, engine: Engine, state: _State, step: int
+    ) -> tuple[_State, dict[str, float], PerClient, dict[int, dict[str, State]]]:
+        """Run until ``buffer`` updates arrived, then aggregate and step the server."""
+        t0 = time.perf_counter()
+        started = self._restore(state)
+        version = state.round
+        self.versions[version] = state.w
+        buffer: list[Buffered] = []
+        dropped = {"failed": 0, "offline": 0, "stale": 0}
+        releases = 0
+        self.fresh = {}
+        while len(buffer) < self.policy.buffer:
+            releases += self._release(version, releases)
+            self._train_due(engine)
+            flight = self._next_arrival()
+            if flight is None:
+                raise RuntimeError("async: no client can be released (none is online)")
+            self.now = max(self.now, flight.arrival)
+            while flight is not None and flight.arrival <= self.now:  # this instant's arrivals
+                self._land(flight, version, buffer, dropped)
+                if len(buffer) == self.policy.buffer:
+                    break
+                self._train_due(engine)
+                flight = self._next_arrival()
+        self._train_due(engine, everything_of=version)  # before w_version is replaced
+        out = self._server_step(engine, state, step, buffer, dropped, started)
+        out[1]["round_seconds"] = time.perf_counter() - t0
+        return out
+
+    def _land(
+        self, flight: Flight, version: int, buffer: list[Buffered], dropped: dict[str, int]
+    ) -> None:
+        assert self.flights is not None
+        self.flights.remove(flight)
+        staleness = version - flight.version
+        if flight.outcome != KEPT:
+            dropped[flight.outcome] += 1
+        elif flight.update is None:  # refused when it was decoded
+            dropped["failed"] += 1
+        elif self.policy.max_staleness is not None and staleness > self.policy.max_staleness:
+            dropped["stale"] += 1
+        else:
+            buffer.append(Buffered(flight, staleness))
+            self.fresh[flight.client] = flight.state
+
+    # ---- releasing and training ----------------------------------------------------------
+
+    def _release(self, version: int, nth: int) -> int:
+        """Release clients into the free slots at ``now`` (0 or 1 release events)."""
+        assert self.flights is not None
+        free = self.policy.concurrency - len(self.flights)
+        if free <= 0:
+            return 0
+        loop, clock = self.loop, self.loop.clock
+        assert clock is not None
+        busy = {f.client for f in self.flights}
+        online = clock.available(self.now)
+        pool = np.arange(loop.num_clients) if online is None else online
+        released_here = self._released_at.get(version, set())
+        eligible = np.array(
+            [c for c in pool if int(c) not in busy and int(c) not in released_here],
+            dtype=np.int64,
+        )
+        if not len(eligible):
+            return 0
+        k = min(free, len(eligible))
+        sampler: Any = loop.exp.algorithm.sampler
+        sampler = sampler.resized(k)
+        stream = ("sampling", version + 1) if nth == 0 else ("sampling", version + 1, nth)
+        ctx = Context(loop.exp.seed, version + 1, stream, num_clients=loop.num_clients,
+                      available=eligible)  # fmt: skip
+        chosen, _ = sampler.sample(loop.num_clients, {}, ctx)
+        for c in chosen:
+            self.flights.append(Flight(self.order, int(c), version, self.now))
+            self.order += 1
+            released_here.add(int(c))
+        self._released_at[version] = released_here
+        return 1
+
+    def _train_due(self, engine: Engine, everything_of: int | None = None) -> None:
+        """Train the untrained flights that could arrive before every trained one (all of
+        them, or all of version ``everything_of``)."""
+        assert self.flights is not None
+        while True:
+            pending = [f for f in self.flights if not f.trained]
+            if everything_of is not None:
+                pending = [f for f in pending if f.version == everything_of]
+            if not pending:
+                return
+            trained = [f.arrival for f in self.flights if f.trained]
+            first = min(trained, default=float("inf"))
+            for f in pending:
+                f.lower_bound = self._lower_bound(f)
+            if everything_of is None and min(f.lower_bound for f in pending) > first:
+                return
+            version = min(f.version for f in pending)
+            self._train(engine, [f for f in pending if f.version == version])
+
+    def _lower_bound(self, f: Flight) -> float:
+        clock = self.loop.clock
+        assert clock is not None
+        d = clock.devices
+        steps = self.loop.program.steps_for(f.client, 1.0)
+        return f.released_at + float(d.latency_s[f.client]) + steps / float(d.speed[f.client])
+
+    def _train(self, engine: Engine, flights: list[Flight]) -> None:
+        """One stage job: ``flights`` (all of one version) trained from that version."""
+        from potluck.orchestrator import RoundStages
+
+        loop, clock = self.loop, self.loop.clock
+        assert clock is not None
+        version = flights[0].version
+        members = np.array([f.client for f in flights], dtype=np.int64)
+        stages = RoundStages(loop, engine, version + 1, members)
+        for c in members:
+            stages.states[int(c)].update(self.fresh.get(int(c), {}))
+        w = self.versions[version]
+        shared = loop._broadcast(w, {})
+        payloads = {int(c): loop._train_payload(1.0, {}) for c in members}
+        replies = stages._send(TRAIN, shared, payloads)
+        for f in flights:
+            f.bytes_down = stages.bytes_down.get(f.client, 0)
+        answered = [f for f in flights if f.client in replies]
+        for f in flights:
+            if f.client not in replies:  # declined: it frees its slot when it would answer
+                f.outcome, f.arrival = "failed", f.released_at
+        if not answered:
+            return
+        steps = np.array([self._steps(replies[f.client], f.client) for f in answered])
+        down = np.array([stages.bytes_down.get(f.client, 0) for f in answered], np.float64)
+        up = np.array([stages.bytes_up.get(f.client, 0) for f in answered], np.float64)
+        m = np.array([f.client for f in answered], dtype=np.int64)
+        starts = np.array([f.released_at for f in answered])
+        settled = clock.settle_from(version + 1, starts, m, down, up, steps)
+        updates = {
+            u.client: u
+            for u in loop._collect(version + 1, replies, stages.inbox, tolerant=engine.remote)
+        }
+        for i, f in enumerate(answered):
+            f.arrival = float(settled.timing.arrival[i])
+            f.outcome = str(settled.outcome[i])
+            f.bytes_up = stages.bytes_up.get(f.client, 0)
+            f.timing = settled.per_client()[f.client]
+            f.update = updates.get(f.client)
+            f.state = {
+                ns: stages.states[f.client][ns]
+                for ns in stages.changed.get(f.client, set())
+                if ns not in loop.secret
+            }
+
+    def _steps(self, reply: Reply, client: int) -> float:
+        return float(reply.message.scalars.get("num_steps", self.loop.program.steps_for(client)))
+
+    def _next_arrival(self) -> Flight | None:
+        assert self.flights is not None
+        trained = [f for f in self.flights if f.trained]
+        if not trained:
+            return None
+        return min(trained, key=lambda f: (f.arrival, f.order))
+
+    # ---- the server's step -----------------------------------------------------------------
+
+    def _server_step(
+        self,
+        engine: Engine,
+        state: _State,
+        step: int,
+        buffer: list[Buffered],
+        dropped: dict[str, int],
+        started: float,
+    ) -> tuple[_State, dict[str, float], PerClient, dict[int, dict[str, State]]]:
+        from potluck.orchestrator import RoundStages, _merge_clients
+
+        loop = self.loop
+        slots = {ns: dict(s) for ns, s in state.slots.items()}
+        members = np.array([b.flight.client for b in buffer], dtype=np.int64)
+        stages = RoundStages(loop, engine, step, members)
+        updates = [self._weighed(b, state.w) for b in buffer]
+        new_state = loop._step(state, slots, updates, stages)
+        assert self.flights is not None
+        self.versions = {
+            v: w for v, w in self.versions.items() if any(f.version == v for f in self.flights)
+        }
+        self._released_at = {}
+        new_state.slots[SLOT] = self._slot(new_state.round)
+        stale = [b.staleness for b in buffer]
+        metrics = {
+            "cohort_size": float(len(buffer)),
+            "updates": float(len(buffer)),
+            "train_loss": _mean_loss(buffer),
+            "bytes_up": float(sum(b.flight.bytes_up for b in buffer)),
+            "bytes_down": float(sum(b.flight.bytes_down for b in buffer)),
+            "staleness_mean": float(np.mean(stale)),
+            "staleness_max": float(np.max(stale)),
+            "in_flight": float(len(self.flights)),
+            "virtual_time_s": self.now,
+            "round_virtual_s": self.now - started,
+            "dropped_failed": float(dropped["failed"]),
+            "dropped_offline": float(dropped["offline"]),
+            "dropped_stale": float(dropped["stale"]),
+        }
+        per_client: PerClient = [
+            (
+                b.flight.client,
+                {
+                    **(b.flight.update.metrics if b.flight.update else {}),
+                    **b.flight.timing,
+                    "staleness": float(b.staleness),
+                    "bytes_up": float(b.flight.bytes_up),
+                    "bytes_down": float(b.flight.bytes_down),
+                },
+            )
+            for b in buffer
+        ]
+        client_states = {b.flight.client: b.flight.state for b in buffer if b.flight.state}
+        if loop.exp.evaluation.due(step, loop.exp.rounds):
+            evaluated, per_eval = loop._evaluate(engine, new_state.w, step, client_states)
+            metrics.update(evaluated)
+            per_client = _merge_clients(per_client, per_eval)
+        return new_state, metrics, per_client, client_states
+
+    def _weighed(self, b: Buffered, w: torch.Tensor) -> _Update:
+        """The buffered update as the aggregator takes it: its delta (FedBuff) or its model
+        minus the current one (FedAsync), times ``s(staleness)``."""
+        u = b.flight.update
+        assert u is not None
+        delta = u.message.arrays["delta"]
+        if self.policy.mix == "model":
+            delta = self.versions[b.flight.version] + delta - w
+        scaled = delta * self.policy.weight(b.staleness)
+        arrays = {**u.message.arrays, "delta": scaled}
+        return replace(u, message=Message(arrays, u.message.scalars))
+
+    # ---- server state ----------------------------------------------------------------------
+
+    def _slot(self, version: int) -> State:
+        assert self.flights is not None
+        flights = sorted(self.flights, key=lambda f: f.order)
+        out: State = {
+            "now": torch.tensor(self.now, dtype=torch.float64),
+            "order": torch.tensor(self.order, dtype=torch.int64),
+            "clients": torch.tensor([f.client for f in flights], dtype=torch.int64),
+            "versions": torch.tensor([f.version for f in flights], dtype=torch.int64),
+            "released_at": torch.tensor([f.released_at for f in flights], dtype=torch.float64),
+            "orders": torch.tensor([f.order for f in flights], dtype=torch.int64),
+        }
+        for v, w in self.versions.items():
+            if v != version:
+                out[f"w{v}"] = w
+        return out
+
+    def _restore(self, state: _State) -> float:
+        """The in-flight clients from the slot on the first step of this process (a resume
+        retrains them); the virtual time the step starts at."""
+        if self.flights is not None:
+            return self.now
+        self._released_at = {}
+        slot = state.slots.get(SLOT, {})
+        clock = self.loop.clock
+        assert clock is not None
+        self.now = float(slot["now"]) if "now" in slot else clock.now({})
+        self.order = int(slot.get("order", torch.tensor(0)))
+        self.flights = []
+        if "clients" in slot:
+            for c, v, t, o in zip(
+                slot["clients"].tolist(),
+                slot["versions"].tolist(),
+                slot["released_at"].tolist(),
+                slot["orders"].tolist(),
+                strict=True,
+            ):
+                self.flights.append(Flight(int(o), int(c), int(v), float(t)))
+        self.versions = {int(k.removeprefix("w")): t for k, t in slot.items() if k.startswith("w")}
+        return self.now
+
+
+def _mean_loss(buffer: list[Buffered]) -> float:
+    pairs = [
+        (b.flight.update.metrics.get("train_loss"), b.flight.update.weight)
+        for b in buffer
+        if b.flight.update is not None
+    ]
+    known = [(loss, w) for loss, w in pairs if loss is not None]
+    total = sum(w for _, w in known)
+    return sum(loss * w for loss, w in known) / total if total else float("nan")
+
+
+def check(loop: _Loop, policy: Asynchrony) -> None:
+    """Refuse, up front, what the asynchronous driver cannot run."""
+    exp, algo = loop.exp, loop.exp.algorithm
+    problems = []
+    sampler = algo.sampler
+    if not (hasattr(sampler, "resized") and getattr(sampler, "samples_available", False)):
+        name = type(sampler).__name__
+        problems.append(f"the sampler {name} cannot release clients into free slots (uniform can)")
+    if loop.staged or loop.finishing:
+        problems.append(
+            "a part with stages of its own (secure aggregation, the delta downlink) needs a "
+            "round barrier"
+        )
+    if exp.privacy is not None:
+        problems.append("the privacy accountant's sampling assumes synchronous rounds")
+    if getattr(algo.stragglers, "fraction", 0):
+        problems.append("stragglers: on a virtual clock slow devices are slow by their profiles")
+    clock = exp.clock
+    if clock is not None and (clock.deadline_s is not None or clock.over_selection):
+        problems.append("clock.deadline_s and clock.over_selection are synchronous round policies")
+    if policy.concurrency > loop.num_clients:
+        problems.append(
+            f"async.concurrency = {policy.concurrency} is more than the {loop.num_clients} "
+            "clients"
+        )
+    if problems:
+        raise ValueError("async: " + "; ".join(problems))
