@@ -387,6 +387,8 @@ def check(loop: _Loop, policy: Asynchrony) -> None:
     if not (hasattr(sampler, "resized") and getattr(sampler, "samples_available", False)):
         name = type(sampler).__name__
         problems.append(f"the sampler {name} cannot release clients into free slots (uniform can)")
+    if hasattr(sampler, "observe"):
+        problems.append(f"the sampler {type(sampler).__name__} learns from whole rounds")
     if loop.staged or loop.finishing:
         problems.append(
             "a part with stages of its own (secure aggregation, the delta downlink) needs a "
@@ -401,8 +403,7 @@ def check(loop: _Loop, policy: Asynchrony) -> None:
         problems.append("clock.deadline_s and clock.over_selection are synchronous round policies")
     if policy.concurrency > loop.num_clients:
         problems.append(
-            f"async.concurrency = {policy.concurrency} is more than the {loop.num_clients} "
-            "clients"
+            f"async.concurrency = {policy.concurrency} is more than the {loop.num_clients} clients"
         )
     if problems:
         raise ValueError("async: " + "; ".join(problems))

@@ -865,6 +865,10 @@ class _Loop:
         per_client = self._per_client(updates, stages)
         if stages.settled is not None:  # every timed member's transfers and compute
             per_client = _merge_clients(per_client, list(stages.settled.per_client().items()))
+        if hasattr(algo.sampler, "observe"):  # a sampler that learns from the round (Oort)
+            new_state.slots["sampler"] = algo.sampler.observe(
+                new_state.slots.get("sampler", {}), _outcomes(updates, stages), sampling
+            )
         if self.exp.evaluation.due(rnd, self.exp.rounds):
             evaluated, per_eval = self._evaluate(engine, new_state.w, rnd, client_states)
             metrics.update(evaluated)
@@ -1407,6 +1411,19 @@ def _norm(t: torch.Tensor) -> float:
 
 def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _outcomes(updates: Sequence[_Update], stages: RoundStages) -> dict[int, dict[str, float]]:
+    """What a round tells a learning sampler of each member: the training loss and examples
+    of the updates it used, and the virtual duration of every member the clock timed."""
+    out: dict[int, dict[str, float]] = {}
+    for u in updates:
+        out[u.client] = {k: u.metrics[k] for k in ("train_loss", "num_examples") if k in u.metrics}
+    if stages.settled is not None:
+        for c, t in stages.settled.per_client().items():
+            duration = t["download_s"] + t["compute_s"] + t["upload_s"]
+            out.setdefault(c, {})["duration_s"] = duration
+    return out
 
 
 def _merge_clients(*groups: PerClient) -> PerClient:

@@ -33,7 +33,13 @@ from potluck.privacy.dp_sgd import DpSgd
 from potluck.privacy.local import LocalGaussian
 from potluck.privacy.secure_central import SecureCentralGaussian
 from potluck.privacy.tree import TreeAggregatedMean
-from potluck.sampling import PoissonSampler, ShuffledSampler, Stragglers, UniformSampler
+from potluck.sampling import (
+    OortSampler,
+    PoissonSampler,
+    ShuffledSampler,
+    Stragglers,
+    UniformSampler,
+)
 from potluck.secagg import SecAgg, SecureSum
 from potluck.secagg.distributed_dp import DistributedSkellam
 from potluck.secagg.homomorphic import CKKS, CKKSSum
@@ -55,6 +61,8 @@ from potluck.updates.quantize import QuantizeDownlink
 # each registered part with parameters other than its defaults (and with its defaults)
 EXAMPLES: dict[str, list[Any]] = {
     "sampler": [
+        OortSampler(),
+        OortSampler(clients_per_round=5, epsilon=0.5, min_epsilon=0.1, preferred_s=30.0),
         UniformSampler(clients_per_round=7),
         UniformSampler(fraction=0.3, min_clients=2),
         PoissonSampler(0.05),
