@@ -27,6 +27,7 @@ Example: see ``tests/test_async.py`` and README "Asynchronous FL".
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -64,10 +65,6 @@ class Flight:
     bytes_up: int = 0
     lower_bound: float = 0.0  # its arrival is no earlier (download and steps alone)
 
-    @property
-    def trained(self) -> bool:
-        return self.arrival != float("inf") or self.outcome != KEPT
-
 
 @dataclass
 class Buffered:
@@ -82,12 +79,20 @@ class AsyncDriver:
 
     def __init__(self, loop: _Loop, policy: Asynchrony) -> None:
         self.loop, self.policy = loop, policy
-        self.flights: list[Flight] | None = None  # None: restore from the slot
+        self.restored = False  # False: restore the in-flight clients from the slot first
+        self.pending: list[Flight] = []  # released, not trained yet
+        self.heap: list[tuple[float, int, Flight]] = []  # trained, by (arrival, order)
+        self.busy = np.zeros(loop.num_clients, dtype=bool)  # in flight
+        self.released = np.zeros(loop.num_clients, dtype=bool)  # with the current version
         self.versions: dict[int, torch.Tensor] = {}
         self.now = 0.0
         self.order = 0
         self.fresh: dict[int, dict[str, State]] = {}  # consumed, not yet committed
-        self._released_at: dict[int, set[int]] = {}  # version -> clients released with it
+
+    @property
+    def flights(self) -> list[Flight]:
+        """Every client in flight, in release order."""
+        return sorted([*self.pending, *(f for _, _, f in self.heap)], key=lambda f: f.order)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -106,16 +111,14 @@ class AsyncDriver:
         while len(buffer) < self.policy.buffer:
             releases += self._release(version, releases)
             self._train_due(engine)
-            flight = self._next_arrival()
-            if flight is None:
+            if not self.heap:
                 raise RuntimeError("async: no client can be released (none is online)")
-            self.now = max(self.now, flight.arrival)
-            while flight is not None and flight.arrival <= self.now:  # this instant's arrivals
-                self._land(flight, version, buffer, dropped)
+            self.now = max(self.now, self.heap[0][0])
+            while self.heap and self.heap[0][0] <= self.now:  # this instant's arrivals
+                self._land(heapq.heappop(self.heap)[2], version, buffer, dropped)
                 if len(buffer) == self.policy.buffer:
                     break
                 self._train_due(engine)
-                flight = self._next_arrival()
         self._train_due(engine, everything_of=version)  # before w_version is replaced
         out = self._server_step(engine, state, step, buffer, dropped, started)
         out[1]["round_seconds"] = time.perf_counter() - t0
@@ -124,8 +127,7 @@ class AsyncDriver:
     def _land(
         self, flight: Flight, version: int, buffer: list[Buffered], dropped: dict[str, int]
     ) -> None:
-        assert self.flights is not None
-        self.flights.remove(flight)
+        self.busy[flight.client] = False
         staleness = version - flight.version
         if flight.outcome != KEPT:
             dropped[flight.outcome] += 1
@@ -141,20 +143,14 @@ class AsyncDriver:
 
     def _release(self, version: int, nth: int) -> int:
         """Release clients into the free slots at ``now`` (0 or 1 release events)."""
-        assert self.flights is not None
-        free = self.policy.concurrency - len(self.flights)
+        free = self.policy.concurrency - len(self.pending) - len(self.heap)
         if free <= 0:
             return 0
         loop, clock = self.loop, self.loop.clock
         assert clock is not None
-        busy = {f.client for f in self.flights}
         online = clock.available(self.now)
         pool = np.arange(loop.num_clients) if online is None else online
-        released_here = self._released_at.get(version, set())
-        eligible = np.array(
-            [c for c in pool if int(c) not in busy and int(c) not in released_here],
-            dtype=np.int64,
-        )
+        eligible = pool[~(self.busy[pool] | self.released[pool])].astype(np.int64)
         if not len(eligible):
             return 0
         k = min(free, len(eligible))
@@ -165,37 +161,39 @@ class AsyncDriver:
                       available=eligible)  # fmt: skip
         chosen, _ = sampler.sample(loop.num_clients, {}, ctx)
         for c in chosen:
-            self.flights.append(Flight(self.order, int(c), version, self.now))
+            self._launch(Flight(self.order, int(c), version, self.now))
             self.order += 1
-            released_here.add(int(c))
-        self._released_at[version] = released_here
+        self.released[chosen] = True
         return 1
+
+    def _launch(self, flight: Flight) -> None:
+        """``flight`` in flight, untrained, with the earliest time it could arrive."""
+        clock = self.loop.clock
+        assert clock is not None
+        d, c = clock.devices, flight.client
+        steps = self.loop.program.steps_for(c, 1.0)
+        flight.lower_bound = flight.released_at + float(d.latency_s[c]) + steps / float(d.speed[c])
+        self.busy[c] = True
+        self.pending.append(flight)
 
     def _train_due(self, engine: Engine, everything_of: int | None = None) -> None:
         """Train the untrained flights that could arrive before every trained one (all of
-        them, or all of version ``everything_of``)."""
-        assert self.flights is not None
-        while True:
-            pending = [f for f in self.flights if not f.trained]
-            if everything_of is not None:
-                pending = [f for f in pending if f.version == everything_of]
-            if not pending:
+        them, or all of version ``everything_of``), one stage job per version."""
+        while self.pending:
+            if everything_of is None:
+                first = self.heap[0][0] if self.heap else float("inf")
+                if min(f.lower_bound for f in self.pending) > first:
+                    return
+                version = min(f.version for f in self.pending)
+            else:
+                version = everything_of
+            batch = [f for f in self.pending if f.version == version]
+            if not batch:
                 return
-            trained = [f.arrival for f in self.flights if f.trained]
-            first = min(trained, default=float("inf"))
-            for f in pending:
-                f.lower_bound = self._lower_bound(f)
-            if everything_of is None and min(f.lower_bound for f in pending) > first:
-                return
-            version = min(f.version for f in pending)
-            self._train(engine, [f for f in pending if f.version == version])
-
-    def _lower_bound(self, f: Flight) -> float:
-        clock = self.loop.clock
-        assert clock is not None
-        d = clock.devices
-        steps = self.loop.program.steps_for(f.client, 1.0)
-        return f.released_at + float(d.latency_s[f.client]) + steps / float(d.speed[f.client])
+            self.pending = [f for f in self.pending if f.version != version]
+            self._train(engine, batch)
+            for f in batch:
+                heapq.heappush(self.heap, (f.arrival, f.order, f))
 
     def _train(self, engine: Engine, flights: list[Flight]) -> None:
         """One stage job: ``flights`` (all of one version) trained from that version."""
@@ -245,13 +243,6 @@ class AsyncDriver:
     def _steps(self, reply: Reply, client: int) -> float:
         return float(reply.message.scalars.get("num_steps", self.loop.program.steps_for(client)))
 
-    def _next_arrival(self) -> Flight | None:
-        assert self.flights is not None
-        trained = [f for f in self.flights if f.trained]
-        if not trained:
-            return None
-        return min(trained, key=lambda f: (f.arrival, f.order))
-
     # ---- the server's step -----------------------------------------------------------------
 
     def _server_step(
@@ -265,18 +256,16 @@ class AsyncDriver:
     ) -> tuple[_State, dict[str, float], PerClient, dict[int, dict[str, State]]]:
         from potluck.orchestrator import RoundStages, _merge_clients
 
-        loop = self.loop
+        loop, flights = self.loop, self.flights
         slots = {ns: dict(s) for ns, s in state.slots.items()}
         members = np.array([b.flight.client for b in buffer], dtype=np.int64)
         stages = RoundStages(loop, engine, step, members)
         updates = [self._weighed(b, state.w) for b in buffer]
         new_state = loop._step(state, slots, updates, stages)
-        assert self.flights is not None
-        self.versions = {
-            v: w for v, w in self.versions.items() if any(f.version == v for f in self.flights)
-        }
-        self._released_at = {}
-        new_state.slots[SLOT] = self._slot(new_state.round)
+        needed = {f.version for f in flights}
+        self.versions = {v: w for v, w in self.versions.items() if v in needed}
+        self.released[:] = False
+        new_state.slots[SLOT] = self._slot(new_state.round, flights)
         stale = [b.staleness for b in buffer]
         metrics = {
             "cohort_size": float(len(buffer)),
@@ -286,7 +275,7 @@ class AsyncDriver:
             "bytes_down": float(sum(b.flight.bytes_down for b in buffer)),
             "staleness_mean": float(np.mean(stale)),
             "staleness_max": float(np.max(stale)),
-            "in_flight": float(len(self.flights)),
+            "in_flight": float(len(flights)),
             "virtual_time_s": self.now,
             "round_virtual_s": self.now - started,
             "dropped_failed": float(dropped["failed"]),
@@ -327,9 +316,7 @@ class AsyncDriver:
 
     # ---- server state ----------------------------------------------------------------------
 
-    def _slot(self, version: int) -> State:
-        assert self.flights is not None
-        flights = sorted(self.flights, key=lambda f: f.order)
+    def _slot(self, version: int, flights: list[Flight]) -> State:
         out: State = {
             "now": torch.tensor(self.now, dtype=torch.float64),
             "order": torch.tensor(self.order, dtype=torch.int64),
@@ -346,15 +333,14 @@ class AsyncDriver:
     def _restore(self, state: _State) -> float:
         """The in-flight clients from the slot on the first step of this process (a resume
         retrains them); the virtual time the step starts at."""
-        if self.flights is not None:
+        if self.restored:
             return self.now
-        self._released_at = {}
+        self.restored = True
         slot = state.slots.get(SLOT, {})
         clock = self.loop.clock
         assert clock is not None
         self.now = float(slot["now"]) if "now" in slot else clock.now({})
         self.order = int(slot.get("order", torch.tensor(0)))
-        self.flights = []
         if "clients" in slot:
             for c, v, t, o in zip(
                 slot["clients"].tolist(),
@@ -363,7 +349,7 @@ class AsyncDriver:
                 slot["orders"].tolist(),
                 strict=True,
             ):
-                self.flights.append(Flight(int(o), int(c), int(v), float(t)))
+                self._launch(Flight(int(o), int(c), int(v), float(t)))
         self.versions = {int(k.removeprefix("w")): t for k, t in slot.items() if k.startswith("w")}
         return self.now
 
