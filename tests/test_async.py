@@ -80,7 +80,7 @@ def test_fedasync_mixes_the_stale_clients_model_into_the_current_one() -> None:
     driver = AsyncDriver.__new__(AsyncDriver)
     driver.policy = policy
     w_old, w_now, delta = torch.zeros(3), torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 0, 0])
-    driver.versions = {0: w_old}
+    driver.versions = {0: {"w": w_old}}
     update = _Update(5, Message({"delta": delta}, {"num_examples": 1}), 1.0, {})
     flight = Flight(0, 5, 0, 0.0, update=update)
     got = driver._weighed(Buffered(flight, staleness=1), w_now).message.arrays["delta"]
@@ -123,6 +123,18 @@ def test_a_resumed_run_retrains_the_clients_in_flight_and_equals_the_uninterrupt
 ) -> None:
     cfg = ExperimentConfig.from_dict({**BASE, "rounds": 6, "async": FEDBUFF})
     resumed = interrupted_and_resumed(cfg, tmp_path, after=3)
+    full = run_experiment(cfg.build())
+    assert learning(resumed) == learning(full)
+    assert torch.equal(resumed.weights, full.weights)
+
+
+def test_a_term_with_a_broadcast_resumes_from_the_versions_it_was_sent(tmp_path: Path) -> None:
+    """SCAFFOLD's server control variate is part of each version's broadcast: the clients in
+    flight across the interruption are retrained from their own version's."""
+    cfg = ExperimentConfig.from_dict(
+        {**BASE, "rounds": 5, "algorithm": {"name": "scaffold"}, "async": FEDBUFF}
+    )
+    resumed = interrupted_and_resumed(cfg, tmp_path, after=2)
     full = run_experiment(cfg.build())
     assert learning(resumed) == learning(full)
     assert torch.equal(resumed.weights, full.weights)

@@ -19,8 +19,9 @@ per version, so a run with ``buffer = concurrency`` on identical devices is sync
 FedAvg.
 
 Server state (slot ``async``): the virtual time, the in-flight clients (client, version,
-release time, order) and the models of the versions they train from. A resume retrains the
-in-flight clients from those (every draw is seeded), so it continues exactly.
+release time, order) and the broadcasts (the global model and the terms' broadcasts, before
+the downlink) of the versions they train from. A resume retrains the in-flight clients from
+those (every draw is seeded), so it continues exactly.
 
 Example: see ``tests/test_async.py`` and README "Asynchronous FL".
 """
@@ -84,7 +85,7 @@ class AsyncDriver:
         self.heap: list[tuple[float, int, Flight]] = []  # trained, by (arrival, order)
         self.busy = np.zeros(loop.num_clients, dtype=bool)  # in flight
         self.released = np.zeros(loop.num_clients, dtype=bool)  # with the current version
-        self.versions: dict[int, torch.Tensor] = {}
+        self.versions: dict[int, dict[str, torch.Tensor]] = {}  # broadcast arrays, w included
         self.now = 0.0
         self.order = 0
         self.fresh: dict[int, dict[str, State]] = {}  # consumed, not yet committed
@@ -103,7 +104,7 @@ class AsyncDriver:
         t0 = time.perf_counter()
         started = self._restore(state)
         version = state.round
-        self.versions[version] = state.w
+        self.versions[version] = self.loop._broadcast_arrays(state.w, state.slots)
         buffer: list[Buffered] = []
         dropped = {"failed": 0, "offline": 0, "stale": 0}
         releases = 0
@@ -206,8 +207,7 @@ class AsyncDriver:
         stages = RoundStages(loop, engine, version + 1, members)
         for c in members:
             stages.states[int(c)].update(self.fresh.get(int(c), {}))
-        w = self.versions[version]
-        shared = loop._broadcast(w, {})
+        shared = loop._downlinked(self.versions[version])
         payloads = {int(c): loop._train_payload(1.0, {}) for c in members}
         replies = stages._send(TRAIN, shared, payloads)
         for f in flights:
@@ -309,7 +309,7 @@ class AsyncDriver:
         assert u is not None
         delta = u.message.arrays["delta"]
         if self.policy.mix == "model":
-            delta = self.versions[b.flight.version] + delta - w
+            delta = self.versions[b.flight.version]["w"] + delta - w
         scaled = delta * self.policy.weight(b.staleness)
         arrays = {**u.message.arrays, "delta": scaled}
         return replace(u, message=Message(arrays, u.message.scalars))
@@ -325,9 +325,9 @@ class AsyncDriver:
             "released_at": torch.tensor([f.released_at for f in flights], dtype=torch.float64),
             "orders": torch.tensor([f.order for f in flights], dtype=torch.int64),
         }
-        for v, w in self.versions.items():
+        for v, arrays in self.versions.items():
             if v != version:
-                out[f"w{v}"] = w
+                out.update({f"at{v}/{name}": t for name, t in arrays.items()})
         return out
 
     def _restore(self, state: _State) -> float:
@@ -350,7 +350,11 @@ class AsyncDriver:
                 strict=True,
             ):
                 self._launch(Flight(int(o), int(c), int(v), float(t)))
-        self.versions = {int(k.removeprefix("w")): t for k, t in slot.items() if k.startswith("w")}
+        self.versions = {}
+        for key, t in slot.items():
+            if key.startswith("at"):
+                v, name = key.removeprefix("at").split("/", 1)
+                self.versions.setdefault(int(v), {})[name] = t
         return self.now
 
 

@@ -989,10 +989,18 @@ class _Loop:
     def _broadcast(self, w: torch.Tensor, slots: Mapping[str, State]) -> Message:
         """The ``train`` stage's shared message: the global weights and each term's
         broadcast, encoded by the downlink transforms."""
+        return self._downlinked(self._broadcast_arrays(w, slots))
+
+    def _broadcast_arrays(self, w: torch.Tensor, slots: Mapping[str, State]) -> dict[str, Any]:
+        """The global weights ``w`` and each term's broadcast from its server state."""
         arrays = {"w": w}
         for ns, term in self.terms:
             arrays.update({f"{ns}/{k}": v for k, v in term.broadcast(slots.get(ns, {})).items()})
-        message = Message(arrays)
+        return arrays
+
+    def _downlinked(self, arrays: Mapping[str, torch.Tensor]) -> Message:
+        """``arrays`` as the downlink transforms encode them."""
+        message = Message(dict(arrays))
         for down in self.exp.algorithm.downlink:
             message = down.encode(message)
         return message
