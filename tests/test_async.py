@@ -175,3 +175,10 @@ def test_what_needs_a_round_barrier_is_refused_with_the_reason() -> None:
     exp = ExperimentConfig.from_dict({**BASE, "async": FEDBUFF}).build()
     with pytest.raises(ValueError, match="deployed asynchronous server is not built yet"):
         run_experiment(exp, engine=Remote)
+
+
+def test_adaptive_work_applies_to_the_clients_released_too() -> None:
+    plain = run(**{"async": FEDBUFF})
+    adaptive = run(clock={"adaptive_work": True}, **{"async": FEDBUFF})
+    # slow devices do less, so the same number of updates takes less virtual time
+    assert adaptive.history[-1]["virtual_time_s"] < plain.history[-1]["virtual_time_s"]

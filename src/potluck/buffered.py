@@ -65,6 +65,7 @@ class Flight:
     bytes_down: int = 0
     bytes_up: int = 0
     lower_bound: float = 0.0  # its arrival is no earlier (download and steps alone)
+    work: float = 1.0  # its share of its local work (the clock's adaptive_work)
 
 
 @dataclass
@@ -172,7 +173,8 @@ class AsyncDriver:
         clock = self.loop.clock
         assert clock is not None
         d, c = clock.devices, flight.client
-        steps = self.loop.program.steps_for(c, 1.0)
+        flight.work = float(clock.work(flight.released_at, np.array([c]), {}, np.ones(1), 0)[0])
+        steps = self.loop.program.steps_for(c, flight.work)
         flight.lower_bound = flight.released_at + float(d.latency_s[c]) + steps / float(d.speed[c])
         self.busy[c] = True
         self.pending.append(flight)
@@ -208,7 +210,7 @@ class AsyncDriver:
         for c in members:
             stages.states[int(c)].update(self.fresh.get(int(c), {}))
         shared = loop._downlinked(self.versions[version])
-        payloads = {int(c): loop._train_payload(1.0, {}) for c in members}
+        payloads = {f.client: loop._train_payload(f.work, {}) for f in flights}
         replies = stages._send(TRAIN, shared, payloads)
         for f in flights:
             f.bytes_down = stages.bytes_down.get(f.client, 0)
@@ -218,7 +220,7 @@ class AsyncDriver:
                 f.outcome, f.arrival = "failed", f.released_at
         if not answered:
             return
-        steps = np.array([self._steps(replies[f.client], f.client) for f in answered])
+        steps = np.array([self._steps(replies[f.client], f) for f in answered])
         down = np.array([stages.bytes_down.get(f.client, 0) for f in answered], np.float64)
         up = np.array([stages.bytes_up.get(f.client, 0) for f in answered], np.float64)
         m = np.array([f.client for f in answered], dtype=np.int64)
@@ -240,8 +242,9 @@ class AsyncDriver:
                 if ns not in loop.secret
             }
 
-    def _steps(self, reply: Reply, client: int) -> float:
-        return float(reply.message.scalars.get("num_steps", self.loop.program.steps_for(client)))
+    def _steps(self, reply: Reply, f: Flight) -> float:
+        planned = self.loop.program.steps_for(f.client, f.work)
+        return float(reply.message.scalars.get("num_steps", planned))
 
     # ---- the server's step -----------------------------------------------------------------
 

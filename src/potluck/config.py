@@ -175,6 +175,9 @@ class ClockConfig(_Section):
     )
     server_s: float = Field(0.0, ge=0, description="the server's own virtual seconds a round")
     start_hour: float = Field(0.0, ge=0, lt=24, description="time of day round 1 starts")
+    adaptive_work: bool = Field(
+        False, description="local work in proportion to the device's speed (median: full)"
+    )
 
     @model_validator(mode="after")
     def _partial_needs_deadline(self) -> ClockConfig:

@@ -942,8 +942,9 @@ class _Loop:
     def _fitting(
         self, now: float, cohort: np.ndarray, work: np.ndarray, slots: Mapping[str, State]
     ) -> np.ndarray:
-        """Each member's share of its work that fits the clock's deadline (``late =
-        "partial"``; 1 otherwise); a member for which nothing fits does one step, late."""
+        """Each member's share of its work on the clock (``adaptive_work``: by its speed;
+        ``late = "partial"``: what fits the deadline; 1 otherwise); a member for which
+        nothing fits does one step, late."""
         assert self.clock is not None
         steps = np.array(
             [self.program.steps_for(int(c), float(w)) for c, w in zip(cohort, work, strict=True)]

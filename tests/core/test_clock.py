@@ -245,3 +245,24 @@ class Remote(InlineEngine):
 def test_a_deployment_refuses_the_virtual_clock() -> None:
     with pytest.raises(ValueError, match="a deployment runs on real time"):
         run_experiment(config(clock={"deadline_s": 5.0}).build(), engine=Remote)
+
+
+def test_adaptive_work_gives_slower_devices_fewer_steps_by_speed(tmp_path: Path) -> None:
+    """The median device does its full epoch, slower ones their speed's share of it, faster
+    ones a full one; every update is still weighed by its examples."""
+    stored(tmp_path / "adaptive", clock={"adaptive_work": True})
+    stored(tmp_path / "full")
+    devices = LognormalProfiles(**BASE["profiles"]).draw(20, seed=0)
+    median = float(np.median(devices.speed))
+    adaptive, full = per_client(tmp_path / "adaptive"), per_client(tmp_path / "full")
+    fewer = 0
+    for rnd, clients in adaptive.items():
+        steps = {c: v["num_steps"] for c, v in full[rnd] if "num_steps" in v}
+        for c, v in clients:
+            if "num_steps" not in v:
+                continue
+            share = min(1.0, devices.speed[c] / median)
+            assert v["num_steps"] == max(1, int(share * steps[c]))
+            assert "weight" not in v  # the default weight: its examples
+            fewer += v["num_steps"] < steps[c]
+    assert fewer > 0

@@ -78,13 +78,16 @@ class ClockPolicy:
     every answer), the first ``K`` of ``ceil(K (1 + over_selection))`` members; ``late``:
     ``"drop"`` late members, or ask each for the ``"partial"`` work that fits the deadline;
     ``server_s``: the server's own time per round; ``start_hour``: the time of day of round
-    1's start."""
+    1's start; ``adaptive_work``: each member does a share of its local work in proportion
+    to its speed (the median device a full one, faster ones too), so that devices finish at
+    about the same time (weights stay by examples; FedNova normalises by steps)."""
 
     deadline_s: float | None = None
     late: Literal["drop", "partial"] = "drop"
     over_selection: float = 0.0
     server_s: float = 0.0
     start_hour: float = 0.0
+    adaptive_work: bool = False
 
     def __post_init__(self) -> None:
         if self.deadline_s is not None and not self.deadline_s > 0:

@@ -86,6 +86,7 @@ class VirtualClock:
     ) -> None:
         self.policy, self.spec, self.seed = policy, profiles, seed
         self.devices: DeviceProfiles = profiles.draw(num_clients, seed)
+        self.median_speed = float(np.median(self.devices.speed))
 
     def now(self, slot: State) -> float:
         """The virtual time this round starts: the slot's, or round 1's start hour; moved on
@@ -111,12 +112,16 @@ class VirtualClock:
     def work(
         self, now: float, members: np.ndarray, slot: State, steps: np.ndarray, model_bytes: int
     ) -> np.ndarray:
-        """Each member's share of its local work that fits the deadline (``late =
-        "partial"``; else 1), its transfers estimated from the last round's mean bytes each
-        way (round 1: ``model_bytes``)."""
-        if self.policy.late != "partial" or not len(members):
-            return np.ones(len(members))
+        """Each member's share of its local work: with ``adaptive_work``, its speed over
+        the median device's (at most 1: the median device does a full share); with ``late =
+        "partial"``, at most what fits the deadline after its transfers, estimated from the
+        last round's mean bytes each way (round 1: ``model_bytes``)."""
         d = self.devices
+        share = np.ones(len(members))
+        if self.policy.adaptive_work and len(members):
+            share = np.minimum(1.0, d.speed[members] / self.median_speed)
+        if self.policy.late != "partial" or not len(members):
+            return share
         first = torch.tensor(float(model_bytes))
         down = np.full(len(members), float(slot.get("down_bytes", first)))
         up = np.full(len(members), float(slot.get("up_bytes", first)))
@@ -130,9 +135,13 @@ class VirtualClock:
             bytes_up=up,
             steps=np.zeros(len(members)),
         )
-        return self.policy.partial_work(
-            start=now, timing_without_compute=transfers, speed=d.speed[members], steps=steps
+        fits = self.policy.partial_work(
+            start=now,
+            timing_without_compute=transfers,
+            speed=d.speed[members],
+            steps=np.floor(steps * share),
         )
+        return share * fits
 
     def settle(
         self,
