@@ -56,6 +56,16 @@ def test_codes_pack_at_bits_per_code_and_round_trip(bits: int, count: int, seed:
     np.testing.assert_array_equal(bitpack.unpack(buf, bits, count), codes)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_the_packing_is_numpys_bit_stream(bits: int) -> None:
+    """The fast paths keep the format (``QuantizeDownlink``'s wire): each code's ``bits`` low
+    bits, most significant first, as ``np.packbits`` lays them out."""
+    for count in (0, 1, 7, 8, 9, 4099):
+        codes = np.random.default_rng(count).integers(0, 2**bits, count).astype(np.uint8)
+        fields = np.unpackbits(codes.reshape(-1, 1), axis=1)[:, 8 - bits :]
+        np.testing.assert_array_equal(bitpack.pack(codes, bits), np.packbits(fields.ravel()))
+
+
 def test_a_packed_buffer_of_the_wrong_length_is_refused() -> None:
     with pytest.raises(MessageError, match="10 codes of 3 bits take 4 bytes"):
         bitpack.unpack(np.zeros(3, dtype=np.uint8), 3, 10)
@@ -83,7 +93,8 @@ def test_decode_of_encode_keeps_shape_dtype_and_the_error_bound(
     # every coordinate lands on one of the two levels around it: within one level's width
     c = ctx()
     sent, _ = q.encode(Message({"delta": x}), {}, c)
-    width = q._per_coordinate(sent.arrays[SCALE])[: len(x)] / q.levels
+    lengths = torch.tensor(q._lengths())
+    width = sent.arrays[SCALE].repeat_interleave(lengths)[: len(x)] / q.levels
     assert bool(((out - x).abs() <= width * (1 + 1e-5) + 1e-30).all())
     assert bool((torch.sign(out) * torch.sign(x) >= 0).all())  # never the wrong sign
 
@@ -127,6 +138,46 @@ def test_the_hadamard_rotation_is_orthonormal_and_its_own_inverse() -> None:
     torch.testing.assert_close(rows.norm(dim=1), hadamard(rows).norm(dim=1))
 
 
+def butterflies(rows: torch.Tensor) -> torch.Tensor:
+    """The plain Walsh-Hadamard butterflies, level by level (the reference order)."""
+    y, (count, n), h = rows.clone(), rows.shape, 1
+    while h < n:
+        pairs = y.reshape(count, n // (2 * h), 2, h)
+        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2).reshape(count, n)
+        h *= 2
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_fast_transform_is_bitwise_the_plain_butterflies(dtype: torch.dtype) -> None:
+    """``fwht`` (QSGD's and distributed DP's) sums the same terms in the same order."""
+    from potluck.updates.hadamard import fwht
+
+    g = torch.Generator().manual_seed(5)
+    for count, n in ((1, 1), (3, 2), (5, 4), (7, 64), (2, 1024), (1, 1 << 15)):
+        rows = torch.randn(count, n, dtype=dtype, generator=g) * 1e3
+        rows[0, 0] = -0.0
+        out = fwht(rows)
+        assert out.dtype == dtype and out.data_ptr() != rows.data_ptr()
+        expect = butterflies(rows)
+        assert torch.equal(out, expect) and torch.equal(out.signbit(), expect.signbit())
+
+
+def test_the_rounding_lanes_give_the_same_message_on_one_thread_or_two() -> None:
+    q = QSGD(bits=4, block=512, rotate=True).bind(spec(70_000, 3))
+    x = torch.randn(70_003, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    sent = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            sent.append(q.encode(Message({"delta": x}), {}, ctx())[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(sent[0].arrays[k], sent[1].arrays[k]) for k in ("delta", SCALE))
+
+
 def test_rotation_shrinks_the_error_of_a_spiky_update() -> None:
     """Suresh et al.: a few large coordinates set the scale every other coordinate is
     quantised against; the rotation spreads them, and the mean squared error falls."""
@@ -165,6 +216,7 @@ def test_the_packed_bytes_are_bits_per_coordinate_plus_the_scales() -> None:
         ({SCALE: torch.tensor([1.0, -1.0])}, "must be finite and >= 0"),
         ({"delta": torch.zeros(10)}, "the packed delta must be a uint8 array"),
         ({"delta": torch.zeros(10, dtype=torch.uint8)}, "take 64 bytes"),
+        ({"delta": torch.zeros(64, dtype=torch.uint8)}, "a code is 0, which is no level"),
     ],
 )
 def test_a_hostile_message_is_refused_with_the_reason(change: dict, message: str) -> None:
