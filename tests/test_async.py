@@ -172,9 +172,13 @@ def test_what_needs_a_round_barrier_is_refused_with_the_reason() -> None:
         run(clock={"deadline_s": 3.0}, **{"async": FEDBUFF})
     with pytest.raises(ValueError, match="PoissonSampler cannot release clients"):
         run(sampler={"name": "poisson", "rate": 0.3}, **{"async": FEDBUFF})
-    exp = ExperimentConfig.from_dict({**BASE, "async": FEDBUFF}).build()
-    with pytest.raises(ValueError, match="deployed asynchronous server is not built yet"):
+    exp = ExperimentConfig.from_dict({**BASE, "async": FEDBUFF}).build()  # with profiles
+    with pytest.raises(ValueError, match="a deployment runs on real time"):
         run_experiment(exp, engine=Remote)
+    no_profiles = {k: v for k, v in BASE.items() if k != "profiles"}
+    cfg = {**no_profiles, "evaluation": {"federated_clients": 3}, "async": FEDBUFF}
+    with pytest.raises(ValueError, match="federated evaluation would wait for sites"):
+        run_experiment(ExperimentConfig.from_dict(cfg).build(), engine=Remote)
 
 
 def test_adaptive_work_applies_to_the_clients_released_too() -> None:

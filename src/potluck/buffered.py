@@ -79,6 +79,8 @@ class Buffered:
 class AsyncDriver:
     """FedBuff's and FedAsync's step for a ``_Loop`` whose experiment has ``asynchrony``."""
 
+    TIME, SPAN = "virtual_time_s", "round_virtual_s"  # the step's end and length
+
     def __init__(self, loop: _Loop, policy: Asynchrony) -> None:
         self.loop, self.policy = loop, policy
         self.restored = False  # False: restore the in-flight clients from the slot first
@@ -279,8 +281,8 @@ class AsyncDriver:
             "staleness_mean": float(np.mean(stale)),
             "staleness_max": float(np.max(stale)),
             "in_flight": float(len(flights)),
-            "virtual_time_s": self.now,
-            "round_virtual_s": self.now - started,
+            self.TIME: self.now,
+            self.SPAN: self.now - started,
             "dropped_failed": float(dropped["failed"]),
             "dropped_offline": float(dropped["offline"]),
             "dropped_stale": float(dropped["stale"]),
@@ -341,8 +343,8 @@ class AsyncDriver:
         self.restored = True
         slot = state.slots.get(SLOT, {})
         clock = self.loop.clock
-        assert clock is not None
-        self.now = float(slot["now"]) if "now" in slot else clock.now({})
+        start = clock.now({}) if clock is not None else 0.0
+        self.now = float(slot["now"]) if "now" in slot else start
         self.order = int(slot.get("order", torch.tensor(0)))
         if "clients" in slot:
             for c, v, t, o in zip(
@@ -359,6 +361,146 @@ class AsyncDriver:
                 v, name = key.removeprefix("at").split("/", 1)
                 self.versions.setdefault(int(v), {})[name] = t
         return self.now
+
+
+class RealTimeDriver(AsyncDriver):
+    """The asynchronous driver deployed: a remote engine hands the releases out as tasks
+    (``submit``) and gives the answers in the order they come (``collect``), so the server
+    aggregates as updates arrive, with no round barrier. Releases go to live sites (those
+    polling this server); a task unanswered within ``deploy.round_timeout_s`` frees its slot.
+    A restarted server sends the tasks of the clients that were in flight again, from the
+    versions in its checkpoint, so nothing is lost. Times are real seconds since the run
+    started (``elapsed_s``)."""
+
+    TIME, SPAN = "elapsed_s", "round_elapsed_s"
+    POLL_S = 0.5
+
+    def __init__(self, loop: _Loop, policy: Asynchrony, wait_s: float) -> None:
+        super().__init__(loop, policy)
+        self.wait_s = wait_s  # how long a step waits with nothing in flight
+        self.open: dict[bytes, tuple[Flight, Any, Any]] = {}  # task id -> flight, task, stages
+        self.unsent: list[Flight] = []  # in flight when the server stopped: sent again
+        self.arrived: list[tuple[Flight, Any, Reply | None]] = []  # answered, not landed
+        self.origin = time.monotonic()
+
+    @property
+    def flights(self) -> list[Flight]:
+        live = [
+            *self.unsent,
+            *(f for f, _, _ in self.open.values()),
+            *(f for f, _, _ in self.arrived),
+        ]
+        return sorted(live, key=lambda f: f.order)
+
+    def step(
+        self, engine: Engine, state: _State, step: int
+    ) -> tuple[_State, dict[str, float], PerClient, dict[int, dict[str, State]]]:
+        t0 = time.perf_counter()
+        if not self.restored:
+            self._restore(state)
+            self.origin = time.monotonic() - self.now
+        started = self.now
+        version = state.round
+        self.versions[version] = self.loop._broadcast_arrays(state.w, state.slots)
+        buffer: list[Buffered] = []
+        dropped = {"failed": 0, "offline": 0, "stale": 0}
+        releases, idle = 0, time.monotonic()
+        self.fresh = {}
+        while len(buffer) < self.policy.buffer:
+            if self.arrived:
+                flight, stages, reply = self.arrived.pop(0)
+                self._answered(flight, stages, reply)
+                self._land(flight, version, buffer, dropped)
+                continue
+            self._send_again(engine)
+            releases += self._release_live(engine, version, releases)
+            if not self.open:
+                if time.monotonic() - idle > self.wait_s:
+                    raise RuntimeError(
+                        f"async: no client to release for {self.wait_s:g} s (none is live)"
+                    )
+                time.sleep(self.POLL_S)
+                continue
+            idle = time.monotonic()
+            tasks = [task for _, task, _ in self.open.values()]
+            for task, reply in engine.collect(tasks, self.POLL_S):  # type: ignore[attr-defined]
+                flight, _, stages = self.open.pop(task.task_id)
+                self.arrived.append((flight, stages, reply))
+        self.now = time.monotonic() - self.origin
+        out = self._server_step(engine, state, step, buffer, dropped, started)
+        out[1]["round_seconds"] = time.perf_counter() - t0
+        return out
+
+    def _launch(self, flight: Flight) -> None:
+        """A client in flight when the server stopped: its task is sent again."""
+        self.busy[flight.client] = True
+        self.unsent.append(flight)
+
+    def _send_again(self, engine: Engine) -> None:
+        while self.unsent:
+            version = self.unsent[0].version
+            batch = [f for f in self.unsent if f.version == version]
+            self.unsent = [f for f in self.unsent if f.version != version]
+            self._submit(engine, batch)
+
+    def _release_live(self, engine: Engine, version: int, nth: int) -> int:
+        """Release live sites into the free slots (0 or 1 release events)."""
+        free = self.policy.concurrency - len(self.flights)
+        if free <= 0:
+            return 0
+        loop = self.loop
+        live = np.array(sorted(engine.live_clients()), dtype=np.int64)  # type: ignore[attr-defined]
+        eligible = live[~(self.busy[live] | self.released[live])] if len(live) else live
+        if not len(eligible):
+            return 0
+        k = min(free, len(eligible))
+        sampler: Any = loop.exp.algorithm.sampler
+        stream = ("sampling", version + 1) if nth == 0 else ("sampling", version + 1, nth)
+        ctx = Context(loop.exp.seed, version + 1, stream, num_clients=loop.num_clients,
+                      available=eligible)  # fmt: skip
+        chosen, _ = sampler.resized(k).sample(loop.num_clients, {}, ctx)
+        batch = []
+        for c in chosen:
+            batch.append(Flight(self.order, int(c), version, time.monotonic() - self.origin))
+            self.order += 1
+            self.busy[int(c)] = True
+        self.released[chosen] = True
+        self._submit(engine, batch)
+        return 1
+
+    def _submit(self, engine: Engine, flights: list[Flight]) -> None:
+        """One train job for ``flights`` (of one version), handed out without waiting."""
+        from potluck.orchestrator import RoundStages
+
+        loop, version = self.loop, flights[0].version
+        members = np.array([f.client for f in flights], dtype=np.int64)
+        stages = RoundStages(loop, engine, version + 1, members)
+        for c in members:
+            stages.states[int(c)].update(self.fresh.get(int(c), {}))
+        shared = loop._downlinked(self.versions[version])
+        payloads = {f.client: loop._train_payload(f.work, {}) for f in flights}
+        job = stages.job(TRAIN, shared, payloads)
+        tasks = engine.submit(job)  # type: ignore[attr-defined]
+        for f, task in zip(flights, tasks, strict=True):
+            self.open[task.task_id] = (f, task, (stages, job))
+
+    def _answered(self, flight: Flight, handle: Any, reply: Reply | None) -> None:
+        """``flight``'s answer checked and decoded as a round's (``None``: none came)."""
+        stages, job = handle
+        c = flight.client
+        replies = stages.received(job, {c: reply})
+        flight.bytes_down = stages.bytes_down.get(c, 0)
+        flight.bytes_up = stages.bytes_up.get(c, 0)
+        if c not in replies:
+            flight.outcome = "failed"
+            return
+        updates = self.loop._collect(job.round, replies, stages.inbox, tolerant=True)
+        flight.update = updates[0] if updates else None
+        flight.state = {
+            ns: stages.states[c][ns]
+            for ns in stages.changed.get(c, set())
+            if ns not in self.loop.secret
+        }
 
 
 def _mean_loss(buffer: list[Buffered]) -> float:

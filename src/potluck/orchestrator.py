@@ -508,18 +508,30 @@ class RoundStages:
     def _send(
         self, stage: str, shared: Message, payloads: Mapping[int, Message]
     ) -> dict[int, Reply]:
+        job = self.job(stage, shared, payloads)
+        answers = self.engine.run_stage(job) if len(job.clients) else []
+        out = self.received(job, dict(zip((int(c) for c in job.clients), answers, strict=True)))
+        self.members = np.array([c for c in job.clients if int(c) in out], dtype=np.int64)
+        return out
+
+    def job(self, stage: str, shared: Message, payloads: Mapping[int, Message]) -> StageJob:
+        """Stage ``stage`` for every member, with its payload and client state."""
         clients = self.members
         own = tuple(payloads.get(int(c), Message()) for c in clients)
         states = tuple(self.states[int(c)] for c in clients)
-        answers = (
-            self.engine.run_stage(StageJob(stage, self.round, shared, clients, own, states))
-            if len(clients)
-            else []
-        )
+        return StageJob(stage, self.round, shared, clients, own, states)
+
+    def received(self, job: StageJob, answers: Mapping[int, Reply | None]) -> dict[int, Reply]:
+        """The usable ``answers`` to ``job`` (by member; ``None``: none came): the bytes
+        each way counted for every member it names, each new client state checked and
+        kept."""
         out: dict[int, Reply] = {}
-        shared_bytes = shared.wire_bytes
-        for c, p, reply in zip(clients, own, answers, strict=True):
+        shared_bytes = job.shared.wire_bytes
+        for c, p in zip(job.clients, job.payloads, strict=True):
             cid = int(c)
+            if cid not in answers:
+                continue
+            reply = answers[cid]
             self.bytes_down[cid] = self.bytes_down.get(cid, 0) + shared_bytes + p.wire_bytes
             if reply is None:
                 continue
@@ -532,14 +544,13 @@ class RoundStages:
                 if not self.engine.remote:
                     raise
                 _log.warning("refused %s", exc)
-                self.refused[stage] = self.refused.get(stage, 0) + 1
+                self.refused[job.stage] = self.refused.get(job.stage, 0) + 1
                 continue
             self.bytes_up[cid] = self.bytes_up.get(cid, 0) + reply.message.wire_bytes
             for ns, state in reply.state.items():
                 self.states[cid][ns] = dict(state)
                 self.changed.setdefault(cid, set()).add(ns)
             out[cid] = reply
-        self.members = np.array([c for c in clients if int(c) in out], dtype=np.int64)
         return out
 
 
@@ -586,11 +597,6 @@ class _Loop:
             )
         self.clock = self._virtual_clock()
         self.driver: AsyncDriver | None = None
-        if exp.asynchrony is not None:
-            from potluck import buffered
-
-            buffered.check(self, exp.asynchrony)
-            self.driver = buffered.AsyncDriver(self, exp.asynchrony)
         attack = exp.attack
         if attack is not None and attack.colludes and self.upload_dtypes["delta"] != torch.float32:
             raise ValueError(
@@ -604,6 +610,8 @@ class _Loop:
             raise ValueError('engine "auto" must be resolved first: see resolve_engine')
         else:
             self.engine = make_engine(exp.engine, self.program, exp.engine_options)
+        if exp.asynchrony is not None:
+            self._drive_asynchronously(exp.asynchrony)
         if self.engine.remote:
             try:
                 privacy.check_deployable(self.exp.algorithm)
@@ -611,11 +619,6 @@ class _Loop:
                     raise ValueError(
                         "attack: in a deployment the malicious clients run the attack "
                         "(potluck client --attack NAME); the server's experiment has none"
-                    )
-                if self.driver is not None:
-                    raise ValueError(
-                        "async: the deployed asynchronous server is not built yet; run it "
-                        "in simulation"
                     )
                 if self.clock is not None:
                     raise ValueError(
@@ -625,6 +628,34 @@ class _Loop:
             except ValueError:
                 self.engine.close()
                 raise
+
+    def _drive_asynchronously(self, policy: Asynchrony) -> None:
+        """The asynchronous driver: on the virtual clock in a simulation, on the answers'
+        real order in a deployment (where a clock or profiles are refused)."""
+        from potluck import buffered
+
+        try:
+            if self.engine.remote:
+                if self.exp.clock is not None or self.exp.profiles is not None:
+                    raise ValueError(
+                        "clock/profiles: a deployment runs on real time, its devices are real"
+                    )
+                self.clock = None
+                buffered.check(self, policy)
+                if self.exp.evaluation.federated_clients:
+                    raise ValueError(
+                        "async: deployed, federated evaluation would wait for sites that are "
+                        "busy training; set evaluation.federated_clients = 0 (the server "
+                        "evaluates centrally)"
+                    )
+                wait = float(getattr(self.engine, "round_timeout_s", 600.0))
+                self.driver = buffered.RealTimeDriver(self, policy, wait_s=wait)
+            else:
+                buffered.check(self, policy)
+                self.driver = buffered.AsyncDriver(self, policy)
+        except ValueError:
+            self.engine.close()
+            raise
 
     def _virtual_clock(self) -> virtual.VirtualClock | None:
         """The experiment's devices and round policy on virtual time, if it has either;

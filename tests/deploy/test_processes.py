@@ -570,3 +570,32 @@ def test_secagg_across_hosts_survives_clients_killed_between_its_stages(
     sim = simulate(secure(0.0), lambda p: Killed(p, killed))  # the pause is the identity
     assert [m[f"{ns}/masked"] for m in sim.history] == masked
     assert torch.equal(run.weights, sim.weights)
+
+
+def test_a_killed_asynchronous_server_resumes_with_nothing_lost(
+    procs: Procs, pki: Path, tmp_path: Path
+) -> None:
+    """FedBuff deployed: the server is killed after a committed step, with clients in
+    flight; restarted with the same command it resumes from that step, sends the in-flight
+    clients' tasks again from the versions in its checkpoint, and finishes every step."""
+    store = tmp_path / "runs"
+    async_parts = {"async": {"concurrency": 5, "buffer": 2}}
+    cfg = experiment(store, rounds=8, federated_clients=0, parts=async_parts, round_timeout_s=8)
+    toml = write(cfg, tmp_path / "exp.toml")
+    address = f"127.0.0.1:{free_port()}"
+    first = procs.server(toml, store, pki, listen=address)
+    first.port()
+    clients = [procs.client(name, address, pki, server_name="localhost") for name in SITES]
+    committed(first, 2)
+    first.kill()
+    before = stored(store)
+    assert 2 <= len(before.rounds) < 8, "killed too late"
+    second = procs.server(toml, store, pki, listen=address)
+    second.wait_for(r"resuming run")
+    assert second.finish() == 0, procs.tails()
+    assert [c.finish(30) for c in clients] == [0] * 5, procs.tails()
+    run = stored(store)
+    assert run.rounds == list(range(1, 9)) and run.runs == 1 and run.status == "finished"
+    assert run.history[: len(before.rounds)] == before.history  # the committed steps kept
+    assert all(m["updates"] == 2 for m in run.history)
+    assert any(m["staleness_max"] > 0 for m in run.history)

@@ -117,6 +117,8 @@ class Task:
     issued: float | None = None
     sends: int = 0
     answer: wire.Envelope | None = None
+    answered_at: float | None = None
+    expires: float | None = None  # handed out without waiting (submit): closed after this
 
 
 @dataclass
@@ -237,7 +239,7 @@ class Hub:
                 raise Refused(f"task belongs to client {task.client}, not to {cid} ({name!r})")
             if env.round != task.round or env.kind not in ANSWERS:
                 raise Refused(f"answer does not match its task (round {task.round}, {task.op})")
-            task.answer = env
+            task.answer, task.answered_at = env, time.monotonic()
             del self._open[env.task_id]
             self._issued.pop(cid, None)
             health = self.health[name]
@@ -281,6 +283,45 @@ class Hub:
             for task in tasks:
                 self._close(task)
         return [t.answer for t in tasks]
+
+    def submit(self, tasks: list[Task], timeout: float) -> None:
+        """Hand out ``tasks`` without waiting for them (the asynchronous driver); each is
+        closed as failed if not answered ``timeout`` s from now, or at once if its client is
+        not live. ``collect`` gives their answers as they come."""
+        with self._cv:
+            live, expires = self._live(), time.monotonic() + timeout
+            for task in tasks:
+                task.expires = expires
+                if task.client not in live:
+                    task.expires = time.monotonic()  # closed at the next collect
+                    continue
+                self._open[task.task_id] = task
+                self._queues.setdefault(task.client, deque()).append(task)
+                self._poll_condition(task.client).notify_all()
+
+    def collect(self, tasks: Sequence[Task], timeout: float) -> list[Task]:
+        """Wait up to ``timeout`` s until one of ``tasks`` is answered or expired; those that
+        are, closed, answered ones first in the order their answers came."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                done = [
+                    t for t in tasks if t.answer is not None or (t.expires or 0.0) <= now
+                ]
+                if done or now >= deadline:
+                    break
+                soonest = min((t.expires or deadline for t in tasks), default=deadline)
+                self._cv.wait(max(0.0, min(deadline, soonest) - now))
+            for task in done:
+                self._close(task)
+        return sorted(done, key=lambda t: (t.answered_at is None, t.answered_at or 0.0))
+
+    def live_clients(self) -> set[int]:
+        """Ids of the clients seen recently (``liveness_s``) that poll this server."""
+        with self._cv:
+            ready = {self.health[n].client for n in self._ready if n in self.health}
+            return self._live() & ready
 
     def _live(self) -> set[int]:
         """Ids of the clients seen within ``liveness_s`` (a polling client is seen at least
@@ -541,6 +582,29 @@ class GrpcEngine:
         self.store, self.run_id = store, run_id
 
     def run_stage(self, job: StageJob) -> list[Reply | None]:
+        tasks = self._tasks(job)
+        answers = self.hub.run(tasks, self.round_timeout_s)
+        self._report()
+        return [_reply(a) for a in answers]
+
+    def submit(self, job: StageJob) -> list[Task]:
+        """``job``'s tasks handed out without waiting (the asynchronous driver)."""
+        tasks = self._tasks(job)
+        self.hub.submit(tasks, self.round_timeout_s)
+        return tasks
+
+    def collect(self, tasks: Sequence[Task], timeout: float) -> list[tuple[Task, Reply | None]]:
+        """The submitted ``tasks`` answered or expired within ``timeout`` s, in the order the
+        answers came, each with its reply (None: no answer by its deadline, or declined)."""
+        done = self.hub.collect(tasks, timeout)
+        if done:
+            self._report()
+        return [(t, _reply(t.answer)) for t in done]
+
+    def live_clients(self) -> set[int]:
+        return self.hub.live_clients()
+
+    def _tasks(self, job: StageJob) -> list[Task]:
         tasks = []
         shared: wire.Prefix | None = None
         for k, cid in enumerate(job.clients):
@@ -552,9 +616,7 @@ class GrpcEngine:
             tasks.append(
                 self._task(shared, int(cid), job.stage, job.round, own.arrays, own.scalars)
             )
-        answers = self.hub.run(tasks, self.round_timeout_s)
-        self._report()
-        return [_reply(a) for a in answers]
+        return tasks
 
     def evaluate_test(self, w: torch.Tensor) -> EvalResult:
         """Centralised evaluation on the server (its copy of the test set)."""
