@@ -306,9 +306,7 @@ class Hub:
         with self._cv:
             while True:
                 now = time.monotonic()
-                done = [
-                    t for t in tasks if t.answer is not None or (t.expires or 0.0) <= now
-                ]
+                done = [t for t in tasks if t.answer is not None or (t.expires or 0.0) <= now]
                 if done or now >= deadline:
                     break
                 soonest = min((t.expires or deadline for t in tasks), default=deadline)
