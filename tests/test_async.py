@@ -186,3 +186,12 @@ def test_adaptive_work_applies_to_the_clients_released_too() -> None:
     adaptive = run(clock={"adaptive_work": True}, **{"async": FEDBUFF})
     # slow devices do less, so the same number of updates takes less virtual time
     assert adaptive.history[-1]["virtual_time_s"] < plain.history[-1]["virtual_time_s"]
+
+
+def test_adaptive_batches_apply_to_the_clients_released_too() -> None:
+    small = {"memory_gb": 4.0, "memory_sigma": 1.0}
+    adaptive = run(profiles=small, clock={"adaptive_batch": True}, **{"async": FEDBUFF})
+    plain = run(profiles=small, **{"async": FEDBUFF})
+    assert adaptive.history[-1]["train_loss"] != plain.history[-1]["train_loss"]
+    with pytest.raises(ValueError, match="batch_size is 'full', not a number"):
+        run(client={"epochs": 1, "batch_size": "full"}, clock={"adaptive_batch": True})

@@ -66,6 +66,7 @@ class Flight:
     bytes_up: int = 0
     lower_bound: float = 0.0  # its arrival is no earlier (download and steps alone)
     work: float = 1.0  # its share of its local work (the clock's adaptive_work)
+    batch: int | None = None  # its own batch size (the clock's adaptive_batch)
 
 
 @dataclass
@@ -176,7 +177,8 @@ class AsyncDriver:
         assert clock is not None
         d, c = clock.devices, flight.client
         flight.work = float(clock.work(flight.released_at, np.array([c]), {}, np.ones(1), 0)[0])
-        steps = self.loop.program.steps_for(c, flight.work)
+        flight.batch = self.loop._batch_sizes(np.array([c])).get(c)
+        steps = self._steps(None, flight)
         flight.lower_bound = flight.released_at + float(d.latency_s[c]) + steps / float(d.speed[c])
         self.busy[c] = True
         self.pending.append(flight)
@@ -212,7 +214,7 @@ class AsyncDriver:
         for c in members:
             stages.states[int(c)].update(self.fresh.get(int(c), {}))
         shared = loop._downlinked(self.versions[version])
-        payloads = {f.client: loop._train_payload(f.work, {}) for f in flights}
+        payloads = {f.client: loop._train_payload(f.work, {}, f.batch) for f in flights}
         replies = stages._send(TRAIN, shared, payloads)
         for f in flights:
             f.bytes_down = stages.bytes_down.get(f.client, 0)
@@ -244,9 +246,13 @@ class AsyncDriver:
                 if ns not in loop.secret
             }
 
-    def _steps(self, reply: Reply, f: Flight) -> float:
-        planned = self.loop.program.steps_for(f.client, f.work)
-        return float(reply.message.scalars.get("num_steps", planned))
+    def _steps(self, reply: Reply | None, f: Flight) -> float:
+        """``f``'s local steps (as its reply reports them, else as planned) in steps of the
+        run's batch size (the clock's unit of speed)."""
+        planned = self.loop.program.steps_for(f.client, f.work, f.batch)
+        steps = planned if reply is None else reply.message.scalars.get("num_steps", planned)
+        batch = {f.client: f.batch} if f.batch is not None else {}
+        return float(steps) * self.loop._step_share(batch, f.client)
 
     # ---- the server's step -----------------------------------------------------------------
 
@@ -478,7 +484,7 @@ class RealTimeDriver(AsyncDriver):
         for c in members:
             stages.states[int(c)].update(self.fresh.get(int(c), {}))
         shared = loop._downlinked(self.versions[version])
-        payloads = {f.client: loop._train_payload(f.work, {}) for f in flights}
+        payloads = {f.client: loop._train_payload(f.work, {}, f.batch) for f in flights}
         job = stages.job(TRAIN, shared, payloads)
         tasks = engine.submit(job)  # type: ignore[attr-defined]
         for f, task in zip(flights, tasks, strict=True):

@@ -178,6 +178,9 @@ class ClockConfig(_Section):
     adaptive_work: bool = Field(
         False, description="local work in proportion to the device's speed (median: full)"
     )
+    adaptive_batch: bool = Field(
+        False, description="batch size in proportion to the device's memory (median: full)"
+    )
 
     @model_validator(mode="after")
     def _partial_needs_deadline(self) -> ClockConfig:
@@ -201,6 +204,8 @@ class ProfilesConfig(_Section):
     latency_sigma: float = Field(0.5, ge=0)
     failure: float = Field(0.0, ge=0, le=1, description="chance a round's answer is lost")
     available_hours: float = Field(24.0, gt=0, le=24, description="hours online a day")
+    memory_gb: float = Field(4.0, gt=0, description="median memory for training (GB)")
+    memory_sigma: float = Field(0.5, ge=0, description="lognormal sigma of the memories")
 
     @model_validator(mode="after")
     def _trace_has_path(self) -> ProfilesConfig:

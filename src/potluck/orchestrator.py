@@ -493,6 +493,7 @@ class RoundStages:
         self.bytes_down: dict[int, int] = {}
         self.scores: dict[int, dict[str, float]] = {}  # client -> anomaly scores, flagged
         self.start, self.target = 0.0, 0  # on a virtual clock: the start, the answers kept
+        self.batch: dict[int, int] = {}  # members' own batch sizes (adaptive_batch)
         self.settled: virtual.Settled | None = None
 
     def run(
@@ -671,6 +672,12 @@ class _Loop:
         )
         sampler = exp.algorithm.sampler
         name = type(sampler).__name__
+        run_batch = getattr(exp.algorithm.local, "batch_size", None)
+        if clock.policy.adaptive_batch and not isinstance(run_batch, int):
+            raise ValueError(
+                f"clock.adaptive_batch: the local optimizer's batch_size is {run_batch!r}, "
+                "not a number of examples to scale"
+            )
         if clock.policy.over_selection and not hasattr(sampler, "resized"):
             raise ValueError(f"clock.over_selection: the sampler {name} cannot be asked for more")
         if not clock.devices.always_available:
@@ -837,10 +844,12 @@ class _Loop:
         work, reports = algo.stragglers.plan(
             len(cohort), algo.local.epochs, self.seeds.numpy("stragglers", rnd)
         )
+        batch: dict[int, int] = {}
         if clock is not None:
-            work = work * self._fitting(now, cohort, work, slots)
+            batch = self._batch_sizes(cohort)
+            work = work * self._fitting(now, cohort, work, slots, batch)
         stages = RoundStages(self, engine, rnd, cohort[reports])
-        stages.start, stages.target = now, target
+        stages.start, stages.target, stages.batch = now, target, batch
         shares = dict(zip((int(c) for c in cohort[reports]), work[reports], strict=True))
         try:
             trained, updates, new_state = self._stages_and_step(stages, state, slots, shares)
@@ -926,7 +935,8 @@ class _Loop:
             for c, message in sent.items():
                 stages.inbox.setdefault(int(c), {})[ns] = message
         payloads = {
-            c: self._train_payload(work[c], stages.inbox.get(c, {})) for c in stages.members
+            c: self._train_payload(work[c], stages.inbox.get(c, {}), stages.batch.get(c))
+            for c in stages.members
         }
         trained = stages._send(TRAIN, shared, payloads)
         if self.clock is not None:
@@ -970,15 +980,39 @@ class _Loop:
             )
         return [u for u in out if u is not None]
 
+    def _batch_sizes(self, members: np.ndarray) -> dict[int, int]:
+        """Each member's batch size on the clock, where ``adaptive_batch`` gives one."""
+        assert self.clock is not None
+        if not self.clock.policy.adaptive_batch:
+            return {}
+        run = int(getattr(self.exp.algorithm.local, "batch_size", 0))
+        sizes = self.clock.batches(members, run)
+        return {int(c): int(b) for c, b in zip(members, sizes, strict=True)}
+
+    def _step_share(self, batch: Mapping[int, int], client: int) -> float:
+        """The time of one of ``client``'s steps in steps of the run's batch size."""
+        if client not in batch:
+            return 1.0
+        return batch[client] / int(getattr(self.exp.algorithm.local, "batch_size", 1))
+
     def _fitting(
-        self, now: float, cohort: np.ndarray, work: np.ndarray, slots: Mapping[str, State]
+        self,
+        now: float,
+        cohort: np.ndarray,
+        work: np.ndarray,
+        slots: Mapping[str, State],
+        batch: Mapping[int, int],
     ) -> np.ndarray:
         """Each member's share of its work on the clock (``adaptive_work``: by its speed;
         ``late = "partial"``: what fits the deadline; 1 otherwise); a member for which
         nothing fits does one step, late."""
         assert self.clock is not None
         steps = np.array(
-            [self.program.steps_for(int(c), float(w)) for c, w in zip(cohort, work, strict=True)]
+            [
+                self.program.steps_for(int(c), float(w), batch.get(int(c)))
+                * self._step_share(batch, int(c))
+                for c, w in zip(cohort, work, strict=True)
+            ]
         )
         model_bytes = Message({"w": self.program.initial_weights()}).wire_bytes
         fit = self.clock.work(now, cohort, slots.get(virtual.SLOT, {}), steps, model_bytes)
@@ -993,7 +1027,12 @@ class _Loop:
         members = np.array([c for c in trained], dtype=np.int64)
         steps = np.array(
             [
-                trained[c].message.scalars.get("num_steps", self.program.steps_for(c, work[c]))
+                float(
+                    trained[c].message.scalars.get(
+                        "num_steps", self.program.steps_for(c, work[c], stages.batch.get(c))
+                    )
+                )
+                * self._step_share(stages.batch, c)
                 for c in trained
             ],
             dtype=np.float64,
@@ -1010,12 +1049,16 @@ class _Loop:
         stages.members = np.array([c for c in stages.members if int(c) in kept], dtype=np.int64)
         return {c: r for c, r in trained.items() if c in kept}
 
-    def _train_payload(self, work: float, inbox: Mapping[str, Message]) -> Message:
+    def _train_payload(
+        self, work: float, inbox: Mapping[str, Message], batch_size: int | None = None
+    ) -> Message:
         arrays = {f"{ns}/{k}": v for ns, m in inbox.items() for k, v in m.arrays.items()}
         scalars: dict[str, int | float | str] = {
             f"{ns}/{k}": v for ns, m in inbox.items() for k, v in m.scalars.items()
         }
         scalars["work"] = float(work)
+        if batch_size is not None:
+            scalars["batch_size"] = int(batch_size)
         return Message(arrays, scalars)
 
     def _broadcast(self, w: torch.Tensor, slots: Mapping[str, State]) -> Message:

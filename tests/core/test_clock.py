@@ -266,3 +266,32 @@ def test_adaptive_work_gives_slower_devices_fewer_steps_by_speed(tmp_path: Path)
             assert "weight" not in v  # the default weight: its examples
             fewer += v["num_steps"] < steps[c]
     assert fewer > 0
+
+
+def test_adaptive_batches_follow_memory_and_every_engine_trains_them_alike(
+    tmp_path: Path,
+) -> None:
+    """A member with less memory than the median device trains on proportionally smaller
+    batches (more, cheaper steps: each takes its share of a full step's time); the batched
+    engine pads them and agrees with the inline one."""
+    clock = {"adaptive_batch": True}
+    result = stored(tmp_path, clock=clock)
+    devices = LognormalProfiles(**BASE["profiles"]).draw(20, seed=0)
+    median = float(np.median(devices.memory_gb))
+    exp = config(clock=clock).build()
+    smaller = 0
+    for rnd, clients in per_client(tmp_path).items():
+        for c, v in clients:
+            if "num_steps" not in v:
+                continue
+            b = int(np.clip(np.floor(16 * devices.memory_gb[c] / median), 1, 16))
+            n = exp.federation.num_examples(c)
+            assert v["num_steps"] == -(-n // min(b, n))
+            assert v["compute_s"] == pytest.approx(v["num_steps"] * b / 16 / devices.speed[c])
+            smaller += b < 16
+    assert smaller > 0
+    run = {"threads": 1, "engine": "vectorized"}
+    batched = run_experiment(config(clock=clock, run=run).build())
+    for a, b in zip(batched.history, result.history, strict=True):
+        assert a["virtual_time_s"] == b["virtual_time_s"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)

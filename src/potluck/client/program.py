@@ -187,6 +187,7 @@ class Prepared:
     works: list[State]
     state: ClientState
     inbox: dict[str, Message]
+    optimizer: LocalOptimizer
 
 
 @dataclass
@@ -347,18 +348,43 @@ class ClientProgram:
         split a stage among workers."""
         if job.stage != TRAIN:
             return [1] * len(job.clients)
-        pairs = zip(job.clients, job.payloads, strict=True)
-        return [max(1, self.steps_for(int(c), float(p.scalars.get("work", 1.0)))) for c, p in pairs]
+        out = []
+        for c, p in zip(job.clients, job.payloads, strict=True):
+            opt = self.optimizer_for(p)
+            n = self.federation.num_examples(int(c))
+            out.append(max(1, self._steps(n, float(p.scalars.get("work", 1.0)), opt)))
+        return out
 
     # ---- training ------------------------------------------------------------------------
 
-    def steps_for(self, cid: int, work: float = 1.0) -> int:
-        """Local steps client ``cid`` takes when it completes ``work`` of its epochs."""
-        return self._steps(self.federation.num_examples(cid), work)
+    def steps_for(self, cid: int, work: float = 1.0, batch_size: int | None = None) -> int:
+        """Local steps client ``cid`` takes when it completes ``work`` of its epochs (with
+        batches of ``batch_size``, if it is given one)."""
+        opt = self.optimizer if batch_size is None else self._batched(batch_size)
+        return self._steps(self.federation.num_examples(cid), work, opt)
 
-    def _steps(self, num_examples: int, work: float) -> int:
-        full = self.optimizer.num_steps(num_examples)
+    def _steps(self, num_examples: int, work: float, optimizer: LocalOptimizer) -> int:
+        full = optimizer.num_steps(num_examples)
         return min(full, max(1, int(work * full))) if full else 0
+
+    def optimizer_for(self, payload: Message) -> LocalOptimizer:
+        """A member's local optimizer: the run's, with the batch size its payload asks for
+        (``batch_size``, a virtual clock's adaptive batches; never above the run's)."""
+        b = payload.scalars.get("batch_size")
+        if b is None:
+            return self.optimizer
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise MessageError(f"payload batch_size must be a positive integer, got {b!r}")
+        return self._batched(b)
+
+    def _batched(self, batch_size: int) -> LocalOptimizer:
+        current = getattr(self.optimizer, "batch_size", None)
+        if not isinstance(current, int):
+            raise ValueError(
+                f"{type(self.optimizer).__name__} has no integer batch_size to adapt "
+                f"(batch_size = {current!r})"
+            )
+        return replace(self.optimizer, batch_size=min(batch_size, current))  # type: ignore[type-var]
 
     def train(
         self,
@@ -386,7 +412,7 @@ class ClientProgram:
 
         example = self.example_step(prep)
         w, loss_sum, seen = self._local_steps(
-            prep.w_start, correct, x, y, prep.steps, gen, example=example
+            prep.w_start, correct, x, y, prep.steps, gen, prep.optimizer, example=example
         )
         return self.conclude(prep, w, loss_sum, seen)
 
@@ -398,11 +424,14 @@ class ClientProgram:
         gen = prep.views[i].ctx.generator("draw")
         return ExampleStep(self.terms[i], prep.works[i], gen)
 
-    def batches(self, n: int, total: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    def batches(
+        self, n: int, total: int, gen: torch.Generator, optimizer: LocalOptimizer | None = None
+    ) -> Iterator[torch.Tensor]:
         """The example indices of ``total`` local steps of a client with ``n`` examples,
         drawn from ``gen``: the reducing term's if there is one, else the shuffled epochs of
-        ``batch_order``. Every engine draws its training batches here."""
-        b = self.optimizer.batch_len(n)
+        ``batch_order``, in batches of ``optimizer``'s (default: the run's). Every engine
+        draws its training batches here."""
+        b = (optimizer or self.optimizer).batch_len(n)
         if self.reducer is not None:
             return self.terms[self.reducer].batches(n, b, total, gen)
         return batch_order(n, b, total, gen)
@@ -449,7 +478,8 @@ class ClientProgram:
         torch.default_generator.manual_seed(self.seeds.integer("dropout", round, cid))
         payload = payload or Message()
         n = len(self._data(cid)[1])
-        steps = self._steps(n, float(payload.scalars.get("work", 1.0)))
+        opt = self.optimizer_for(payload)
+        steps = self._steps(n, float(payload.scalars.get("work", 1.0)), opt)
         inbox = _inboxes(payload)
         views = [self._view(cid, round, ns, steps, inbox.get(ns)) for ns in self.term_ns]
         works = [
@@ -460,7 +490,7 @@ class ClientProgram:
         w = w_global
         for term, work_state in zip(self.terms, works, strict=True):
             w = term.start(w, work_state)
-        return Prepared(cid, round, w_global, w, n, steps, views, works, state, inbox)
+        return Prepared(cid, round, w_global, w, n, steps, views, works, state, inbox, opt)
 
     def correction(self, works: Sequence[State]) -> Correction:
         """The terms' gradient corrections in chain order, as one function of (w, grad)."""
@@ -579,7 +609,7 @@ class ClientProgram:
         if example is None:
             batches = batch_order(n, opt.batch_len(n), total, gen)
         else:
-            batches = self.batches(n, total, gen)
+            batches = self.batches(n, total, gen, opt)
         for idx in batches:
             if example is None:
                 g, loss = self._grad(w, x[idx], y[idx])

@@ -80,7 +80,10 @@ class ClockPolicy:
     ``server_s``: the server's own time per round; ``start_hour``: the time of day of round
     1's start; ``adaptive_work``: each member does a share of its local work in proportion
     to its speed (the median device a full one, faster ones too), so that devices finish at
-    about the same time (weights stay by examples; FedNova normalises by steps)."""
+    about the same time (weights stay by examples; FedNova normalises by steps);
+    ``adaptive_batch``: each member's batch is the run's scaled by its memory over the median
+    device's (never above the run's), a step of a smaller batch taking its share of a step's
+    time."""
 
     deadline_s: float | None = None
     late: Literal["drop", "partial"] = "drop"
@@ -88,6 +91,7 @@ class ClockPolicy:
     server_s: float = 0.0
     start_hour: float = 0.0
     adaptive_work: bool = False
+    adaptive_batch: bool = False
 
     def __post_init__(self) -> None:
         if self.deadline_s is not None and not self.deadline_s > 0:

@@ -19,6 +19,7 @@ row, with the columns
     failure        probability that a round's answer is lost (0 to 1; default 0)
     available_from hour of the day the device comes online (0 to 24; default 0)
     available_hours hours a day it stays online (0 to 24; default 24)
+    memory_gb      memory for training, gigabytes (> 0; default 4): ``adaptive_batch``
     class          a label for per-class figures (default: the speed's tercile)
 
 ``examples/traces/devices.csv`` is a small example. A federation with more clients than
@@ -55,6 +56,7 @@ COLUMNS = (
     "failure",
     "available_from",
     "available_hours",
+    "memory_gb",
     "class",
 )
 
@@ -63,8 +65,8 @@ COLUMNS = (
 class DeviceProfiles:
     """Per-client arrays (index = client id): ``speed`` steps/s, ``down_bps`` and ``up_bps``
     bytes/s, ``latency_s``, ``failure`` probability per round, the daily window
-    ``[available_from, available_from + available_s)`` in seconds of the day, and each
-    client's ``classes`` label."""
+    ``[available_from, available_from + available_s)`` in seconds of the day, each
+    client's ``classes`` label and its ``memory_gb``."""
 
     speed: np.ndarray
     down_bps: np.ndarray
@@ -74,6 +76,7 @@ class DeviceProfiles:
     available_from: np.ndarray
     available_s: np.ndarray
     classes: tuple[str, ...]
+    memory_gb: np.ndarray
 
     def __len__(self) -> int:
         return len(self.speed)
@@ -115,12 +118,20 @@ class LognormalProfiles:
     latency_sigma: float = 0.5
     failure: float = 0.0
     available_hours: float = 24.0
+    memory_gb: float = 4.0
+    memory_sigma: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("speed", "down_mbps", "up_mbps"):
+        for name in ("speed", "down_mbps", "up_mbps", "memory_gb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"profiles.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("speed_sigma", "bandwidth_sigma", "latency_sigma", "latency_ms"):
+        for name in (
+            "speed_sigma",
+            "bandwidth_sigma",
+            "latency_sigma",
+            "latency_ms",
+            "memory_sigma",
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"profiles.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.failure <= 1:
@@ -142,6 +153,7 @@ class LognormalProfiles:
         up = lognormal(self.up_mbps, self.bandwidth_sigma) * 125_000
         latency = lognormal(self.latency_ms, self.latency_sigma) / 1000
         start = rng.uniform(0, DAY, n) if self.available_hours < 24 else np.zeros(n)
+        memory = lognormal(self.memory_gb, self.memory_sigma)
         return DeviceProfiles(
             speed=speed,
             down_bps=down,
@@ -151,6 +163,7 @@ class LognormalProfiles:
             available_from=start,
             available_s=np.full(n, self.available_hours * 3600),
             classes=terciles(speed),
+            memory_gb=memory,
         )
 
 
@@ -234,6 +247,7 @@ def _from_rows(rows: Sequence[Mapping[str, str | float]], where: str) -> DeviceP
         available_from=column("available_from", 0.0, 0, 24) * 3600,
         available_s=column("available_hours", 24.0, 0, 24) * 3600,
         classes=classes,
+        memory_gb=column("memory_gb", 4.0, 0, positive=True),
     )
 
 

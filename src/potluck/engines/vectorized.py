@@ -315,8 +315,10 @@ class VectorizedEngine(InlineEngine):
         total = [preps[k].steps for k in positions]
         offsets = np.cumsum([0, *sizes[:-1]])
         batches = [
-            list(p.batches(n, t, p.seeds.torch("batch", job.round, c)))
-            for n, t, c in zip(sizes, total, (preps[k].cid for k in positions), strict=True)
+            list(
+                p.batches(n, t, p.seeds.torch("batch", job.round, preps[k].cid), preps[k].optimizer)
+            )
+            for n, t, k in zip(sizes, total, positions, strict=True)
         ]
         index, mask = _pad_batches(batches, offsets)
         active = [sum(t > s for t in total) for s in range(index.shape[0])]

@@ -87,6 +87,15 @@ class VirtualClock:
         self.policy, self.spec, self.seed = policy, profiles, seed
         self.devices: DeviceProfiles = profiles.draw(num_clients, seed)
         self.median_speed = float(np.median(self.devices.speed))
+        self.median_memory = float(np.median(self.devices.memory_gb))
+
+    def batches(self, members: np.ndarray, batch_size: int) -> np.ndarray:
+        """Each member's batch size (``adaptive_batch``: ``batch_size`` times its memory over
+        the median device's, at least 1, at most ``batch_size``)."""
+        if not self.policy.adaptive_batch:
+            return np.full(len(members), batch_size, dtype=np.int64)
+        share = self.devices.memory_gb[members] / self.median_memory
+        return np.clip(np.floor(batch_size * share), 1, batch_size).astype(np.int64)
 
     def now(self, slot: State) -> float:
         """The virtual time this round starts: the slot's, or round 1's start hour; moved on
