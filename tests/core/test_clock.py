@@ -280,7 +280,7 @@ def test_adaptive_batches_follow_memory_and_every_engine_trains_them_alike(
     median = float(np.median(devices.memory_gb))
     exp = config(clock=clock).build()
     smaller = 0
-    for rnd, clients in per_client(tmp_path).items():
+    for clients in per_client(tmp_path).values():
         for c, v in clients:
             if "num_steps" not in v:
                 continue

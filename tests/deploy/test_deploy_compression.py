@@ -2,8 +2,9 @@
 payloads (packed codes, indices, sketches, factors), not decoded floats; the server decodes
 them as the simulation does, so the deployed run equals the simulated one bit for bit,
 ``bytes_up`` included; the stateful schemes' client state (error-feedback residuals, DGC's
-momentum, PowerSGD's warm start) and FetchSGD's server state travel and are kept as in
-simulation. The delta downlink's last models stay on the sites."""
+momentum, PowerSGD's warm start) stays on each site (it never travels, so the bytes counted
+are all that moves) and FetchSGD's server state is kept as in simulation. The delta
+downlink's last models stay on the sites too."""
 
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ def test_a_compressed_deployment_equals_its_simulation_byte_for_byte(
     assert all(m["updates"] > 0 for m in result.history)  # the encodings were accepted
     assert learning(result) == learning(sim)  # bytes_up included: the encoded messages
     assert torch.equal(result.weights, sim.weights)
+    # residuals and warm starts stay on the sites: the server neither stores nor sends them
+    store = RunStore(tmp_path / "runs")
+    (info,) = store.list_runs()
+    kept = store.client_states(info.run_id, list(range(5)))
+    assert all(not any(k.startswith("transforms.") for k in s) for s in kept)
     dense = run_experiment(
         compressed(tmp_path / "dense", {"name": "clip", "max_norm": 1e9}).build()
     )

@@ -114,6 +114,8 @@ class PowerSGD(Transform):
     warm_start: bool = True
     layout: tuple[Block, ...] = field(default=(), init=False, compare=False, repr=False)
     needs: ClassVar[frozenset[str]] = frozenset({Need.LAST_TRANSFORM})
+    # deployed, a site keeps its residual (and warm start) to itself: it never travels
+    site_state: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

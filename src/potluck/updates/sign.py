@@ -54,6 +54,8 @@ class SignEF(Transform):
     error_feedback: bool = True
     numels: tuple[int, ...] = field(default=(), init=False, compare=False, repr=False)
     needs: ClassVar[frozenset[str]] = frozenset({Need.LAST_TRANSFORM})
+    # deployed, a site keeps its residual (and warm start) to itself: it never travels
+    site_state: ClassVar[bool] = True
 
     def bind(self, spec: ParamSpec) -> SignEF:
         bound = replace(self)

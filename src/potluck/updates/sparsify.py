@@ -79,6 +79,8 @@ class Sparsifier(Transform, ABC):
     size: int = field(default=0, init=False, compare=False, repr=False)
     label: ClassVar[str] = "sparsify"
     needs: ClassVar[frozenset[str]] = frozenset({Need.LAST_TRANSFORM})
+    # deployed, a site keeps its residual (and warm start) to itself: it never travels
+    site_state: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
