@@ -260,9 +260,12 @@ class QSGD(Transform):
             raise MessageError("qsgd: a code is 0, which is no level (codes are 1 and up)")
         codes -= np.uint8(self.offset)  # the level -s..s, as int8
         x = torch.from_numpy(codes.view(np.int8)).float()
-        step = (scales.double() / (self.levels * self._gain())).float().numpy()
+        step = (scales.double() / (self.levels * self._gain())).float()
         flat = x.numpy()
-        self._each_scale(flat, step, flat, 0, len(flat))
+        if self.block:  # torch's threads (the encode's lanes are NumPy's)
+            x.view(-1, self.block).mul_(step.unsqueeze(1))
+        else:
+            self._each_scale(flat, step.numpy(), flat, 0, len(flat))
         if self.rotate:
             fwht_(x.view(-1, self.block))
             self._flip(flat, ctx)
