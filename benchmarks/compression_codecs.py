@@ -43,16 +43,16 @@ mean |x|; FetchSGD's sketch estimating ``||x||^2`` (median over rows of the squa
 sum) within 20 %, and its server step holding exactly k coordinates with ``new error +
 S(step) = lr S(x)``.
 
-The two slowest hot spots of an earlier run are timed beside a leaner kernel giving the
-same values (``alternatives``): FetchSGD's per-coordinate median over its 5 rows
-(``median(dim=0)`` against a min/max network) and QSGD's 2-bit unpacking (``bitpack.unpack``,
-now one multiplication a byte, against four shifts and masks stacked). Afterwards each side of each scheme is run 3 times under ``torch.profiler`` and 3
-times under ``cProfile``; the heaviest torch operators and Python-level functions (own time) are
-recorded. Each scheme records the CPU seconds other processes used meanwhile, and is
-measured again (up to ``TRIES`` times, the quietest kept) while they used more than
-``QUIET`` cores (plus ``TICKS``): with two torch threads on the 2 cores, one core taken by
-another process stalls every parallel operator at its barrier (up to 30 times slower in
-trial runs).
+The two slowest hot spots of an earlier run are timed beside a leaner kernel giving the same
+values (``alternatives``): FetchSGD's per-coordinate median over its 5 rows (``median(dim=0)``
+against a min/max network) and QSGD's 2-bit unpacking (``bitpack.unpack``, now one
+multiplication a byte, against four shifts and masks stacked). Afterwards each side of each
+scheme is run 3 times under ``torch.profiler`` and 3 times under ``cProfile``; the heaviest
+torch operators and Python-level functions (own time) are recorded. Each scheme records the CPU
+seconds other processes used meanwhile, and is measured again (up to ``TRIES`` times, the
+quietest kept) while they used more than ``QUIET`` cores (plus ``TICKS``): with two torch
+threads on the 2 cores, one core taken by another process stalls every parallel operator at its
+barrier (up to 30 times slower in trial runs).
 
 Run from the repository root (about a minute):
     .venv/bin/python benchmarks/compression_codecs.py
