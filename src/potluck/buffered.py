@@ -15,7 +15,7 @@ model version are trained together, in one stage job, when the earliest of them 
 arrive before every update already trained (its download and steps alone take longer than
 that, so that a batch of releases is trained at once without changing any outcome). Round
 seeds are the version a client trains from plus one, and a client is released at most once
-per version, so a run with ``buffer = concurrency`` on identical devices is synchronous
+per version (nor again in a step its update landed in: one update a client per step), so a run with ``buffer = concurrency`` on identical devices is synchronous
 FedAvg.
 
 Server state (slot ``async``): the virtual time, the in-flight clients (client, version,
@@ -39,7 +39,7 @@ import torch
 from potluck.core.clock import KEPT
 from potluck.core.message import Message
 from potluck.core.parts import Context, State
-from potluck.core.records import TRAIN, Reply
+from potluck.core.records import TRAIN, Reply, StageJob
 from potluck.sampling.asynchrony import Asynchrony
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ class AsyncDriver:
         self, flight: Flight, version: int, buffer: list[Buffered], dropped: dict[str, int]
     ) -> None:
         self.busy[flight.client] = False
+        self.released[flight.client] = True  # one update a client per step: not sent again
         staleness = version - flight.version
         if flight.outcome != KEPT:
             dropped[flight.outcome] += 1
@@ -202,20 +203,29 @@ class AsyncDriver:
             for f in batch:
                 heapq.heappush(self.heap, (f.arrival, f.order, f))
 
-    def _train(self, engine: Engine, flights: list[Flight]) -> None:
-        """One stage job: ``flights`` (all of one version) trained from that version."""
+    def _job(self, engine: Engine, flights: list[Flight]) -> tuple[Any, StageJob]:
+        """The ``train`` job of ``flights`` (all of one version, trained from it) and the
+        ``RoundStages`` that count and check its answers; each member's client state
+        includes what this step already consumed."""
         from potluck.orchestrator import RoundStages
 
-        loop, clock = self.loop, self.loop.clock
-        assert clock is not None
-        version = flights[0].version
+        loop, version = self.loop, flights[0].version
         members = np.array([f.client for f in flights], dtype=np.int64)
         stages = RoundStages(loop, engine, version + 1, members)
         for c in members:
             stages.states[int(c)].update(self.fresh.get(int(c), {}))
         shared = loop._downlinked(self.versions[version])
         payloads = {f.client: loop._train_payload(f.work, {}, f.batch) for f in flights}
-        replies = stages._send(TRAIN, shared, payloads)
+        return stages, stages.job(TRAIN, shared, payloads)
+
+    def _train(self, engine: Engine, flights: list[Flight]) -> None:
+        """One stage job: ``flights`` (all of one version) trained from that version."""
+        loop, clock = self.loop, self.loop.clock
+        assert clock is not None
+        version = flights[0].version
+        stages, job = self._job(engine, flights)
+        answers = engine.run_stage(job)
+        replies = stages.received(job, dict(zip((f.client for f in flights), answers, strict=True)))
         for f in flights:
             f.bytes_down = stages.bytes_down.get(f.client, 0)
         answered = [f for f in flights if f.client in replies]
@@ -476,16 +486,7 @@ class RealTimeDriver(AsyncDriver):
 
     def _submit(self, engine: Engine, flights: list[Flight]) -> None:
         """One train job for ``flights`` (of one version), handed out without waiting."""
-        from potluck.orchestrator import RoundStages
-
-        loop, version = self.loop, flights[0].version
-        members = np.array([f.client for f in flights], dtype=np.int64)
-        stages = RoundStages(loop, engine, version + 1, members)
-        for c in members:
-            stages.states[int(c)].update(self.fresh.get(int(c), {}))
-        shared = loop._downlinked(self.versions[version])
-        payloads = {f.client: loop._train_payload(f.work, {}, f.batch) for f in flights}
-        job = stages.job(TRAIN, shared, payloads)
+        stages, job = self._job(engine, flights)
         tasks = engine.submit(job)  # type: ignore[attr-defined]
         for f, task in zip(flights, tasks, strict=True):
             self.open[task.task_id] = (f, task, (stages, job))

@@ -36,17 +36,20 @@ def committed(store: Path) -> int:
 
 
 class Slow(Site):
-    """site-4 holds its first answer until the server has committed three steps."""
+    """site-4 holds its first answer until the server has committed three steps; the others
+    take 0.2 s over each task, so the run is still going when site-4's answer comes."""
 
     store: Path
     held = False
 
     def _work(self, program: Any, cid: int, task: Any) -> Any:
-        if self.name == "site-4" and not self.held:
+        if self.name != "site-4":
+            time.sleep(0.2)
+        elif not self.held:
             self.held = True
             deadline = time.monotonic() + 60
             while committed(self.store) < 3 and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.02)
         return super()._work(program, cid, task)
 
 
@@ -55,11 +58,11 @@ def test_a_deployed_async_run_aggregates_the_updates_as_they_arrive(
 ) -> None:
     store = tmp_path / "runs"
     Slow.store = store
-    dep = deployment(pki.server(), cfg=asynchronous(store))
+    dep = deployment(pki.server(), cfg=asynchronous(store, steps=8))
     for site in SITES:
         dep.site(site, pki.client(site), kind=Slow)
     result = dep.finish()
-    assert [m["updates"] for m in result.history] == [2] * 6
+    assert [m["updates"] for m in result.history] == [2] * 8
     elapsed = [m["elapsed_s"] for m in result.history]
     assert elapsed == sorted(elapsed) and "virtual_time_s" not in result.history[0]
     rs = RunStore(store)
