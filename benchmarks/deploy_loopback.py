@@ -27,10 +27,11 @@ mode, into ``deploy_loopback_compression.json``. A setting is an upload scheme o
 ``top_k1_no_ef``, ``sign_ef``, ``powersgd4``: rank 4 with error feedback and warm start),
 optionally with ``+q8``, the broadcast quantised to 8 bits (``[[downlink]] quantize``); it
 becomes the server's ``[[transforms]]`` and ``[[downlink]]`` sections and the light clients'
-reply. The stateful schemes keep their client state (error-feedback residual, PowerSGD's
-``q``) where a deployment keeps it: on the server, sent with every task from round 2 on and
-returned with every reply; the light clients return the state of client 0's first round every
-time (the bytes and shapes of a real round, not its values). Every light client sends the
+reply. The stateful schemes' client state (error-feedback residual, PowerSGD's ``q``) stays
+on each site, as a ``potluck client`` keeps a ``site_state`` part's state: it travels
+neither down with the tasks nor up with the replies, so the light clients' reply holds only
+the upload (before that was built, the state lived on the server and travelled both ways:
+the first run of this benchmark, BENCHMARKS §24). Every light client sends the
 same update (the server cannot tell). Per setting: round 1 and the median of the later rounds
 of the round time, the run store's ``bytes_up`` and ``bytes_down``, the gRPC bytes the clients
 sent and received, the bytes on loopback and the server's CPU, their ratios to ``none`` in
@@ -562,7 +563,8 @@ def reply_body(setup: Setup, path: Path) -> dict[str, Any]:
     experiment (its envelope without the routing fields, as ``wire.encode`` writes it) and
     describe it: client 0 trained by the program a site runs (``site_program``) from the
     initial weights as the server broadcasts them (encoded by the downlink, decoded by the
-    client), its upload encoded by the transforms, packed with its new client state.
+    client), its upload encoded by the transforms, packed with the new client state a site
+    sends (none of a ``site_state`` or ``secret_state`` part's, which a site keeps).
 
     Also checks that the light clients' chunks of it reassemble into that reply and are as
     long as the envelope ``wire.encode`` makes of it (``check_reply``)."""
@@ -583,11 +585,18 @@ def reply_body(setup: Setup, path: Path) -> dict[str, Any]:
     reply = program.run_stage(job)[0]
     if reply is None:
         raise RuntimeError(f"{setup.compression}: client 0 dropped out of round 1")
-    message = records.reply_to_message(reply)
+    kept = {
+        ns
+        for ns, part in program.parts.items()
+        if getattr(part, "site_state", False) or getattr(part, "secret_state", False)
+    }
+    sent = records.Reply(reply.message, {ns: s for ns, s in reply.state.items() if ns not in kept})
+    message = records.reply_to_message(sent)
     body = wire.encode(wire.Envelope("reply", arrays=message.arrays, scalars=message.scalars))
     path.write_bytes(body)
     envelope_bytes = check_reply(body, message)
-    state = [t for s in reply.state.values() for t in s.values()]
+    state = [t for s in sent.state.values() for t in s.values()]
+    on_site = [t for ns, s in reply.state.items() if ns in kept for t in s.values()]
     return {
         "arrays": {
             name: {"dtype": str(a.dtype).removeprefix("torch."), "shape": list(a.shape)}
@@ -596,6 +605,7 @@ def reply_body(setup: Setup, path: Path) -> dict[str, Any]:
         "scalars": dict(message.scalars),
         "upload_wire_bytes": reply.message.wire_bytes,  # what the run store's bytes_up counts
         "client_state_bytes": sum(t.numel() * t.element_size() for t in state),
+        "state_kept_on_site_bytes": sum(t.numel() * t.element_size() for t in on_site),
         "envelope_bytes": envelope_bytes,
         "broadcast_wire_bytes": shared.wire_bytes,  # the run store's bytes_down per client
     }
