@@ -10,13 +10,14 @@ updates the server aggregates them and steps: one *step* is what the run store, 
 checkpoint and the metrics call a round. Arrivals at one virtual instant are taken before
 the releases of that instant, so the clients released after a step get the new model.
 
-Engines train whatever set of clients the driver releases: the clients released at one
-model version are trained together, in one stage job, when the earliest of them could
-arrive before every update already trained (its download and steps alone take longer than
-that, so that a batch of releases is trained at once without changing any outcome). Round
-seeds are the version a client trains from plus one, and a client is released at most once
-per version (nor again in a step its update landed in: one update a client per step), so a run with ``buffer = concurrency`` on identical devices is synchronous
-FedAvg.
+Engines train whatever set of
+clients the driver releases: the clients released at one model version are trained
+together, in one stage job, when the earliest of them could arrive before every update
+already trained (its download and steps alone take longer than that, so that a batch of
+releases is trained at once without changing any outcome). Round seeds are the version a
+client trains from plus one, and a client is released at most once per version (nor again in
+a step its update landed in: one update a client per step), so a run with ``buffer =
+concurrency`` on identical devices is synchronous FedAvg.
 
 Server state (slot ``async``): the virtual time, the in-flight clients (client, version,
 release time, order) and the broadcasts (the global model and the terms' broadcasts, before

@@ -1014,7 +1014,7 @@ class _Loop:
                 for c, w in zip(cohort, work, strict=True)
             ]
         )
-        model_bytes = Message({"w": self.program.initial_weights()}).wire_bytes
+        model_bytes = Message({"w": torch.empty(self.program.spec.size)}).wire_bytes
         fit = self.clock.work(now, cohort, slots.get(virtual.SLOT, {}), steps, model_bytes)
         return np.maximum(fit, 1e-9)
 
