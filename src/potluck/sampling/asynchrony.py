@@ -16,7 +16,7 @@ Example:
     >>> p = Asynchrony(concurrency=8, buffer=2)
     >>> [round(p.weight(t), 3) for t in (0, 1, 3)]  # FedBuff's 1 / sqrt(1 + tau)
     [1.0, 0.707, 0.5]
-    >>> Asynchrony(concurrency=8, staleness="hinge", a=1.0, b=2.0).weight(4)
+    >>> Asynchrony(concurrency=16, staleness="hinge", a=1.0, b=2.0).weight(4)
     0.3333333333333333
 """
 

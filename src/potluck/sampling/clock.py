@@ -8,7 +8,7 @@ resumed run goes on at the same virtual time.
 Example:
     >>> import numpy as np
     >>> from potluck.data.profiles import LognormalProfiles
-    >>> clock = VirtualClock(ClockPolicy(deadline_s=30.0), LognormalProfiles(), 100, seed=0)
+    >>> clock = VirtualClock(ClockPolicy(deadline_s=3.0), LognormalProfiles(), 100, seed=0)
     >>> now = clock.now({})
     >>> members = np.arange(10)
     >>> settled = clock.settle(1, now, members, np.full(10, 80_000), np.full(10, 80_000),
