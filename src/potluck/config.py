@@ -57,14 +57,20 @@ class _Section(BaseModel):
 class PartitionConfig(_Section):
     """How the dataset is split among clients."""
 
-    kind: Literal["iid", "dirichlet", "shards", "labels", "quantity", "natural"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet)")
+    kind: Literal["iid", "dirichlet", "shards", "labels", "quantity", "natural", "sampled"] = (
+        "dirichlet"
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet, sampled)")
     min_size: int = Field(10, ge=1, description="minimum samples per client (dirichlet)")
     shards_per_client: int = Field(2, ge=1, description="shards per client (shards)")
     labels_per_client: int = Field(2, ge=1, description="distinct labels per client (labels)")
     distribution: Literal["lognormal", "powerlaw"] = "lognormal"
-    sigma: float = Field(1.0, gt=0, description="lognormal sigma (quantity)")
+    sigma: float = Field(1.0, ge=0, description="lognormal sigma of sizes (quantity, sampled)")
     exponent: float = Field(1.5, gt=0, description="power-law exponent (quantity)")
+    examples_per_client: int = Field(32, ge=1, description="mean client size (sampled)")
+    skew: Literal["dirichlet", "none"] = Field(
+        "dirichlet", description="sampled clients' labels: Dir(alpha) proportions or none"
+    )
 
     def options(self) -> dict[str, Any]:
         options: dict[str, dict[str, Any]] = {
@@ -78,6 +84,11 @@ class PartitionConfig(_Section):
                 "exponent": self.exponent,
             },
             "natural": {},
+            "sampled": {
+                "examples_per_client": self.examples_per_client,
+                "sigma": self.sigma,
+                "alpha": self.alpha if self.skew == "dirichlet" else None,
+            },
         }
         return options[self.kind]
 

@@ -48,6 +48,7 @@ from potluck.core.parts import (
 from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task, check_outputs, cross_entropy
+from potluck.data.partition import Partition
 
 if TYPE_CHECKING:
     from potluck.algorithms.base import Algorithm
@@ -743,14 +744,18 @@ class ClientProgram:
 def _check_labels(fed: Federation, outputs: int) -> None:
     """Every label below the model's ``outputs``; else name the first client holding one."""
     labels = fed.source.train.y
-    bad = np.flatnonzero(labels[fed.partition.indices] >= outputs)
+    support = fed.partition.support()
+    bad = np.flatnonzero(labels[support] >= outputs)
     if not len(bad):
         return
-    sizes = fed.partition.sizes()
-    client = int(np.searchsorted(np.cumsum(sizes), bad[0], side="right"))
-    label = int(labels[fed.partition.indices[bad[0]]])
+    label = int(labels[support[bad[0]]])
+    if isinstance(fed.partition, Partition):
+        sizes = fed.partition.sizes()
+        holder = f"client {int(np.searchsorted(np.cumsum(sizes), bad[0], side='right'))}"
+    else:
+        holder = "the dataset clients draw from"
     raise ValueError(
-        f"client {client} has label {label} but the model has {outputs} outputs: give the "
+        f"{holder} has label {label} but the model has {outputs} outputs: give the "
         f"model at least {int(labels.max()) + 1} outputs (num_classes), or relabel the data"
     )
 

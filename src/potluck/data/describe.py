@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from potluck.data.federation import Federation
+from potluck.data.partition import Partition, Partitioning
 
 __all__ = ["describe", "label_entropy"]
 
@@ -62,8 +63,14 @@ def _label_table(fed: Federation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse (client, label, count) triples over every client's samples, client-major."""
     part, c = fed.partition, fed.source.num_classes
     owner = np.repeat(np.arange(part.num_clients, dtype=np.int64), part.sizes())
-    keys, counts = np.unique(owner * c + fed.source.train.y[part.indices], return_counts=True)
+    held = part.indices if isinstance(part, Partition) else _drawn(part)
+    keys, counts = np.unique(owner * c + fed.source.train.y[held], return_counts=True)
     return keys // c, keys % c, counts
+
+
+def _drawn(part: Partitioning) -> np.ndarray:
+    """Every client's indices, client-major (a sampled partition draws them again)."""
+    return np.concatenate([part.client(c) for c in range(part.num_clients)])
 
 
 def describe(federation: Federation, max_rows: int = 20) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from potluck.core.seeding import Seeds
-from potluck.data.partition import Partition, make_partition, natural
+from potluck.data.partition import Partition, Partitioning, make_partition, natural
 from potluck.data.sources import ArrayDataset, DataSource, load_source
 
 __all__ = ["ClientData", "Federation"]
@@ -70,12 +70,12 @@ class Federation:
     def __init__(
         self,
         source: DataSource,
-        partition: Partition,
+        partition: Partitioning,
         *,
         test_fraction: float = 0.2,
         seed: int = 0,
         local_test: ArrayDataset | None = None,
-        local_test_partition: Partition | None = None,
+        local_test_partition: Partitioning | None = None,
     ) -> None:
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
@@ -312,8 +312,8 @@ class Federation:
         )
 
 
-def _check_indices(name: str, part: Partition, n: int, what: str) -> None:
-    idx = part.indices
+def _check_indices(name: str, part: Partitioning, n: int, what: str) -> None:
+    idx = part.support()
     if len(idx) and (idx.min() < 0 or idx.max() >= n):
         raise ValueError(
             f"{name} indices must lie in [0, {n}) ({what}), got [{idx.min()}, {idx.max()}]"

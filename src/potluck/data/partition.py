@@ -1,8 +1,9 @@
 """Partitioners: split a dataset's sample indices among clients.
 
 A :class:`Partition` is one concatenated index array plus offsets, so a federation of
-100,000 clients costs two integer arrays. Every partitioner here assigns every sample to
-exactly one client and draws all randomness from the generator it is given.
+100,000 clients costs two integer arrays. Every partitioner here but ``"sampled"`` assigns
+every sample to exactly one client; ``"sampled"`` (:mod:`potluck.data.sampled`) draws
+federations larger than the dataset. All draw their randomness from the generator given.
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -15,15 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from potluck.data.options import check_options
+from potluck.data.sampled import sampled
 
 __all__ = [
     "PARTITION_KINDS",
     "Partition",
+    "Partitioning",
     "dirichlet",
     "iid",
     "label_quantity",
@@ -32,6 +35,20 @@ __all__ = [
     "quantity_skew",
     "shards",
 ]
+
+
+class Partitioning(Protocol):
+    """What a federation needs of a partition: :class:`Partition` (every example owned by
+    one client) or :class:`~potluck.data.sampled.SampledPartition` (drawn per client)."""
+
+    @property
+    def num_clients(self) -> int: ...
+
+    def client(self, cid: int) -> np.ndarray: ...
+
+    def sizes(self) -> np.ndarray: ...
+
+    def support(self) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,10 @@ class Partition:
     def sizes(self) -> np.ndarray:
         """Number of samples per client, shape ``(num_clients,)``."""
         return np.diff(self.offsets)
+
+    def support(self) -> np.ndarray:
+        """Every index some client holds (client-major)."""
+        return self.indices
 
     @classmethod
     def from_lists(cls, parts: Sequence[np.ndarray]) -> Partition:
@@ -392,6 +413,7 @@ PARTITION_KINDS: dict[str, tuple[str, ...]] = {
     "labels": ("labels_per_client",),
     "quantity": ("distribution", "sigma", "exponent", "min_size"),
     "natural": (),
+    "sampled": ("examples_per_client", "sigma", "alpha"),
 }
 _REQUIRED = {
     "dirichlet": ("alpha",),
@@ -408,7 +430,7 @@ def make_partition(
     num_clients: int | None,
     rng: np.random.Generator,
     **options: Any,
-) -> Partition:
+) -> Partitioning:
     """Build a partition by name (see ``PARTITION_KINDS`` for each kind's options).
 
     For ``"natural"`` the clients are the distinct ``groups``; ``num_clients`` must then be
@@ -432,6 +454,14 @@ def make_partition(
     if num_clients is None:
         raise ValueError(f"num_clients is required for partition {kind!r}")
     n = len(labels)
+    if kind == "sampled":
+        return sampled(_check_labels(labels), num_clients, rng, **options)
+    if isinstance(num_clients, (int, np.integer)) and num_clients > n:
+        raise ValueError(
+            f"num_clients={num_clients} exceeds the dataset's {n} examples: partition {kind!r} "
+            "gives each example to one client; for a federation larger than the dataset use "
+            "partition 'sampled' (clients drawing their examples from the whole set)"
+        )
     if kind == "iid":
         return iid(n, num_clients, rng)
     if kind == "dirichlet":
