@@ -131,6 +131,8 @@ def run_server(
         else:
             result = run_experiment(experiment, store, on_round=on_round, engine=engine)
         hub.finish()  # only a finished run tells the clients they are done
+        if hub.wait_for_busy(dep.round_timeout_s):
+            log.warning("finished without telling sites still busy with a closed task")
         return result
     except BaseException as exc:
         reason = _stop_reason(exc, started)

@@ -67,6 +67,7 @@ from potluck.core.seeding import Seeds
 from potluck.core.task import Task
 from potluck.data.federation import Federation
 from potluck.data.profiles import LognormalProfiles, TraceProfiles
+from potluck.deploy import rounds
 from potluck.engines.base import Engine, EngineOptions, choose_engine, make_engine
 from potluck.privacy import ledger as privacy
 from potluck.privacy.distributed import DistributedLedger
@@ -597,6 +598,7 @@ class _Loop:
                 f"source's training set, which holds {len(train.y)} examples"
             )
         self.clock = self._virtual_clock()
+        self.realtime: ClockPolicy | None = None  # deployed: [clock] on real time
         self.driver: AsyncDriver | None = None
         attack = exp.attack
         if attack is not None and attack.colludes and self.upload_dtypes["delta"] != torch.float32:
@@ -621,14 +623,18 @@ class _Loop:
                         "attack: in a deployment the malicious clients run the attack "
                         "(potluck client --attack NAME); the server's experiment has none"
                     )
-                if self.clock is not None:
-                    raise ValueError(
-                        "clock/profiles: a deployment runs on real time, its devices are "
-                        "real; its deadline is deploy.round_timeout_s"
-                    )
+                self._on_real_time(exp)
             except ValueError:
                 self.engine.close()
                 raise
+
+    def _on_real_time(self, exp: Experiment) -> None:
+        """A deployment's ``[clock]``: its deadline and over-selection on real time."""
+        if exp.profiles is not None:
+            raise ValueError("profiles: a deployment's devices are real, not drawn")
+        if exp.clock is not None and self.driver is None:
+            rounds.check_deployable(exp.clock)
+            self.realtime, self.clock = exp.clock, None
 
     def _drive_asynchronously(self, policy: Asynchrony) -> None:
         """The asynchronous driver: on the virtual clock in a simulation, on the answers'
@@ -829,6 +835,8 @@ class _Loop:
         if clock is not None:
             now = clock.now(slots.get(virtual.SLOT, {}))
             sampler, target = clock.sampler(sampler, self.num_clients)
+        elif self.realtime is not None:
+            sampler, target = virtual.over_selecting(self.realtime, sampler, self.num_clients)
         sampling = Context(
             self.exp.seed,
             rnd,
@@ -893,7 +901,8 @@ class _Loop:
             metrics.update(settled.metrics(now))
         if engine.remote:
             refused = sum(stages.refused.values())  # at any stage: each drops its member
-            metrics["failed"] = float(active - len(trained) - refused)
+            over = stages.metrics.get("over_selected", 0.0)  # the round did not wait for them
+            metrics["failed"] = float(active - len(trained) - refused - over)
             metrics["refused"] = float(refused + len(trained) - len(updates))
             metrics["capped"] = float(sum("claimed_weight" in u.metrics for u in updates))
         accepted = {u.client for u in updates}
@@ -938,7 +947,13 @@ class _Loop:
             c: self._train_payload(work[c], stages.inbox.get(c, {}), stages.batch.get(c))
             for c in stages.members
         }
-        trained = stages._send(TRAIN, shared, payloads)
+        if self.realtime is not None:
+            trained, outcome = rounds.first_answers(
+                stages, TRAIN, shared, payloads, self.realtime, target=stages.target
+            )
+            stages.metrics.update(outcome.metrics())
+        else:
+            trained = stages._send(TRAIN, shared, payloads)
         if self.clock is not None:
             trained = self._on_time(stages, trained, work)
         for ns, part in self.finishing:

@@ -242,9 +242,20 @@ class Remote(InlineEngine):
     remote = True
 
 
-def test_a_deployment_refuses_the_virtual_clock() -> None:
-    with pytest.raises(ValueError, match="a deployment runs on real time"):
+def test_a_deployment_refuses_what_only_the_virtual_clock_has() -> None:
+    """Deployed, the deadline and over-selection apply on real time (tests/deploy); drawn
+    devices and the policies that read them are refused."""
+    with pytest.raises(ValueError, match="profiles: a deployment's devices are real"):
         run_experiment(config(clock={"deadline_s": 5.0}).build(), engine=Remote)
+    real = {k: v for k, v in BASE.items() if k != "profiles"}
+    for clock, field in (
+        ({"deadline_s": 5.0, "late": "partial"}, "late"),
+        ({"adaptive_work": True}, "adaptive_work"),
+        ({"server_s": 1.0}, "server_s"),
+    ):
+        exp = ExperimentConfig.from_dict({**real, "clock": clock}).build()
+        with pytest.raises(ValueError, match=f"clock.{field} = .*: in a deployment"):
+            run_experiment(exp, engine=Remote)
 
 
 def test_adaptive_work_gives_slower_devices_fewer_steps_by_speed(tmp_path: Path) -> None:

@@ -189,3 +189,27 @@ def test_clients_that_may_not_take_part_are_refused_before_they_send() -> None:
     open_hub.admissible("a")
     with pytest.raises(Refused, match="full"):
         open_hub.admissible("b")
+
+
+def test_cancelled_tasks_refuse_late_answers_and_the_end_waits_for_busy_clients() -> None:
+    """An over-selected client is not counted as failing, a late one is; both are waited
+    for at the end (they are still working) until they come back, or the time is up."""
+    hub = Hub("run", 3, admit=["a", "b", "c"])
+    for name in "abc":
+        hub.join(name)
+    tasks = [task(cid) for cid in range(3)]
+    hub.submit(tasks, timeout=30)
+    issued = [hub.next_task(name, 1) for name in "abc"]
+    assert issued == tasks
+    hub.answer("a", answer_of(tasks[0]))
+    assert [t.client for t in hub.collect(tasks, 1)] == [0]
+    hub.cancel(tasks[1:2], over_selected=True)
+    hub.cancel(tasks[2:], over_selected=False)
+    assert hub.health["b"].failures == 0 and hub.health["c"].failures == 1
+    assert "missed the deadline" in (hub.health["c"].last_error or "")
+    with pytest.raises(Refused, match="expired or already answered"):
+        hub.answer("b", answer_of(tasks[1]))  # b is back: the end need not wait for it
+    hub.finish()
+    assert hub.wait_for_busy(0.05) == 1  # c has not come back
+    threading.Timer(0.1, lambda: hub.next_task("c", 0)).start()
+    assert hub.wait_for_busy(10) == 0

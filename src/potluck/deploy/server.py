@@ -151,6 +151,7 @@ class Hub:
         self._issued: dict[int, Task] = {}  # each client's task in hand, until answered
         self._names: dict[int, str] = {h.client: n for n, h in self.health.items()}
         self._ready: set[str] = set()  # clients that polled this server: loaded, working
+        self._owed: set[int] = set()  # clients busy with a task closed unanswered
 
     # -- called by the gRPC threads ------------------------------------------------------------
 
@@ -315,6 +316,13 @@ class Hub:
                 self._close(task)
         return sorted(done, key=lambda t: (t.answered_at is None, t.answered_at or 0.0))
 
+    def cancel(self, tasks: Sequence[Task], over_selected: bool) -> None:
+        """Close ``tasks`` now (a later answer is refused): an unanswered one failed its
+        client, unless the round had its answers without it (``over_selected``)."""
+        with self._cv:
+            for task in tasks:
+                self._close(task, over_selected)
+
     def live_clients(self) -> set[int]:
         """Ids of the clients seen recently (``liveness_s``) that poll this server."""
         with self._cv:
@@ -345,6 +353,16 @@ class Hub:
         with self._cv:
             self.finished = True
             self._wake_all()
+
+    def wait_for_busy(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for the clients still working on a task that was closed
+        unanswered (over-selected, late) to come back and hear the run's end; how many did
+        not."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._owed and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            return len(self._owed)
 
     def stop(self, reason: str) -> None:
         """The server stops before the run finished (``reason``: why, sent to the clients):
@@ -377,7 +395,7 @@ class Hub:
             wake = self._polls[cid] = threading.Condition(self._lock)
         return wake
 
-    def _close(self, task: Task) -> None:
+    def _close(self, task: Task, over_selected: bool = False) -> None:
         was_open = self._open.pop(task.task_id, None) is not None
         if self._issued.get(task.client) is task:
             del self._issued[task.client]
@@ -390,6 +408,11 @@ class Hub:
         health = self.health[name]
         if task.answer is not None:
             health.rounds_completed += task.op == "train"
+            return
+        if task.issued is not None:
+            self._owed.add(task.client)  # still working on it, as far as we know
+        if over_selected:
+            log.info("client %d (%r) over-selected in round %d", task.client, name, task.round)
             return
         health.failures += 1
         if task.issued is not None:
@@ -423,7 +446,11 @@ class Hub:
         return self.health[name].client
 
     def _seen(self, name: str) -> None:
-        self.health[name].last_seen = time.time()
+        health = self.health[name]
+        health.last_seen = time.time()
+        if health.client in self._owed:
+            self._owed.discard(health.client)
+            self._cv.notify_all()
 
 
 # ---- the gRPC servicer --------------------------------------------------------------------
@@ -585,11 +612,17 @@ class GrpcEngine:
         self._report()
         return [_reply(a) for a in answers]
 
-    def submit(self, job: StageJob) -> list[Task]:
-        """``job``'s tasks handed out without waiting (the asynchronous driver)."""
+    def submit(self, job: StageJob, timeout: float | None = None) -> list[Task]:
+        """``job``'s tasks handed out without waiting (the asynchronous driver, a round on
+        real time), each closed after ``timeout`` s (default: the round timeout)."""
         tasks = self._tasks(job)
-        self.hub.submit(tasks, self.round_timeout_s)
+        self.hub.submit(tasks, self.round_timeout_s if timeout is None else timeout)
         return tasks
+
+    def cancel(self, tasks: Sequence[Task], over_selected: bool) -> None:
+        """Close the submitted ``tasks`` not answered yet (a later answer is refused)."""
+        self.hub.cancel(tasks, over_selected)
+        self._report()
 
     def collect(self, tasks: Sequence[Task], timeout: float) -> list[tuple[Task, Reply | None]]:
         """The submitted ``tasks`` answered or expired within ``timeout`` s, in the order the

@@ -74,6 +74,23 @@ def unsettled(start: float, policy: ClockPolicy) -> Settled:
     return Settled(np.zeros(0, np.int64), Timing(empty, empty, empty, empty), empty, end)
 
 
+def over_selecting(policy: ClockPolicy, sampler: Any, num_clients: int) -> tuple[Any, int]:
+    """``sampler`` asked for ``policy``'s over-selected cohort (itself without one), and
+    the number of answers a round keeps (on the virtual clock, or on real time deployed).
+
+    Example:
+        >>> from potluck.sampling.uniform import UniformSampler
+        >>> bigger, target = over_selecting(ClockPolicy(over_selection=0.3),
+        ...                                 UniformSampler(clients_per_round=10), 100)
+        >>> bigger.cohort_size(100), target
+        (13, 10)
+    """
+    target = sampler.cohort_size(num_clients)
+    if policy.over_selection == 0:
+        return sampler, target
+    return sampler.resized(min(policy.selected(target), num_clients)), target
+
+
 class VirtualClock:
     """The profiles of ``num_clients`` devices and the round ``policy``."""
 
@@ -113,10 +130,7 @@ class VirtualClock:
     def sampler(self, sampler: Any, num_clients: int) -> tuple[Any, int]:
         """The sampler to draw a round's members with (asked for more when over-selecting)
         and the number of answers a round keeps."""
-        target = sampler.cohort_size(num_clients)
-        if self.policy.over_selection == 0:
-            return sampler, target
-        return sampler.resized(min(self.policy.selected(target), num_clients)), target
+        return over_selecting(self.policy, sampler, num_clients)
 
     def work(
         self, now: float, members: np.ndarray, slot: State, steps: np.ndarray, model_bytes: int
