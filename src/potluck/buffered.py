@@ -245,11 +245,12 @@ class AsyncDriver:
             u.client: u
             for u in loop._collect(version + 1, replies, stages.inbox, tolerant=engine.remote)
         }
+        timings = settled.per_client()
         for i, f in enumerate(answered):
             f.arrival = float(settled.timing.arrival[i])
             f.outcome = str(settled.outcome[i])
             f.bytes_up = stages.bytes_up.get(f.client, 0)
-            f.timing = settled.per_client()[f.client]
+            f.timing = timings[f.client]
             f.update = updates.get(f.client)
             f.state = {
                 ns: stages.states[f.client][ns]

@@ -26,10 +26,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import dp_accounting as dpa
-from dp_accounting import pld, rdp
+if TYPE_CHECKING:  # dp-accounting (and SciPy) load where an accountant runs: ~1.4 s
+    import dp_accounting as dpa
 
 ACCOUNTANTS = ("rdp", "pld")
 Z_RANGE = (0.3, 1000.0)  # noise multipliers calibration searches
@@ -56,10 +56,14 @@ class Poisson:
     sensitivity: ClassVar[float] = 1.0  # in clips: adding or removing one client
 
     def event(self, inner: dpa.DpEvent) -> dpa.DpEvent:
+        import dp_accounting as dpa
+
         return dpa.PoissonSampledDpEvent(self.q, inner)
 
     @property
     def relation(self) -> dpa.NeighboringRelation:
+        import dp_accounting as dpa
+
         return dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
 
     def describe(self) -> str:
@@ -75,10 +79,14 @@ class WithoutReplacement:
     sensitivity: ClassVar[float] = 2.0  # in clips: replacing one client's data
 
     def event(self, inner: dpa.DpEvent) -> dpa.DpEvent:
+        import dp_accounting as dpa
+
         return dpa.SampledWithoutReplacementDpEvent(self.n, self.m, inner)
 
     @property
     def relation(self) -> dpa.NeighboringRelation:
+        import dp_accounting as dpa
+
         return dpa.NeighboringRelation.REPLACE_ONE
 
     def describe(self) -> str:
@@ -100,17 +108,24 @@ class Round:
     sampling: Sampling
 
     def event(self) -> dpa.DpEvent:
+        import dp_accounting as dpa
+
         return self.sampling.event(dpa.GaussianDpEvent(self.z / self.sampling.sensitivity))
 
 
 def composed(rounds: Sequence[Round]) -> dpa.DpEvent:
     """The composition of ``rounds``, runs of equal rounds self-composed."""
+    import dp_accounting as dpa
+
     runs = [dpa.SelfComposedDpEvent(r.event(), len(list(g))) for r, g in groupby(rounds)]
     return dpa.ComposedDpEvent(runs)
 
 
 def accountant(kind: str, relation: dpa.NeighboringRelation) -> dpa.PrivacyAccountant:
     """A fresh ``rdp`` or ``pld`` accountant for ``relation``."""
+    import dp_accounting as dpa
+    from dp_accounting import pld, rdp
+
     if kind == "rdp":
         return rdp.RdpAccountant(neighboring_relation=relation)
     if kind == "pld":
@@ -156,6 +171,8 @@ def calibrate(
         >>> round(z, 2), epsilon([Round(z, Poisson(0.05))] * 100, 1e-5) <= 2.0
         (1.44, True)
     """
+    import dp_accounting as dpa
+
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
     low, high = Z_RANGE

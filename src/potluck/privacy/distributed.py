@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from potluck.core.parts import State
 from potluck.privacy.accounting import Poisson, Sampling, WithoutReplacement, _quiet
@@ -112,6 +111,8 @@ def subsampled_rdp(
 
 def epsilon_of(rdp: np.ndarray, delta: float) -> float:
     """Epsilon at ``delta`` of a composed RDP curve over ``ORDERS``."""
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
     with _quiet():
         return float(compute_epsilon(ORDERS, rdp, delta)[0])
 

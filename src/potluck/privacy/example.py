@@ -30,12 +30,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from dp_accounting import rdp
-from dp_accounting.rdp import rdp_privacy_accountant
 
 from potluck.privacy.accounting import _quiet
 
-ORDERS = tuple(float(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+
+@functools.cache
+def _orders() -> tuple[float, ...]:
+    """dp-accounting's RDP orders (imported here: it loads SciPy, ~1.4 s)."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return tuple(float(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -45,9 +49,11 @@ def _step_rdp(rate: float, noise_multiplier: float) -> np.ndarray:
     the function it calls. Composing ``T`` steps multiplies it by ``T``, so each client's
     epsilon costs one such computation per sample rate (35 to 150 ms) instead of one per
     step count; ``tests/test_dp_sgd.py`` checks the result against the accountant itself."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     with _quiet():
         step = rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(
-            q=rate, noise_multiplier=noise_multiplier, orders=np.array(ORDERS)
+            q=rate, noise_multiplier=noise_multiplier, orders=np.array(_orders())
         )
     return np.asarray(step, dtype=np.float64)
 
@@ -62,8 +68,10 @@ def example_epsilon(rate: float, steps: int, noise_multiplier: float, delta: flo
         return 0.0
     if noise_multiplier == 0:
         return math.inf
+    from dp_accounting import rdp
+
     with _quiet():
-        eps, _ = rdp.compute_epsilon(ORDERS, steps * _step_rdp(rate, noise_multiplier), delta)
+        eps, _ = rdp.compute_epsilon(_orders(), steps * _step_rdp(rate, noise_multiplier), delta)
     return float(eps)
 
 

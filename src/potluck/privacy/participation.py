@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import dp_accounting as dpa
 import numpy as np
 import torch
 
@@ -59,6 +58,8 @@ def tree_sensitivity(counts: np.ndarray, rounds: int) -> np.ndarray:
 def gaussian_epsilon(z_eff: float, delta: float, kind: str = "rdp") -> float:
     """Epsilon at ``delta`` of one Gaussian mechanism of noise multiplier ``z_eff``
     (infinite for 0)."""
+    import dp_accounting as dpa
+
     if z_eff == 0:
         return math.inf
     acc = accountant(kind, dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
@@ -69,6 +70,8 @@ def gaussian_epsilon(z_eff: float, delta: float, kind: str = "rdp") -> float:
 
 def gaussian_calibrate(target_epsilon: float, delta: float, kind: str = "rdp") -> float:
     """The noise multiplier of one Gaussian mechanism that spends ``target_epsilon``."""
+    import dp_accounting as dpa
+
     low, high = Z_RANGE[0] / 100, Z_RANGE[1]
     with _quiet():
         return float(
