@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from potluck.data.options import check_options
+from potluck.data.options import check_client_id, check_options
 from potluck.data.sampled import sampled
 
 __all__ = [
@@ -86,12 +86,7 @@ class Partition:
 
     def client(self, cid: int) -> np.ndarray:
         """Sample indices of client ``cid`` (a read-only view)."""
-        if isinstance(cid, bool) or not isinstance(cid, (int, np.integer)):
-            raise TypeError(f"client id must be an integer, got {type(cid).__name__}")
-        if not 0 <= cid < self.num_clients:
-            raise IndexError(
-                f"client id {cid} out of range: valid ids are 0..{self.num_clients - 1}"
-            )
+        check_client_id(cid, self.num_clients)
         return self.indices[self.offsets[cid] : self.offsets[cid + 1]]
 
     def sizes(self) -> np.ndarray:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from potluck.data.options import check_client_id
+
 __all__ = ["SampledPartition", "sampled"]
 
 
@@ -82,12 +84,7 @@ class SampledPartition:
 
     def client(self, cid: int) -> np.ndarray:
         """Sample indices of client ``cid`` (drawn again, identically, on every call)."""
-        if isinstance(cid, bool) or not isinstance(cid, (int, np.integer)):
-            raise TypeError(f"client id must be an integer, got {type(cid).__name__}")
-        if not 0 <= cid < self.num_clients:
-            raise IndexError(
-                f"client id {cid} out of range: valid ids are 0..{self.num_clients - 1}"
-            )
+        check_client_id(cid, self.num_clients)
         rng = np.random.default_rng([self.key, int(cid)])
         size = int(self._sizes[cid])
         if self.alpha is None:
