@@ -106,8 +106,8 @@ def main() -> None:
     runs = []
     for engine in args.engines.split(","):
         cmd = [sys.executable, __file__, "--one", engine, "--clients", str(args.clients),
-               "--examples", str(args.examples), "--concurrency", str(args.concurrency), "--buffer", str(args.buffer),
-               "--steps", str(args.steps)]  # fmt: skip
+               "--examples", str(args.examples), "--concurrency", str(args.concurrency),
+               "--buffer", str(args.buffer), "--steps", str(args.steps)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         run = json.loads(done.stdout.strip().splitlines()[-1])
         runs.append(run)
