@@ -150,6 +150,12 @@ class EvaluationConfig(_Section):
     centralized: bool = True
     federated_clients: int = Field(10, ge=-1, description="clients for federated eval; -1 all")
     finetune_epochs: int = Field(0, ge=0, description="also evaluate after local fine-tuning")
+    test_examples: int | None = Field(
+        None,
+        ge=1,
+        description="centralised evaluation on this many test examples, drawn once from the"
+        " seed (default: all)",
+    )
 
 
 class DetectionConfig(_Section):

@@ -101,13 +101,16 @@ class Evaluation:
     test set. ``federated_clients``: how many clients' local test sets (sampled each time;
     0 = none, -1 = all) give a weighted federated accuracy, and a personalised one where a
     term keeps personal models. ``finetune_epochs``: also report the accuracy after that
-    many epochs of local fine-tuning of the global model (0 = off).
+    many epochs of local fine-tuning of the global model (0 = off). ``test_examples``: the
+    centralised evaluation on that many test examples drawn once from the run seed (the
+    same sample every round, so the curve moves only with the model; default: all).
     """
 
     every: int = 1
     centralized: bool = True
     federated_clients: int = 0
     finetune_epochs: int = 0
+    test_examples: int | None = None
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -116,6 +119,24 @@ class Evaluation:
             raise ValueError("evaluation.federated_clients must be >= 0, or -1 for all")
         if self.finetune_epochs < 0:
             raise ValueError("evaluation.finetune_epochs must be >= 0")
+        if self.test_examples is not None and self.test_examples < 1:
+            raise ValueError(f"evaluation.test_examples must be >= 1, got {self.test_examples}")
+
+    def test_rows(self, test_size: int, seed: int) -> np.ndarray | None:
+        """The test rows of the centralised evaluation, ascending (``None``: all of them).
+
+        Example:
+            >>> Evaluation(test_examples=3).test_rows(10, seed=0).tolist()
+            [0, 7, 9]
+        """
+        k = self.test_examples
+        if k is None or k == test_size:
+            return None
+        if k > test_size:
+            raise ValueError(
+                f"evaluation.test_examples = {k}: the test set holds {test_size} examples"
+            )
+        return np.sort(Seeds(seed).numpy("test_sample").choice(test_size, size=k, replace=False))
 
     def due(self, rnd: int, rounds: int) -> bool:
         return rnd % self.every == 0 or rnd == rounds
@@ -597,6 +618,7 @@ class _Loop:
                 f"aggregator.root_examples = {root}: the server's root data is drawn from the "
                 f"source's training set, which holds {len(train.y)} examples"
             )
+        self.test_rows = exp.evaluation.test_rows(len(exp.federation.source.test), exp.seed)
         self.clock = self._virtual_clock()
         self.realtime: ClockPolicy | None = None  # deployed: [clock] on real time
         self.driver: AsyncDriver | None = None
@@ -1400,11 +1422,14 @@ class _Loop:
         if ev.centralized:
             test = self.exp.federation.source.test
             if len(test):
-                res = engine.evaluate_test(w)
+                rows = self.test_rows
+                res = engine.evaluate_test(w) if rows is None else engine.evaluate_test(w, rows)
                 out.update(test_loss=res.loss, test_accuracy=res.accuracy)
                 triggered = getattr(self.exp.attack, "triggered", None)
                 if triggered is not None:  # a backdoor's attack success rate
-                    x, y = triggered(torch.from_numpy(test.features()), torch.from_numpy(test.y))
+                    y_test = test.y if rows is None else test.y[rows]
+                    x_test = torch.from_numpy(test.features(rows))
+                    x, y = triggered(x_test, torch.from_numpy(y_test))
                     asr = self.program.evaluate_arrays(w, x.numpy(), y.numpy())
                     out["backdoor_accuracy"] = asr.accuracy
         if not ev.federated_clients:

@@ -218,3 +218,14 @@ def test_centralised_evaluation_is_split_over_the_workers(monkeypatch: pytest.Mo
             engine.close()
         assert (got.correct, got.n) == (expected.correct, expected.n) == (got.correct, 23)
         assert got.loss_sum == pytest.approx(expected.loss_sum, rel=1e-12)
+    rows = np.array([0, 2, 3, 5, 8, 9, 13, 14, 17, 21, 22])  # a sample of the test set
+    expected = p.evaluate_test(w, rows)
+    assert expected.n == len(rows)
+    for workers in (1, 2, 5):
+        engine = PoolEngine(p, workers=workers)
+        try:
+            got = engine.evaluate_test(w, rows)
+        finally:
+            engine.close()
+        assert (got.correct, got.n) == (expected.correct, expected.n)
+        assert got.loss_sum == pytest.approx(expected.loss_sum, rel=1e-12)

@@ -657,10 +657,12 @@ class ClientProgram:
             correct += int(self.task.correct_fn(logits, yb))
         return EvalResult(loss_sum, correct, len(y))
 
-    def evaluate_test(self, w: torch.Tensor, rows: slice = slice(None)) -> EvalResult:
-        """Sums of ``w`` on the source's held-out test set (``rows`` of it): the centralised
-        evaluation. Engines with several workers split it at multiples of ``EVAL_BATCH``."""
+    def evaluate_test(self, w: torch.Tensor, rows: np.ndarray | slice | None = None) -> EvalResult:
+        """Sums of ``w`` on the source's held-out test set (``rows`` of it, default all):
+        the centralised evaluation. Engines with several workers split it at multiples of
+        ``EVAL_BATCH``."""
         test = self.federation.source.test
+        rows = slice(None) if rows is None else rows
         return self.evaluate_arrays(w, test.features(rows), test.y[rows])
 
     def evaluate(

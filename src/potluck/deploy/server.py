@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 
 from potluck.client.program import ClientProgram, EvalResult
@@ -649,9 +650,9 @@ class GrpcEngine:
             )
         return tasks
 
-    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+    def evaluate_test(self, w: torch.Tensor, rows: np.ndarray | None = None) -> EvalResult:
         """Centralised evaluation on the server (its copy of the test set)."""
-        return self.program.evaluate_test(w)
+        return self.program.evaluate_test(w, rows)
 
     def close(self) -> None:
         """Record client health. The round loop closes its engine whether the run finished

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.rnn import RNNBase
@@ -42,8 +43,9 @@ class Engine(Protocol):
 
     def run_stage(self, job: StageJob) -> Sequence[Reply | None]: ...
 
-    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
-        """The centralised evaluation (``ClientProgram.evaluate_test``), where it is fastest."""
+    def evaluate_test(self, w: torch.Tensor, rows: np.ndarray | None = None) -> EvalResult:
+        """The centralised evaluation (``ClientProgram.evaluate_test``), where it is fastest;
+        on the test ``rows`` if given (``evaluation.test_examples``), else on all of them."""
         ...
 
     def close(self) -> None: ...

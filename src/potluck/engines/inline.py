@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from potluck.client.program import ClientProgram, EvalResult
@@ -40,9 +41,9 @@ class InlineEngine:
     def run_stage(self, job: StageJob) -> list[Reply | None]:
         return self.program.run_stage(job)
 
-    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+    def evaluate_test(self, w: torch.Tensor, rows: np.ndarray | None = None) -> EvalResult:
         """Centralised evaluation in this process."""
-        return self.program.evaluate_test(w)
+        return self.program.evaluate_test(w, rows)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -200,19 +200,21 @@ class PoolEngine:
         replies = self._collect(_described(parts, job.clients))
         return gather([replies[i] for i in parts], list(parts.values()), len(job.clients))
 
-    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+    def evaluate_test(self, w: torch.Tensor, rows: np.ndarray | None = None) -> EvalResult:
         """The centralised evaluation split over the workers at multiples of the evaluation
-        batch (so every batch is the one ``ClientProgram.evaluate_test`` would form)."""
-        n = len(self.program.federation.source.test)
+        batch (so every batch is the one ``ClientProgram.evaluate_test`` would form); on the
+        test ``rows`` if given."""
+        n = len(self.program.federation.source.test) if rows is None else len(rows)
         batches = math.ceil(n / EVAL_BATCH)
         per = math.ceil(batches / self.workers) * EVAL_BATCH  # rows per worker
-        rows = {i: (i * per, min(n, (i + 1) * per)) for i in range(self.workers) if i * per < n}
-        if not rows:
-            return self.program.evaluate_test(w)
+        spans = {i: (i * per, min(n, (i + 1) * per)) for i in range(self.workers) if i * per < n}
+        if not spans:
+            return self.program.evaluate_test(w, rows)
         self._put_global({"w": w})
-        for i, (start, stop) in rows.items():
-            self._send(i, ("central", start, stop))
-        replies = self._collect({i: f"test rows {a}:{b}" for i, (a, b) in rows.items()})
+        for i, (start, stop) in spans.items():
+            part = slice(start, stop) if rows is None else rows[start:stop]
+            self._send(i, ("central", part))
+        replies = self._collect({i: f"test rows {a}:{b}" for i, (a, b) in spans.items()})
         parts: list[EvalResult] = list(replies.values())
         return EvalResult(
             sum(p.loss_sum for p in parts), sum(p.correct for p in parts), sum(p.n for p in parts)
@@ -373,7 +375,7 @@ def _serve(conn: Connection, program: ClientProgram, threads: int, slabs: dict[s
                 _reply(conn, slabs["out"], pending)
             elif op == "central":
                 w = slabs["global"].read(layouts["global"])["w"]
-                conn.send(("evaluated", program.evaluate_test(w, slice(msg[1], msg[2]))))
+                conn.send(("evaluated", program.evaluate_test(w, msg[1])))
             else:
                 raise ValueError(f"unknown command {op!r}")
         except Exception:

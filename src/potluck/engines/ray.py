@@ -144,9 +144,9 @@ class RayEngine:
         unpacked = [unpack_replies(_to_torch(t), s) for t, s in replies]
         return gather(unpacked, list(parts.values()), len(job.clients))
 
-    def evaluate_test(self, w: torch.Tensor) -> EvalResult:
+    def evaluate_test(self, w: torch.Tensor, rows: np.ndarray | None = None) -> EvalResult:
         """Centralised evaluation in this process."""
-        return self.program.evaluate_test(w)
+        return self.program.evaluate_test(w, rows)
 
     def close(self) -> None:
         """Release the actors; stop Ray if this engine started it (idempotent)."""
