@@ -56,10 +56,12 @@ Run from the repository root (``bash scripts/setup_flower.sh`` first):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -359,24 +361,20 @@ def run_side(
 
 
 def _spawn_side(side: str, cmd: list[str], log: Path, timeout_s: float) -> dict[str, Any]:
-    """One run of a side's process, Flower's with a fresh ``RAY_TMPDIR``."""
-    from compare_flower import in_netns, spawn
+    """One run of a side's process, Flower's with a fresh ``RAY_TMPDIR``; a timeout or a
+    failed exit raises ``RuntimeError``."""
+    from compare_flower import failure, flower_env, in_netns, spawn
 
     sampler = {"interval": 0.1, "pss_cpu_share": 0.02}
-    if side != "flower":
-        return spawn(in_netns(cmd), log, sampler, dict(os.environ), timeout_s)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rsa", dir="/tmp"))  # short: Ray's socket paths
-    env = {
-        **os.environ,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TMPDIR": str(ray_tmp),
-        "PYTHONPATH": str(FLOWER_APP.parent),
-    }
-    try:
-        return spawn(in_netns(cmd), log, sampler, env, timeout_s)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        env = dict(os.environ)
+        if side == "flower":
+            env = stack.enter_context(flower_env(FLOWER_APP.parent))
+        proc = spawn(in_netns(cmd), log, sampler, env, timeout_s)
+    why = failure(proc, log)
+    if why is not None:
+        raise RuntimeError(f"{shlex.join(cmd)}: {why}")
+    return proc
 
 
 def summarise(side: str, res: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:

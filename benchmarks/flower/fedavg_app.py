@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from functools import cache
 from math import prod
 from pathlib import Path
@@ -77,12 +78,21 @@ def _conv_stack(channels: int, widths: tuple[int, int]) -> nn.Sequential:
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """potluck's ``logreg``, ``mlp`` (hidden 64) or ``small_cnn``."""
+    """potluck's ``logreg``, ``mlp`` (hidden 64), ``mlp2nn`` (McMahan's 2NN) or ``small_cnn``."""
     if name == "logreg":
         return nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
     if name == "mlp":
         return nn.Sequential(
             nn.Flatten(), nn.Linear(prod(input_shape), 64), nn.ReLU(), nn.Linear(64, num_classes)
+        )
+    if name == "mlp2nn":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(prod(input_shape), 200),
+            nn.ReLU(),
+            nn.Linear(200, 200),
+            nn.ReLU(),
+            nn.Linear(200, num_classes),
         )
     if name == "small_cnn":
         c, h, w = input_shape
@@ -167,6 +177,7 @@ def train(msg: Message, context: Context) -> Message:
 server_app = ServerApp()
 EVAL_SECONDS: dict[int, float] = {}
 EVAL_DONE: dict[int, float] = {}  # perf_counter when round r's evaluation ended
+TRAIN_REPLIES: dict[int, dict[str, int]] = {}  # per round: answers, errors, examples trained
 
 
 class CohortFedAvg(FedAvg):
@@ -192,6 +203,20 @@ class CohortFedAvg(FedAvg):
                 )
             )
         return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's aggregation, counting the answers first (the driver checks that every
+        member answered and trained all of its examples)."""
+        replies = list(replies)
+        good = [m for m in replies if not m.has_error()]
+        TRAIN_REPLIES[server_round] = {
+            "answers": len(good),
+            "errors": len(replies) - len(good),
+            "examples": sum(int(m.content["metrics"]["num-examples"]) for m in good),
+        }
+        return super().aggregate_train(server_round, replies)
 
 
 def central_eval(server_round: int, record: ArrayRecord) -> MetricRecord:
@@ -230,7 +255,7 @@ def server_main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=0,
         min_available_nodes=n,
     )
-    t0 = time.perf_counter()
+    t0, start_epoch = time.perf_counter(), time.time()
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
@@ -238,11 +263,14 @@ def server_main(grid: Grid, context: Context) -> None:
         num_rounds=int(s["rounds"]),
         evaluate_fn=central_eval,
     )
-    strategy_s = time.perf_counter() - t0
+    strategy_s, end_epoch = time.perf_counter() - t0, time.time()
     history = result.evaluate_metrics_serverapp
     rounds = int(s["rounds"])
     server = dict(
         strategy_start_s=strategy_s,
+        strategy_start_epoch=start_epoch,
+        strategy_end_epoch=end_epoch,
+        train_replies=[TRAIN_REPLIES.get(r, {}) for r in range(1, rounds + 1)],
         round0_eval_s=EVAL_SECONDS.get(0, 0.0),
         eval_seconds=[EVAL_SECONDS.get(r, 0.0) for r in range(rounds + 1)],
         round_seconds=[EVAL_DONE[r] - EVAL_DONE[r - 1] for r in range(1, rounds + 1)],

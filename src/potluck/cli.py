@@ -735,8 +735,34 @@ def _log_to_stderr() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. A command that returned ends the process without the
+    interpreter's teardown of every module (about 0.8 s with torch loaded, as long as the
+    rounds of a small experiment): exit handlers run, streams are flushed, and where a
+    thread is still running the normal exit waits for it instead."""
+    try:
+        app()
+    except SystemExit as done:
+        code = done.code
+    else:
+        code = 0
+    _exit_fast(code if isinstance(code, int) else (0 if code is None else 1))
+
+
+def _exit_fast(code: int) -> None:
+    import atexit
+    import os
+    import threading
+
+    busy = [t for t in threading.enumerate() if t.is_alive() and not t.daemon]
+    if busy != [threading.main_thread()]:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
