@@ -53,7 +53,9 @@ def _mem_total_gib() -> float | None:
 
 
 def cpu_times() -> dict[str, float]:
-    """Whole-machine CPU seconds so far (all CPUs): busy, idle and steal (from /proc/stat)."""
+    """Whole-machine CPU seconds so far (all CPUs): busy (user, nice, system: what processes
+    are charged), interrupts (hard and soft: network traffic on loopback lands here, charged
+    to no process), idle and steal (from /proc/stat)."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     except OSError:
@@ -62,7 +64,8 @@ def cpu_times() -> dict[str, float]:
     hz = os.sysconf("SC_CLK_TCK")
     user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
     return {
-        "busy_s": (user + nice + system + irq + softirq) / hz,
+        "busy_s": (user + nice + system) / hz,
+        "irq_s": (irq + softirq) / hz,
         "idle_s": (idle + iowait) / hz,
         "steal_s": steal / hz,
     }

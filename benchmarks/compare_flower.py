@@ -81,6 +81,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -388,6 +389,7 @@ def spawn(
         "tree_cpu_s": own1 - own0,
         "other_processes_cpu_s": other,
         "other_processes_cores": max(0.0, other) / max(wall, 1e-9),
+        "interrupts_s": cpu1.get("irq_s", 0.0) - cpu0.get("irq_s", 0.0),  # charged to no one
     }
 
 
@@ -667,7 +669,6 @@ def anatomy(
     """In this process: one round's training (the round-1 cohort, ``engine.train``) per
     engine and one centralised evaluation, timed apart (median of ``reps`` after a warm-up),
     with the FLOP rate of each phase and the operators that take the training time."""
-    import statistics
 
     from _common import train_cohort
     from torch.profiler import ProfilerActivity, profile
@@ -839,6 +840,9 @@ def main() -> None:
         default=REPO / "benchmarks" / "logs" / "compare_flower",
         help="every run's log is kept here, one file per setting and attempt",
     )
+    parser.add_argument(
+        "--result", default="compare_flower", help="benchmarks/results/RESULT.json to write"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -887,6 +891,8 @@ def main() -> None:
     args.logs.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     try:
+        payload["import_torch_floor"] = floor = import_floor(tmp, sampler)
+        print(f"python -c 'import torch': median {floor['median_s']:.2f} s", flush=True)
         for name in names:
             results[name] = measure_workload(name, args, engines, flower_cpus, sampler, tmp)
     finally:
@@ -909,9 +915,24 @@ def main() -> None:
     )
     for name, entry in results.items():
         shares(name, entry, peak, args.threads, ncpu)
+        for res in entry["potluck"].values():
+            if not res["invalid"]:
+                res["end_to_end_over_import_torch"] = res["end_to_end_s"] / floor["median_s"]
     payload["workloads"] = results
     print_table(results)
-    print(f"wrote {write_result('compare_flower', payload)}")
+    print(f"wrote {write_result(args.result, payload)}")
+
+
+def import_floor(tmp: Path, sampler: dict[str, float], runs: int = 5) -> dict[str, Any]:
+    """The end-to-end floor of any torch program here: ``python -c "import torch"`` in a
+    fresh network namespace like the runs (median and best of ``runs``)."""
+    walls = []
+    for i in range(runs):
+        proc = spawn(
+            in_netns([sys.executable, "-c", "import torch"]), tmp / f"floor-{i}.log", sampler
+        )
+        walls.append(proc["wall_s"])
+    return {"median_s": statistics.median(walls), "best_s": min(walls), "runs": walls}
 
 
 def measure_workload(

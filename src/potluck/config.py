@@ -509,11 +509,12 @@ class ExperimentConfig(_Section):
         """The task: the user's (``[task]``) or the built-in ``[model]`` for the data."""
         from potluck.core.registry import load_path
         from potluck.core.task import Task
-        from potluck.deployment import load_task
         from potluck.models import build_model
 
         t = self.task
         if t.name:
+            from potluck.deployment import load_task  # gRPC, only for a named task
+
             return load_task(t.name)
         if t.model:
             extra = {
