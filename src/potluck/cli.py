@@ -750,6 +750,7 @@ def main() -> None:
 
 def _exit_fast(code: int) -> None:
     import atexit
+    import contextlib
     import os
     import threading
 
@@ -758,10 +759,8 @@ def _exit_fast(code: int) -> None:
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe
             stream.flush()
-        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
-            pass
     os._exit(code)
 
 
