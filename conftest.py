@@ -6,15 +6,21 @@ gRPC servers and channels in this process and the pool engine's tests later fork
 from it; the handlers would reset gRPC's event engine in each child, which aborts a worker
 (an ``ev_epoll1_linux.cc`` check) when a finished test's server left its pollers behind.
 The workers never call gRPC.
+
+Decoded datasets are cached in a temporary directory of the test session's own.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# decoded datasets go to a cache of this session's own (``potluck.data.sources.cache_dir``):
+# the tests neither read nor fill the user's ~/.cache/potluck
+os.environ.setdefault("POTLUCK_CACHE", tempfile.mkdtemp(prefix="potluck-test-cache-"))
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 if str(EXAMPLES) not in sys.path:

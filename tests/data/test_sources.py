@@ -227,3 +227,56 @@ def test_data_source_refuses_integer_train_with_float_test() -> None:
     assert DataSource("d", ints, ints, 2, (3,)).train.integer_features
     with pytest.raises(ValueError, match="d: train inputs are integer but test inputs are float"):
         DataSource("d", ints, floats, 2, (3,))
+
+
+def test_decoded_arrays_are_cached_once_verified(
+    tmp_path: Path, no_debian: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verified files are decoded once and then read from the cache, equal to a fresh
+    decode; unverified ones are never cached; a damaged entry is decoded again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("POTLUCK_CACHE", str(cache))
+    write_fake_fmnist(tmp_path / "d", n=12)
+    monkeypatch.setattr(
+        sources,
+        "FASHION_MNIST_SHA256",
+        {n: hashlib.sha256(gzip.decompress((tmp_path / "d" / n).read_bytes())).hexdigest()
+         for n in FASHION_MNIST_FILES},
+    )  # fmt: skip
+    sources._fashion_arrays.cache_clear()
+    load_source("fashion_mnist", path=str(tmp_path / "d"), verify=False)
+    assert not cache.exists() or not any(cache.iterdir())  # unverified: not kept
+    sources._fashion_arrays.cache_clear()
+    fresh = load_source("fashion_mnist", path=str(tmp_path / "d"))
+    (entry,) = cache.iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == sorted(
+        f"{n}.npy" for n in ("x_train", "y_train", "x_test", "y_test")
+    )
+    reads: list[Path] = []
+    monkeypatch.setattr(sources, "_read_idx", lambda p, *a: reads.append(p))  # must not run
+    sources._fashion_arrays.cache_clear()
+    cached = load_source("fashion_mnist", path=str(tmp_path / "d"))
+    assert reads == []
+    np.testing.assert_array_equal(cached.train.x, fresh.train.x)
+    np.testing.assert_array_equal(cached.test.y, fresh.test.y)
+    assert not cached.train.x.flags.writeable and type(cached.train.x) is np.ndarray
+    monkeypatch.undo()
+    monkeypatch.setenv("POTLUCK_CACHE", str(cache))
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    (entry / "x_train.npy").write_bytes(b"\x93NUMPY damaged")
+    sources._fashion_arrays.cache_clear()
+    again = load_source("fashion_mnist", path=str(tmp_path / "d"), verify=False)
+    np.testing.assert_array_equal(again.train.x, fresh.train.x)
+
+
+def test_the_cache_directory_can_be_chosen_or_turned_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("POTLUCK_CACHE", str(tmp_path / "c"))
+    assert sources.cache_dir() == tmp_path / "c"
+    for off in ("off", ""):
+        monkeypatch.setenv("POTLUCK_CACHE", off)
+        assert sources.cache_dir() is None
+    monkeypatch.delenv("POTLUCK_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert sources.cache_dir() == tmp_path / "xdg" / "potluck"
