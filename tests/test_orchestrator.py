@@ -15,15 +15,17 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from potluck import Experiment, Federation, Task, resume_experiment, run_experiment
 from potluck.algorithms import fedavg
+from potluck.cli import app
 from potluck.client import Term
 from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError
 from potluck.core.parts import Context, TermOutput
 from potluck.orchestrator import TIMING_METRICS, Evaluation
-from potluck.store.sqlite import RunStore
+from potluck.store.sqlite import RunBusyError, RunStore
 from potluck.updates import Transform
 
 DIGITS = {
@@ -193,7 +195,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, checkpoint_eve
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _committed_rounds(killed) < 8, "the run finished before it could be killed"
-    (run_id,) = [i.run_id for i in RunStore(killed).list_runs()]
+    ((run_id, status),) = [(i.run_id, i.status) for i in RunStore(killed).list_runs()]
+    assert status == "interrupted"  # not "running" forever
+    listed = CliRunner().invoke(app, ["runs", "--store", str(killed)]).output
+    assert "interrupted" in listed and "potluck resume" in listed
     subprocess.run(_cli("resume", run_id, store=killed), check=True, env=env, capture_output=True)
 
     a, b = RunStore(clean), RunStore(killed)
@@ -369,3 +374,38 @@ def test_a_round_whose_model_would_not_be_finite_is_not_applied(
     assert bool(torch.isfinite(result.weights).all())
     assert "round 1: the new global model would hold NaN or Inf" in caplog.text
     assert not torch.equal(result.weights, start.initial_weights())  # later rounds went on
+
+
+def test_resuming_a_run_that_is_still_executing_is_refused(tmp_path: Path) -> None:
+    """Another process holds the run (it is executing there): resuming it here is refused
+    before anything is touched, from Python and from the CLI."""
+    cfg = ExperimentConfig.from_dict({**DIGITS, "rounds": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg.build(), tmp_path, on_round=_interrupt_after(1))
+    (info,) = RunStore(tmp_path).list_runs()
+    holder = "import sys, time; from potluck.store.sqlite import RunStore\n"
+    holder += "RunStore(sys.argv[1]).hold(sys.argv[2]); print('held', flush=True); time.sleep(120)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path), info.run_id], stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+        with pytest.raises(RunBusyError, match=f"still executing \\(pid {proc.pid}"):
+            resume_experiment(cfg.build(), tmp_path, info.run_id)
+        out = CliRunner().invoke(app, ["resume", info.run_id, "--store", str(tmp_path)])
+        assert out.exit_code != 0 and "still executing" in out.output
+        assert RunStore(tmp_path).get_run(info.run_id).last_round == 1  # nothing touched
+    finally:
+        proc.kill()
+        proc.wait()
+    resume_experiment(cfg.build(), tmp_path, info.run_id)  # its process is gone
+    after = RunStore(tmp_path).get_run(info.run_id)
+    assert after.status == "finished" and after.last_round == 2
+
+
+def _interrupt_after(rounds: int) -> Any:
+    def stop(rnd: int, metrics: dict[str, float]) -> None:
+        if rnd == rounds:
+            raise KeyboardInterrupt
+
+    return stop

@@ -199,6 +199,12 @@ def runs(store: StoreOpt = None) -> None:
             _fmt(acc) if acc is not None else "",
         )
     console.print(table)
+    stopped = [info.run_id for info in listed if info.status == "interrupted"]
+    if stopped:
+        console.print(
+            f"interrupted: the process of {len(stopped)} run(s) ended before the run did;"
+            f" continue one with: potluck resume {stopped[0]}"
+        )
 
 
 @app.command()
@@ -232,6 +238,11 @@ def show(
     for r in rounds:
         table.add_row(str(r.round), *(_fmt_metric(k, r.metrics.get(k)) for k in keys))
     console.print(table)
+    if info.status == "interrupted":
+        console.print(
+            f"interrupted after round {info.last_round}: its process ended before the run "
+            f"did; continue it with: potluck resume {run_id}"
+        )
     if clients:
         ctable = Table("round", "client", "metrics", title="per-client metrics")
         for rnd, cid, metrics in per_client:
@@ -413,13 +424,14 @@ def _refused() -> Iterator[None]:
 
 @contextmanager
 def _damage_reported() -> Iterator[None]:
-    """Report a damaged or unreadable run store or checkpoint without a traceback."""
+    """Report a damaged or unreadable run store or checkpoint, or a run executing in
+    another process, without a traceback."""
     from potluck.store.checkpoint import DamagedCheckpointError
-    from potluck.store.sqlite import StoreError
+    from potluck.store.sqlite import RunBusyError, StoreError
 
     try:
         yield
-    except (StoreError, DamagedCheckpointError) as exc:
+    except (StoreError, DamagedCheckpointError, RunBusyError) as exc:
         _fail(str(exc))
 
 

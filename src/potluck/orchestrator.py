@@ -411,7 +411,12 @@ def resume_experiment(
     opened = _open(store)
     assert opened is not None
     run_id = opened.resolve(run_id)
-    point = opened.resume_point(run_id, fallback=fallback)
+    opened.hold(run_id)  # a run executing in another process is refused (RunBusyError)
+    try:
+        point = opened.resume_point(run_id, fallback=fallback)
+    except BaseException:
+        opened.release(run_id)
+        raise
     start = None
     if point.checkpoint is not None:
         start = _State.from_checkpoint(point.round, point.checkpoint)

@@ -23,7 +23,7 @@ from potluck.store import (
     UnknownRunError,
     load_checkpoint,
 )
-from potluck.store.sqlite import DB_NAME
+from potluck.store.sqlite import DB_NAME, RunBusyError
 
 
 @pytest.fixture
@@ -379,3 +379,58 @@ def test_client_health_rows_are_upserted_per_name(store: RunStore) -> None:
     assert [h["name"] for h in got] == ["site-a", "site-b"]  # by client id
     assert got[1]["rounds_completed"] == 3 and got[1]["last_error"] == "late"
     assert got[0]["failures"] == 1 and got[0]["bytes_sent"] == 0
+
+
+HOLDER = """
+import sys, time
+from potluck.store.sqlite import RunStore
+store = RunStore(sys.argv[1])
+run = sys.argv[2] if len(sys.argv) > 2 else store.create_run({})
+store.hold(run)
+print(run, flush=True)
+time.sleep(120)
+"""
+
+
+def _holder(root: Path, *run: str) -> tuple[subprocess.Popen[str], str]:
+    """A process that holds a run (a new one, or ``run``) until it is killed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root), *run],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_run_whose_process_died_reads_interrupted(tmp_path: Path) -> None:
+    """A run executes while its process holds it; once that process is killed the run reads
+    ``interrupted`` in any store, and holding it again makes it ``running`` here."""
+    proc, run = _holder(tmp_path)
+    try:
+        with RunStore(tmp_path) as st:
+            assert st.executing(run) and st.get_run(run).status == "running"
+            with pytest.raises(
+                RunBusyError, match=rf"run {run} is still executing \(pid {proc.pid}"
+            ):
+                st.hold(run)
+            proc.kill()
+            proc.wait()
+            assert not st.executing(run)
+            assert [i.status for i in st.list_runs()] == ["interrupted"]
+            st.hold(run)
+            assert st.get_run(run).status == "running"
+            assert RunStore(tmp_path).get_run(run).status == "running"  # seen from elsewhere
+            st.set_status(run, "failed")  # a final status releases it
+            assert not st.executing(run) and st.get_run(run).status == "failed"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_closing_a_store_releases_its_runs(tmp_path: Path) -> None:
+    st = RunStore(tmp_path)
+    run = st.create_run({})
+    st.close()
+    with RunStore(tmp_path) as other:
+        assert other.get_run(run).status == "interrupted" and not other.executing(run)

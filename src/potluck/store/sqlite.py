@@ -34,14 +34,17 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
 import logging
 import math
 import numbers
+import os
 import re
 import secrets
+import socket
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -193,6 +196,10 @@ class StoreError(RuntimeError):
     the file and what to do."""
 
 
+class RunBusyError(RuntimeError):
+    """The run is executing in another process (its lock is held); the message names it."""
+
+
 _SQLITE_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 _SQLITE_UNREADABLE = (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
 
@@ -255,7 +262,9 @@ def _guarded(
 
 @dataclass(frozen=True)
 class RunInfo:
-    """One run as recorded; ``last_round`` is 0 until round 1 is committed."""
+    """One run as recorded; ``last_round`` is 0 until round 1 is committed. ``status`` is
+    ``running``, ``finished``, ``failed``, or ``interrupted``: recorded as running, but no
+    process executes it any more (``RunStore.executing``; resume it)."""
 
     run_id: str
     name: str
@@ -315,6 +324,7 @@ class RunStore:
         self.root = Path(root)
         self.keep_checkpoints = keep_checkpoints
         self._writing: set[str] = set()  # runs whose stray temporary files are removed
+        self._held: dict[str, int] = {}  # runs executing here: their lock files' descriptors
         self.root.mkdir(parents=True, exist_ok=True)
         db = self.root / DB_NAME
         try:
@@ -335,7 +345,9 @@ class RunStore:
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connection (and release the runs this store executes)."""
+        for run_id in list(self._held):
+            self.release(run_id)
         self._conn.close()
 
     def __enter__(self) -> RunStore:
@@ -353,21 +365,92 @@ class RunStore:
 
     @_guarded
     def create_run(self, config: Mapping[str, Any], name: str | None = None) -> str:
-        """Record a new ``running`` run and create its directory; return its id.
+        """Record a new ``running`` run, create its directory and hold it (``hold``: it
+        executes in this process until ``finish``, a final ``set_status``, ``release`` or
+        ``close``); return its id.
 
         The id is ``YYYYMMDD-HHMMSS-<6 hex>`` (UTC); ``name`` defaults to the id.
         """
         now = datetime.now(UTC)
         run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         config_json = _to_json(dict(config), "config")
-        with self._transaction():
-            self._conn.execute(
-                "INSERT INTO runs (run_id, name, created_at, status, config)"
-                " VALUES (?, ?, ?, 'running', ?)",
-                (run_id, name or run_id, now.isoformat(timespec="seconds"), config_json),
-            )
         self.run_dir(run_id).mkdir(parents=True, exist_ok=True)
+        self.hold(run_id)  # before the row exists, so that no reader sees it interrupted
+        try:
+            with self._transaction():
+                self._conn.execute(
+                    "INSERT INTO runs (run_id, name, created_at, status, config)"
+                    " VALUES (?, ?, ?, 'running', ?)",
+                    (run_id, name or run_id, now.isoformat(timespec="seconds"), config_json),
+                )
+        except BaseException:
+            self.release(run_id)
+            raise
         return run_id
+
+    def hold(self, run_id: str) -> None:
+        """Mark run ``run_id`` as executing in this process: an exclusive ``flock`` on its
+        lock file, which the operating system releases when the process ends however it
+        ends. ``RunBusyError`` (naming the process) if another process holds it.
+
+        Example:
+            >>> import tempfile
+            >>> a, b = RunStore(d := tempfile.mkdtemp()), RunStore(d)
+            >>> run = a.create_run({})
+            >>> b.hold(run)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            potluck.store.sqlite.RunBusyError: run ... is still executing (pid ...)...
+            >>> a.close(); b.hold(run); b.get_run(run).status
+            'running'
+            >>> b.close(); RunStore(d).get_run(run).status
+            'interrupted'
+        """
+        if run_id in self._held:
+            return
+        path = self._lock_path(run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunBusyError(
+                f"run {run_id} is still executing ({holder}): wait for it to end, or stop"
+                " that process first"
+            ) from None
+        since = datetime.now(UTC).isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}".encode(), 0)
+        self._held[run_id] = fd
+
+    def release(self, run_id: str) -> None:
+        """Stop holding run ``run_id`` (idempotent); a run still ``running`` then reads as
+        ``interrupted``."""
+        fd = self._held.pop(run_id, None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def executing(self, run_id: str) -> bool:
+        """Whether some process (this one included) holds run ``run_id``."""
+        if run_id in self._held:
+            return True
+        try:
+            fd = os.open(self._lock_path(run_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also drops the shared lock just taken
+        return False
+
+    def _lock_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / ".lock"
 
     def run_dir(self, run_id: str) -> Path:
         """The directory of run ``run_id`` (``root/runs/<run_id>``)."""
@@ -419,6 +502,7 @@ class RunStore:
             self._run_key(run_id)
             self._conn.execute("UPDATE runs SET status = ? WHERE run_id = ?", (status, run_id))
         if status != "running":
+            self.release(run_id)
             self._checkpoint_wal()
 
     @_guarded
@@ -434,6 +518,7 @@ class RunStore:
                 (status, summary_json, run_id),
             )
         if status != "running":
+            self.release(run_id)
             self._checkpoint_wal()
 
     # -- rounds ----------------------------------------------------------------------------
@@ -750,6 +835,8 @@ class RunStore:
     def _run_info(self, row: tuple[Any, ...]) -> RunInfo:
         """A ``RunInfo`` from a row of ``_RUN_SELECT``."""
         run_id, name, created_at, status, config, summary, last_round = row
+        if status == "running" and not self.executing(run_id):
+            status = "interrupted"  # its process died (or ended without a final status)
         return RunInfo(
             run_id=run_id,
             name=name,
