@@ -46,6 +46,8 @@ def test_run_list_show_and_report(store: Path) -> None:
     assert "round 3" in out and "done run" in out and "report.html" in out
     code, out = invoke("runs", "--store", str(store))
     assert code == 0 and "cli-test" in out and "finished" in out
+    assert "fedavg / digits" in out and "mlp" in out  # what ran (folded to fit)
+    assert max(len(line) for line in out.splitlines()) <= 80
     code, out = invoke("show", "cli-test", "--store", str(store), "--json")
     payload = json.loads(out)
     assert [r["round"] for r in payload["rounds"]] == [1, 2, 3]

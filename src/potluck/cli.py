@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Column, Table
 
@@ -184,16 +185,26 @@ def resume(
 
 @app.command()
 def runs(store: StoreOpt = None) -> None:
-    """List stored runs, newest first."""
-    table = Table(Column("run", no_wrap=True), "name", "created", "status", "rounds", "test acc")
+    """List stored runs, newest first (the run id starts with its UTC start time)."""
     with _damage_reported():
         listed = _store(store or default_store()).list_runs()
+    named = any(info.name != info.run_id for info in listed)
+    table = Table(
+        Column("run", no_wrap=True),
+        *([Column("name", overflow="fold")] if named else []),
+        Column("algorithm / data / model", overflow="fold"),  # what ran, folded to fit 80
+        Column("status", no_wrap=True),
+        Column("rounds", justify="right", no_wrap=True),
+        Column("test acc", justify="right", no_wrap=True),
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1, 0, 0),
+    )
     for info in listed:
         acc = info.summary.get("test_accuracy")
         table.add_row(
             info.run_id,
-            "" if info.name == info.run_id else info.name,
-            info.created_at,
+            *([info.name if info.name != info.run_id else ""] if named else []),
+            " / ".join(part for part in _what_ran(info.config) if part),
             info.status,
             str(info.last_round),
             _fmt(acc) if acc is not None else "",
@@ -205,6 +216,32 @@ def runs(store: StoreOpt = None) -> None:
             f"interrupted: the process of {len(stopped)} run(s) ended before the run did;"
             f" continue one with: potluck resume {stopped[0]}"
         )
+
+
+def _what_ran(config: dict[str, Any]) -> tuple[str, str, str]:
+    """A stored config's algorithm, dataset (or federation) and model (or task), short.
+
+    Example:
+        >>> _what_ran({"algorithm": {"name": "fedprox"}, "data": {"dataset": "digits"},
+        ...            "model": {"name": "mlp"}})
+        ('fedprox', 'digits', 'mlp')
+        >>> _what_ran({"data": {"federation": "my_lab.data:build"}, "task": {"model": "a.b:Net"}})
+        ('', 'build', 'Net')
+    """
+
+    def section(name: str) -> dict[str, Any]:
+        value = config.get(name)
+        return value if isinstance(value, dict) else {}
+
+    def short(ref: Any) -> str:
+        return str(ref).rsplit(":", 1)[-1].rsplit(".", 1)[-1] if ref else ""
+
+    data, task = section("data"), section("task")
+    return (
+        str(section("algorithm").get("name") or ""),
+        str(data.get("dataset") or short(data.get("federation"))),
+        str(section("model").get("name") or short(task.get("model") or task.get("name"))),
+    )
 
 
 @app.command()
