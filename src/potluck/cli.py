@@ -270,11 +270,18 @@ def show(
         return
     present = {k for r in rounds for k in r.metrics}
     keys = [k for k in _SHOW_ORDER if k in present] + sorted(present - set(_SHOW_ORDER))
-    headers = [Column(_header(k), overflow="fold") for k in keys]
-    table = Table("round", *headers, title=f"run {run_id} ({info.status})")
-    for r in rounds:
-        table.add_row(str(r.round), *(_fmt_metric(k, r.metrics.get(k)) for k in keys))
-    console.print(table)
+    cells = [[_fmt_metric(k, r.metrics.get(k)) for k in keys] for r in rounds]
+    console.print(f"run {run_id} ({info.status})")
+    for part in _fitting(keys, cells, console.width):
+        table = Table(
+            Column("round", justify="right"),
+            *(Column(_header(keys[i]), justify="right") for i in part),
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1, 0, 0),
+        )
+        for r, row in zip(rounds, cells, strict=True):
+            table.add_row(str(r.round), *(row[i] for i in part))
+        console.print(table)
     if info.status == "interrupted":
         console.print(
             f"interrupted after round {info.last_round}: its process ended before the run "
@@ -511,6 +518,27 @@ _SHOW_ORDER = (
     "bytes_down",
     "round_seconds",
 )
+
+
+def _fitting(keys: list[str], cells: list[list[str]], width: int) -> list[list[int]]:
+    """Column positions split into groups that each fit ``width`` beside the round column
+    (a metric column is as wide as its header or its widest cell, plus a space).
+
+    Example:
+        >>> _fitting(["a", "b", "c"], [["12345", "1", "123456"]], 16)
+        [[0, 1], [2]]
+    """
+    room = max(width - len("round") - 3, 1)
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, key in enumerate(keys):
+        need = max([len(_header(key))] + [len(row[i]) for row in cells]) + 1
+        if groups[-1] and used + need > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += need
+    return groups if groups[0] else []
 
 
 def _header(key: str) -> str:
