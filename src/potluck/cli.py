@@ -9,7 +9,6 @@ Example (shell):
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,8 @@ from rich.table import Column, Table
 from potluck.attacks.cli import attack_app
 from potluck.config import ConfigError, ExperimentConfig, default_store
 from potluck.deploy.certs_cli import certs_app
+from potluck.report.progress import RoundProgress
+from potluck.report.progress import fmt as _fmt
 
 if TYPE_CHECKING:
     from potluck.orchestrator import Experiment, RunResult
@@ -119,8 +120,10 @@ def run(
     from potluck.orchestrator import run_experiment
 
     _describe_start(cfg, experiment)
-    with _refused(), _damage_reported(), _progress(experiment.rounds, 0) as on_round:
-        result = run_experiment(experiment, _store(cfg.run.store), on_round=on_round)
+    with _refused(), _damage_reported(), _progress(experiment.rounds) as on_round:
+        result = run_experiment(
+            experiment, _store(cfg.run.store), on_round=on_round, progress=False
+        )
     _describe_end(result)
 
 
@@ -178,7 +181,13 @@ def resume(
 
         with _refused(), _damage_reported(), progress as on_round:
             result = resume_experiment(
-                experiment, st, run_id, on_round=on_round, fallback=fallback, on_resume=started
+                experiment,
+                st,
+                run_id,
+                on_round=on_round,
+                fallback=fallback,
+                on_resume=started,
+                progress=False,
             )
     _describe_end(result)
 
@@ -494,16 +503,6 @@ def _lookup(st: RunStore, ref: str) -> tuple[str, Any]:
     return run_id, st.get_run(run_id)
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
-    return str(value)
-
-
 _SHOW_ORDER = (
     "train_loss",
     "test_loss",
@@ -602,77 +601,6 @@ def _describe_end(result: RunResult) -> None:
     if result.run_dir is not None:
         console.print(f"stored in {result.run_dir} (report: {result.run_dir / 'report.html'})")
         console.print(f"see per-round metrics with: potluck show {result.run_id}")
-
-
-_PROGRESS_KEYS = (
-    "cohort_size", "train_loss", "test_accuracy", "fed_accuracy", "epsilon", "virtual_time_s",
-    "round_seconds",
-)  # fmt: skip
-
-
-def _duration(seconds: float) -> str:
-    """Virtual seconds as ``1d 02:03:04`` or ``02:03:04.5``.
-
-    Example:
-        >>> _duration(93784.5), _duration(4.25)
-        ('1d 02:03:04', '00:00:04.2')
-    """
-    days, rest = divmod(float(seconds), 86_400.0)
-    h, rest = divmod(rest, 3600.0)
-    m, sec = divmod(rest, 60.0)
-    if days:
-        return f"{int(days)}d {int(h):02d}:{int(m):02d}:{int(sec):02d}"
-    return f"{int(h):02d}:{int(m):02d}:{sec:04.1f}"
-
-
-class _progress:
-    """A rich progress bar fed by the orchestrator's per-round callback."""
-
-    def __init__(self, rounds: int, done: int) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(
-            TextColumn("round {task.completed:>3.0f}/{task.total:.0f}"),
-            BarColumn(),
-            TextColumn("cohort {task.fields[cohort]}"),
-            TextColumn("train loss {task.fields[loss]}"),
-            TextColumn("test acc {task.fields[acc]}"),
-            TextColumn("{task.fields[privacy]}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=not sys.stderr.isatty() and not console.is_terminal,
-        )
-        self.task = self.bar.add_task(
-            "rounds", total=rounds, completed=done, cohort="-", loss="-", acc="-", privacy=""
-        )
-        self.quiet = self.bar.disable
-
-    def __enter__(self) -> Any:
-        self.bar.__enter__()
-        return self.update
-
-    def update(self, rnd: int, metrics: Any) -> None:
-        acc = metrics.get("test_accuracy", metrics.get("fed_accuracy"))
-        fields: dict[str, Any] = {
-            "cohort": _fmt(int(metrics["cohort_size"])),
-            "loss": _fmt(metrics["train_loss"]),
-        }
-        if acc is not None:
-            fields["acc"] = _fmt(acc)
-        extra = []
-        if "epsilon" in metrics:  # a private run: the privacy spent so far
-            extra.append(f"epsilon {_fmt(metrics['epsilon'])}")
-        if "virtual_time_s" in metrics:  # on a virtual clock: its time
-            extra.append(f"virtual {_duration(metrics['virtual_time_s'])}")
-        fields["privacy"] = "  ".join(extra)
-        self.bar.update(self.task, completed=rnd, **fields)
-        if self.quiet:
-            shown = [k for k in _PROGRESS_KEYS if k in metrics]
-            line = " ".join(f"{k}={_fmt(metrics[k])}" for k in shown)
-            console.print(f"round {rnd} {line}", highlight=False, soft_wrap=True)
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -799,6 +727,11 @@ def _attack(name: str | None, params: list[str]) -> Any:
     attack = check_attack(build_part("attack", section, "attack"))
     check_site_attack(attack)
     return attack
+
+
+def _progress(rounds: int, done: int = 0) -> RoundProgress:
+    """The run's progress bar on this console; a line a round where it is no terminal."""
+    return RoundProgress(rounds, done, console, lines=True)
 
 
 def _log_to_stderr() -> None:

@@ -126,10 +126,12 @@ def run_server(
         if resume_id is not None:
             log.info("resuming run %s", resume_id)
             result = resume_experiment(
-                experiment, store, resume_id, on_round=on_round, engine=engine
+                experiment, store, resume_id, on_round=on_round, engine=engine, progress=False
             )
         else:
-            result = run_experiment(experiment, store, on_round=on_round, engine=engine)
+            result = run_experiment(
+                experiment, store, on_round=on_round, engine=engine, progress=False
+            )
         hub.finish()  # only a finished run tells the clients they are done
         if hub.wait_for_busy(dep.round_timeout_s):
             log.warning("finished without telling sites still busy with a closed task")

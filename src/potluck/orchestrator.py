@@ -35,7 +35,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -367,8 +368,12 @@ def run_experiment(
     on_round: RoundCallback | None = None,
     engine: EngineFactory | None = None,
     on_updates: UpdateObserver | None = None,
+    progress: bool = True,
 ) -> RunResult:
     """Run ``experiment`` from round 1; record it in ``store`` if one is given.
+
+    ``progress``: the CLI's progress bar on stderr while it runs (drawn only where stderr is
+    a terminal).
 
     Without a store, client state (SCAFFOLD's ``c_i``, an error-feedback residual) is kept
     in memory for the run; give a store for large stateful federations. ``engine`` makes the
@@ -379,12 +384,33 @@ def run_experiment(
     """
     if engine is None:
         experiment, _ = resolve_engine(experiment)
-    loop = _Loop(experiment, on_round, engine)  # builds the model: bad tasks fail before storing
-    loop.on_updates = on_updates
-    opened = _open(store)
-    if opened is not None:
-        loop.record_to(opened, opened.create_run(experiment.describe(), experiment.name))
-    return loop.run(None)
+    with _shown(progress, experiment.rounds, 0, on_round) as callback:
+        loop = _Loop(experiment, callback, engine)  # builds the model: bad tasks fail here
+        loop.on_updates = on_updates
+        opened = _open(store)
+        if opened is not None:
+            loop.record_to(opened, opened.create_run(experiment.describe(), experiment.name))
+        return loop.run(None)
+
+
+@contextmanager
+def _shown(
+    progress: bool, rounds: int, done: int, on_round: RoundCallback | None
+) -> Iterator[RoundCallback | None]:
+    """``on_round``, also feeding a progress bar when ``progress``."""
+    if not progress:
+        yield on_round
+        return
+    from potluck.report.progress import RoundProgress
+
+    with RoundProgress(rounds, done) as show:
+
+        def both(rnd: int, metrics: Mapping[str, float]) -> None:
+            show(rnd, metrics)
+            if on_round is not None:
+                on_round(rnd, metrics)
+
+        yield both
 
 
 def resume_experiment(
@@ -396,6 +422,7 @@ def resume_experiment(
     engine: EngineFactory | None = None,
     fallback: bool = False,
     on_resume: Callable[[ResumePoint], None] | None = None,
+    progress: bool = True,
 ) -> RunResult:
     """Continue stored run ``run_id`` from its last checkpoint to the end of ``experiment``.
 
@@ -406,7 +433,8 @@ def resume_experiment(
     are recomputed. Temporary files that a kill left in the run's checkpoint directory are
     removed. ``on_resume(point)`` is told where the run resumes just before the first round;
     without it, a fallback (and a checkpoint from before checksums, schema 5, verified by
-    its structure and round only) is logged as a warning naming the round.
+    its structure and round only) is logged as a warning naming the round. ``progress``: as
+    for ``run_experiment``.
     """
     opened = _open(store)
     assert opened is not None
@@ -414,15 +442,27 @@ def resume_experiment(
     opened.hold(run_id)  # a run executing in another process is refused (RunBusyError)
     try:
         point = opened.resume_point(run_id, fallback=fallback)
+        start = None
+        if point.checkpoint is not None:
+            start = _State.from_checkpoint(point.round, point.checkpoint)
+        if engine is None:
+            experiment, _ = resolve_engine(experiment)
+        with _shown(progress, experiment.rounds, point.round, on_round) as callback:
+            loop = _Loop(experiment, callback, engine)
+            return _resume(opened, run_id, point, start, loop, on_resume)
     except BaseException:
-        opened.release(run_id)
+        opened.release(run_id)  # not executing here any more (a no-op once it failed)
         raise
-    start = None
-    if point.checkpoint is not None:
-        start = _State.from_checkpoint(point.round, point.checkpoint)
-    if engine is None:
-        experiment, _ = resolve_engine(experiment)
-    loop = _Loop(experiment, on_round, engine)
+
+
+def _resume(
+    opened: RunStore,
+    run_id: str,
+    point: ResumePoint,
+    start: _State | None,
+    loop: _Loop,
+    on_resume: Callable[[ResumePoint], None] | None,
+) -> RunResult:
     opened.remove_stray_files(run_id)
     opened.truncate_after(run_id, point.round)
     if on_resume is not None:

@@ -37,14 +37,14 @@ def interrupted_and_resumed(config: ExperimentConfig, root: str | Path, after: i
 
     store = RunStore(root)
     try:
-        run_experiment(config.build(), store, on_round=stop)
+        run_experiment(config.build(), store, on_round=stop, progress=False)
     except Interrupted:
         pass
     else:
         raise ValueError(f"the run ended before round {after}: nothing to resume")
     (info,) = store.list_runs()
     stored = ExperimentConfig.from_dict(info.config)
-    return resume_experiment(stored.build(), store, info.run_id)
+    return resume_experiment(stored.build(), store, info.run_id, progress=False)
 
 
 def learning(result: RunResult) -> list[dict[str, float]]:

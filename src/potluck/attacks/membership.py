@@ -347,7 +347,7 @@ def attack_membership(
                 name=None,
                 config=None,
             )
-            w = run_experiment(shadow).weights
+            w = run_experiment(shadow, progress=False).weights
             shadow_phi[k] = model.scores(w, x, y)[1]
             if on_shadow is not None:
                 on_shadow(k + 1, shadows)
