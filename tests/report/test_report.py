@@ -130,3 +130,10 @@ def test_a_private_run_gets_an_epsilon_panel(tmp_path: Path) -> None:
     assert len(private.findall(f".//{SVG}polyline")) == 2
     plain = _svg(write_report(tmp_path / "plain", _rounds(), title="t", summary={})["svg"])
     assert "epsilon (privacy spent)" not in [t.text for t in plain.iter(f"{SVG}text")]
+
+
+def test_bytes_are_shown_for_people(tmp_path: Path) -> None:
+    rounds = [RoundRecord(1, {"bytes_up": 96715.0, "bytes_down": 5.78e6, "train_loss": 1.0}, "")]
+    paths = write_report(tmp_path, rounds, title="bytes", summary={"bytes_up": 96715.0})
+    page = paths["html"].read_text()
+    assert "96.7 kB" in page and "5.78 MB" in page and "96715" not in page

@@ -113,6 +113,27 @@ def curves_svg(rounds: Sequence[RoundRecord], title: str) -> str:
     return panels(title, charts)
 
 
+def human_bytes(n: float) -> str:
+    """A byte count for people (powers of 1,000, as on the wire).
+
+    Example:
+        >>> human_bytes(96715.0), human_bytes(5.78e6), human_bytes(512)
+        ('96.7 kB', '5.78 MB', '512 B')
+    """
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _cell(name: str, value: Any) -> str:
+    """A metric's table cell: bytes (``bytes_*``, ``*_bytes``) for people, else ``_fmt``."""
+    counted = name.startswith("bytes") or name.endswith("bytes")
+    if counted and isinstance(value, int | float) and math.isfinite(value):
+        return html.escape(human_bytes(value))
+    return _fmt(value)
+
+
 def _fmt(value: Any) -> str:
     """A table cell: numbers compactly, everything else as JSON; HTML-escaped."""
     if isinstance(value, float):
@@ -126,7 +147,7 @@ def _fmt(value: Any) -> str:
 
 def _summary_table(summary: dict[str, Any]) -> str:
     rows = "".join(
-        f'<tr><td class="key">{html.escape(str(k))}</td><td>{_fmt(v)}</td></tr>'
+        f'<tr><td class="key">{html.escape(str(k))}</td><td>{_cell(str(k), v)}</td></tr>'
         for k, v in summary.items()
     )
     return f"<table>{rows}</table>" if rows else "<p>(empty)</p>"
@@ -140,7 +161,7 @@ def _rounds_table(rounds: Sequence[RoundRecord]) -> str:
     body = "".join(
         "<tr>"
         + f"<td>{r.round}</td>"
-        + "".join(f"<td>{_fmt(r.metrics[n]) if n in r.metrics else ''}</td>" for n in names)
+        + "".join(f"<td>{_cell(n, r.metrics[n]) if n in r.metrics else ''}</td>" for n in names)
         + "</tr>"
         for r in rounds
     )
