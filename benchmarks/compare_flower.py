@@ -65,7 +65,7 @@ setting and attempt.
 Ratios are Flower / potluck (above 1: potluck is faster or smaller).
 
 Run from the repository root (``bash scripts/setup_flower.sh`` first):
-    .venv/bin/python benchmarks/compare_flower.py --flower-cpus 1,2   # full size, ~15 min
+    .venv/bin/python benchmarks/compare_flower.py --flower-cpus 1,2   # full size, ~10 min
     .venv/bin/python benchmarks/compare_flower.py --rounds 3          # quick, ~3 min
     .venv/bin/python benchmarks/compare_flower.py --workloads w2 --engines inline,auto
 """
