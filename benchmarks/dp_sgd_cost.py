@@ -189,7 +189,7 @@ def agreement(build: Callable[[], nn.Module], shape: tuple[int, ...]) -> float:
     from torch.utils.data import DataLoader, TensorDataset
 
     program = ClientProgram(Task(build), federation(shape, 1), fedavg(terms=(DpSgd(),)))
-    x, y = program._data(0)
+    x, y = program._data(0, 1)
     x, y = x[:BATCH], y[:BATCH]
     w = program.initial_weights()
     grads, _ = program.example_gradients(program.spec.unflatten(w), x, y, torch.ones(BATCH))

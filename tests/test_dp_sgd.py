@@ -49,7 +49,7 @@ def images(clients: int, n: int, seed: int = 0) -> Federation:
 def test_per_example_gradients_equal_a_loop_over_single_examples(model: str) -> None:
     net = (lambda: mlp((1, 8, 8), 10)) if model == "mlp" else (lambda: small_cnn((1, 8, 8), 10))
     program = ClientProgram(Task(net), images(1, 12), fedavg(terms=(DpSgd(),)))
-    x, y = program._data(0)
+    x, y = program._data(0, 1)
     w = program.initial_weights() + 0.05 * torch.randn(program.spec.size)
     grads, loss = program.example_gradients(program.spec.unflatten(w), x, y, torch.ones(12))
     flat = torch.cat([grads[n].reshape(12, -1) for n in program.spec.names], 1)
@@ -63,7 +63,7 @@ def test_per_example_gradients_equal_a_loop_over_single_examples(model: str) -> 
 
 def test_padded_examples_do_not_count() -> None:
     program = ClientProgram(Task(lambda: mlp((1, 8, 8), 10)), images(1, 6), fedavg())
-    x, y = program._data(0)
+    x, y = program._data(0, 1)
     params = program.spec.unflatten(program.initial_weights())
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
     _, padded = program.example_gradients(params, x, y, mask)
@@ -229,7 +229,7 @@ def test_the_other_terms_correct_the_privatised_gradient() -> None:
     w0 = program.initial_weights()
     delta = program.train(0, 1, w0).message.arrays["delta"]
     # by hand: the same Poisson batches and noise, the proximal term added after the noise
-    x, y = program._data(0)
+    x, y = program._data(0, 1)
     prep = program.prepare(0, 1, w0, {}, {})
     step = program.example_step(prep)
     assert step is not None

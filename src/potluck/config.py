@@ -179,6 +179,32 @@ class DetectionConfig(_Section):
         return self
 
 
+class MonitoringConfig(_Section):
+    """What a run monitors besides its metrics (``potluck.monitor``): data-drift summaries,
+    fairness groups and the convergence diagnostics' windows."""
+
+    summaries: bool = Field(False, description="clients summarise their data; drift measured")
+    summary_bins: int = Field(16, ge=2, le=4096, description="input-value histogram bins")
+    summary_noise: float = Field(0.0, ge=0, description="std of the noise on each count")
+    noise: Literal["seed", "secure"] = Field("seed", description="the noise's source")
+    shift_threshold: float = Field(0.2, gt=0, le=1, description="a shifted client's distance")
+    groups: dict[str, list[int]] = Field(
+        default_factory=dict, description="client ids per group, for per-group accuracy"
+    )
+    window: int = Field(5, ge=2, description="rounds of the trends and the plateau test")
+    plateau_tol: float = Field(1e-3, ge=0, description="relative gain below which: plateau")
+    divergence_factor: float = Field(2.0, gt=1, description="loss past this x its best")
+
+
+class DriftConfig(_Section):
+    """An injected data drift (``monitor.drift.DriftScenario``), to test drift detection."""
+
+    start_round: int = Field(..., ge=1, description="the first round of drifted data")
+    fraction: float = Field(..., gt=0, le=1, description="share of the clients that drift")
+    kind: Literal["features", "labels"] = Field("features", description="covariate or prior")
+    shift: float = Field(1.0, description="added to every input value (features)")
+
+
 class ClockConfig(_Section):
     """Synchronous rounds on virtual time (``potluck.core.clock``): a deadline, late
     members dropped or given the partial work that fits it, over-selection."""
@@ -383,6 +409,8 @@ class ExperimentConfig(_Section):
     privacy: PrivacyConfig | None = None
     attack: dict[str, Any] | None = None
     detection: DetectionConfig = DetectionConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    drift: DriftConfig | None = None
     clock: ClockConfig | None = None
     profiles: ProfilesConfig | None = None
     asynchrony: AsyncConfig | None = Field(None, alias="async")
@@ -449,6 +477,7 @@ class ExperimentConfig(_Section):
 
         from potluck.aggregate.anomaly import Detection
         from potluck.core.clock import ClockPolicy
+        from potluck.monitor import DriftScenario, Monitoring
         from potluck.orchestrator import Evaluation, Experiment
         from potluck.privacy.ledger import PrivacyBudget
         from potluck.sampling.asynchrony import Asynchrony
@@ -477,6 +506,8 @@ class ExperimentConfig(_Section):
             privacy=PrivacyBudget(**self.privacy.model_dump()) if self.privacy else None,
             attack=self.build_attack(),
             detection=Detection(**self.detection.model_dump()),
+            monitoring=Monitoring(**self.monitoring.model_dump()),
+            drift=DriftScenario(**self.drift.model_dump()) if self.drift else None,
             clock=ClockPolicy(**self.clock.model_dump()) if self.clock else None,
             profiles=self.build_profiles(),
             asynchrony=Asynchrony(**self.asynchrony.model_dump()) if self.asynchrony else None,
@@ -608,6 +639,13 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
     out["evaluation"] = dataclasses.asdict(experiment.evaluation)
     detection = dataclasses.asdict(experiment.detection)
     out["detection"] = {**detection, "scores": list(detection["scores"])}
+    monitoring = dataclasses.asdict(experiment.monitoring)
+    out["monitoring"] = {
+        **monitoring,
+        "groups": {k: list(v) for k, v in monitoring["groups"].items()},
+    }
+    if experiment.drift is not None:
+        out["drift"] = dataclasses.asdict(experiment.drift)
     out["run"] = _given(
         engine=experiment.engine,
         workers=experiment.workers,

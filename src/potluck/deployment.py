@@ -37,6 +37,7 @@ from potluck.deploy.server import (
     Revocations,
     serve,
 )
+from potluck.monitor import DriftScenario, Monitoring, summary_options
 from potluck.orchestrator import RoundCallback, RunResult, resume_experiment, run_experiment
 from potluck.privacy.ledger import PrivacyBudget, check_deployable, prepare
 from potluck.store.sqlite import RunStore
@@ -262,6 +263,9 @@ def site_program(
     local or distributed noise is what the server accounts. A config whose DP noise follows
     from its seed is refused here too (``check_deployable``).
 
+    A site of the simulated federation (``data=None``) also undergoes the config's
+    ``[drift]``; a site's own data drifts as it does.
+
     With an ``attack`` the site is malicious (``potluck client --attack``): it poisons its
     data and crafts its updates as the attack's attackers do in simulation. An attack that
     needs the other clients' updates (a colluding one) is refused: a site sees only its own.
@@ -297,6 +301,8 @@ def site_program(
     check_deployable(algorithm)  # the site's own examples' noise (DP-SGD) too
     if attack is not None:
         check_site_attack(attack)
+    monitoring = Monitoring(**cfg.monitoring.model_dump())
+    monitoring.check_deployable()
     return algorithm.client_program(
         task,
         federation,
@@ -304,4 +310,6 @@ def site_program(
         finetune_epochs=cfg.evaluation.finetune_epochs,
         attack=attack,
         attackers=None if attack is None else [client_id],
+        summaries=summary_options(monitoring),
+        drift=DriftScenario(**cfg.drift.model_dump()) if cfg.drift and data is None else None,
     )

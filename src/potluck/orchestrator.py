@@ -70,7 +70,10 @@ from potluck.data.federation import Federation
 from potluck.data.profiles import LognormalProfiles, TraceProfiles
 from potluck.deploy import rounds
 from potluck.engines.base import Engine, EngineOptions, choose_engine, make_engine
+from potluck.monitor import DriftScenario, Monitoring, ShiftTracker, drift, round_figures
+from potluck.monitor.rounds import summary_options
 from potluck.privacy import ledger as privacy
+from potluck.privacy.central import row_norms
 from potluck.privacy.distributed import DistributedLedger
 from potluck.privacy.ledger import PrivacyBudget
 from potluck.privacy.participation import ParticipationLedger
@@ -170,6 +173,8 @@ class Experiment:
     privacy: PrivacyBudget | None = None
     attack: Attack | None = None
     detection: Detection = field(default_factory=Detection)
+    monitoring: Monitoring = field(default_factory=Monitoring)
+    drift: DriftScenario | None = None
     clock: ClockPolicy | None = None
     profiles: LognormalProfiles | TraceProfiles | None = None
     asynchrony: Asynchrony | None = None
@@ -358,6 +363,8 @@ def _program(exp: Experiment) -> ClientProgram:
         seed=exp.seed,
         finetune_epochs=exp.evaluation.finetune_epochs,
         attack=exp.attack,
+        summaries=summary_options(exp.monitoring),
+        drift=exp.drift,
     )
 
 
@@ -664,6 +671,7 @@ class _Loop:
                 f"source's training set, which holds {len(train.y)} examples"
             )
         self.test_rows = exp.evaluation.test_rows(len(exp.federation.source.test), exp.seed)
+        self.shifts, self.edges = self._monitoring()
         self.clock = self._virtual_clock()
         self.realtime: ClockPolicy | None = None  # deployed: [clock] on real time
         self.driver: AsyncDriver | None = None
@@ -685,6 +693,7 @@ class _Loop:
         if self.engine.remote:
             try:
                 privacy.check_deployable(self.exp.algorithm)
+                self.exp.monitoring.check_deployable()
                 if exp.attack is not None:
                     raise ValueError(
                         "attack: in a deployment the malicious clients run the attack "
@@ -694,6 +703,57 @@ class _Loop:
             except ValueError:
                 self.engine.close()
                 raise
+
+    def _monitoring(self) -> tuple[ShiftTracker | None, torch.Tensor]:
+        """The checks of ``[monitoring]`` and, with summaries, the server's shift tracker
+        and the feature bins at the quantiles of its test set."""
+        exp, options = self.exp, self.exp.monitoring
+        options.check_clients(self.num_clients)
+        if not options.summaries:
+            return None, torch.zeros(0)
+        if exp.privacy is not None or self.ledger is not None:
+            raise ValueError(
+                "monitoring.summaries: the clients' data summaries are not accounted by the "
+                "privacy ledger; a run with a privacy budget cannot release them"
+            )
+        if exp.asynchrony is not None:
+            raise ValueError("monitoring.summaries needs synchronous rounds (no [async])")
+        test = exp.federation.source.test
+        edges = drift.feature_edges(test.features(None), options.summary_bins, exp.seed)
+        return ShiftTracker(), edges
+
+    def _summaries(self, engine: Engine, rnd: int, clients: Sequence[int]) -> PerClient:
+        """The ``summarize`` stage for ``clients``: each one's summary and its shift from
+        its first one (a remote member's malformed answer is refused and logged)."""
+        tracker, classes = self.shifts, self.exp.federation.source.num_classes
+        if tracker is None or not clients:
+            return []
+        members = np.array(sorted(clients), dtype=np.int64)
+        job = StageJob(
+            drift.SUMMARIZE,
+            rnd,
+            drift.summary_request(classes, self.edges),
+            members,
+            tuple(Message() for _ in members),
+            tuple({} for _ in members),
+        )
+        out: PerClient = []
+        for c, reply in zip(members, engine.run_stage(job), strict=True):
+            if reply is None:
+                continue
+            try:
+                labels, feats = drift.read_summary(
+                    reply.message, classes, len(self.edges) + 1, f"client {int(c)}"
+                )
+            except MessageError as exc:
+                if not engine.remote:
+                    raise
+                _log.warning("refused %s", exc)
+                continue
+            label_shift, feature_shift = tracker.observe(int(c), labels, feats)
+            shifts = {"label_shift": label_shift, "feature_shift": feature_shift}
+            out.append((int(c), {**shifts, **drift.summary_metrics(labels, feats)}))
+        return out
 
     def _on_real_time(self, exp: Experiment) -> None:
         """A deployment's ``[clock]``: its deadline and over-selection on real time."""
@@ -783,6 +843,12 @@ class _Loop:
         ``attach(store, run_id)`` method (the gRPC engine, for client health) is told where
         the run is recorded."""
         self.store, self.run_id = store, run_id
+        if self.shifts is not None:  # a resumed run's clients keep their first summaries
+            first = store.first_client_metrics(run_id, "label_hist_")
+            feats = store.first_client_metrics(run_id, "feature_hist_")
+            rows = {c: {**m, **feats.get(c, {})} for c, m in first.items()}
+            classes = self.exp.federation.source.num_classes
+            self.shifts.restore(rows, classes, len(self.edges) + 1)
         attach = getattr(self.engine, "attach", None)
         if attach is not None:
             attach(store, run_id)
@@ -805,6 +871,7 @@ class _Loop:
                     break
                 step = self._round if self.driver is None else self.driver.step
                 state, metrics, per_client, client_states = step(engine, state, rnd)
+                metrics.update(self._figures(history, metrics, per_client))
                 self._commit(state, metrics, per_client, client_states)
                 history.append(metrics)
                 if self.on_round:
@@ -823,6 +890,25 @@ class _Loop:
         if self.store:
             result.run_dir = self._finish(result)
         return result
+
+    def _figures(
+        self,
+        history: Sequence[Mapping[str, float]],
+        metrics: dict[str, float],
+        per_client: PerClient,
+    ) -> dict[str, float]:
+        """The round's monitoring figures (``monitor.rounds``); a run that starts to
+        diverge or plateau says so once."""
+        classes = self.exp.federation.source.num_classes
+        figs = round_figures(self.exp.monitoring, history, metrics, per_client, classes=classes)
+        before = history[-1] if history else {}
+        for flag, what in (
+            ("diverging", "diverging (its training loss)"),
+            ("plateau", "on a plateau"),
+        ):
+            if figs.get(flag) == 1.0 and before.get(flag) != 1.0:
+                _log.warning("round %d: the run looks %s", len(history) + 1, what)
+        return figs
 
     def _initial_state(self) -> _State:
         w0 = self.program.initial_weights()
@@ -981,6 +1067,9 @@ class _Loop:
         per_client = self._per_client(updates, stages)
         if stages.settled is not None:  # every timed member's transfers and compute
             per_client = _merge_clients(per_client, list(stages.settled.per_client().items()))
+        if self.shifts is not None:  # the members that trained summarise their data
+            summaries = self._summaries(engine, rnd, [u.client for u in updates])
+            per_client = _merge_clients(per_client, summaries)
         if hasattr(algo.sampler, "observe"):  # a sampler that learns from the round (Oort)
             new_state.slots["sampler"] = algo.sampler.observe(
                 new_state.slots.get("sampler", {}), _outcomes(updates, stages), sampling
@@ -1242,8 +1331,11 @@ class _Loop:
         if own is not None:
             scores.update(own(deltas, ctx))
         flagged = det.flagged(scores, len(members))
+        norms = row_norms(deltas).tolist()  # monitoring: how far each local model went,
+        drifts = row_norms(deltas - aggregate[None, :]).tolist()  # and ends from the aggregate
         for i, c in enumerate(members):
             row = {f"score_{name}": float(v[i]) for name, v in scores.items()}
+            row |= {"update_norm": norms[i], "client_drift": drifts[i]}
             stages.scores[c] = {**row, "flagged": float(flagged[i])}
         stages.metrics["flagged"] = float(flagged.sum())
         if det.quarantine and bool(flagged.any()):

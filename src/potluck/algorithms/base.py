@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from potluck.client.program import ClientProgram
     from potluck.core.task import Task
     from potluck.data.federation import Federation
+    from potluck.monitor.drift import DriftScenario, SummaryOptions
 
 # slot -> (registry kind, protocol, config section); lists are the chains
 SLOTS: dict[str, tuple[str, Any, str]] = {
@@ -110,11 +111,15 @@ class Algorithm:
         finetune_epochs: int = 0,
         attack: PoisoningAttack | None = None,
         attackers: Sequence[int] | None = None,
+        summaries: SummaryOptions | None = None,
+        drift: DriftScenario | None = None,
     ) -> ClientProgram:
         """What every client of a run executes: the same on every engine and on a deployed
         site (which passes a federation holding only its own data). ``finetune_epochs > 0``
         also fine-tunes the global model locally before evaluating it; ``attack`` makes its
-        ``attackers`` (by default the attack's own draw) poison their data and updates.
+        ``attackers`` (by default the attack's own draw) poison their data and updates;
+        ``summaries`` is what a client shares of its data (``monitor.drift``), ``drift``
+        the drift injected into its data.
 
         Example:
             >>> import torch
@@ -137,6 +142,8 @@ class Algorithm:
             finetune_epochs=finetune_epochs,
             attack=attack,
             attackers=attackers,
+            summaries=summaries,
+            drift=drift,
         )
 
     def to_config(self) -> dict[str, Any]:

@@ -49,6 +49,14 @@ from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task, check_outputs, cross_entropy
 from potluck.data.partition import Partition
+from potluck.monitor.drift import (
+    SUMMARIZE,
+    DriftScenario,
+    SummaryOptions,
+    read_request,
+    summarize,
+    summary_message,
+)
 
 if TYPE_CHECKING:
     from potluck.algorithms.base import Algorithm
@@ -215,8 +223,16 @@ class ClientProgram:
         finetune_epochs: int = 0,
         attack: PoisoningAttack | None = None,
         attackers: Sequence[int] | None = None,
+        summaries: SummaryOptions | None = None,
+        drift: DriftScenario | None = None,
     ) -> None:
         self.task, self.federation, self.algorithm = task, federation, algorithm
+        # what a client shares of its data in the ``summarize`` stage (``None``: it declines)
+        # and, in simulation, the drift its data undergoes (``monitor.drift``)
+        self.summaries, self.drift = summaries, drift
+        self.drifting = (
+            frozenset() if drift is None else drift.drifted(federation.num_clients, seed)
+        )
         # a poisoning attack's malicious clients poison their data and craft their updates
         # here (``attackers``: by default the attack's own draw from the run seed)
         self.attack = attack
@@ -251,7 +267,7 @@ class ClientProgram:
         if finetune_epochs:
             self.finetune = replace(self.optimizer, epochs=finetune_epochs, max_steps=None)  # type: ignore[type-var]
         self._w0 = self.spec.from_module_values(self.model)
-        self._cached: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._cached: tuple[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._check_task()
         if self.reducer is not None:
             self._check_examples()
@@ -275,6 +291,8 @@ class ClientProgram:
             w = job.shared.arrays["w"]
             self.spec.check(w, "the evaluated global weights")
             return [Reply(evaluation_message(self.evaluate(int(c), w, s))) for c, _, s in members]
+        if job.stage == SUMMARIZE:
+            return [self.summarize(int(c), job.round, job.shared) for c in job.clients]
         ns, stage = self._part_stage(job.stage)
         part = self.parts[ns]
         out: list[Reply | None] = []
@@ -401,7 +419,7 @@ class ClientProgram:
         ``payload``: the server's message for this client (``work``, its share of local
         work, and what earlier stages left for its parts)."""
         prep = self.prepare(cid, round, w_global, broadcasts or {}, state or {}, payload)
-        x, y = self._data(cid)
+        x, y = self._data(cid, round)
         gen = self.seeds.torch("batch", round, cid)
         correct = self.correction(prep.works)
         attack = self.attack
@@ -478,7 +496,7 @@ class ClientProgram:
         ``start``. Every engine trains from here."""
         torch.default_generator.manual_seed(self.seeds.integer("dropout", round, cid))
         payload = payload or Message()
-        n = len(self._data(cid)[1])
+        n = len(self._data(cid, round)[1])
         opt = self.optimizer_for(payload)
         steps = self._steps(n, float(payload.scalars.get("work", 1.0)), opt)
         inbox = _inboxes(payload)
@@ -551,16 +569,17 @@ class ClientProgram:
     def _view(
         self, cid: int, round: int, ns: str, steps: int, inbox: Message | None = None
     ) -> _Client:
-        data = self._data(cid)
+        data = self._data(cid, round)
         n = self.federation.num_clients
         ctx = part_context(self.seed, round, ns, cid, num_clients=n, inbox=inbox)
         return _Client(self, ctx, data[0], data[1], steps)
 
-    def _data(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Client ``cid``'s training data as tensors (the last client's kept: a client's
-        terms and its training ask for it several times in a row)."""
+    def _data(self, cid: int, round: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client ``cid``'s training data in ``round`` as tensors (the last client's kept:
+        a client's terms and its training ask for it several times in a row)."""
+        drifted = self.drift is not None and cid in self.drifting and self.drift.active(round)
         cached = self._cached
-        if cached is not None and cached[0] == cid:
+        if cached is not None and cached[0] == (cid, drifted):
             return cached[1]
         data = self.federation.client(cid)
         tensors = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
@@ -568,8 +587,22 @@ class ClientProgram:
         if attack is not None and attack.poisons_data and cid in self.attackers:
             gen = self.seeds.torch("attack", "data", cid)
             tensors = attack.poison(*tensors, self.federation.source.num_classes, gen)
-        self._cached = (cid, tensors)
+        if drifted and self.drift is not None:
+            tensors = self.drift.apply(*tensors, self.seeds.torch("drift", "data", cid))
+        self._cached = ((cid, drifted), tensors)
         return tensors
+
+    def summarize(self, cid: int, round: int, shared: Message) -> Reply | None:
+        """Client ``cid``'s summary of its training data in ``round`` (``monitor.drift``:
+        label and input-value histograms over the broadcast's bins, noised as its options
+        say); ``None`` when this program shares none."""
+        if self.summaries is None:
+            return None
+        classes, edges = read_request(shared)
+        x, y = self._data(cid, round)
+        ctx = part_context(self.seed, round, "monitor.summary", cid)
+        labels, features = summarize(x, y, classes, edges, self.summaries, ctx)
+        return Reply(summary_message(labels, features))
 
     def _forward(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, self.spec.unflatten(w), (x,))
@@ -731,7 +764,7 @@ class ClientProgram:
         probe = next((c for c in range(min(fed.num_clients, 50)) if fed.num_examples(c)), None)
         if probe is None:
             return
-        x, y = self._data(probe)
+        x, y = self._data(probe, 0)
         try:
             with torch.random.fork_rng():
                 self.example_gradients(self.spec.unflatten(self._w0), x[:2], y[:2], torch.ones(2))

@@ -137,7 +137,7 @@ def _probe(program: ClientProgram) -> str | None:
     try:
         with torch.random.fork_rng():
             prep = program.prepare(cid, 0, w, _zero_broadcasts(program, w), {})
-            x_all, y_all = program._data(cid)
+            x_all, y_all = program._data(cid, 0)
             x = torch.stack([x_all[:2], x_all[:2]])
             y = torch.stack([y_all[:2], y_all[:2]])
             mask = torch.ones(y.shape)
@@ -310,7 +310,7 @@ class VectorizedEngine(InlineEngine):
         """Gather the chunk's data and draw every member's batches (``program.batches``)."""
         p = self.program
         positions = sorted(preps, key=lambda k: -preps[k].steps)  # stable: ties keep order
-        data = [p._data(preps[k].cid) for k in positions]
+        data = [p._data(preps[k].cid, preps[k].round) for k in positions]
         sizes = [len(y) for _, y in data]
         total = [preps[k].steps for k in positions]
         offsets = np.cumsum([0, *sizes[:-1]])

@@ -605,6 +605,33 @@ class RunStore:
         return [(rnd, client, m) for (rnd, client), m in out.items()]
 
     @_guarded
+    def first_client_metrics(self, run_id: str, prefix: str) -> dict[int, dict[str, float]]:
+        """Per client, its metrics named ``<prefix>...`` of the first round it has any.
+
+        Example:
+            >>> import tempfile
+            >>> with RunStore(tempfile.mkdtemp()) as store:
+            ...     run = store.create_run({})
+            ...     store.commit_round(run, 1, {}, [(3, {"h_0": 0.5, "loss": 1.0})])
+            ...     store.commit_round(run, 2, {}, [(3, {"h_0": 0.7}), (4, {"h_0": 0.1})])
+            ...     store.first_client_metrics(run, "h_")
+            {3: {'h_0': 0.5}, 4: {'h_0': 0.1}}
+        """
+        if not re.fullmatch(r"[A-Za-z0-9_]+", prefix):
+            raise ValueError(f"a metric prefix is letters, digits and _, got {prefix!r}")
+        key = self._run_key(run_id)
+        out: dict[int, dict[str, float]] = {}
+        first: dict[int, int] = {}
+        for rnd, client, name, value in self._conn.execute(
+            "SELECT round, client, name, value FROM client_metrics WHERE run = ? AND name GLOB ?"
+            " ORDER BY round, rowid",
+            (key, prefix + "*"),
+        ):
+            if first.setdefault(client, rnd) == rnd:
+                out.setdefault(client, {})[name] = _from_sql(value)
+        return out
+
+    @_guarded
     def client_states(self, run_id: str, clients: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         """Each client's newest committed state tensors (an empty dict for a new client)."""
         key = self._run_key(run_id)
