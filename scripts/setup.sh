@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up potluck on a fresh machine: Fashion-MNIST (Debian package), a virtual environment,
 # the pinned CPU build of PyTorch, and potluck itself. Pass --dev for the test tools (and Ray,
-# which the Ray engine's tests need, and TenSEAL on Linux and Windows, which the homomorphic
+# which the Ray engine's tests need, MLflow and TensorBoard, which the export tests need, and TenSEAL on Linux and Windows, which the homomorphic
 # aggregation's tests need), --he for TenSEAL (transform ckks), --opacus for Opacus 1.6 (the
 # DP-SGD benchmark's peer).
 set -euo pipefail
@@ -33,7 +33,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
 EXTRAS=""
-[ "$DEV" = 1 ] && EXTRAS="dev,ray"
+[ "$DEV" = 1 ] && EXTRAS="dev,ray,export"
 [ "$HE" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}he"
 if [ -n "$EXTRAS" ]; then
   .venv/bin/pip install -q -e ".[$EXTRAS]"

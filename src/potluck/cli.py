@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -28,7 +28,7 @@ from potluck.report.progress import fmt as _fmt
 
 if TYPE_CHECKING:
     from potluck.orchestrator import Experiment, RunResult
-    from potluck.store.sqlite import ResumePoint, RunStore
+    from potluck.store.sqlite import ClientSummary, ResumePoint, RunStore
 
 app = typer.Typer(
     name="potluck",
@@ -257,7 +257,7 @@ def _what_ran(config: dict[str, Any]) -> tuple[str, str, str]:
 def show(
     run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
     store: StoreOpt = None,
-    clients: Annotated[bool, typer.Option(help="also print per-client metrics")] = False,
+    clients: Annotated[bool, typer.Option(help="also print a summary per client")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Print a run's per-round metrics."""
@@ -266,7 +266,7 @@ def show(
         run_id, info = _lookup(st, run_ref)
         rounds = st.rounds(run_id)
         health = st.health(run_id)
-        per_client = st.client_metrics(run_id) if clients and not as_json else []
+        per_client = st.client_summary(run_id) if clients else []
     if as_json:
         payload = {
             "run": run_id,
@@ -275,38 +275,91 @@ def show(
             "rounds": [{"round": r.round, **r.metrics} for r in rounds],
             "client_health": health,
         }
+        if clients:
+            payload["clients"] = [
+                {"client": c.client, **dict(zip(*_client_row(c, _CLIENT_COLUMNS), strict=True))}
+                for c in per_client
+            ]
         print(json.dumps(payload, indent=2, default=str))
         return
     present = {k for r in rounds for k in r.metrics}
     keys = [k for k in _SHOW_ORDER if k in present] + sorted(present - set(_SHOW_ORDER))
     cells = [[_fmt_metric(k, r.metrics.get(k)) for k in keys] for r in rounds]
     console.print(f"run {run_id} ({info.status})")
-    for part in _fitting(keys, cells, console.width):
-        table = Table(
-            Column("round", justify="right"),
-            *(Column(_header(keys[i]), justify="right") for i in part),
-            box=box.SIMPLE_HEAD,
-            padding=(0, 1, 0, 0),
-        )
-        for r, row in zip(rounds, cells, strict=True):
-            table.add_row(str(r.round), *(row[i] for i in part))
-        console.print(table)
+    _tables("round", [str(r.round) for r in rounds], keys, cells)
     if info.status == "interrupted":
         console.print(
             f"interrupted after round {info.last_round}: its process ended before the run "
             f"did; continue it with: potluck resume {run_id}"
         )
-    if clients:
-        ctable = Table("round", "client", "metrics", title="per-client metrics")
-        for rnd, cid, metrics in per_client:
-            shown = {k: v for k, v in metrics.items() if k not in _ANOMALY_KEYS}
-            ctable.add_row(
-                str(rnd), str(cid), ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
-            )
-        console.print(ctable)
-        _show_anomalies(per_client)
+    if per_client:
+        _show_clients(per_client)
     _show_health(health)
     console.print(f"run directory: {info.run_dir}")
+
+
+@app.command()
+def compare(
+    run_refs: Annotated[list[str], typer.Argument(help="two or more run ids, prefixes or names")],
+    store: StoreOpt = None,
+    metric: Annotated[str, typer.Option(help="the metric compared and plotted")] = (
+        "test_accuracy"
+    ),
+    plot: Annotated[Path, typer.Option(help="where the overlay plot (SVG) goes")] = Path(
+        "compare.svg"
+    ),
+) -> None:
+    """Runs side by side: the metric's last and best values, bytes moved, fairness, privacy
+    and anomaly figures per run, and the metric's curves overlaid in one SVG."""
+    from potluck.report.compare import columns, compare_rows, overlay_svg
+
+    if len(run_refs) < 2:
+        _fail("compare needs at least two runs")
+    with _damage_reported():
+        st = _store(store or default_store())
+        ids = [_lookup(st, ref)[0] for ref in run_refs]
+        rows = compare_rows(st, ids, metric)
+    if not any("last" in r.values for r in rows):
+        _fail(f"none of these runs has the metric {metric!r}")
+    keys = columns(rows)
+    cells = [[_fmt(r.values[k]) if k in r.values else "" for k in keys] for r in rows]
+    console.print(f"{metric}: last and best (its round) per run")
+    _tables("run", [r.label for r in rows], keys, cells)
+    try:
+        plot.write_text(overlay_svg(rows, metric), encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot write the plot to {plot}: {exc.strerror or exc}")
+    console.print(f"overlay plot: {plot}")
+
+
+@app.command("export")
+def export_cmd(
+    run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
+    fmt: Annotated[str, typer.Option("--format", help="csv, json, mlflow or tensorboard")] = "csv",
+    out: Annotated[
+        Path | None, typer.Option(help="output directory (default: the run's, export/<format>)")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: a file store in --out)")
+    ] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Export a run's metrics: CSV, JSON, an MLflow run or TensorBoard event files."""
+    from potluck.report.export import FORMATS, export_run
+
+    if fmt not in FORMATS:
+        _fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    with _damage_reported():
+        st = _store(store or default_store())
+        run_id, info = _lookup(st, run_ref)
+        target = out or info.run_dir / "export" / fmt
+        try:
+            done = export_run(st, run_id, fmt, target, tracking_uri=tracking_uri)
+        except (RuntimeError, OSError) as exc:
+            _fail(str(exc))
+    where = done.target or ", ".join(str(p) for p in done.paths)
+    left = f" ({done.skipped} non-finite left out)" if done.skipped else ""
+    console.print(f"exported {done.values} values of run {run_id} to {where}{left}")
 
 
 @app.command("privacy")
@@ -376,22 +429,78 @@ def _slot(tensors: dict[str, Any], slot: str) -> dict[str, Any]:
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-_ANOMALY_KEYS = ("score_norm", "score_cosine", "score_krum", "score_trust", "flagged", "malicious")
+# per-client summary columns: (header, metric, how: "count" (rounds with it), "last",
+# "mean", "sum", "MB" (a sum in megabytes))
+_CLIENT_COLUMNS = (
+    ("trained", "num_examples", "count"),
+    ("evaluated", "eval_global_accuracy", "count"),
+    ("examples", "num_examples", "last"),
+    ("train loss", "train_loss", "mean"),
+    ("acc", "eval_global_accuracy", "last"),
+    ("personal acc", "eval_personal_accuracy", "last"),
+    ("norm", "update_norm", "mean"),
+    ("drift", "client_drift", "mean"),
+    ("label shift", "label_shift", "last"),
+    ("feature shift", "feature_shift", "last"),
+    ("flagged", "flagged", "sum"),
+    ("malicious", "malicious", "last"),
+    ("MB up", "bytes_up", "MB"),
+    ("MB down", "bytes_down", "MB"),
+)
 
 
-def _show_anomalies(per_client: list[tuple[int, int, dict[str, float]]]) -> None:
-    """The per-client anomaly scores of each round (``detection``), flagged rows in red;
-    ``malicious`` is the simulated attack's ground truth, where there is one."""
-    rows = [(r, c, m) for r, c, m in per_client if any(k.startswith("score_") for k in m)]
-    if not rows:
-        return
-    keys = [k for k in _ANOMALY_KEYS if any(k in m for _, _, m in rows)]
-    table = Table("round", "client", *(k.removeprefix("score_") for k in keys),
-                  title="anomaly scores")  # fmt: skip
-    for rnd, cid, m in rows:
-        style = "red" if m.get("flagged") else None
-        table.add_row(str(rnd), str(cid), *(_fmt(m.get(k, "")) for k in keys), style=style)
-    console.print(table)
+def _client_row(
+    c: ClientSummary, columns: Sequence[tuple[str, str, str]]
+) -> tuple[list[str], list[float]]:
+    """A client's summary values under ``columns`` that it has (headers, values), after
+    the last round it took part in.
+
+    Example:
+        >>> from potluck.store import ClientSummary
+        >>> s = ClientSummary(4, 2, 1, 3, {"train_loss": 2}, {"train_loss": 1.5}, {})
+        >>> _client_row(s, _CLIENT_COLUMNS)
+        (['last round', 'train loss'], [3.0, 0.75])
+    """
+    heads, values = ["last round"], [float(c.last_round)]
+    for head, name, how in columns:
+        if not c.count.get(name):
+            continue
+        heads.append(head)
+        if how == "count":
+            values.append(float(c.count[name]))
+        elif how == "last":
+            values.append(c.last[name])
+        elif how == "mean":
+            values.append(c.mean(name))
+        else:
+            values.append(c.sum[name] / (1e6 if how == "MB" else 1.0))
+    return heads, values
+
+
+def _show_clients(summaries: Sequence[ClientSummary]) -> None:
+    """One row per client: its rounds and its metrics' latest value, mean or total."""
+    rows = [dict(zip(*_client_row(c, _CLIENT_COLUMNS), strict=True)) for c in summaries]
+    keys = ["last round"]
+    keys += [h for h, _, _ in _CLIENT_COLUMNS if any(h in r for r in rows)]
+    cells = [[_fmt(r[k]) if k in r else "" for k in keys] for r in rows]
+    console.print(f"{len(rows)} clients")
+    _tables("client", [str(c.client) for c in summaries], keys, cells)
+
+
+def _tables(lead: str, leads: Sequence[str], keys: list[str], cells: list[list[str]]) -> None:
+    """``cells`` (one row per ``leads`` entry) in tables as wide as the terminal, each
+    with the ``lead`` column first."""
+    lead_width = max([len(lead), *(len(x) for x in leads)])
+    for part in _fitting(keys, cells, console.width - max(lead_width - len("round"), 0)):
+        table = Table(
+            Column(lead, justify="right"),
+            *(Column(_header(keys[i]), justify="right") for i in part),
+            box=box.SIMPLE_HEAD,
+            padding=(0, 1, 0, 0),
+        )
+        for first, row in zip(leads, cells, strict=True):
+            table.add_row(first, *(row[i] for i in part))
+        console.print(table)
 
 
 def _show_health(rows: list[dict[str, Any]]) -> None:
@@ -521,17 +630,18 @@ _SHOW_ORDER = (
 
 def _fitting(keys: list[str], cells: list[list[str]], width: int) -> list[list[int]]:
     """Column positions split into groups that each fit ``width`` beside the round column
-    (a metric column is as wide as its header or its widest cell, plus a space).
+    (a metric column is as wide as its header or its widest cell, plus its padding and the
+    space between columns).
 
     Example:
-        >>> _fitting(["a", "b", "c"], [["12345", "1", "123456"]], 16)
+        >>> _fitting(["a", "b", "c"], [["12345", "1", "123456"]], 20)
         [[0, 1], [2]]
     """
-    room = max(width - len("round") - 3, 1)
+    room = max(width - len("round") - 4, 1)  # the lead column, its gap, the two edges
     groups: list[list[int]] = [[]]
     used = 0
     for i, key in enumerate(keys):
-        need = max([len(_header(key))] + [len(row[i]) for row in cells]) + 1
+        need = max([len(_header(key))] + [len(row[i]) for row in cells]) + 2  # and its gap
         if groups[-1] and used + need > room:
             groups.append([])
             used = 0

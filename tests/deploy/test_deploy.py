@@ -39,6 +39,8 @@ from potluck.store.sqlite import RunStore
 
 Make = Callable[..., Deployment]
 NOT_LEARNING = TIMING_METRICS | REMOTE_METRICS
+# what a rogue's refused uploads add to: the bytes it sent count, though nothing was used
+UPLOADED = {"bytes_up", "bytes_total", "bytes_per_gain"}
 
 
 def learning(result: RunResult) -> list[dict[str, float]]:
@@ -189,8 +191,8 @@ def test_bad_messages_are_refused_and_leave_the_model_untouched(
     # the rogue's updates and evaluations left no trace: as if it had never answered
     sim = simulate(tmp_path / "sim", missing={4}, round_timeout_s=3)
     assert torch.equal(result.weights, sim.weights)
-    received = [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(result)]
-    assert received == [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(sim)]
+    received = [{k: v for k, v in m.items() if k not in UPLOADED} for m in learning(result)]
+    assert received == [{k: v for k, v in m.items() if k not in UPLOADED} for m in learning(sim)]
     sampled = [m["cohort_size"] - m["updates"] for m in result.history]
     assert sum(m["refused"] for m in result.history) == sum(sampled) > 0
 
@@ -250,8 +252,8 @@ def test_replies_that_do_not_fit_the_run_are_refused(
     # none of it left a trace: as if site-4 had never answered
     sim = simulate(tmp_path / "sim", missing={4}, round_timeout_s=3)
     assert torch.equal(result.weights, sim.weights)
-    received = [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(result)]
-    assert received == [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(sim)]
+    received = [{k: v for k, v in m.items() if k not in UPLOADED} for m in learning(result)]
+    assert received == [{k: v for k, v in m.items() if k not in UPLOADED} for m in learning(sim)]
     assert result.history[0]["refused"] == 1  # a bad update (the unexpected array)
     left_out = [m["failed"] + m["refused"] for m in result.history]
     assert left_out == [m["failed"] for m in sim.history] == [1, 1, 1]
@@ -449,8 +451,8 @@ def test_a_member_forging_evaluation_sums_or_nameless_state_is_refused(
     assert sum(nameless in line for line in lines) == len(trained)
     sim = simulate(tmp_path / "sim", missing={4}, round_timeout_s=5)
     assert torch.equal(result.weights, sim.weights)
-    received = [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(result)]
-    assert received == [{k: v for k, v in m.items() if k != "bytes_up"} for m in learning(sim)]
+    received = [{k: v for k, v in m.items() if k not in UPLOADED} for m in learning(result)]
+    assert received == [{k: v for k, v in m.items() if k not in UPLOADED} for m in learning(sim)]
     assert [(m["refused"], m["failed"]) for m in result.history] == [(1, 0)] * 3
     assert [m["failed"] for m in sim.history] == [1, 1, 1]
 

@@ -10,6 +10,7 @@ from potluck.store.checkpoint import (
 )
 from potluck.store.sqlite import (
     AmbiguousRunError,
+    ClientSummary,
     ResumePoint,
     RoundRecord,
     RunInfo,
@@ -22,6 +23,7 @@ __all__ = [
     "AmbiguousRunError",
     "Checkpoint",
     "CheckpointError",
+    "ClientSummary",
     "DamagedCheckpointError",
     "ResumePoint",
     "RoundRecord",

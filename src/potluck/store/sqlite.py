@@ -286,6 +286,26 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class ClientSummary:
+    """One client's metrics over a run: the rounds it has metrics in (``rounds``, from
+    ``first_round`` to ``last_round``), and per metric how many finite values it has
+    (``count``), their sum and its latest value."""
+
+    client: int
+    rounds: int
+    first_round: int
+    last_round: int
+    count: dict[str, int]
+    sum: dict[str, float]
+    last: dict[str, float]
+
+    def mean(self, name: str) -> float:
+        """The metric's mean over the client's rounds (NaN if it has none)."""
+        n = self.count.get(name, 0)
+        return self.sum[name] / n if n else math.nan
+
+
+@dataclass(frozen=True)
 class ResumePoint:
     """Where a resume starts: after ``round`` (0: from the beginning), from ``checkpoint``,
     the verified file at ``path`` (both ``None`` for round 0).
@@ -603,6 +623,45 @@ class RunStore:
         for rnd, client, name, value in self._conn.execute(sql + " ORDER BY round, rowid", args):
             out.setdefault((rnd, client), {})[name] = _from_sql(value)
         return [(rnd, client, m) for (rnd, client), m in out.items()]
+
+    @_guarded
+    def client_summary(self, run_id: str) -> list[ClientSummary]:
+        """Per client, in the order of their ids: the rounds it has metrics in, and per
+        metric its count, sum and latest value, aggregated by SQLite.
+
+        Example:
+            >>> import tempfile
+            >>> with RunStore(tempfile.mkdtemp()) as store:
+            ...     run = store.create_run({})
+            ...     store.commit_round(run, 1, {}, [(3, {"loss": 1.0})])
+            ...     store.commit_round(run, 2, {}, [(3, {"loss": 0.5, "acc": 0.9})])
+            ...     (s,) = store.client_summary(run)
+            ...     s.client, s.rounds, s.mean("loss"), s.last["acc"]
+            (3, 2, 0.75, 0.9)
+        """
+        key = self._run_key(run_id)
+        out = {
+            client: ClientSummary(client, rounds, first, last, {}, {}, {})
+            for client, rounds, first, last in self._conn.execute(
+                "SELECT client, COUNT(DISTINCT round), MIN(round), MAX(round) FROM client_metrics"
+                " WHERE run = ? GROUP BY client ORDER BY client",
+                (key,),
+            )
+        }
+        for client, name, count, total in self._conn.execute(
+            "SELECT client, name, COUNT(value), SUM(value) FROM client_metrics WHERE run = ?"
+            " GROUP BY client, name",
+            (key,),
+        ):
+            out[client].count[name], out[client].sum[name] = count, _from_sql(total)
+        for client, name, value in self._conn.execute(
+            "SELECT m.client, m.name, m.value FROM client_metrics AS m JOIN (SELECT client, name,"
+            " MAX(round) AS r FROM client_metrics WHERE run = ? GROUP BY client, name) AS l"
+            " ON m.client = l.client AND m.name = l.name AND m.round = l.r WHERE m.run = ?",
+            (key, key),
+        ):
+            out[client].last[name] = _from_sql(value)
+        return list(out.values())
 
     @_guarded
     def first_client_metrics(self, run_id: str, prefix: str) -> dict[int, dict[str, float]]:
