@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up potluck on a fresh machine: Fashion-MNIST (Debian package), a virtual environment,
 # the pinned CPU build of PyTorch, and potluck itself. Pass --dev for the test tools (and Ray,
-# which the Ray engine's tests need, MLflow and TensorBoard, which the export tests need, and TenSEAL on Linux and Windows, which the homomorphic
-# aggregation's tests need), --he for TenSEAL (transform ckks), --opacus for Opacus 1.6 (the
-# DP-SGD benchmark's peer).
+# which the Ray engine's tests need, MLflow and TensorBoard, which the export tests need, and
+# TenSEAL on Linux and Windows, which the homomorphic aggregation's tests need), --he for
+# TenSEAL (transform ckks), --opacus for Opacus 1.6 (the DP-SGD benchmark's peer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
