@@ -1728,7 +1728,16 @@ def _sum_results(results: Sequence[EvalResult]) -> EvalResult:
 
 def _summary(result: RunResult) -> dict[str, Any]:
     final = result.final
-    keys = ("test_accuracy", "test_loss", "fed_accuracy", "fed_loss", "train_loss")
+    keys = (  # a personalised method's headline: its clients' personal accuracy first
+        "personal_accuracy",
+        "test_accuracy",
+        "test_loss",
+        "fed_accuracy",
+        "fed_loss",
+        "personal_loss",
+        "finetuned_accuracy",
+        "train_loss",
+    )
     summary: dict[str, Any] = {k: final[k] for k in keys if k in final}
     summary["rounds"] = float(len(result.history))
     if result.stopped:

@@ -23,6 +23,7 @@ from typing import Any
 from potluck.report.anomaly import PerClientRows, anomaly_section
 from potluck.report.attacks import attack_section
 from potluck.report.communication import accuracy_by_bytes, communication_section
+from potluck.report.monitoring import monitoring_section
 from potluck.report.svg import Panel, panels
 from potluck.store.sqlite import RoundRecord
 
@@ -63,8 +64,9 @@ def write_report(
     against the megabytes uploaded and a communication section (the bytes to reach each
     accuracy level, ``report.communication``); a run with anomaly detection gets a panel of the
     updates flagged and a section on the clients that look wrong (from the per-client
-    metrics ``clients``). Attack results in ``run_dir/attacks`` (``potluck attack``) get a
-    section of their own.
+    metrics ``clients``). The monitoring figures stored with the rounds get a section of
+    charts (``report.monitoring``); attack results in ``run_dir/attacks`` (``potluck
+    attack``) get a section of their own.
 
     Example:
         >>> import tempfile
@@ -77,7 +79,12 @@ def write_report(
     svg = curves_svg(rounds, title)
     svg_path, html_path = run_dir / SVG_NAME, run_dir / HTML_NAME
     svg_path.write_text(svg, encoding="utf-8")
-    sections = communication_section(rounds) + anomaly_section(clients) + attack_section(run_dir)
+    sections = (
+        monitoring_section(rounds)
+        + communication_section(rounds)
+        + anomaly_section(clients)
+        + attack_section(run_dir)
+    )
     page = _html(title, svg, rounds, summary, config, sections)
     html_path.write_text(page, encoding="utf-8")
     return {"svg": svg_path, "html": html_path}
