@@ -113,6 +113,8 @@ def test_round_figures_by_hand() -> None:
     assert figs["bytes_total"] == 900.0
     assert figs["bytes_per_gain"] == pytest.approx(900.0 / 50.0)  # 60 % - 10 % guess
     assert "label_shift_max" not in figs  # no summaries asked for
+    first = round_figures(options, [], {"train_loss": 2.0, "test_accuracy": 0.05}, [], classes=10)
+    assert "train_loss_slope" not in first and "bytes_per_gain" not in first  # undefined
 
 
 def test_monitoring_options_are_checked() -> None:

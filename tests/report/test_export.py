@@ -84,8 +84,8 @@ def test_json_round_trip(stored: tuple[RunStore, str], tmp_path: Path) -> None:
         if k != "round" and v is not None
     }
     assert back == _finite_rounds(store, run)
-    nan_slope = doc["rounds"][0]["train_loss_slope"]
-    assert nan_slope is None  # one round has no slope: NaN, written as null
+    assert "train_loss_slope" not in doc["rounds"][0]  # one round has no slope
+    assert doc["rounds"][1]["train_loss_slope"] == store.rounds(run)[1].metrics["train_loss_slope"]
 
 
 def test_mlflow_round_trip(
@@ -107,7 +107,7 @@ def test_mlflow_round_trip(
         for m in client.get_metric_history(found.info.run_id, name)
     }
     want = _finite_rounds(store, run)
-    assert back == want and out.values == len(want) and out.skipped > 0
+    assert back == want and out.values == len(want)
 
 
 def test_tensorboard_round_trip(stored: tuple[RunStore, str], tmp_path: Path) -> None:

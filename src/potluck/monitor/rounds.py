@@ -18,6 +18,9 @@ From the round's own metrics and per-client metrics, and the rounds before it:
 - cost: ``bytes_total`` (up and down, every round so far) and ``bytes_per_gain`` (bytes per
   point of accuracy, in percent, over a uniform guess ``1 / classes``).
 
+A figure undefined in a round (the slope of one point, the cost of a gain not yet made, a
+value a member's huge report overflowed) is left out of it rather than stored as NaN.
+
 Example:
     >>> clients = [(0, {"eval_global_accuracy": 0.5}), (1, {"eval_global_accuracy": 1.0})]
     >>> figs = round_figures(Monitoring(), [{"train_loss": 1.0}], {"train_loss": 0.5},
@@ -119,8 +122,8 @@ def round_figures(
     *,
     classes: int,
 ) -> dict[str, float]:
-    """The round's monitoring figures (names in the module's docstring); ``history``: the
-    metrics of the rounds before it (with their figures), oldest first."""
+    """The round's monitoring figures (names in the module's docstring), the finite ones;
+    ``history``: the metrics of the rounds before it (with their figures), oldest first."""
     series = [*history, metrics]
     recent = series[-options.window :]
     out = {
@@ -149,7 +152,7 @@ def round_figures(
     out["bytes_total"] = total
     if acc_name is not None:
         out["bytes_per_gain"] = figures.cost_per_gain(total, metrics[acc_name], 1.0 / classes)
-    return out
+    return {k: v for k, v in out.items() if math.isfinite(v)}  # undefined ones left out
 
 
 def _values(per_client: PerClient, name: str) -> dict[int, float]:
