@@ -179,11 +179,13 @@ def rounds_done(cfg: ExperimentConfig) -> int:
 
 
 def _unfinished(store: RunStore, name: str | None) -> str | None:
+    """The newest run created under ``name`` (``run.name``), if it did not finish: the run
+    a restarted server continues."""
     if not name:
         return None
-    runs = [r for r in store.list_runs() if r.name == name]
-    if runs and runs[-1].status != "finished":
-        return runs[-1].run_id
+    runs = store.named(name)
+    if runs and runs[0].status != "finished":
+        return runs[0].run_id
     return None
 
 

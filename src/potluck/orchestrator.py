@@ -1331,8 +1331,7 @@ class _Loop:
         if own is not None:
             scores.update(own(deltas, ctx))
         flagged = det.flagged(scores, len(members))
-        norms = row_norms(deltas).tolist()  # monitoring: how far each local model went,
-        drifts = row_norms(deltas - aggregate[None, :]).tolist()  # and ends from the aggregate
+        norms, drifts = update_distances(deltas, aggregate)
         for i, c in enumerate(members):
             row = {f"score_{name}": float(v[i]) for name, v in scores.items()}
             row |= {"update_norm": norms[i], "client_drift": drifts[i]}
@@ -1640,6 +1639,19 @@ class _Loop:
         self.store.commit_round(
             self.run_id, state.round, metrics, per_client, ckpt, client_states=flat
         )
+
+
+def update_distances(
+    deltas: torch.Tensor, aggregate: torch.Tensor
+) -> tuple[list[float], list[float]]:
+    """Monitoring: how far each client's local model went (``update_norm``) and how far it
+    ends from the round's aggregate (``client_drift``).
+
+    Example:
+        >>> update_distances(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.tensor([0.0, 4.0]))
+        ([5.0, 0.0], [3.0, 4.0])
+    """
+    return row_norms(deltas).tolist(), row_norms(deltas - aggregate[None, :]).tolist()
 
 
 def _by_namespace(flat: Mapping[str, torch.Tensor]) -> dict[str, State]:

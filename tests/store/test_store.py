@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sqlite3
@@ -106,10 +107,22 @@ def test_resolve_ambiguous_prefix_lists_candidates(store: RunStore) -> None:
     assert isinstance(err.value, ValueError)
 
 
+def test_a_taken_name_is_disambiguated(store: RunStore, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="potluck"):
+        a, b, c = (store.create_run({}, name="same") for _ in range(3))
+    assert [store.get_run(r).name for r in (a, b, c)] == ["same", "same-2", "same-3"]
+    assert "run name 'same' is taken; this run is named 'same-2'" in caplog.text
+    assert (store.resolve("same"), store.resolve("same-3")) == (a, c)
+    assert [r.run_id for r in store.named("same")] == [c, b, a]
+    other = store.create_run({}, name="same-x")  # not one of the family
+    assert store.get_run(other).name == "same-x" and len(store.named("same")) == 3
+
+
 def test_resolve_ambiguous_name_and_unknown(store: RunStore) -> None:
-    a, b = store.create_run({}, name="same"), store.create_run({}, name="same")
+    a = store.create_run({})
+    b = store.create_run({}, name=a[:9])  # a name that is also an id prefix
     with pytest.raises(AmbiguousRunError, match=a):
-        store.resolve("same")
+        store.resolve(a[:9])
     with pytest.raises(UnknownRunError) as err:
         store.resolve("zzz")
     assert isinstance(err.value, KeyError)
@@ -434,3 +447,22 @@ def test_closing_a_store_releases_its_runs(tmp_path: Path) -> None:
     st.close()
     with RunStore(tmp_path) as other:
         assert other.get_run(run).status == "interrupted" and not other.executing(run)
+
+
+def test_a_restarted_deployment_continues_the_newest_run_of_its_name(tmp_path: Path) -> None:
+    """``run.name`` names a deployment's family of runs: after a finished one, the next is
+    ``<name>-2``, and a server restarted while it runs continues that one."""
+    from potluck.config import ExperimentConfig
+    from potluck.deployment import rounds_done
+
+    cfg = ExperimentConfig.from_dict({"run": {"store": str(tmp_path), "name": "deployed"}})
+    with RunStore(tmp_path) as store:
+        first = store.create_run({}, name="deployed")
+        store.commit_round(first, 1, {}, [])
+        store.finish(first, "finished", {})
+        second = store.create_run({}, name="deployed")
+        for rnd in (1, 2):
+            store.commit_round(second, rnd, {}, [])
+        store.set_status(second, "failed")
+    assert RunStore(tmp_path).get_run(second).name == "deployed-2"
+    assert rounds_done(cfg) == 2  # the newest, unfinished: not the first, finished one

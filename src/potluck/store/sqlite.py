@@ -389,7 +389,16 @@ class RunStore:
         executes in this process until ``finish``, a final ``set_status``, ``release`` or
         ``close``); return its id.
 
-        The id is ``YYYYMMDD-HHMMSS-<6 hex>`` (UTC); ``name`` defaults to the id.
+        The id is ``YYYYMMDD-HHMMSS-<6 hex>`` (UTC); ``name`` defaults to the id. A name
+        another run has is disambiguated: the run is named ``<name>-2`` (or the next free
+        number), and a warning says so.
+
+        Example:
+            >>> import tempfile
+            >>> with RunStore(tempfile.mkdtemp()) as store:
+            ...     first, second = store.create_run({}, "demo"), store.create_run({}, "demo")
+            ...     store.get_run(first).name, store.get_run(second).name
+            ('demo', 'demo-2')
         """
         now = datetime.now(UTC)
         run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
@@ -398,15 +407,55 @@ class RunStore:
         self.hold(run_id)  # before the row exists, so that no reader sees it interrupted
         try:
             with self._transaction():
+                given = name or run_id
+                name = self._free_name(given)
+                if name != given:
+                    _log.warning("run name %r is taken; this run is named %r", given, name)
                 self._conn.execute(
                     "INSERT INTO runs (run_id, name, created_at, status, config)"
                     " VALUES (?, ?, ?, 'running', ?)",
-                    (run_id, name or run_id, now.isoformat(timespec="seconds"), config_json),
+                    (run_id, name, now.isoformat(timespec="seconds"), config_json),
                 )
         except BaseException:
             self.release(run_id)
             raise
         return run_id
+
+    def _free_name(self, name: str) -> str:
+        """``name``, or ``name-<k>`` for the smallest k >= 2 no run has (in the transaction
+        that inserts the run, so two processes cannot both take it)."""
+        taken = {
+            row[0]
+            for row in self._conn.execute(
+                "SELECT name FROM runs"
+                " WHERE name = ?1 OR substr(name, 1, length(?1) + 1) = ?1 || '-'",
+                (name,),
+            )
+        }
+        if name not in taken:
+            return name
+        k = 2
+        while f"{name}-{k}" in taken:
+            k += 1
+        return f"{name}-{k}"
+
+    @_guarded
+    def named(self, name: str) -> list[RunInfo]:
+        """The runs created under ``name`` (named ``name``, or ``name-<k>`` after a
+        disambiguation), newest first.
+
+        Example:
+            >>> import tempfile
+            >>> with RunStore(tempfile.mkdtemp()) as store:
+            ...     ids = [store.create_run({}, n) for n in ("exp", "exp", "other", "exp-x")]
+            ...     [r.name for r in store.named("exp")]
+            ['exp-2', 'exp']
+        """
+        return [
+            r
+            for r in self.list_runs()
+            if r.name == name or re.fullmatch(re.escape(name) + r"-[0-9]+", r.name)
+        ]
 
     def hold(self, run_id: str) -> None:
         """Mark run ``run_id`` as executing in this process: an exclusive ``flock`` on its
