@@ -27,13 +27,20 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z
   fi
 fi
 
+# the dashboard's browser tests drive Debian's chromium (Playwright cannot download its own)
+if [ "$DEV" = 1 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
 EXTRAS=""
-[ "$DEV" = 1 ] && EXTRAS="dev,ray,export"
+[ "$DEV" = 1 ] && EXTRAS="dev,ray,export,dashboard"
 [ "$HE" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}he"
 if [ -n "$EXTRAS" ]; then
   .venv/bin/pip install -q -e ".[$EXTRAS]"

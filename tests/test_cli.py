@@ -53,7 +53,7 @@ def test_run_list_show_and_report(store: Path) -> None:
     assert [r["round"] for r in payload["rounds"]] == [1, 2, 3]
     assert payload["status"] == "finished" and 0 < payload["rounds"][-1]["test_accuracy"] <= 1
     code, out = invoke("show", "cli-test", "--store", str(store), "--clients")
-    assert code == 0 and "per-client metrics" in out and "num_examples" in out
+    assert code == 0 and "per-client metrics" in out and "examples" in out
     code, out = invoke("resume", "cli-test", "--store", str(store))
     assert code == 0 and "already finished" in out
 

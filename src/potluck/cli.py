@@ -362,6 +362,27 @@ def export_cmd(
     console.print(f"exported {done.values} values of run {run_id} to {where}{left}")
 
 
+@app.command()
+def dashboard(
+    store: StoreOpt = None,
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8050,
+    host: Annotated[str, typer.Option(help="address to listen on (local only by default)")] = (
+        "127.0.0.1"
+    ),
+) -> None:
+    """Serve the dashboard over a run store: runs, a run's curves, clients, health and
+    config (live while it runs), and comparisons. Needs the dashboard extra."""
+    try:
+        import uvicorn
+
+        from potluck.dashboard.app import create_app
+    except ImportError:
+        _fail("potluck dashboard needs Starlette and uvicorn: pip install 'potluck[dashboard]'")
+    root = store or Path(default_store())
+    console.print(f"dashboard of {root} at http://{host}:{port}/ (Ctrl-C stops it)")
+    uvicorn.run(create_app(root), host=host, port=port, log_level="warning")
+
+
 @app.command("privacy")
 def privacy_cmd(
     run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
@@ -442,6 +463,10 @@ _CLIENT_COLUMNS = (
     ("drift", "client_drift", "mean"),
     ("label shift", "label_shift", "last"),
     ("feature shift", "feature_shift", "last"),
+    ("norm score", "score_norm", "mean"),
+    ("cosine score", "score_cosine", "mean"),
+    ("krum score", "score_krum", "mean"),
+    ("trust score", "score_trust", "mean"),
     ("flagged", "flagged", "sum"),
     ("malicious", "malicious", "last"),
     ("MB up", "bytes_up", "MB"),
@@ -483,7 +508,7 @@ def _show_clients(summaries: Sequence[ClientSummary]) -> None:
     keys = ["last round"]
     keys += [h for h, _, _ in _CLIENT_COLUMNS if any(h in r for r in rows)]
     cells = [[_fmt(r[k]) if k in r else "" for k in keys] for r in rows]
-    console.print(f"{len(rows)} clients")
+    console.print(f"per-client metrics ({len(rows)} clients; anomaly scores are means)")
     _tables("client", [str(c.client) for c in summaries], keys, cells)
 
 

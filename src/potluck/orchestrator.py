@@ -25,7 +25,7 @@ Example:
     ... )
     >>> result = run_experiment(exp)
     >>> sorted(result.history[-1])[:3]
-    ['bytes_down', 'bytes_up', 'cohort_size']
+    ['bytes_down', 'bytes_total', 'bytes_up']
     >>> sorted(result.state_dict())
     ['bias', 'weight']
 """

@@ -141,6 +141,7 @@ def test_scores_are_shown_by_the_cli_and_in_the_report(tmp_path: Path) -> None:
     shown = CliRunner().invoke(app, ["show", info.run_id, "--store", runs, "--clients"])
     assert shown.exit_code == 0, shown.output
     assert "anomaly scores" in shown.output and "krum" in shown.output
+    assert "flagged" in shown.output
     page = (info.run_dir / "report.html").read_text()
     assert "Clients that look wrong" in page and "malicious (simulated)" in page
     assert "updates flagged" in (info.run_dir / "curves.svg").read_text()

@@ -639,20 +639,24 @@ class RunStore:
             self._prune(run_id, self.keep_checkpoints)
 
     @_guarded
-    def rounds(self, run_id: str) -> list[RoundRecord]:
-        """The committed rounds of a run, in order, with their metrics."""
+    def rounds(self, run_id: str, after: int = 0) -> list[RoundRecord]:
+        """The committed rounds of a run after round ``after``, in order, with their metrics
+        (read through the primary key: the rounds before ``after`` are not scanned)."""
         key = self._run_key(run_id)
         records = {
             rnd: RoundRecord(rnd, {}, at)
             for rnd, at in self._conn.execute(
-                "SELECT round, committed_at FROM rounds WHERE run = ? ORDER BY round", (key,)
+                "SELECT round, committed_at FROM rounds WHERE run = ? AND round > ? ORDER BY round",
+                (key, after),
             )
         }
         for rnd, name, value in self._conn.execute(
-            "SELECT round, name, value FROM round_metrics WHERE run = ? ORDER BY round, rowid",
-            (key,),
+            "SELECT round, name, value FROM round_metrics WHERE run = ? AND round > ?"
+            " ORDER BY round, rowid",
+            (key, after),
         ):
-            records[rnd].metrics[name] = _from_sql(value)
+            if rnd in records:  # a round committed between the two reads waits for the next
+                records[rnd].metrics[name] = _from_sql(value)
         return list(records.values())
 
     @_guarded

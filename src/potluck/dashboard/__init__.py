@@ -1,0 +1,1 @@
+"""potluck.dashboard: a local web app over the run store (``potluck dashboard``)."""
