@@ -42,7 +42,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from potluck.store.sqlite import RunStore, StoreError, UnknownRunError
+from potluck.store.sqlite import RunInfo, RunStore, StoreError, UnknownRunError
 
 STATIC = Path(__file__).with_name("static")
 POLL_S = 0.5  # how often a live run's event stream looks for new rounds
@@ -61,8 +61,7 @@ def create_app(store_root: str | Path) -> Starlette:
         finally:
             store.close()
 
-    def run_json(store: RunStore, run_id: str) -> dict[str, Any]:
-        info = store.get_run(run_id)
+    def run_json(info: RunInfo) -> dict[str, Any]:
         return {
             "run": info.run_id,
             "name": info.name,
@@ -77,12 +76,10 @@ def create_app(store_root: str | Path) -> Starlette:
     async def runs(request: Request) -> Response:
         def read() -> list[dict[str, Any]]:
             with opened() as store:
-                out = []
-                for info in store.list_runs():
-                    row = run_json(store, info.run_id)
-                    del row["config"]
-                    out.append(row)
-                return out
+                return [
+                    {k: v for k, v in run_json(info).items() if k != "config"}
+                    for info in store.list_runs()
+                ]
 
         return JSONResponse(await _threaded(read))
 
@@ -91,7 +88,7 @@ def create_app(store_root: str | Path) -> Starlette:
 
         def read() -> dict[str, Any]:
             with opened() as store:
-                out = run_json(store, run_id)
+                out = run_json(store.get_run(run_id))
                 out["health"] = store.health(run_id)
                 return out
 

@@ -34,6 +34,17 @@ function fmt(v) {
   return Math.abs(v) >= 1e4 || Math.abs(v) < 1e-3 ? v.toExponential(3) : v.toPrecision(4);
 }
 
+// axis labels that fit: 1.2M, 35k, 0.004
+function compact(v) {
+  if (v === null || v === undefined) return "";
+  const a = Math.abs(v);
+  for (const [d, unit] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
+    if (a >= d) return `${+(v / d).toPrecision(3)}${unit}`;
+  }
+  return String(+v.toPrecision(3));
+}
+const AXES = [{}, { values: (_u, ticks) => ticks.map(compact), size: 56 }];
+
 function table(head, rows) {
   const t = el("table", {}, el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))));
   const body = el("tbody");
@@ -57,7 +68,8 @@ function lineChart(title, names, width = 520) {
   const box = el("figure", { class: "chart", "data-title": title });
   main.querySelector("#charts").append(box);
   const data = [[], ...names.map(() => [])];
-  const plot = new uPlot({ title, width, height: 260, series, scales: { x: { time: false } } }, data, box);
+  const opts = { title, width, height: 260, series, axes: AXES, scales: { x: { time: false } } };
+  const plot = new uPlot(opts, data, box);
   return { plot, names, data };
 }
 
