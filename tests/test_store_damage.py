@@ -102,7 +102,7 @@ def test_each_checkpoint_row_holds_the_files_sha256_and_round(tmp_path: Path) ->
     for rnd, relpath, digest in rows:
         data = (store.run_dir(run_id) / relpath).read_bytes()
         assert digest == hashlib.sha256(data).hexdigest(), rnd
-    assert store._conn.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS) == 5
+    assert store._conn.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS) == 6
     point = store.resume_point(run_id)
     assert (point.round, point.checksum, point.skipped) == (3, True, ())
     assert point.path == _ckpt_path(store, run_id, 3)
@@ -191,7 +191,7 @@ def test_rows_from_before_checksums_are_verified_by_structure_and_round(tmp_path
         path = root / "runs" / "old-run" / "checkpoints" / f"round-{rnd:06d}.safetensors"
         save_checkpoint(path, Checkpoint({"global": torch.full((3,), float(rnd))}, {"round": rnd}))
     with RunStore(root) as store:
-        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == 6
         point = store.resume_point("old-run")
         assert (point.round, point.checksum) == (2, False) and point.path is not None
         # without a checksum a flipped bit goes unnoticed, a wrong round does not

@@ -25,6 +25,7 @@ from potluck.config import ConfigError, ExperimentConfig, default_store
 from potluck.deploy.certs_cli import certs_app
 from potluck.report.progress import RoundProgress
 from potluck.report.progress import fmt as _fmt
+from potluck.store.models_cli import models_app
 
 if TYPE_CHECKING:
     from potluck.orchestrator import Experiment, RunResult
@@ -41,6 +42,7 @@ data_app = typer.Typer(help="Inspect datasets and federations.", no_args_is_help
 app.add_typer(data_app, name="data")
 app.add_typer(certs_app, name="certs")
 app.add_typer(attack_app, name="attack")
+app.add_typer(models_app, name="models")
 console = Console()
 err = Console(stderr=True)
 

@@ -151,6 +151,30 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # each checkpoint file's SHA-256 (hex); NULL for checkpoints committed before schema 5
         "ALTER TABLE checkpoints ADD COLUMN sha256 TEXT",
     ),
+    (  # the model registry (store.models): versions and the audit log of their changes
+        """CREATE TABLE models (
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            run INTEGER NOT NULL REFERENCES runs (id),
+            round INTEGER NOT NULL,
+            stage TEXT NOT NULL CHECK (stage IN ('registered', 'production', 'archived')),
+            metrics TEXT NOT NULL,
+            parent INTEGER,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (name, version)
+        ) WITHOUT ROWID""",
+        "CREATE UNIQUE INDEX models_production ON models (name) WHERE stage = 'production'",
+        """CREATE TABLE model_audit (
+            id INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            action TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+    ),
 )
 STATE_DTYPES = {
     str(d).removeprefix("torch."): d

@@ -1,0 +1,236 @@
+"""The model registry: a run's checkpoint registered as a versioned model, with its metrics
+and lineage, promoted to production and rolled back, every change in an audit log.
+
+Models live in the run store's database (tables ``models`` and ``model_audit``); a
+registered version's checkpoint is copied to ``models/<name>/v<version>.safetensors`` under
+the store root with its SHA-256, so pruning or deleting the run keeps the model. Each name
+has at most one ``production`` version; promoting another archives the one before it, and
+``rollback`` restores the production version before the current one.
+
+Example:
+    >>> import tempfile, torch
+    >>> from potluck.store.checkpoint import Checkpoint
+    >>> store = RunStore(tempfile.mkdtemp())
+    >>> run = store.create_run({"algorithm": {"name": "fedavg"}})
+    >>> ckpt = Checkpoint({"weights": torch.zeros(3)}, {})
+    >>> store.commit_round(run, 1, {"test_accuracy": 0.5}, checkpoint=ckpt)
+    >>> models = ModelRegistry(store)
+    >>> models.register("digits", run).version
+    1
+    >>> models.promote("digits", 1).stage
+    'production'
+    >>> [e.action for e in models.audit("digits")]
+    ['register', 'promote']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from potluck.store.checkpoint import Checkpoint, load_checkpoint
+from potluck.store.sqlite import RunStore
+
+STAGES = ("registered", "production", "archived")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be carried out (unknown model, bad name, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered version: where it came from and what it scored."""
+
+    name: str
+    version: int
+    run_id: str
+    round: int
+    stage: str
+    metrics: dict[str, float]
+    parent: int | None  # the production version when this one was registered
+    path: Path
+    sha256: str
+    created_at: str
+
+    def load(self) -> Checkpoint:
+        """The version's checkpoint, verified against its recorded SHA-256."""
+        if sha256_file(self.path) != self.sha256:
+            raise RegistryError(f"{self.name} v{self.version}: {self.path} does not verify")
+        return load_checkpoint(self.path)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: str
+    name: str
+    version: int
+    action: str
+    detail: dict[str, Any]
+
+
+class ModelRegistry:
+    """Versions of named models over a ``RunStore`` (see the module's docstring)."""
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+        self.root = store.root / "models"
+
+    def register(
+        self, name: str, run_ref: str, round: int | None = None, note: str = ""
+    ) -> ModelVersion:
+        """Register run ``run_ref``'s checkpoint of ``round`` (its newest by default) as the
+        next version of ``name``."""
+        if not _NAME.fullmatch(name):
+            raise RegistryError(f"model name {name!r}: letters, digits, '_', '.', '-' only")
+        store = self.store
+        run_id = store.resolve(run_ref)
+        source = self._checkpoint(run_id, round)
+        rnd, path, digest = source
+        metrics = next((r.metrics for r in store.rounds(run_id, rnd - 1) if r.round == rnd), {})
+        conn = store._conn
+        with store._transaction():
+            row = conn.execute("SELECT MAX(version) FROM models WHERE name = ?", (name,))
+            version = int(row.fetchone()[0] or 0) + 1
+            parent = self._production_version(name)
+            target = self.root / name / f"v{version}.safetensors"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            if sha256_file(target) != digest:
+                target.unlink()
+                raise RegistryError(f"{path} changed while it was copied")
+            conn.execute(
+                "INSERT INTO models (name, version, run, round, stage, metrics, parent, path,"
+                " sha256, created_at) VALUES (?, ?, ?, ?, 'registered', ?, ?, ?, ?, ?)",
+                (name, version, store._run_key(run_id), rnd, json.dumps(_finite(metrics)),
+                 parent, str(target.relative_to(store.root)), digest, _now()),
+            )  # fmt: skip
+            self._log(name, version, "register", {"run": run_id, "round": rnd, "note": note})
+        return self.get(name, version)
+
+    def promote(self, name: str, version: int, reason: str = "") -> ModelVersion:
+        """Make ``version`` the production version of ``name`` (the current one archived)."""
+        target = self.get(name, version)
+        if target.stage == "production":
+            raise RegistryError(f"{name} v{version} is already in production")
+        with self.store._transaction():
+            self._set_production(name, version)
+            self._log(name, version, "promote", {"reason": reason})
+        return self.get(name, version)
+
+    def rollback(self, name: str, reason: str = "") -> ModelVersion:
+        """Archive ``name``'s production version and restore the one promoted before it."""
+        current = self.production(name)
+        if current is None:
+            raise RegistryError(f"{name} has no production version to roll back")
+        promoted = [e.version for e in self.audit(name) if e.action in ("promote", "rollback")]
+        earlier = [v for v in promoted if v != current.version]
+        if not earlier:
+            raise RegistryError(f"{name} v{current.version} is the only version ever promoted")
+        with self.store._transaction():
+            self._set_production(name, earlier[-1])
+            self._log(name, earlier[-1], "rollback", {"from": current.version, "reason": reason})
+        return self.get(name, earlier[-1])
+
+    def get(self, name: str, version: int) -> ModelVersion:
+        row = self.store._conn.execute(_SELECT + " WHERE m.name = ? AND m.version = ?",
+                                       (name, version)).fetchone()  # fmt: skip
+        if row is None:
+            raise RegistryError(f"no model {name!r} version {version}")
+        return self._version(row)
+
+    def versions(self, name: str | None = None) -> list[ModelVersion]:
+        """Every version (of ``name``), by name and version."""
+        where, args = (" WHERE m.name = ?", (name,)) if name else ("", ())
+        rows = self.store._conn.execute(_SELECT + where + " ORDER BY m.name, m.version", args)
+        return [self._version(r) for r in rows]
+
+    def production(self, name: str) -> ModelVersion | None:
+        version = self._production_version(name)
+        return None if version is None else self.get(name, version)
+
+    def audit(self, name: str | None = None) -> list[AuditEntry]:
+        """The changes (of ``name``), oldest first."""
+        where, args = (" WHERE name = ?", (name,)) if name else ("", ())
+        rows = self.store._conn.execute(
+            "SELECT at, name, version, action, detail FROM model_audit" + where + " ORDER BY id",
+            args,
+        )
+        return [AuditEntry(at, n, v, a, json.loads(d)) for at, n, v, a, d in rows]
+
+    def _checkpoint(self, run_id: str, round: int | None) -> tuple[int, Path, str]:
+        store = self.store
+        if round is None:
+            point = store.resume_point(run_id)
+            if point.checkpoint is None or point.path is None:
+                raise RegistryError(f"run {run_id} has no checkpoint to register")
+            round = point.round
+        row = store._conn.execute(
+            "SELECT path, sha256 FROM checkpoints WHERE run = ? AND round = ?",
+            (store._run_key(run_id), round),
+        ).fetchone()
+        if row is None:
+            raise RegistryError(f"run {run_id} has no checkpoint of round {round}")
+        path = store.run_dir(run_id) / row[0]
+        digest = sha256_file(path)
+        if row[1] is not None and digest != row[1]:
+            raise RegistryError(f"run {run_id}'s checkpoint {path} does not verify")
+        return round, path, digest
+
+    def _production_version(self, name: str) -> int | None:
+        row = self.store._conn.execute(
+            "SELECT version FROM models WHERE name = ? AND stage = 'production'", (name,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _set_production(self, name: str, version: int) -> None:
+        conn = self.store._conn
+        conn.execute(
+            "UPDATE models SET stage = 'archived' WHERE name = ? AND stage = 'production'",
+            (name,),
+        )
+        conn.execute(
+            "UPDATE models SET stage = 'production' WHERE name = ? AND version = ?",
+            (name, version),
+        )
+
+    def _log(self, name: str, version: int, action: str, detail: dict[str, Any]) -> None:
+        self.store._conn.execute(
+            "INSERT INTO model_audit (at, name, version, action, detail) VALUES (?, ?, ?, ?, ?)",
+            (_now(), name, version, action, json.dumps(detail)),
+        )
+
+    def _version(self, row: tuple[Any, ...]) -> ModelVersion:
+        name, version, run_id, rnd, stage, metrics, parent, path, digest, created = row
+        return ModelVersion(name, version, run_id, rnd, stage, json.loads(metrics), parent,
+                            self.store.root / path, digest, created)  # fmt: skip
+
+
+_SELECT = (
+    "SELECT m.name, m.version, r.run_id, m.round, m.stage, m.metrics, m.parent, m.path,"
+    " m.sha256, m.created_at FROM models AS m JOIN runs AS r ON r.id = m.run"
+)
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 (hex) of the file at ``path``."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in metrics.items()}

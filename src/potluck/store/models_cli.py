@@ -1,0 +1,114 @@
+"""``potluck models``: the model registry (``potluck.store.models``) from the shell.
+
+Example (shell):
+    potluck models register RUN --name digits          # the run's newest checkpoint, v1
+    potluck models promote digits 1 --reason "beats v0 on the holdout"
+    potluck models list
+    potluck models rollback digits --reason "accuracy regressed"
+    potluck models log digits
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:  # the registry imports torch: only when a command runs
+    from potluck.store.models import ModelRegistry, ModelVersion
+
+models_app = typer.Typer(
+    help="Versioned models from runs' checkpoints: register, promote, roll back, audit log.",
+    no_args_is_help=True,
+)
+console = Console(width=None)
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="run store directory (default: run.store)")
+]
+
+
+@contextmanager
+def _registry(store: Path | None) -> Iterator[ModelRegistry]:
+    from potluck.config import default_store
+    from potluck.store.models import ModelRegistry, RegistryError
+    from potluck.store.sqlite import RunStore, StoreError, UnknownRunError
+
+    try:
+        with RunStore(store or default_store()) as st:
+            yield ModelRegistry(st)
+    except (RegistryError, UnknownRunError, StoreError, KeyError) as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _line(v: ModelVersion) -> str:
+    acc = v.metrics.get("test_accuracy")
+    shown = f", test_accuracy {acc:.4g}" if isinstance(acc, float) else ""
+    return f"{v.name} v{v.version} ({v.stage}): run {v.run_id} round {v.round}{shown}"
+
+
+@models_app.command()
+def register(
+    run_ref: Annotated[str, typer.Argument(help="run id, id prefix or name")],
+    name: Annotated[str, typer.Option(help="the model's name")],
+    round: Annotated[int | None, typer.Option(help="the checkpoint's round (newest)")] = None,
+    note: Annotated[str, typer.Option(help="recorded in the audit log")] = "",
+    store: StoreOpt = None,
+) -> None:
+    """Register a run's checkpoint as the next version of a model."""
+    with _registry(store) as reg:
+        console.print(f"registered {_line(reg.register(name, run_ref, round, note))}")
+
+
+@models_app.command()
+def promote(
+    name: str,
+    version: int,
+    reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "",
+    store: StoreOpt = None,
+) -> None:
+    """Make a version the model's production version (the one before it is archived)."""
+    with _registry(store) as reg:
+        console.print(f"promoted {_line(reg.promote(name, version, reason))}")
+
+
+@models_app.command()
+def rollback(
+    name: str,
+    reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "",
+    store: StoreOpt = None,
+) -> None:
+    """Restore the production version before the current one."""
+    with _registry(store) as reg:
+        console.print(f"rolled back to {_line(reg.rollback(name, reason))}")
+
+
+@models_app.command("list")
+def list_cmd(name: Annotated[str | None, typer.Argument()] = None, store: StoreOpt = None) -> None:
+    """Every registered version (of NAME), with its stage, source and metrics."""
+    with _registry(store) as reg:
+        table = Table("model", "v", "stage", "run", "round", "accuracy", "parent", "registered",
+                      box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0))  # fmt: skip
+        for v in reg.versions(name):
+            acc = v.metrics.get("test_accuracy")
+            table.add_row(v.name, str(v.version), v.stage, v.run_id, str(v.round),
+                          "" if acc is None else f"{acc:.4g}",
+                          "" if v.parent is None else str(v.parent), v.created_at[:10])  # fmt: skip
+        console.print(table)
+
+
+@models_app.command()
+def log(name: Annotated[str | None, typer.Argument()] = None, store: StoreOpt = None) -> None:
+    """The audit log: every registration, promotion and rollback, oldest first."""
+    with _registry(store) as reg:
+        table = Table("at (UTC)", "model", "v", "action", "detail", box=box.SIMPLE_HEAD)
+        for e in reg.audit(name):
+            detail = ", ".join(f"{k}={v}" for k, v in e.detail.items() if v not in ("", None))
+            table.add_row(e.at, e.name, str(e.version), e.action, detail)
+        console.print(table)
