@@ -52,8 +52,12 @@ def test_the_api(stored: tuple[Path, str]) -> None:
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert rounds[2]["metrics"]["test_accuracy"] == stored_rounds[2].metrics["test_accuracy"]
     assert [r["round"] for r in client.get(f"/api/runs/{run}/rounds?after=2").json()] == [3, 4]
-    clients = client.get(f"/api/runs/{run}/clients").json()
-    assert len(clients) == 10 and all(c["rounds"] >= 4 for c in clients)  # evaluated each round
+    answer = client.get(f"/api/runs/{run}/clients").json()
+    clients = answer["clients"]
+    assert len(clients) == answer["total"] == len(answer["accuracy"]) == 10
+    assert all(c["rounds"] >= 4 for c in clients)  # evaluated each round
+    page2 = client.get(f"/api/runs/{run}/clients?offset=6&limit=3").json()
+    assert [c["client"] for c in page2["clients"]] == [c["client"] for c in clients[6:9]]
     assert client.get("/api/runs/nope").status_code == 404
     assert client.get("/api/runs/nope/rounds").status_code == 404
     page = client.get(f"/runs/{run}").text

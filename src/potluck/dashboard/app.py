@@ -7,8 +7,9 @@ draw their charts with uPlot (vendored in ``static/``, MIT: no CDN, nothing fetc
 the internet) from the JSON API:
 
 - ``/api/runs``; ``/api/runs/<id>``; ``/api/runs/<id>/rounds?after=N`` (only the rounds
-  after ``N``, read by the store's primary key); ``/api/runs/<id>/clients`` (one summary
-  per client, aggregated by SQLite);
+  after ``N``, read by the store's primary key); ``/api/runs/<id>/clients?offset=&limit=``
+  (one summary per client, aggregated by SQLite: a page of ``CLIENTS_PAGE`` by default,
+  with the number of clients and every client's latest accuracy for the histogram);
 - ``/api/runs/<id>/events``: server-sent events, one ``round`` event per committed round
   with the round as its event id, so a browser that reconnects (sending ``Last-Event-ID``)
   gets only the rounds after the last one it saw; an ``end`` event once the run is no
@@ -47,6 +48,7 @@ from potluck.store.sqlite import RunInfo, RunStore, StoreError, UnknownRunError
 STATIC = Path(__file__).with_name("static")
 POLL_S = 0.5  # how often a live run's event stream looks for new rounds
 FINAL = ("finished", "failed", "interrupted")
+CLIENTS_PAGE = 500  # clients per page of a run's client table
 
 
 def create_app(store_root: str | Path) -> Starlette:
@@ -105,10 +107,18 @@ def create_app(store_root: str | Path) -> Starlette:
 
     async def clients(request: Request) -> Response:
         run_id = request.path_params["run_id"]
+        offset = _int(request.query_params.get("offset"))
+        limit = _int(request.query_params.get("limit")) or CLIENTS_PAGE
 
-        def read() -> list[dict[str, Any]]:
+        def read() -> dict[str, Any]:
             with opened() as store:
-                return [
+                summaries = store.client_summary(run_id)
+            accuracy = [c.last.get("eval_global_accuracy") for c in summaries]
+            return {
+                "total": len(summaries),
+                "offset": offset,
+                "accuracy": [a for a in accuracy if a is not None and math.isfinite(a)],
+                "clients": [
                     {
                         "client": c.client,
                         "rounds": c.rounds,
@@ -116,8 +126,9 @@ def create_app(store_root: str | Path) -> Starlette:
                         "last": _finite(c.last),
                         "mean": _finite({k: c.mean(k) for k in c.count}),
                     }
-                    for c in store.client_summary(run_id)
-                ]
+                    for c in summaries[offset : offset + limit]
+                ],
+            }
 
         return await _answer(read)
 

@@ -725,19 +725,16 @@ class RunStore:
                 (key,),
             )
         }
-        for client, name, count, total in self._conn.execute(
-            "SELECT client, name, COUNT(value), SUM(value) FROM client_metrics WHERE run = ?"
-            " GROUP BY client, name",
+        # one pass: with a single MAX() in the select, SQLite takes the bare column
+        # ``value`` from the row holding the maximum (the client's latest round)
+        for client, name, count, total, _, last in self._conn.execute(
+            "SELECT client, name, COUNT(value), SUM(value), MAX(round), value"
+            " FROM client_metrics WHERE run = ? GROUP BY client, name",
             (key,),
         ):
-            out[client].count[name], out[client].sum[name] = count, _from_sql(total)
-        for client, name, value in self._conn.execute(
-            "SELECT m.client, m.name, m.value FROM client_metrics AS m JOIN (SELECT client, name,"
-            " MAX(round) AS r FROM client_metrics WHERE run = ? GROUP BY client, name) AS l"
-            " ON m.client = l.client AND m.name = l.name AND m.round = l.r WHERE m.run = ?",
-            (key, key),
-        ):
-            out[client].last[name] = _from_sql(value)
+            summary = out[client]
+            summary.count[name], summary.sum[name] = count, _from_sql(total)
+            summary.last[name] = _from_sql(last)
         return list(out.values())
 
     @_guarded

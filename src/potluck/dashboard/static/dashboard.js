@@ -93,7 +93,7 @@ function drawRounds(rounds) {
 }
 
 function histogram(title, values, bins = 10) {
-  const lo = Math.min(...values), hi = Math.max(...values);
+  const lo = values.reduce((a, b) => Math.min(a, b)), hi = values.reduce((a, b) => Math.max(a, b));
   const step = hi > lo ? (hi - lo) / bins : 1;
   const counts = new Array(bins).fill(0);
   for (const v of values) counts[Math.min(bins - 1, Math.floor((v - lo) / step))] += 1;
@@ -135,17 +135,11 @@ async function runView() {
   main.append(el("p", {}, `${info.what} · status `, status, ` · created ${info.created_at}`));
   main.append(el("div", { id: "charts" }), el("h2", {}, "clients"), el("div", { id: "histograms" }));
   drawRounds(await json(`/api/runs/${id}/rounds`));
-  const clients = await json(`/api/runs/${id}/clients`);
-  const accs = clients.map((c) => c.last.eval_global_accuracy).filter((v) => v !== undefined && v !== null);
-  if (accs.length) window.potluck.histogram = histogram("accuracy on the clients' test data", accs);
-  const cols = [["trained", (c) => c.rounds], ["last round", (c) => c.last_round],
-    ["train loss", (c) => c.mean.train_loss], ["accuracy", (c) => c.last.eval_global_accuracy],
-    ["update norm", (c) => c.mean.update_norm], ["drift", (c) => c.mean.client_drift],
-    ["label shift", (c) => c.last.label_shift], ["feature shift", (c) => c.last.feature_shift],
-    ["flagged", (c) => (c.mean.flagged ?? 0) * c.rounds], ["MB up", (c) => (c.mean.bytes_up ?? 0) * c.rounds / 1e6]];
-  main.append(table(["client", ...cols.map((c) => c[0])],
-    clients.map((c) => [String(c.client), ...cols.map(([, f]) => fmt(f(c)))])));
-  window.potluck.clients = clients.length;
+  const first = await json(`/api/runs/${id}/clients`);
+  if (first.accuracy.length) {
+    window.potluck.histogram = histogram("accuracy on the clients' test data", first.accuracy);
+  }
+  clientTable(id, first);
   if (info.health.length) {
     main.append(el("h2", {}, "health (deployment)"));
     main.append(table(["client", "name", "rounds", "failures", "latency s", "last error"],
@@ -154,6 +148,37 @@ async function runView() {
   }
   main.append(el("h2", {}, "config"), el("pre", {}, JSON.stringify(info.config, null, 2)));
   if (info.status === "running") live(id, status);
+}
+
+const CLIENT_COLUMNS = [["trained", (c) => c.rounds], ["last round", (c) => c.last_round],
+  ["train loss", (c) => c.mean.train_loss], ["accuracy", (c) => c.last.eval_global_accuracy],
+  ["update norm", (c) => c.mean.update_norm], ["drift", (c) => c.mean.client_drift],
+  ["label shift", (c) => c.last.label_shift], ["feature shift", (c) => c.last.feature_shift],
+  ["flagged", (c) => (c.mean.flagged ?? 0) * c.rounds],
+  ["MB up", (c) => (c.mean.bytes_up ?? 0) * c.rounds / 1e6]];
+
+// the per-client table, a page at a time (a federation can have millions of clients)
+function clientTable(id, page) {
+  const rows = (p) => p.clients.map((c) => [String(c.client), ...CLIENT_COLUMNS.map(([, f]) => fmt(f(c)))]);
+  const t = table(["client", ...CLIENT_COLUMNS.map((c) => c[0])], rows(page));
+  const note = el("p", { id: "clients-shown" });
+  main.append(t, note);
+  let shown = page.clients.length;
+  const more = el("button", { id: "more-clients" }, "more clients");
+  const update = () => {
+    note.textContent = `${shown} of ${page.total} clients`;
+    if (shown >= page.total) more.remove();
+  };
+  more.onclick = async () => {
+    const next = await json(`/api/runs/${id}/clients?offset=${shown}`);
+    for (const r of rows(next)) t.tBodies[0].append(el("tr", {}, ...r.map((c) => el("td", {}, c))));
+    shown += next.clients.length;
+    window.potluck.clients = shown;
+    update();
+  };
+  main.append(more);
+  update();
+  window.potluck.clients = shown;
 }
 
 function live(id, status) {
