@@ -130,3 +130,9 @@ def test_the_models_commands_on_a_run(tmp_path: Path) -> None:
     assert "register" in log.output and "promote" in log.output
     bad = cli.invoke(app, ["models", "rollback", "digits", "--store", runs])
     assert bad.exit_code == 2 and "only version ever promoted" in bad.output
+    args = ["--round", "1", "--store", runs]
+    assert cli.invoke(app, ["models", "register", "base", "--name", "digits", *args]).exit_code == 0
+    out = cli.invoke(app, ["models", "ab", "digits", "2", "1", "--store", runs])
+    assert out.exit_code == 0 and "6 clients" in out.output and "Wilcoxon p =" in out.output
+    log = cli.invoke(app, ["models", "log", "digits", "--store", runs])
+    assert " ab " in log.output and "winner" in log.output

@@ -139,6 +139,11 @@ class ModelRegistry:
             self._log(name, earlier[-1], "rollback", {"from": current.version, "reason": reason})
         return self.get(name, earlier[-1])
 
+    def record(self, action: str, version: ModelVersion, detail: dict[str, Any]) -> None:
+        """Add an entry to the audit log (an evaluation, say) without changing a stage."""
+        with self.store._transaction():
+            self._log(version.name, version.version, action, detail)
+
     def get(self, name: str, version: int) -> ModelVersion:
         row = self.store._conn.execute(_SELECT + " WHERE m.name = ? AND m.version = ?",
                                        (name, version)).fetchone()  # fmt: skip

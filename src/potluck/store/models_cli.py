@@ -36,13 +36,13 @@ StoreOpt = Annotated[
 @contextmanager
 def _registry(store: Path | None) -> Iterator[ModelRegistry]:
     from potluck.config import default_store
-    from potluck.store.models import ModelRegistry, RegistryError
+    from potluck.store.models import ModelRegistry
     from potluck.store.sqlite import RunStore, StoreError, UnknownRunError
 
     try:
         with RunStore(store or default_store()) as st:
             yield ModelRegistry(st)
-    except (RegistryError, UnknownRunError, StoreError, KeyError) as exc:
+    except (ValueError, UnknownRunError, StoreError, KeyError) as exc:  # RegistryError too
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -112,3 +112,27 @@ def log(name: Annotated[str | None, typer.Argument()] = None, store: StoreOpt = 
             detail = ", ".join(f"{k}={v}" for k, v in e.detail.items() if v not in ("", None))
             table.add_row(e.at, e.name, str(e.version), e.action, detail)
         console.print(table)
+
+
+@models_app.command()
+def ab(
+    name: str,
+    version_a: int,
+    version_b: int,
+    alpha: Annotated[float, typer.Option(help="significance level")] = 0.05,
+    store: StoreOpt = None,
+) -> None:
+    """A/B evaluation of two versions on every client's local test data (the federation of
+    B's run), with a Wilcoxon signed-rank test of the per-client differences."""
+    from potluck.config import ExperimentConfig
+    from potluck.monitor.ab import ab_test
+
+    with _registry(store) as reg:
+        a, b = reg.get(name, version_a), reg.get(name, version_b)
+        experiment = ExperimentConfig.from_dict(reg.store.get_run(b.run_id).config).build()
+        weights = [v.load().tensors["global"] for v in (a, b)]
+        result = ab_test(experiment, weights[0], weights[1], alpha=alpha)
+        reg.record("ab", b, {"a": version_a, "p_value": result.p_value, "winner": result.winner,
+                             "difference": result.mean_difference})  # fmt: skip
+        console.print(f"A = {name} v{version_a}, B = {name} v{version_b}")
+        console.print(result.summary())

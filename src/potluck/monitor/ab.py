@@ -1,0 +1,122 @@
+"""A/B evaluation of two global models on the clients' local test data, with a paired
+significance test.
+
+Each client's accuracy under model A and model B is measured on that client's own test
+split; the per-client differences (B minus A) are tested with the Wilcoxon signed-rank test
+(Wilcoxon, "Individual comparisons by ranking methods", Biometrics Bulletin 1945), which
+needs no normality of the differences, and summarised by their mean with a 95 % Student-t
+interval. Pairing by client removes the between-client spread that an unpaired comparison
+would have to overcome, which is why one federation's clients are enough to tell versions
+apart.
+
+Example:
+    >>> import torch
+    >>> from potluck import Experiment, Federation, Task
+    >>> from potluck.algorithms import fedavg
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(400, 2, generator=g)
+    >>> y = (x[:, 0] > 0).long()
+    >>> fed = Federation.from_client_data([(x[i::8], y[i::8]) for i in range(8)],
+    ...                                   test_fraction=0.5)
+    >>> exp = Experiment(Task(lambda: torch.nn.Linear(2, 2)), fed, fedavg(clients_per_round=2),
+    ...                  rounds=1)
+    >>> good = torch.tensor([-5.0, 0.0, 5.0, 0.0, 0.0, 0.0])  # predicts x[0] > 0
+    >>> result = ab_test(exp, -good, good)
+    >>> result.winner, result.clients, result.accuracy_b
+    ('b', 8, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from potluck.orchestrator import Experiment
+
+
+@dataclass(frozen=True)
+class ABResult:
+    """What an A/B evaluation found; ``winner`` is ``"a"``, ``"b"`` or ``"none"`` (no
+    significant difference at ``alpha``)."""
+
+    clients: int
+    accuracy_a: float  # mean over the clients
+    accuracy_b: float
+    mean_difference: float  # B minus A, per client, averaged
+    ci95: tuple[float, float]
+    p_value: float
+    alpha: float
+    winner: str
+    per_client: tuple[tuple[int, float, float], ...]  # (client, accuracy A, accuracy B)
+
+    def summary(self) -> str:
+        lo, hi = self.ci95
+        return (
+            f"{self.clients} clients: A {self.accuracy_a:.4f}, B {self.accuracy_b:.4f}, "
+            f"B - A {self.mean_difference:+.4f} (95 % CI {lo:+.4f} to {hi:+.4f}), "
+            f"Wilcoxon p = {self.p_value:.3g}: "
+            + ("no significant difference" if self.winner == "none" else f"{self.winner} wins")
+        )
+
+
+def ab_test(
+    experiment: Experiment,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    clients: Sequence[int] | None = None,
+    alpha: float = 0.05,
+) -> ABResult:
+    """Models ``a`` and ``b`` (flat weight vectors of ``experiment``'s task) on the local
+    test data of ``clients`` (default: every client with test examples)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    program = experiment.algorithm.client_program(
+        experiment.task, experiment.federation, seed=experiment.seed
+    )
+    size = program.spec.size
+    for label, w in (("a", a), ("b", b)):
+        if w.shape != (size,):
+            raise ValueError(f"model {label} has shape {tuple(w.shape)}; the task needs ({size},)")
+    fed = experiment.federation
+    ids = range(fed.num_clients) if clients is None else clients
+    rows = []
+    for cid in ids:
+        data = fed.client(int(cid))
+        if len(data.y_test) == 0:
+            continue
+        acc_a = program.evaluate_arrays(a, data.x_test, data.y_test).accuracy
+        acc_b = program.evaluate_arrays(b, data.x_test, data.y_test).accuracy
+        rows.append((int(cid), acc_a, acc_b))
+    if len(rows) < 2:
+        raise ValueError("an A/B test needs at least two clients with local test data")
+    return _tested(rows, alpha)
+
+
+def _tested(rows: list[tuple[int, float, float]], alpha: float) -> ABResult:
+    from scipy import stats
+
+    acc = np.array([[ra, rb] for _, ra, rb in rows], dtype=np.float64)
+    diff = acc[:, 1] - acc[:, 0]
+    mean = float(diff.mean())
+    half = 0.0
+    if len(diff) > 1 and diff.std(ddof=1) > 0:
+        half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff)))
+    p = 1.0 if not np.any(diff) else float(stats.wilcoxon(diff, zero_method="zsplit").pvalue)
+    winner = "none" if p >= alpha else ("b" if mean > 0 else "a")
+    return ABResult(
+        clients=len(rows),
+        accuracy_a=float(acc[:, 0].mean()),
+        accuracy_b=float(acc[:, 1].mean()),
+        mean_difference=mean,
+        ci95=(mean - half, mean + half),
+        p_value=p,
+        alpha=alpha,
+        winner=winner,
+        per_client=tuple(rows),
+    )
