@@ -25,7 +25,7 @@ from potluck.config import ConfigError, ExperimentConfig, default_store
 from potluck.deploy.certs_cli import certs_app
 from potluck.report.progress import RoundProgress
 from potluck.report.progress import fmt as _fmt
-from potluck.store.models_cli import models_app
+from potluck.rollout.cli import models_app
 
 if TYPE_CHECKING:
     from potluck.orchestrator import Experiment, RunResult

@@ -151,13 +151,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # each checkpoint file's SHA-256 (hex); NULL for checkpoints committed before schema 5
         "ALTER TABLE checkpoints ADD COLUMN sha256 TEXT",
     ),
-    (  # the model registry (store.models): versions and the audit log of their changes
+    (  # the model registry (rollout.registry): versions and the audit log of their changes
         """CREATE TABLE models (
             name TEXT NOT NULL,
             version INTEGER NOT NULL CHECK (version >= 1),
             run INTEGER NOT NULL REFERENCES runs (id),
             round INTEGER NOT NULL,
-            stage TEXT NOT NULL CHECK (stage IN ('registered', 'production', 'archived')),
+            stage TEXT NOT NULL
+                CHECK (stage IN ('registered', 'canary', 'production', 'archived')),
             metrics TEXT NOT NULL,
             parent INTEGER,
             path TEXT NOT NULL,

@@ -5,7 +5,10 @@ Models live in the run store's database (tables ``models`` and ``model_audit``);
 registered version's checkpoint is copied to ``models/<name>/v<version>.safetensors`` under
 the store root with its SHA-256, so pruning or deleting the run keeps the model. Each name
 has at most one ``production`` version; promoting another archives the one before it, and
-``rollback`` restores the production version before the current one.
+``rollback`` restores the production version before the current one. A ``canary`` is a new
+version tried on a seeded fraction of the clients next to production (``canary``): it is
+promoted unless its accuracy on those clients' local test data falls more than
+``threshold`` below production's, in which case it is rolled back (archived) automatically.
 
 Example:
     >>> import tempfile, torch
@@ -32,12 +35,18 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from potluck.store.checkpoint import Checkpoint, load_checkpoint
 from potluck.store.sqlite import RunStore
 
-STAGES = ("registered", "production", "archived")
+if TYPE_CHECKING:
+    from potluck.monitor.ab import ABResult
+    from potluck.orchestrator import Experiment
+
+STAGES = ("registered", "canary", "production", "archived")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -74,6 +83,15 @@ class AuditEntry:
     version: int
     action: str
     detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    """A canary's outcome: the version after it (``production`` or ``archived``)."""
+
+    version: ModelVersion
+    promoted: bool
+    comparison: ABResult
 
 
 class ModelRegistry:
@@ -143,6 +161,59 @@ class ModelRegistry:
         """Add an entry to the audit log (an evaluation, say) without changing a stage."""
         with self.store._transaction():
             self._log(version.name, version.version, action, detail)
+
+    def canary(
+        self,
+        name: str,
+        version: int,
+        experiment: Experiment,
+        fraction: float = 0.1,
+        threshold: float = 0.01,
+        seed: int = 0,
+    ) -> CanaryResult:
+        """Roll ``version`` out to a seeded ``fraction`` of ``experiment``'s clients next to
+        the production version, compare the two on those clients' local test data
+        (``monitor.ab``) and promote it, or roll it back when its mean accuracy there is more
+        than ``threshold`` below production's."""
+        from potluck.monitor.ab import ab_test
+
+        if not 0 < fraction <= 1 or threshold < 0:
+            raise RegistryError(f"canary: fraction in (0, 1] and threshold >= 0 needed, got "
+                                f"{fraction} and {threshold}")  # fmt: skip
+        current, candidate = self.production(name), self.get(name, version)
+        if current is None:
+            raise RegistryError(f"{name} has no production version to compare a canary with")
+        if candidate.stage != "registered":
+            raise RegistryError(f"{name} v{version} is {candidate.stage}, not registered")
+        fed = experiment.federation
+        pool = [c for c in range(fed.num_clients) if len(fed.client(c).y_test) > 0]
+        rng = np.random.default_rng([seed, version])
+        cohort = sorted(rng.choice(pool, max(2, round(fraction * len(pool))), replace=False))
+        detail = {"fraction": fraction, "threshold": threshold, "clients": len(cohort),
+                  "against": current.version}  # fmt: skip
+        with self.store._transaction():
+            self.store._conn.execute(
+                "UPDATE models SET stage = 'canary' WHERE name = ? AND version = ?",
+                (name, version),
+            )
+            self._log(name, version, "canary", detail)
+        weights = [v.load().tensors["global"] for v in (current, candidate)]
+        result = ab_test(experiment, weights[0], weights[1], clients=cohort)
+        regressed = result.mean_difference < -threshold
+        figures = {"difference": result.mean_difference, "p_value": result.p_value,
+                   "production_accuracy": result.accuracy_a,
+                   "canary_accuracy": result.accuracy_b}  # fmt: skip
+        with self.store._transaction():
+            if regressed:
+                self.store._conn.execute(
+                    "UPDATE models SET stage = 'archived' WHERE name = ? AND version = ?",
+                    (name, version),
+                )
+                self._log(name, version, "canary_rollback", figures)
+            else:
+                self._set_production(name, version)
+                self._log(name, version, "promote", {**figures, "reason": "canary passed"})
+        return CanaryResult(self.get(name, version), not regressed, result)
 
     def get(self, name: str, version: int) -> ModelVersion:
         row = self.store._conn.execute(_SELECT + " WHERE m.name = ? AND m.version = ?",

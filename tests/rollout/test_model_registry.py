@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from potluck.cli import app
+from potluck.orchestrator import Experiment
+from potluck.rollout.registry import ModelRegistry, RegistryError
 from potluck.store.checkpoint import Checkpoint
-from potluck.store.models import ModelRegistry, RegistryError
 from potluck.store.sqlite import RunStore
 
 
@@ -132,7 +133,49 @@ def test_the_models_commands_on_a_run(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "only version ever promoted" in bad.output
     args = ["--round", "1", "--store", runs]
     assert cli.invoke(app, ["models", "register", "base", "--name", "digits", *args]).exit_code == 0
+    out = cli.invoke(app, ["models", "canary", "digits", "2", "--fraction", "1", "--threshold",
+                           "1", "--store", runs])  # fmt: skip
+    assert out.exit_code == 0 and "digits v2: promoted to production" in out.output, out.output
     out = cli.invoke(app, ["models", "ab", "digits", "2", "1", "--store", runs])
     assert out.exit_code == 0 and "6 clients" in out.output and "Wilcoxon p =" in out.output
     log = cli.invoke(app, ["models", "log", "digits", "--store", runs])
     assert " ab " in log.output and "winner" in log.output
+
+
+def _canary_setup(root: Path) -> tuple[ModelRegistry, Experiment]:
+    from potluck import Experiment, Federation, Task
+    from potluck.algorithms import fedavg
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40 * 20, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    fed = Federation.from_client_data([(x[i::20], y[i::20]) for i in range(20)], test_fraction=0.5)
+    exp = Experiment(Task(lambda: torch.nn.Linear(2, 2)), fed, fedavg(clients_per_round=2), 3)
+    good = torch.tensor([-5.0, 0.0, 5.0, 0.0, 0.0, 0.0])
+    store = RunStore(root)
+    run = store.create_run({})
+    weak = good + torch.tensor([0.0, 3.0, 0.0, -3.0, 0.0, 0.0])
+    for r, w in enumerate((weak, good, -good), start=1):  # round 3: an injected regression
+        store.commit_round(run, r, {}, checkpoint=Checkpoint({"global": w}, {}))
+    reg = ModelRegistry(store)
+    for r in (1, 2, 3):
+        reg.register("m", run, round=r)
+    reg.promote("m", 1)
+    return reg, exp
+
+
+def test_a_canary_that_regresses_is_rolled_back_and_a_better_one_promoted(tmp_path: Path) -> None:
+    reg, exp = _canary_setup(tmp_path)
+    bad = reg.canary("m", 3, exp, fraction=0.25, threshold=0.02)
+    assert not bad.promoted and bad.version.stage == "archived"
+    assert bad.comparison.clients == 5 and bad.comparison.mean_difference < -0.02
+    assert reg.production("m").version == 1  # type: ignore[union-attr]  # production untouched
+    good = reg.canary("m", 2, exp, fraction=0.25, threshold=0.02)
+    assert good.promoted and good.version.stage == "production"
+    assert reg.get("m", 1).stage == "archived"
+    actions = [(e.action, e.version) for e in reg.audit("m")][4:]
+    assert actions == [("canary", 3), ("canary_rollback", 3), ("canary", 2), ("promote", 2)]
+    with pytest.raises(RegistryError, match="archived, not registered"):
+        reg.canary("m", 3, exp)
+    with pytest.raises(RegistryError, match="fraction"):
+        reg.canary("m", 3, exp, fraction=0.0)

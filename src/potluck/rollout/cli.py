@@ -1,4 +1,4 @@
-"""``potluck models``: the model registry (``potluck.store.models``) from the shell.
+"""``potluck models``: the model registry (``potluck.rollout.registry``) from the shell.
 
 Example (shell):
     potluck models register RUN --name digits          # the run's newest checkpoint, v1
@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:  # the registry imports torch: only when a command runs
-    from potluck.store.models import ModelRegistry, ModelVersion
+    from potluck.rollout.registry import ModelRegistry, ModelVersion
 
 models_app = typer.Typer(
     help="Versioned models from runs' checkpoints: register, promote, roll back, audit log.",
@@ -36,7 +36,7 @@ StoreOpt = Annotated[
 @contextmanager
 def _registry(store: Path | None) -> Iterator[ModelRegistry]:
     from potluck.config import default_store
-    from potluck.store.models import ModelRegistry
+    from potluck.rollout.registry import ModelRegistry
     from potluck.store.sqlite import RunStore, StoreError, UnknownRunError
 
     try:
@@ -136,3 +136,28 @@ def ab(
                              "difference": result.mean_difference})  # fmt: skip
         console.print(f"A = {name} v{version_a}, B = {name} v{version_b}")
         console.print(result.summary())
+
+
+@models_app.command()
+def canary(
+    name: str,
+    version: int,
+    fraction: Annotated[float, typer.Option(help="share of the clients that try it")] = 0.1,
+    threshold: Annotated[
+        float, typer.Option(help="the accuracy drop against production that rolls it back")
+    ] = 0.01,
+    seed: Annotated[int, typer.Option(help="draws the canary's clients")] = 0,
+    store: StoreOpt = None,
+) -> None:
+    """Try a registered version on a fraction of the clients (of its run's federation) next
+    to production: promoted if it holds up, rolled back automatically if it regresses."""
+    from potluck.config import ExperimentConfig
+
+    with _registry(store) as reg:
+        candidate = reg.get(name, version)
+        experiment = ExperimentConfig.from_dict(reg.store.get_run(candidate.run_id).config)
+        out = reg.canary(name, version, experiment.build(), fraction, threshold, seed)
+        console.print(out.comparison.summary().replace("A ", "production ", 1)
+                      .replace("B ", "canary ", 1))  # fmt: skip
+        verdict = "promoted to production" if out.promoted else "rolled back (archived)"
+        console.print(f"{name} v{version}: {verdict}")
