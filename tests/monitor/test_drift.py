@@ -26,8 +26,9 @@ from potluck.monitor.drift import (
     summary_request,
     total_variation,
 )
-from potluck.orchestrator import TIMING_METRICS, RunResult, resume_experiment, run_experiment
+from potluck.orchestrator import TIMING_METRICS, RunResult, run_experiment
 from potluck.store.sqlite import RunStore
+from potluck.testing import interrupted_and_resumed
 
 ENGINES = ["inline", "vectorized", "pool"]
 CFG: dict[str, Any] = {
@@ -169,19 +170,7 @@ def test_every_engine_measures_the_same_shifts(engine: str, tmp_path: Path) -> N
 def test_resumed_run_keeps_each_clients_first_summary(tmp_path: Path) -> None:
     cfg = _cfg(drift=DRIFT)
     full = run_experiment(cfg.build())
-
-    class Stop(Exception):
-        pass
-
-    def stop(rnd: int, _metrics: object) -> None:
-        if rnd == 4:
-            raise Stop
-
-    store = RunStore(tmp_path)
-    with pytest.raises(Stop):
-        run_experiment(cfg.build(), store, on_round=stop)
-    (info,) = store.list_runs()
-    resumed = resume_experiment(cfg.build(), store, info.run_id)
+    resumed = interrupted_and_resumed(cfg, tmp_path, after=4)
     assert _comparable(resumed) == _comparable(full)
     assert sum(m["shifted_clients"] for m in resumed.history[4:]) > 0
 
