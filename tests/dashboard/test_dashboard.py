@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 from potluck.config import ExperimentConfig
 from potluck.dashboard.app import create_app
 from potluck.orchestrator import run_experiment
+from potluck.rollout.registry import ModelRegistry
 from potluck.store.sqlite import RunStore
 
 CFG: dict[str, Any] = {
@@ -59,6 +60,7 @@ def test_the_api(stored: tuple[Path, str]) -> None:
     page2 = client.get(f"/api/runs/{run}/clients?offset=6&limit=3").json()
     assert [c["client"] for c in page2["clients"]] == [c["client"] for c in clients[6:9]]
     assert client.get("/api/runs/nope").status_code == 404
+    assert client.get(f"/api/runs/{run}").json()["versions"] == []
     assert client.get("/api/runs/nope/rounds").status_code == 404
     page = client.get(f"/runs/{run}").text
     assert "/static/uPlot.iife.min.js" in page and "cdn" not in page.lower()
@@ -144,6 +146,11 @@ def test_the_pages_in_chromium_and_a_live_round_appears(
     accs = page.evaluate("window.potluck.charts['accuracy'].plot.data[1]")
     assert accs == [r.metrics["test_accuracy"] for r in RunStore(root).rounds(done.run_id or "")]
     assert sum(page.evaluate("window.potluck.histogram")) == 10  # every client's accuracy
+    with RunStore(root) as store:
+        ModelRegistry(store).register("digits", done.run_id or "")
+    page.reload()
+    page.wait_for_function("window.potluck && window.potluck.ready", timeout=20_000)
+    assert "model versions from this run" in page.content() and "registered" in page.content()
     _shot(page, "run")
 
     # a live run: the page opens after round 1; round 2 appears through the event stream

@@ -43,6 +43,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from potluck.rollout.registry import ModelRegistry
 from potluck.store.sqlite import RunInfo, RunStore, StoreError, UnknownRunError
 
 STATIC = Path(__file__).with_name("static")
@@ -92,6 +93,11 @@ def create_app(store_root: str | Path) -> Starlette:
             with opened() as store:
                 out = run_json(store.get_run(run_id))
                 out["health"] = store.health(run_id)
+                out["versions"] = [
+                    {"name": v.name, "version": v.version, "round": v.round, "stage": v.stage,
+                     "created_at": v.created_at}
+                    for v in ModelRegistry(store).from_run(run_id)
+                ]  # fmt: skip
                 return out
 
         return await _answer(read)

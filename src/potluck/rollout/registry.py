@@ -228,6 +228,13 @@ class ModelRegistry:
         rows = self.store._conn.execute(_SELECT + where + " ORDER BY m.name, m.version", args)
         return [self._version(r) for r in rows]
 
+    def from_run(self, run_id: str) -> list[ModelVersion]:
+        """The versions registered from run ``run_id``, by name and version."""
+        rows = self.store._conn.execute(
+            _SELECT + " WHERE r.run_id = ? ORDER BY m.name, m.version", (run_id,)
+        )
+        return [self._version(r) for r in rows]
+
     def production(self, name: str) -> ModelVersion | None:
         version = self._production_version(name)
         return None if version is None else self.get(name, version)

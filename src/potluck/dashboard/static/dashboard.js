@@ -146,11 +146,16 @@ async function runView() {
       info.health.map((h) => [String(h.client), h.name, String(h.rounds_completed), String(h.failures),
         fmt(h.latency_s), h.last_error || ""])));
   }
+  if (info.versions.length) {
+    main.append(el("h2", {}, "model versions from this run"));
+    main.append(table(["model", "version", "round", "stage", "registered"],
+      info.versions.map((v) => [v.name, String(v.version), String(v.round), v.stage, v.created_at])));
+  }
   main.append(el("h2", {}, "config"), el("pre", {}, JSON.stringify(info.config, null, 2)));
   if (info.status === "running") live(id, status);
 }
 
-const CLIENT_COLUMNS = [["trained", (c) => c.rounds], ["last round", (c) => c.last_round],
+const CLIENT_COLUMNS = [["rounds", (c) => c.rounds], ["last round", (c) => c.last_round],
   ["train loss", (c) => c.mean.train_loss], ["accuracy", (c) => c.last.eval_global_accuracy],
   ["update norm", (c) => c.mean.update_norm], ["drift", (c) => c.mean.client_drift],
   ["label shift", (c) => c.last.label_shift], ["feature shift", (c) => c.last.feature_shift],
