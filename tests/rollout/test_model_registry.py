@@ -136,6 +136,7 @@ def test_the_models_commands_on_a_run(tmp_path: Path) -> None:
     out = cli.invoke(app, ["models", "canary", "digits", "2", "--fraction", "1", "--threshold",
                            "1", "--store", runs])  # fmt: skip
     assert out.exit_code == 0 and "digits v2: promoted to production" in out.output, out.output
+    assert "canary - production" in out.output
     out = cli.invoke(app, ["models", "ab", "digits", "2", "1", "--store", runs])
     assert out.exit_code == 0 and "6 clients" in out.output and "Wilcoxon p =" in out.output
     log = cli.invoke(app, ["models", "log", "digits", "--store", runs])

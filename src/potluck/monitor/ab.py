@@ -55,13 +55,14 @@ class ABResult:
     winner: str
     per_client: tuple[tuple[int, float, float], ...]  # (client, accuracy A, accuracy B)
 
-    def summary(self) -> str:
+    def summary(self, a: str = "A", b: str = "B") -> str:
+        """One line, the models called ``a`` and ``b``."""
         lo, hi = self.ci95
+        won = {"a": f"{a} is better", "b": f"{b} is better"}.get(self.winner)
         return (
-            f"{self.clients} clients: A {self.accuracy_a:.4f}, B {self.accuracy_b:.4f}, "
-            f"B - A {self.mean_difference:+.4f} (95 % CI {lo:+.4f} to {hi:+.4f}), "
-            f"Wilcoxon p = {self.p_value:.3g}: "
-            + ("no significant difference" if self.winner == "none" else f"{self.winner} wins")
+            f"{self.clients} clients: {a} {self.accuracy_a:.4f}, {b} {self.accuracy_b:.4f}, "
+            f"{b} - {a} {self.mean_difference:+.4f} (95 % CI {lo:+.4f} to {hi:+.4f}), "
+            f"Wilcoxon p = {self.p_value:.3g}: " + (won or "no significant difference")
         )
 
 

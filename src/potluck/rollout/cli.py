@@ -134,8 +134,7 @@ def ab(
         result = ab_test(experiment, weights[0], weights[1], alpha=alpha)
         reg.record("ab", b, {"a": version_a, "p_value": result.p_value, "winner": result.winner,
                              "difference": result.mean_difference})  # fmt: skip
-        console.print(f"A = {name} v{version_a}, B = {name} v{version_b}")
-        console.print(result.summary())
+        console.print(f"{name}: " + result.summary(f"v{version_a}", f"v{version_b}"))
 
 
 @models_app.command()
@@ -157,7 +156,6 @@ def canary(
         candidate = reg.get(name, version)
         experiment = ExperimentConfig.from_dict(reg.store.get_run(candidate.run_id).config)
         out = reg.canary(name, version, experiment.build(), fraction, threshold, seed)
-        console.print(out.comparison.summary().replace("A ", "production ", 1)
-                      .replace("B ", "canary ", 1))  # fmt: skip
+        console.print(out.comparison.summary("production", "canary"))
         verdict = "promoted to production" if out.promoted else "rolled back (archived)"
         console.print(f"{name} v{version}: {verdict}")
