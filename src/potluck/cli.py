@@ -803,6 +803,10 @@ def client(
         list[str] | None,
         typer.Option("--attack-param", help="the attack's parameter, key=value (repeatable)"),
     ] = None,
+    model_out: Annotated[
+        Path | None,
+        typer.Option(help="where to keep the model a model server serves (potluck models serve)"),
+    ] = None,
 ) -> None:
     """Join a potluck server and train on local data; reconnects until the run is done.
 
@@ -838,6 +842,7 @@ def client(
             server_name=server_name,
             backoff=(min(0.5, backoff_max), backoff_max),
             max_failures=max_failures,
+            model_out=model_out,
         )
         code = site.run()
     raise typer.Exit(code)

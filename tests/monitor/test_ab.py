@@ -10,7 +10,7 @@ from scipy import stats
 
 from potluck import Experiment, Federation, Task
 from potluck.algorithms import fedavg
-from potluck.monitor.ab import _tested, ab_test
+from potluck.monitor.ab import ab_test, paired_test
 
 GOOD = torch.tensor([-5.0, 0.0, 5.0, 0.0, 0.0, 0.0])  # Linear(2, 2) predicting x[0] > 0
 
@@ -42,7 +42,7 @@ def test_equal_models_show_no_difference() -> None:
 
 def test_a_hand_computed_case() -> None:
     rows = [(0, 0.5, 0.6), (1, 0.4, 0.6), (2, 0.7, 0.65), (3, 0.2, 0.5)]
-    result = _tested(rows, alpha=0.05)
+    result = paired_test(rows, alpha=0.05)
     diffs = [0.1, 0.2, -0.05, 0.3]
     mean, sd = sum(diffs) / 4, math.sqrt(sum((d - 0.1375) ** 2 for d in diffs) / 3)
     half = 3.182446305284263 * sd / 2  # t(0.975, 3) * sd / sqrt(4)

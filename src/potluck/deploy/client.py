@@ -35,8 +35,9 @@ import torch
 
 from potluck.client.program import ClientProgram
 from potluck.core import records
-from potluck.core.message import MessageError
+from potluck.core.message import Message, MessageError
 from potluck.deploy import wire
+from potluck.deploy.installed import INSTALL, check_install, write_installed
 from potluck.deploy.secrets import RoundSecrets
 
 log = logging.getLogger("potluck.deploy")
@@ -95,8 +96,10 @@ class Site:
         server_name: str | None = None,
         backoff: tuple[float, float] = (0.5, 30.0),
         max_failures: int | None = None,
+        model_out: Path | None = None,
     ) -> None:
         self.server, self.name, self.tls = server, name, tls
+        self.model_out = model_out  # where a model server's install tasks are kept
         self.program_for, self.server_name = program_for, server_name
         self.backoff, self.max_failures = backoff, max_failures
         self._program: tuple[str, int, ClientProgram] | None = None
@@ -177,6 +180,8 @@ class Site:
 
     def _work(self, program: ClientProgram, cid: int, task: wire.Envelope) -> wire.Envelope:
         stage, t0 = str(task.scalars.get("stage", "")), time.perf_counter()
+        if stage == INSTALL:
+            return self._install(program, task)
         try:
             job = records.job_from_task(stage, task.round, cid, task.message())
             reply = program.run_stage(self._secrets.fill(task.run_id, job))[0]
@@ -187,6 +192,25 @@ class Site:
             return self._answer("declined", task, {}, {})
         log.info("round %d: %s done in %.2f s", task.round, stage, time.perf_counter() - t0)
         message = records.reply_to_message(self._secrets.keep(task.run_id, task.round, reply))
+        return self._answer("reply", task, dict(message.arrays), dict(message.scalars))
+
+    def _install(self, program: ClientProgram, task: wire.Envelope) -> wire.Envelope:
+        """Keep the model an ``install`` task serves (``deploy.installed``) at ``model_out``;
+        declined without one, or if the model does not check."""
+        if self.model_out is None:
+            log.warning("round %d: a model was served, but this site keeps none "
+                        "(no --model-out): declined", task.round)  # fmt: skip
+            return self._answer("declined", task, {}, {})
+        try:
+            job = records.job_from_task(INSTALL, task.round, 0, task.message())
+            got = check_install(job.shared, program.spec.size)
+        except (records.RecordError, MessageError) as exc:
+            log.error("round %d: refused the served model: %s", task.round, exc)
+            return self._answer("declined", task, {}, {})
+        digest = write_installed(self.model_out, got.name, got.version, got.weights)
+        log.info("installed %s v%d at %s", got.name, got.version, self.model_out)
+        scalars: dict[str, int | float | str] = {"version": got.version, "digest": digest}
+        message = records.reply_to_message(records.Reply(Message(scalars=scalars)))
         return self._answer("reply", task, dict(message.arrays), dict(message.scalars))
 
     def _answer(

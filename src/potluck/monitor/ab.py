@@ -96,10 +96,20 @@ def ab_test(
         rows.append((int(cid), acc_a, acc_b))
     if len(rows) < 2:
         raise ValueError("an A/B test needs at least two clients with local test data")
-    return _tested(rows, alpha)
+    return paired_test(rows, alpha)
 
 
-def _tested(rows: list[tuple[int, float, float]], alpha: float) -> ABResult:
+def paired_test(rows: Sequence[tuple[int, float, float]], alpha: float = 0.05) -> ABResult:
+    """The A/B comparison of per-client accuracies ``(client, accuracy A, accuracy B)``,
+    however they were measured (here, or by deployed clients: ``rollout.serving``).
+
+    Example:
+        >>> r = paired_test([(0, 0.5, 0.75), (1, 0.5, 0.5), (2, 0.25, 0.5)])
+        >>> r.mean_difference, r.winner
+        (0.16666666666666666, 'none')
+    """
+    if len(rows) < 2:
+        raise ValueError("an A/B test needs at least two clients with local test data")
     from scipy import stats
 
     acc = np.array([[ra, rb] for _, ra, rb in rows], dtype=np.float64)
@@ -119,5 +129,5 @@ def _tested(rows: list[tuple[int, float, float]], alpha: float) -> ABResult:
         p_value=p,
         alpha=alpha,
         winner=winner,
-        per_client=tuple(rows),
+        per_client=tuple((int(c), float(a), float(b)) for c, a, b in rows),
     )

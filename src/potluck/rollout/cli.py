@@ -159,3 +159,81 @@ def canary(
         console.print(out.comparison.summary("production", "canary"))
         verdict = "promoted to production" if out.promoted else "rolled back (archived)"
         console.print(f"{name} v{version}: {verdict}")
+
+
+@models_app.command()
+def serve(
+    name: str,
+    canary: Annotated[
+        int | None, typer.Option(help="a registered version to try on some sites first")
+    ] = None,
+    fraction: Annotated[float, typer.Option(help="share of the sites the canary runs on")] = 0.1,
+    threshold: Annotated[
+        float, typer.Option(help="the accuracy drop against production that rolls it back")
+    ] = 0.01,
+    seed: Annotated[int, typer.Option(help="draws the canary's sites")] = 0,
+    follow: Annotated[
+        bool, typer.Option(help="keep serving (later sites, later promotions) until Ctrl-C")
+    ] = False,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT (default: deploy.listen)")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="override a field, e.g. --set deploy.min_clients=5"),
+    ] = None,
+    cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
+    key: Annotated[Path | None, typer.Option(help="server private key (PEM)")] = None,
+    client_ca: Annotated[
+        Path | None, typer.Option(help="CA that signs client certificates")
+    ] = None,
+    revoked: Annotated[
+        Path | None, typer.Option(help="revoked client names (the CA directory's revoked.txt)")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS, no client authentication")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Serve a model's production version to deployed sites (``potluck client --model-out``)
+    over gRPC: with --canary, a version tried on a fraction of them first, promoted or rolled
+    back automatically on their local test data."""
+    import logging
+    import threading
+
+    from potluck.deployment import ServerTLS
+    from potluck.rollout.serving import CanaryPlan, serve_models
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")  # fmt: skip
+    errors = Console(stderr=True)
+    tls = None
+    if insecure:
+        errors.print("[bold red]WARNING: --insecure: no TLS; anyone can join and read the model[/]")
+    elif cert is None or key is None or client_ca is None:
+        errors.print("[bold red]error:[/] the server needs --cert, --key and --client-ca "
+                     "(or an explicit --insecure)")  # fmt: skip
+        raise typer.Exit(2)
+    else:
+        tls = ServerTLS(cert, key, client_ca)
+    overrides = [*(set_ or []), *([f'deploy.listen="{listen}"'] if listen else [])]
+    plan = None if canary is None else CanaryPlan(canary, fraction, threshold, seed)
+    stop = threading.Event() if follow else None
+    with _registry(store) as reg:
+        try:
+            result = serve_models(reg, name, tls=tls, overrides=overrides, revoked=revoked,
+                                  canary=plan, follow=stop)  # fmt: skip
+        except TimeoutError as exc:
+            errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            console.print("stopped serving; the sites keep their models and reconnect")
+            raise typer.Exit(130) from None
+    if result.canary is not None:
+        out = result.canary
+        console.print(out.comparison.summary("production", "canary"))
+        verdict = "promoted to production" if out.promoted else "rolled back (archived)"
+        console.print(f"{name} v{out.version.version}: {verdict}")
+    by_version: dict[int, int] = {}
+    for v in result.installed.values():
+        by_version[v] = by_version.get(v, 0) + 1
+    served = ", ".join(f"v{v} on {n} sites" for v, n in sorted(by_version.items()))
+    console.print(f"{name}: {served or 'installed on no site'}")
+    for site, why in sorted(result.failed.items()):
+        console.print(f"  {site}: {why}")

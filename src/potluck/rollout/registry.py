@@ -32,6 +32,7 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,9 +175,23 @@ class ModelRegistry:
         """Roll ``version`` out to a seeded ``fraction`` of ``experiment``'s clients next to
         the production version, compare the two on those clients' local test data
         (``monitor.ab``) and promote it, or roll it back when its mean accuracy there is more
-        than ``threshold`` below production's."""
+        than ``threshold`` below production's. (``rollout.serving`` does the same with
+        deployed clients.)"""
         from potluck.monitor.ab import ab_test
 
+        fed = experiment.federation
+        pool = [c for c in range(fed.num_clients) if len(fed.client(c).y_test) > 0]
+        cohort = canary_cohort(pool, fraction, seed, version)
+        current, candidate = self.begin_canary(name, version, fraction, threshold, len(cohort))
+        weights = [v.load().tensors["global"] for v in (current, candidate)]
+        result = ab_test(experiment, weights[0], weights[1], clients=cohort)
+        return self.conclude_canary(name, version, result, threshold)
+
+    def begin_canary(
+        self, name: str, version: int, fraction: float, threshold: float, clients: int
+    ) -> tuple[ModelVersion, ModelVersion]:
+        """Put registered ``version`` in the ``canary`` stage, tried on ``clients`` clients;
+        the production version and the canary."""
         if not 0 < fraction <= 1 or threshold < 0:
             raise RegistryError(f"canary: fraction in (0, 1] and threshold >= 0 needed, got "
                                 f"{fraction} and {threshold}")  # fmt: skip
@@ -185,35 +200,43 @@ class ModelRegistry:
             raise RegistryError(f"{name} has no production version to compare a canary with")
         if candidate.stage != "registered":
             raise RegistryError(f"{name} v{version} is {candidate.stage}, not registered")
-        fed = experiment.federation
-        pool = [c for c in range(fed.num_clients) if len(fed.client(c).y_test) > 0]
-        rng = np.random.default_rng([seed, version])
-        cohort = sorted(rng.choice(pool, max(2, round(fraction * len(pool))), replace=False))
-        detail = {"fraction": fraction, "threshold": threshold, "clients": len(cohort),
+        detail = {"fraction": fraction, "threshold": threshold, "clients": clients,
                   "against": current.version}  # fmt: skip
         with self.store._transaction():
-            self.store._conn.execute(
-                "UPDATE models SET stage = 'canary' WHERE name = ? AND version = ?",
-                (name, version),
-            )
+            self._set_stage(name, version, "canary")
             self._log(name, version, "canary", detail)
-        weights = [v.load().tensors["global"] for v in (current, candidate)]
-        result = ab_test(experiment, weights[0], weights[1], clients=cohort)
+        return current, self.get(name, version)
+
+    def conclude_canary(
+        self, name: str, version: int, result: ABResult, threshold: float, **detail: Any
+    ) -> CanaryResult:
+        """End ``version``'s canary on its comparison with production (``result``: production
+        as A, the canary as B): promoted, or archived (rolled back) when its mean accuracy is
+        more than ``threshold`` below production's."""
+        if self.get(name, version).stage != "canary":
+            raise RegistryError(f"{name} v{version} is not in a canary")
         regressed = result.mean_difference < -threshold
         figures = {"difference": result.mean_difference, "p_value": result.p_value,
                    "production_accuracy": result.accuracy_a,
-                   "canary_accuracy": result.accuracy_b}  # fmt: skip
+                   "canary_accuracy": result.accuracy_b, **detail}  # fmt: skip
         with self.store._transaction():
             if regressed:
-                self.store._conn.execute(
-                    "UPDATE models SET stage = 'archived' WHERE name = ? AND version = ?",
-                    (name, version),
-                )
+                self._set_stage(name, version, "archived")
                 self._log(name, version, "canary_rollback", figures)
             else:
                 self._set_production(name, version)
                 self._log(name, version, "promote", {**figures, "reason": "canary passed"})
         return CanaryResult(self.get(name, version), not regressed, result)
+
+    def abandon_canary(self, name: str, version: int, reason: str) -> ModelVersion:
+        """End ``version``'s canary undecided (too few clients answered, the server stopped):
+        registered again, production untouched."""
+        if self.get(name, version).stage != "canary":
+            raise RegistryError(f"{name} v{version} is not in a canary")
+        with self.store._transaction():
+            self._set_stage(name, version, "registered")
+            self._log(name, version, "canary_abandoned", {"reason": reason})
+        return self.get(name, version)
 
     def get(self, name: str, version: int) -> ModelVersion:
         row = self.store._conn.execute(_SELECT + " WHERE m.name = ? AND m.version = ?",
@@ -273,6 +296,11 @@ class ModelRegistry:
         ).fetchone()
         return None if row is None else int(row[0])
 
+    def _set_stage(self, name: str, version: int, stage: str) -> None:
+        self.store._conn.execute(
+            "UPDATE models SET stage = ? WHERE name = ? AND version = ?", (stage, name, version)
+        )
+
     def _set_production(self, name: str, version: int) -> None:
         conn = self.store._conn
         conn.execute(
@@ -300,6 +328,24 @@ _SELECT = (
     "SELECT m.name, m.version, r.run_id, m.round, m.stage, m.metrics, m.parent, m.path,"
     " m.sha256, m.created_at FROM models AS m JOIN runs AS r ON r.id = m.run"
 )
+
+
+def canary_cohort(pool: Sequence[int], fraction: float, seed: int, version: int) -> list[int]:
+    """The clients of ``pool`` that try ``version`` in a canary: a ``fraction`` of them (at
+    least two, the fewest a paired comparison needs), drawn by ``seed`` and the version.
+
+    Example:
+        >>> canary_cohort(range(10), 0.3, seed=0, version=2)
+        [0, 2, 7]
+    """
+    if not 0 < fraction <= 1:
+        raise RegistryError(f"canary: fraction must be in (0, 1], got {fraction}")
+    pool = sorted(int(c) for c in pool)
+    if len(pool) < 2:
+        raise RegistryError(f"a canary needs at least two clients, {len(pool)} available")
+    k = min(len(pool), max(2, round(fraction * len(pool))))
+    rng = np.random.default_rng([seed, version])
+    return sorted(int(c) for c in rng.choice(pool, k, replace=False))
 
 
 def sha256_file(path: Path) -> str:
