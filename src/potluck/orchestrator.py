@@ -63,7 +63,7 @@ from potluck.core.parts import (
     gives,
     part_context,
 )
-from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob
+from potluck.core.records import EVALUATE, TRAIN, ClientState, Reply, StageJob, by_namespace
 from potluck.core.seeding import Seeds
 from potluck.core.task import Task
 from potluck.data.federation import Federation
@@ -1375,7 +1375,7 @@ class _Loop:
             stored = [self.memory_states.get(int(c), {}) for c in clients]
         else:
             stored = [
-                _by_namespace(s)
+                by_namespace(s)
                 for s in self.store.client_states(self.run_id, [int(c) for c in clients])
             ]
         return tuple({**s, **fresh.get(int(c), {})} for c, s in zip(clients, stored, strict=True))
@@ -1652,14 +1652,6 @@ def update_distances(
         ([5.0, 0.0], [3.0, 4.0])
     """
     return row_norms(deltas).tolist(), row_norms(deltas - aggregate[None, :]).tolist()
-
-
-def _by_namespace(flat: Mapping[str, torch.Tensor]) -> dict[str, State]:
-    out: dict[str, State] = {}
-    for name, t in flat.items():
-        ns, _, key = name.partition("/")
-        out.setdefault(ns, {})[key] = t
-    return out
 
 
 def _contributions(

@@ -20,10 +20,13 @@ import pytest
 import torch
 from conftest import PKI, SITES, config
 
+from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError
+from potluck.core.records import by_namespace
 from potluck.deploy.client import Site
 from potluck.deploy.installed import check_install, read_installed, weights_digest
 from potluck.deployment import site_program
+from potluck.monitor.ab import ab_personal, ab_test
 from potluck.orchestrator import run_experiment
 from potluck.rollout.registry import ModelRegistry
 from potluck.rollout.serving import CanaryPlan, ServeResult, serve_models
@@ -96,6 +99,8 @@ def _serve(
     canary: CanaryPlan | None = None,
     follow: threading.Event | None = None,
     min_clients: int = 5,
+    ab: int | str | None = None,
+    name: str = "digits",
 ) -> Served:
     served = Served(root)
     listening = threading.Event()
@@ -106,8 +111,8 @@ def _serve(
         try:
             with RunStore(reg.store.root) as store:
                 served.result = serve_models(
-                    ModelRegistry(store), "digits", tls=pki.server(), overrides=overrides,
-                    canary=canary, follow=follow,
+                    ModelRegistry(store), name, tls=pki.server(), overrides=overrides,
+                    canary=canary, follow=follow, ab=ab,  # type: ignore[arg-type]
                     on_listening=lambda p: (setattr(served, "port", p), listening.set()),
                 )  # fmt: skip
         except BaseException as exc:  # reported by finish()
@@ -182,6 +187,48 @@ def test_following_serves_a_promotion_made_elsewhere_and_a_late_site(
     assert result.installed == dict.fromkeys(SITES, 3)
 
 
+def test_deployed_ab_tests_equal_the_simulated_ones(
+    registry: ModelRegistry, pki: PKI, tmp_path: Path
+) -> None:
+    """Production against v2 on every site's own data, as ``ab_test`` measures it."""
+    served = _serve(registry, pki, tmp_path, ab=2)
+    for site in SITES:
+        served.site(site, pki)
+    result = served.finish()
+    exp = config(registry.store.root).build()
+    v1, v2 = (registry.get("digits", v).load().tensors["global"] for v in (1, 2))
+    assert result.ab is not None and result.ab.per_client == ab_test(exp, v1, v2).per_client
+    entry = next(e for e in registry.audit("digits") if e.action == "ab")
+    assert (entry.version, entry.detail["against"], entry.detail["deployed_sites"]) == (2, 1, 5)
+
+
+def test_a_deployed_personal_ab_sends_each_site_its_state(pki: PKI, tmp_path: Path) -> None:
+    """Ditto: the global model against each site's personal model (its state in the run,
+    sent with the evaluation task), equal to ``ab_personal`` in simulation."""
+    d = config(tmp_path / "runs").to_dict()
+    for written in ("terms", "transforms", "aggregator", "server"):  # scaffold's, in full
+        d.pop(written, None)
+    d["algorithm"], d["rounds"] = {"name": "ditto", "lam": 0.01}, 2
+    d["sampler"] = {"clients_per_round": 3}
+    cfg = ExperimentConfig.from_dict(d)
+    with RunStore(tmp_path / "runs") as store:
+        run = run_experiment(cfg.build(), store, progress=False).run_id
+        reg = ModelRegistry(store)
+        reg.register("pers", run)
+        reg.promote("pers", 1)
+        trained = store.clients_with_state(run)
+        states = dict(zip(trained, map(by_namespace, store.client_states(run, trained)),
+                          strict=True))  # fmt: skip
+        served = _serve(reg, pki, tmp_path, ab="personal", name="pers")
+        for site in SITES:
+            served.site(site, pki)
+        result = served.finish()
+        w = reg.get("pers", 1).load().tensors["global"]
+        simulated = ab_personal(cfg.build(), w, states)
+    assert result.ab is not None and result.ab.per_client == simulated.per_client
+    assert [c for c, _, _ in result.ab.per_client] == trained and len(trained) < 5
+
+
 class Liar(Site):
     """A site that claims to have installed whatever it is sent, with a made-up digest."""
 
@@ -238,8 +285,8 @@ def test_the_serve_and_client_commands_roll_a_regressed_canary_back(
             return subprocess.Popen([*potluck, *argv], stdout=o, stderr=e, env=env)
 
     server = start("server", [
-        "models", "serve", "digits", "--canary", "2", "--fraction", "0.4", "--threshold",
-        "0.02", "--listen", "127.0.0.1:0", "--set", "deploy.poll_timeout_s=0.5",
+        "models", "serve", "digits", "--ab", "3", "--canary", "2", "--fraction", "0.4",
+        "--threshold", "0.02", "--listen", "127.0.0.1:0", "--set", "deploy.poll_timeout_s=0.5",
         "--store", str(registry.store.root), "--cert", str(ca / "server-hub.pem"),
         "--key", str(ca / "server-hub.key"), "--client-ca", str(ca / "ca.pem"),
     ])  # fmt: skip
@@ -263,6 +310,7 @@ def test_the_serve_and_client_commands_roll_a_regressed_canary_back(
     printed = logs["server"][0].read_text()
     assert "canary - production" in printed and "digits v2: rolled back (archived)" in printed
     assert "digits: v1 on 5 sites" in printed, printed
+    assert "digits A/B: 5 clients: production" in printed and "v3 - production +0.0000" in printed
     assert {_runs(served, s) for s in SITES} == {1}
     assert registry.production("digits").version == 1  # type: ignore[union-attr]
     assert registry.get("digits", 2).stage == "archived"

@@ -180,3 +180,29 @@ def test_a_canary_that_regresses_is_rolled_back_and_a_better_one_promoted(tmp_pa
         reg.canary("m", 3, exp)
     with pytest.raises(RegistryError, match="fraction"):
         reg.canary("m", 3, exp, fraction=0.0)
+
+
+def test_models_ab_personal_compares_a_version_with_its_runs_personal_models(
+    tmp_path: Path,
+) -> None:
+    runs = str(tmp_path / "runs")
+    exp = tmp_path / "e.toml"
+    exp.write_text(
+        "rounds = 2\n[data]\ndataset = 'digits'\nnum_clients = 6\n[data.partition]\n"
+        "kind = 'shards'\nshards_per_client = 1\n[model]\nname = 'logreg'\n[algorithm]\n"
+        "name = 'ditto'\nlam = 0.01\n[sampler]\nclients_per_round = 6\n[client]\nepochs = 2\n"
+        "[run]\nthreads = 1\nname = 'pers'\n"
+    )
+    cli = CliRunner()
+    assert cli.invoke(app, ["run", str(exp), "--store", runs]).exit_code == 0
+    assert (
+        cli.invoke(app, ["models", "register", "pers", "--name", "d", "--store", runs]).exit_code
+        == 0
+    )
+    out = cli.invoke(app, ["models", "ab", "d", "1", "--personal", "--store", runs])
+    assert out.exit_code == 0, out.output
+    assert "d: 6 clients: global" in out.output and "personal is better" in out.output
+    log = cli.invoke(app, ["models", "log", "d", "--store", runs])
+    assert "against=personal" in log.output
+    both = cli.invoke(app, ["models", "ab", "d", "1", "1", "--personal", "--store", runs])
+    assert both.exit_code == 2 and "VERSION_B or --personal" in both.output

@@ -202,6 +202,20 @@ def job_from_task(stage: str, round: int, client: int, message: Message) -> Stag
     return unpack_job(stage, round, shared, np.array([client], dtype=np.int64), packed)
 
 
+def by_namespace(flat: Mapping[str, torch.Tensor]) -> dict[str, State]:
+    """A client's state as the run store keeps it (``"<namespace>/<name>"``) by part.
+
+    Example:
+        >>> sorted(by_namespace({"terms.0.ditto/personal": torch.zeros(1)}))
+        ['terms.0.ditto']
+    """
+    out: dict[str, State] = {}
+    for name, t in flat.items():
+        ns, _, key = name.partition(_SEP)
+        out.setdefault(ns, {})[key] = t
+    return out
+
+
 def _flat(
     k: int, arrays: Mapping[str, torch.Tensor], state: ClientState, kind: str = "p"
 ) -> dict[str, torch.Tensor]:

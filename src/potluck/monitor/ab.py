@@ -1,5 +1,6 @@
-"""A/B evaluation of two global models on the clients' local test data, with a paired
-significance test.
+"""A/B evaluation on the clients' local test data, with a paired significance test: two
+global models (``ab_test``), or the global model against each client's personalised one
+(``ab_personal``).
 
 Each client's accuracy under model A and model B is measured on that client's own test
 split; the per-client differences (B minus A) are tested with the Wilcoxon signed-rank test
@@ -29,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from potluck.core.records import ClientState
     from potluck.orchestrator import Experiment
 
 
@@ -96,6 +98,54 @@ def ab_test(
         rows.append((int(cid), acc_a, acc_b))
     if len(rows) < 2:
         raise ValueError("an A/B test needs at least two clients with local test data")
+    return paired_test(rows, alpha)
+
+
+def ab_personal(
+    experiment: Experiment,
+    w: torch.Tensor,
+    states: Mapping[int, ClientState],
+    alpha: float = 0.05,
+) -> ABResult:
+    """The global model ``w`` (A) against each client's personalised model (B: what the
+    algorithm's personalising term, FedPer or Ditto, makes of ``w`` and the client's state
+    ``states[c]``, by part namespace) on that client's local test data. Clients without a
+    personal model (never trained, no test data) are left out.
+
+    Example:
+        >>> from potluck import Experiment, Federation, Task
+        >>> from potluck.algorithms import ditto
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(400, 2, generator=g)
+        >>> fed = Federation.from_client_data(
+        ...     [(x[i::4], (x[i::4, i % 2] > 0).long()) for i in range(4)], test_fraction=0.5)
+        >>> exp = Experiment(Task(lambda: torch.nn.Linear(2, 2)), fed,
+        ...                  ditto(clients_per_round=4), rounds=1)
+        >>> own = [torch.tensor([-5.0, 0, 5, 0, 0, 0]), torch.tensor([0, -5.0, 0, 5, 0, 0])]
+        >>> states = {c: {"terms.0.ditto": {"personal": own[c % 2]}} for c in range(4)}
+        >>> r = ab_personal(exp, torch.zeros(6), states)  # a global model that knows nothing
+        >>> r.clients, r.accuracy_b, r.mean_difference > 0.4
+        (4, 1.0, True)
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    program = experiment.algorithm.client_program(
+        experiment.task, experiment.federation, seed=experiment.seed
+    )
+    if program.personal is None:
+        raise ValueError(
+            f"{experiment.algorithm.name} keeps no personal models (FedPer or Ditto do)"
+        )
+    program.spec.check(w, "the global model")
+    fed, rows = experiment.federation, []
+    for cid, state in sorted(states.items()):
+        data = fed.client(int(cid))
+        personal = program.personal_model(w, state)
+        if personal is None or len(data.y_test) == 0:
+            continue
+        acc_global = program.evaluate_arrays(w, data.x_test, data.y_test).accuracy
+        acc_personal = program.evaluate_arrays(personal, data.x_test, data.y_test).accuracy
+        rows.append((int(cid), acc_global, acc_personal))
     return paired_test(rows, alpha)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich import box
@@ -118,23 +118,40 @@ def log(name: Annotated[str | None, typer.Argument()] = None, store: StoreOpt = 
 def ab(
     name: str,
     version_a: int,
-    version_b: int,
+    version_b: Annotated[int | None, typer.Argument(help="omit with --personal")] = None,
+    personal: Annotated[
+        bool, typer.Option(help="A's global model against the personal models of A's run")
+    ] = False,
     alpha: Annotated[float, typer.Option(help="significance level")] = 0.05,
     store: StoreOpt = None,
 ) -> None:
-    """A/B evaluation of two versions on every client's local test data (the federation of
-    B's run), with a Wilcoxon signed-rank test of the per-client differences."""
+    """A/B evaluation on every client's local test data with a Wilcoxon signed-rank test of
+    the per-client differences: two versions (on the federation of B's run), or with
+    --personal a version's global model against its run's clients' personalised models
+    (FedPer, Ditto; the clients' newest stored states)."""
     from potluck.config import ExperimentConfig
-    from potluck.monitor.ab import ab_test
+    from potluck.core.records import by_namespace
+    from potluck.monitor.ab import ab_personal, ab_test
 
+    if personal == (version_b is not None):
+        Console(stderr=True).print("[bold red]error:[/] give VERSION_B or --personal")
+        raise typer.Exit(2)
     with _registry(store) as reg:
-        a, b = reg.get(name, version_a), reg.get(name, version_b)
+        a = reg.get(name, version_a)
+        b = a if version_b is None else reg.get(name, version_b)
         experiment = ExperimentConfig.from_dict(reg.store.get_run(b.run_id).config).build()
-        weights = [v.load().tensors["global"] for v in (a, b)]
-        result = ab_test(experiment, weights[0], weights[1], alpha=alpha)
-        reg.record("ab", b, {"a": version_a, "p_value": result.p_value, "winner": result.winner,
+        w, against = a.load().tensors["global"], "personal" if version_b is None else version_a
+        if version_b is None:
+            ids = reg.store.clients_with_state(a.run_id)
+            states = map(by_namespace, reg.store.client_states(a.run_id, ids))
+            result = ab_personal(experiment, w, dict(zip(ids, states, strict=True)), alpha)
+            labels = ("global", "personal")
+        else:
+            result = ab_test(experiment, w, b.load().tensors["global"], alpha=alpha)
+            labels = (f"v{version_a}", f"v{version_b}")
+        reg.record("ab", b, {"against": against, "p_value": result.p_value, "winner": result.winner,
                              "difference": result.mean_difference})  # fmt: skip
-        console.print(f"{name}: " + result.summary(f"v{version_a}", f"v{version_b}"))
+        console.print(f"{name}: " + result.summary(*labels))
 
 
 @models_app.command()
@@ -172,6 +189,13 @@ def serve(
         float, typer.Option(help="the accuracy drop against production that rolls it back")
     ] = 0.01,
     seed: Annotated[int, typer.Option(help="draws the canary's sites")] = 0,
+    ab: Annotated[
+        str | None,
+        typer.Option(
+            help="first an A/B test against production: a VERSION, or 'personal' "
+            "(the sites' personalised models)"
+        ),
+    ] = None,
     follow: Annotated[
         bool, typer.Option(help="keep serving (later sites, later promotions) until Ctrl-C")
     ] = False,
@@ -214,17 +238,26 @@ def serve(
         tls = ServerTLS(cert, key, client_ca)
     overrides = [*(set_ or []), *([f'deploy.listen="{listen}"'] if listen else [])]
     plan = None if canary is None else CanaryPlan(canary, fraction, threshold, seed)
+    if ab is not None and ab != "personal" and not ab.isdigit():
+        errors.print(f"[bold red]error:[/] --ab takes a version or 'personal', not {ab!r}")
+        raise typer.Exit(2)
+    against: int | Literal["personal"] | None = None
+    if ab is not None:
+        against = "personal" if ab == "personal" else int(ab)
     stop = threading.Event() if follow else None
     with _registry(store) as reg:
         try:
             result = serve_models(reg, name, tls=tls, overrides=overrides, revoked=revoked,
-                                  canary=plan, follow=stop)  # fmt: skip
+                                  canary=plan, ab=against, follow=stop)  # fmt: skip
         except TimeoutError as exc:
             errors.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("stopped serving; the sites keep their models and reconnect")
             raise typer.Exit(130) from None
+    if result.ab is not None:
+        label = "personal" if against == "personal" else f"v{against}"
+        console.print(f"{name} A/B: " + result.ab.summary("production", label))
     if result.canary is not None:
         out = result.canary
         console.print(out.comparison.summary("production", "canary"))

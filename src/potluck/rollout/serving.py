@@ -37,10 +37,11 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,13 +49,13 @@ import torch
 from potluck.client.program import ClientProgram, EvalResult, parse_evaluation
 from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError, Scalar
-from potluck.core.records import EVALUATE, Reply, StageJob
+from potluck.core.records import EVALUATE, ClientState, Reply, StageJob, by_namespace
 from potluck.deploy.client import config_id
 from potluck.deploy.guard import Guard
 from potluck.deploy.installed import INSTALL, weights_digest
 from potluck.deploy.server import Coordinator, GrpcEngine, Hub, Revocations, serve
 from potluck.deployment import ServerTLS
-from potluck.monitor.ab import paired_test
+from potluck.monitor.ab import ABResult, paired_test
 from potluck.rollout.registry import (
     CanaryResult,
     ModelRegistry,
@@ -86,6 +87,7 @@ class ServeResult:
     installed: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     canary: CanaryResult | None = None
+    ab: ABResult | None = None
 
 
 class ModelServer:
@@ -209,12 +211,21 @@ class ModelServer:
                                                 "failed": sorted(failed)[:20]})  # fmt: skip
         return failed
 
-    def evaluate(self, version: ModelVersion, clients: Iterable[int]) -> dict[int, EvalResult]:
-        """``version`` on ``clients``' local test data: the global sums of each site whose
-        answer is well formed (the others refused and logged)."""
+    def evaluate(
+        self,
+        version: ModelVersion,
+        clients: Iterable[int],
+        states: Mapping[int, ClientState] | None = None,
+    ) -> dict[int, dict[str, EvalResult]]:
+        """``version`` on ``clients``' local test data (with their client ``states``, as a
+        training run's evaluation sends them): the sums of each site whose answer is well
+        formed (``global``, and ``personal`` where a state gives a personal model); the
+        others refused and logged."""
         ids = sorted(int(c) for c in clients)
         names, out = self._names(), {}
-        replies = self._stage(EVALUATE, Message({"w": self.weights(version)}), ids)
+        given = states or {}
+        replies = self._stage(EVALUATE, Message({"w": self.weights(version)}), ids,
+                              [given.get(c, {}) for c in ids])  # fmt: skip
         for cid, reply in zip(ids, replies, strict=True):
             if reply is None:
                 continue
@@ -223,10 +234,37 @@ class ModelServer:
                     raise MessageError(reply.refused)
                 if reply.message.arrays or reply.state:
                     raise MessageError("an evaluation answer carries no arrays or state")
-                out[cid] = parse_evaluation(reply.message, f"site {names[cid]!r}")["global"]
+                out[cid] = parse_evaluation(reply.message, f"site {names[cid]!r}")
             except MessageError as exc:
                 log.warning("refused the evaluation of site %r: %s", names[cid], exc)
         return out
+
+    def ab(self, a: ModelVersion, b: ModelVersion | None = None, alpha: float = 0.05) -> ABResult:
+        """A/B evaluation on every live site's local test data (``monitor.ab``'s paired
+        test): versions ``a`` and ``b``, or without ``b`` the global model of ``a`` against
+        each site's personalised model (from its client state in ``a``'s run, sent with the
+        task). Recorded in the audit log."""
+        sites = sorted(self.sites())
+        if b is None:
+            if self.program.personal is None:
+                raise RegistryError(f"{self.name}'s algorithm keeps no personal models")
+            flat = self.registry.store.client_states(a.run_id, sites)
+            states = {c: by_namespace(s) for c, s in zip(sites, flat, strict=True) if s}
+            got = self.evaluate(a, states, states)
+            rows = [(c, r["global"].accuracy, r["personal"].accuracy)
+                    for c, r in got.items() if "personal" in r and r["global"].n]  # fmt: skip
+        else:
+            ga, gb = self.evaluate(a, sites), self.evaluate(b, sites)
+            rows = [(c, ga[c]["global"].accuracy, gb[c]["global"].accuracy)
+                    for c in sites if c in ga and c in gb and ga[c]["global"].n]  # fmt: skip
+        if len(rows) < 2:
+            raise RegistryError(f"an A/B test needs two sites that answered, {len(rows)} did")
+        result = paired_test(rows, alpha)
+        against = "personal" if b is None else a.version
+        self.registry.record("ab", b or a, {"against": against, "p_value": result.p_value,
+                                            "winner": result.winner, "deployed_sites": len(rows),
+                                            "difference": result.mean_difference})  # fmt: skip
+        return result
 
     def canary(self, plan: CanaryPlan) -> CanaryResult | None:
         """Run ``plan`` on the live sites (see the module's docstring); None if it ended
@@ -240,7 +278,8 @@ class ModelServer:
         try:
             self.install(current, rest)
             self.install(candidate, cohort)
-            a, b = (self.evaluate(v, cohort) for v in (current, candidate))
+            a, b = ({c: r["global"] for c, r in self.evaluate(v, cohort).items()}
+                    for v in (current, candidate))  # fmt: skip
             rows = [(c, a[c].accuracy, b[c].accuracy) for c in cohort
                     if c in a and c in b and a[c].n]  # fmt: skip
             if len(rows) < 2:
@@ -259,6 +298,13 @@ class ModelServer:
             self.install(current, cohort)
         self.result.canary = out
         return out
+
+    def production(self) -> ModelVersion:
+        """The production version now (``RegistryError`` if there is none)."""
+        current = self.registry.production(self.name)
+        if current is None:
+            raise RegistryError(f"{self.name} has no production version")
+        return current
 
     def serve_production(self) -> None:
         """Install the production version on the live sites that do not run it (a site whose
@@ -291,10 +337,17 @@ class ModelServer:
             self._weights[version.version] = w
         return self._weights[version.version]
 
-    def _stage(self, stage: str, shared: Message, ids: list[int]) -> list[Reply | None]:
+    def _stage(
+        self,
+        stage: str,
+        shared: Message,
+        ids: list[int],
+        states: Sequence[ClientState] | None = None,
+    ) -> list[Reply | None]:
         self._step += 1
         job = StageJob(stage, self._step, shared, np.array(ids, dtype=np.int64),
-                       tuple(Message() for _ in ids), tuple({} for _ in ids))  # fmt: skip
+                       tuple(Message() for _ in ids),
+                       tuple(states) if states is not None else tuple({} for _ in ids))  # fmt: skip
         return self.engine.run_stage(job)
 
     def _names(self) -> dict[int, str]:
@@ -309,17 +362,24 @@ def serve_models(
     overrides: Sequence[str] = (),
     revoked: Path | None = None,
     canary: CanaryPlan | None = None,
+    ab: int | Literal["personal"] | None = None,
     follow: threading.Event | None = None,
     on_listening: Callable[[int], object] | None = None,
 ) -> ServeResult:
     """Serve ``name`` to the deployed sites: production installed everywhere, ``canary``
     tried and concluded first; with ``follow``, keep serving until it is set (see the
-    module's docstring). The sites are told ``done`` when it ends normally."""
+    module's docstring). ``ab``: first an A/B evaluation of that version (or of the
+    sites' personal models: ``"personal"``) against production (``ServeResult.ab``). The
+    sites are told ``done`` when it ends normally."""
     with ModelServer(registry, name, tls=tls, overrides=overrides, revoked=revoked) as server:
         port = server.start()
         if on_listening is not None:
             on_listening(port)
         server.wait_for_sites()
+        if ab is not None:
+            current = server.production()
+            other = None if ab == "personal" else registry.get(name, int(ab))
+            server.result.ab = server.ab(current, other) if other else server.ab(current)
         if canary is not None:
             server.canary(canary)
         server.serve_production()
