@@ -185,6 +185,7 @@ class MonitoringConfig(_Section):
 
     summaries: bool = Field(False, description="clients summarise their data; drift measured")
     summary_bins: int = Field(16, ge=2, le=4096, description="input-value histogram bins")
+    summary_every: int = Field(1, ge=1, description="summaries in round 1 and every k-th")
     summary_noise: float = Field(0.0, ge=0, description="std of the noise on each count")
     noise: Literal["seed", "secure"] = Field("seed", description="the noise's source")
     shift_threshold: float = Field(0.2, gt=0, le=1, description="a shifted client's distance")

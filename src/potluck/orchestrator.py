@@ -71,7 +71,7 @@ from potluck.data.profiles import LognormalProfiles, TraceProfiles
 from potluck.deploy import rounds
 from potluck.engines.base import Engine, EngineOptions, choose_engine, make_engine
 from potluck.monitor import DriftScenario, Monitoring, ShiftTracker, drift, round_figures
-from potluck.monitor.rounds import summary_options
+from potluck.monitor.rounds import summarises, summary_options
 from potluck.privacy import ledger as privacy
 from potluck.privacy.central import row_norms
 from potluck.privacy.distributed import DistributedLedger
@@ -1067,7 +1067,8 @@ class _Loop:
         per_client = self._per_client(updates, stages)
         if stages.settled is not None:  # every timed member's transfers and compute
             per_client = _merge_clients(per_client, list(stages.settled.per_client().items()))
-        if self.shifts is not None:  # the members that trained summarise their data
+        if self.shifts is not None and summarises(self.exp.monitoring, rnd):
+            # the members that trained summarise their data
             summaries = self._summaries(engine, rnd, [u.client for u in updates])
             per_client = _merge_clients(per_client, summaries)
         if hasattr(algo.sampler, "observe"):  # a sampler that learns from the round (Oort)

@@ -144,6 +144,28 @@ def test_an_injected_drift_is_flagged_and_no_drift_stays_quiet(kind: str, tmp_pa
     assert max(m["label_shift_max"] for m in quiet.history) == 0.0
 
 
+def test_summaries_every_k_rounds_are_the_every_round_ones_on_those_rounds(
+    tmp_path: Path,
+) -> None:
+    """``summary_every = 2``: summaries in rounds 1, 3 and 5 only, each equal to the
+    every-round run's (a client's first summary may come later, so its baseline is the one
+    it gave then), and the drift from round 4 is still flagged in round 5."""
+    store = RunStore(tmp_path)
+    every = run_experiment(_cfg(drift=DRIFT).build(), store)
+    sparse = _cfg(drift=DRIFT, monitoring={**CFG["monitoring"], "summary_every": 2})
+    thinned = run_experiment(sparse.build(), store)
+    got, full = _shifts(store, thinned.run_id or ""), _shifts(store, every.run_id or "")
+    assert {rnd for rnd, _ in got} == {1, 3, 5}
+    first_seen = {c: min(r for r, cc in full if cc == c) for _, c in full}
+    for key in got:
+        if first_seen[key[1]] in (1, 3, 5):  # the same baseline in both runs
+            assert got[key] == full[key], key
+    assert ["shifted_clients" in m for m in thinned.history] == [True, False] * 3
+    assert thinned.history[4]["shifted_clients"] > 0
+    with pytest.raises(ConfigError, match="summary_every"):
+        _cfg(monitoring={**CFG["monitoring"], "summary_every": 0})
+
+
 def test_noised_summaries_stay_quiet_below_the_threshold_without_drift() -> None:
     cfg = _cfg(monitoring={**CFG["monitoring"], "summary_noise": 1.0})
     result = run_experiment(cfg.build())

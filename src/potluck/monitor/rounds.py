@@ -50,9 +50,10 @@ _LOSS = ("test_loss", "fed_loss", "train_loss")  # the tracked loss, first found
 class Monitoring:
     """What a run monitors besides its metrics (``[monitoring]``).
 
-    ``summaries``: the clients that trained summarise their data each round (label and
-    input-value histograms of ``summary_bins`` bins, ``monitor.drift``), and the server
-    measures each one's shift from its first summary; ``summary_noise`` (std of Gaussian
+    ``summaries``: the clients that trained summarise their data (label and input-value
+    histograms of ``summary_bins`` bins, ``monitor.drift``) in round 1 and every
+    ``summary_every``-th round after it, and the server measures each one's shift from its
+    first summary; ``summary_noise`` (std of Gaussian
     noise on each count) drawn from ``noise``; ``shift_threshold`` counts a client as
     shifted. ``groups``: client ids per group name, for per-group accuracy. ``window``,
     ``plateau_tol``, ``divergence_factor``: the convergence diagnostics'.
@@ -60,6 +61,7 @@ class Monitoring:
 
     summaries: bool = False
     summary_bins: int = 16
+    summary_every: int = 1
     summary_noise: float = 0.0
     noise: Literal["seed", "secure"] = "seed"
     shift_threshold: float = 0.2
@@ -71,6 +73,8 @@ class Monitoring:
     def __post_init__(self) -> None:
         if self.summary_bins < 2:
             raise ValueError(f"monitoring.summary_bins must be >= 2, got {self.summary_bins}")
+        if self.summary_every < 1:
+            raise ValueError(f"monitoring.summary_every must be >= 1, got {self.summary_every}")
         if not 0 < self.shift_threshold <= 1:
             raise ValueError(
                 f"monitoring.shift_threshold must be in (0, 1], got {self.shift_threshold}"
@@ -187,6 +191,17 @@ def _shifts(options: Monitoring, per_client: PerClient) -> dict[str, float]:
         "feature_shift_max": max(feats.values(), default=math.nan),
         "shifted_clients": float(sum(w > options.shift_threshold for w in worst)),
     }
+
+
+def summarises(options: Monitoring, round: int) -> bool:
+    """Whether the clients summarise their data in ``round`` (round 1, then every
+    ``summary_every``-th).
+
+    Example:
+        >>> [r for r in range(1, 8) if summarises(Monitoring(True, summary_every=3), r)]
+        [1, 4, 7]
+    """
+    return options.summaries and (round - 1) % options.summary_every == 0
 
 
 def summary_options(options: Monitoring) -> SummaryOptions | None:
