@@ -80,7 +80,7 @@ def measure(
     summarising = [summaries and (r - 1) % every == 0 for r in range(1, n + 1)]
     if summaries:
         shifted = [c for _, c, m in store.client_metrics(result.run_id or "") if "label_shift" in m]
-        expected = sum(int(m["updates"]) for m, on in zip(rounds, summarising) if on)
+        expected = sum(int(m["updates"]) for m, on in zip(rounds, summarising, strict=True) if on)
         assert len(shifted) == expected, "a summary is missing"
     stage = iter(spent.get("summaries", []))
     spent["summaries"] = [next(stage) if on else 0.0 for on in summarising]

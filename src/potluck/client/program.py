@@ -268,6 +268,7 @@ class ClientProgram:
             self.finetune = replace(self.optimizer, epochs=finetune_epochs, max_steps=None)  # type: ignore[type-var]
         self._w0 = self.spec.from_module_values(self.model)
         self._cached: tuple[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._request: tuple[Message, tuple[int, torch.Tensor]] | None = None  # summarize
         self._check_task()
         if self.reducer is not None:
             self._check_examples()
@@ -598,9 +599,12 @@ class ClientProgram:
         say); ``None`` when this program shares none."""
         if self.summaries is None:
             return None
-        classes, edges = read_request(shared)
+        if self._request is None or self._request[0] is not shared:  # once per stage
+            self._request = (shared, read_request(shared))
+        classes, edges = self._request[1]
         x, y = self._data(cid, round)
-        ctx = part_context(self.seed, round, "monitor.summary", cid)
+        noised = self.summaries.noise > 0
+        ctx = part_context(self.seed, round, "monitor.summary", cid) if noised else None
         labels, features = summarize(x, y, classes, edges, self.summaries, ctx)
         return Reply(summary_message(labels, features))
 
