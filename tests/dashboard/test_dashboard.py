@@ -147,10 +147,12 @@ def test_the_pages_in_chromium_and_a_live_round_appears(
     assert accs == [r.metrics["test_accuracy"] for r in RunStore(root).rounds(done.run_id or "")]
     assert sum(page.evaluate("window.potluck.histogram")) == 10  # every client's accuracy
     with RunStore(root) as store:
-        ModelRegistry(store).register("digits", done.run_id or "")
+        reg = ModelRegistry(store)
+        reg.record("serve", reg.register("digits", done.run_id or ""), {"sites": 7})
     page.reload()
     page.wait_for_function("window.potluck && window.potluck.ready", timeout=20_000)
     assert "model versions from this run" in page.content() and "registered" in page.content()
+    assert "serve on 7 sites" in page.content()
     _shot(page, "run")
 
     # a live run: the page opens after round 1; round 2 appears through the event stream

@@ -43,7 +43,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from potluck.rollout.registry import ModelRegistry
+from potluck.rollout.registry import ModelRegistry, ModelVersion
 from potluck.store.sqlite import RunInfo, RunStore, StoreError, UnknownRunError
 
 STATIC = Path(__file__).with_name("static")
@@ -93,10 +93,11 @@ def create_app(store_root: str | Path) -> Starlette:
             with opened() as store:
                 out = run_json(store.get_run(run_id))
                 out["health"] = store.health(run_id)
+                models = ModelRegistry(store)
                 out["versions"] = [
                     {"name": v.name, "version": v.version, "round": v.round, "stage": v.stage,
-                     "created_at": v.created_at}
-                    for v in ModelRegistry(store).from_run(run_id)
+                     "created_at": v.created_at, "last_change": _last_change(models, v)}
+                    for v in models.from_run(run_id)
                 ]  # fmt: skip
                 return out
 
@@ -267,3 +268,26 @@ def _page(title: str, view: str, **data: Any) -> str:
         f'</head><body data-boot="{boot}"><header><a href="/">potluck</a>'
         f'<h1>{html.escape(title)}</h1></header><main id="main"></main></body></html>\n'
     )
+
+
+def _last_change(models: ModelRegistry, v: ModelVersion) -> str:
+    """The version's newest audit entry, as ``"<action> <time>"`` (a serve with its sites).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from potluck.store.checkpoint import Checkpoint
+        >>> store = RunStore(tempfile.mkdtemp())
+        >>> run = store.create_run({})
+        >>> store.commit_round(run, 1, {}, checkpoint=Checkpoint({"global": torch.zeros(2)}, {}))
+        >>> reg = ModelRegistry(store)
+        >>> v = reg.register("m", run)
+        >>> reg.record("serve", v, {"sites": 3, "failed": []})
+        >>> _last_change(reg, v).split(" ")[:3]
+        ['serve', 'on', '3']
+    """
+    entries = [e for e in models.audit(v.name) if e.version == v.version]
+    if not entries:
+        return ""
+    last = entries[-1]
+    sites = f" on {last.detail['sites']} sites" if last.action == "serve" else ""
+    return f"{last.action}{sites} {last.at}"

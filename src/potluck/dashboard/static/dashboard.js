@@ -148,8 +148,9 @@ async function runView() {
   }
   if (info.versions.length) {
     main.append(el("h2", {}, "model versions from this run"));
-    main.append(table(["model", "version", "round", "stage", "registered"],
-      info.versions.map((v) => [v.name, String(v.version), String(v.round), v.stage, v.created_at])));
+    main.append(table(["model", "version", "round", "stage", "registered", "last change"],
+      info.versions.map((v) => [v.name, String(v.version), String(v.round), v.stage, v.created_at,
+        v.last_change])));
   }
   main.append(el("h2", {}, "config"), el("pre", {}, JSON.stringify(info.config, null, 2)));
   if (info.status === "running") live(id, status);
