@@ -16,6 +16,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -643,3 +644,21 @@ def test_a_member_scaling_its_update_is_refused_and_its_claimed_weight_capped(
             honest = [m.get("weight", m["num_examples"]) for c, m in trained.items() if c != 4]
             claims = sorted([*honest, 1e9])
             assert trained[4]["weight"] == 10 * claims[(len(claims) - 1) // 2]
+
+
+def test_only_a_plaintext_server_requires_the_payload_checksum(
+    deployment: Make, pki: PKI, tmp_path: Path
+) -> None:
+    """Over mutual TLS the records are authenticated, so a message without its SHA-256 is
+    taken (the sites send none); a plaintext server refuses one, and takes it with one."""
+    join = wire.Envelope("join", client=SITES[0])
+    secure = deployment(pki.server())
+    got = wire.receive(stub(secure.port, pki.client(SITES[0]))(wire.send(join, checksum=False),
+                                                               timeout=30))  # fmt: skip
+    assert got.kind == "welcome"
+    plain = deployment(None, cfg=config(tmp_path / "plain", listen="127.0.0.1:0"))
+    welcomed = call(stub(plain.port, None), replace(join, client=SITES[1]))
+    assert welcomed.kind == "welcome"
+    s = stub(plain.port, None)
+    bare = wire.receive(s(wire.send(replace(join, client=SITES[2]), checksum=False), timeout=30))
+    assert bare.kind == "refused" and "no sha256 checksum" in str(bare.scalars["reason"])

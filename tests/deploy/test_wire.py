@@ -476,6 +476,23 @@ def test_malformed_chunk_streams_are_refused(chunks: list[Any], problem: str) ->
         wire.from_chunks(chunks)
 
 
+def test_over_tls_the_checksum_is_optional_and_the_framing_still_checked() -> None:
+    """``verify=False`` (a TLS peer): no digest needed, a wrong one not looked at; the
+    offsets and the announced length are checked as ever."""
+    bare = list(wire.to_chunks(b"0123456789", 4, checksum=False))
+    assert [len(c.sha256) for c in bare] == [0, 0, 0]
+    with pytest.raises(WireError, match="no sha256"):
+        wire.from_chunks(bare)  # a plaintext receiver requires it
+    assert wire.from_chunks(bare, verify=False) == bytearray(b"0123456789")
+    assert wire.from_chunks(_tamper(_stream(), 2, sha256=bytes(32)), verify=False)
+    with pytest.raises(WireError, match="truncated"):
+        wire.from_chunks(bare[:2], verify=False)
+    with pytest.raises(WireError, match="expected 4"):
+        wire.from_chunks([bare[0], bare[2]], verify=False)
+    env = wire.Envelope("reply", "r", arrays={"d": torch.ones(3)})
+    assert wire.receive(wire.send(env, 8, checksum=False), verify=False).arrays["d"].sum() == 3
+
+
 def test_announced_total_over_the_limit_is_refused_before_reading_on() -> None:
     seen: list[Any] = []
     with pytest.raises(WireError, match="envelope of 10 bytes exceeds the limit of 9 bytes"):

@@ -499,7 +499,7 @@ class Coordinator:
         limit = min(self.max_bytes, self.hub.receive_limit(certified))
         stream.arm("receiving the message")
         try:
-            env = wire.receive(request, limit)
+            env = wire.receive(request, limit, verify=self.insecure)  # TLS authenticates
         except wire.WireError as exc:
             reply: wire.Envelope | wire.Encoded = self._refuse(
                 peer, certified, f"malformed message: {exc}"

@@ -4,7 +4,10 @@ An ``Envelope`` is one logical message between server and client. It is serializ
 protobuf ``Envelope`` of ``potluck.proto`` (each tensor as its dtype name, shape and raw
 little-endian bytes; nothing is pickled) by ``codec``, and streamed as ``Chunk`` messages of
 at most ``chunk_bytes`` of it each, so a model of any size passes gRPC's per-message limit.
-The last chunk carries the SHA-256 of the whole payload. gRPC moves the chunks as bytes
+The last chunk carries the SHA-256 of the whole payload, which the receiver checks; over
+mutual TLS, whose records are authenticated, it is optional (``checksum=False`` to send
+none, ``verify=False`` not to check it): the offsets and the announced length still catch a
+truncated or reordered stream. gRPC moves the chunks as bytes
 (``handler``, ``caller``): ``codec`` reads them in place. Everything read from the network
 is checked before use: a malformed, truncated, corrupted or oversized input raises
 ``WireError`` saying what is wrong, never another exception. Whether the *values* are
@@ -242,8 +245,11 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BY
     )
 
 
-def to_chunks(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
-    """``data`` as ``Chunk`` messages; the last carries the SHA-256 of the whole.
+def to_chunks(
+    data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES, checksum: bool = True
+) -> Iterator[Chunk]:
+    """``data`` as ``Chunk`` messages; the last carries the SHA-256 of the whole (none
+    without ``checksum``).
 
     Example:
         >>> [(c.offset, len(c.data), len(c.sha256)) for c in to_chunks(b"abcde", 2)]
@@ -251,11 +257,11 @@ def to_chunks(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[C
     """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    return _chunks(data, chunk_bytes)
+    return _chunks(data, chunk_bytes, checksum)
 
 
-def _chunks(data: bytes, chunk_bytes: int) -> Iterator[Chunk]:
-    total, digest = len(data), hashlib.sha256(data).digest()
+def _chunks(data: bytes, chunk_bytes: int, checksum: bool) -> Iterator[Chunk]:
+    total, digest = len(data), hashlib.sha256(data).digest() if checksum else b""
     last = max(total - 1, 0) // chunk_bytes * chunk_bytes
     view = memoryview(data)
     for offset in range(0, last + 1, chunk_bytes):
@@ -273,8 +279,11 @@ def frame(chunk: Chunk) -> bytes:
     return codec.chunk_frame(chunk.total, chunk.offset, [chunk.data], chunk.sha256)
 
 
-def from_chunks(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_MAX_BYTES) -> bytearray:
-    """Reassemble and verify a chunk stream; stops at the first bad chunk.
+def from_chunks(
+    chunks: Iterable[Chunk], max_bytes: int = DEFAULT_MAX_BYTES, verify: bool = True
+) -> bytearray:
+    """Reassemble and check a chunk stream (its SHA-256 too, with ``verify``); stops at the
+    first bad chunk.
 
     Example:
         >>> from_chunks(to_chunks(b"abcde", 2))
@@ -283,9 +292,11 @@ def from_chunks(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_MAX_BYTES) -> 
         Traceback (most recent call last):
         ...
         potluck.deploy.wire.WireError: stream ended after 4 of 5 bytes (truncated)
+        >>> from_chunks(to_chunks(b"abc", 2, checksum=False), verify=False)
+        bytearray(b'abc')
     """
     pieces: list[codec.Bytes] = []
-    sha = hashlib.sha256()
+    sha = hashlib.sha256() if verify else None
     total = filled = 0
     digest = b""
     for i, chunk in enumerate(chunks):
@@ -308,29 +319,34 @@ def from_chunks(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_MAX_BYTES) -> 
             raise WireError(f"chunk {i} carries data past the announced {total} bytes")
         if end == filled and total:
             raise WireError(f"chunk {i} is empty")
-        sha.update(data)  # while the piece is in cache
+        if sha is not None:
+            sha.update(data)  # while the piece is in cache
         pieces.append(data)
         filled, digest = end, chunk.sha256
     if not pieces:
         raise WireError("empty stream: no chunks")
     if filled < total:
         raise WireError(f"stream ended after {filled} of {total} bytes (truncated)")
-    if not digest:
+    if sha is not None and not digest:
         raise WireError("the last chunk carries no sha256 checksum")
-    if sha.digest() != digest:
+    if sha is not None and sha.digest() != digest:
         raise WireError("sha256 checksum mismatch: the payload is corrupted")
     return bytearray().join(pieces)  # one copy, into a buffer decoded tensors may view
 
 
-def send(env: Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+def send(
+    env: Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES, checksum: bool = True
+) -> Iterator[bytes]:
     """``env`` serialized and cut into ``Chunk`` messages (what a gRPC stream carries)."""
-    return (frame(c) for c in to_chunks(encode(env), chunk_bytes))
+    return (frame(c) for c in to_chunks(encode(env), chunk_bytes, checksum))
 
 
-def receive(frames: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+def receive(
+    frames: Iterable[bytes], max_bytes: int = DEFAULT_MAX_BYTES, verify: bool = True
+) -> Envelope:
     """The envelope carried by a stream of serialized chunks, checked (``from_chunks`` +
-    ``decode``)."""
-    return decode(from_chunks(_parsed(frames), max_bytes), max_bytes)
+    ``decode``; its SHA-256 with ``verify``)."""
+    return decode(from_chunks(_parsed(frames), max_bytes, verify), max_bytes)
 
 
 def _parsed(frames: Iterable[bytes]) -> Iterator[Chunk]:
