@@ -1333,7 +1333,7 @@ class _Loop:
         if own is not None:
             scores.update(own(deltas, ctx))
         flagged = det.flagged(scores, len(members))
-        norms, drifts = update_distances(deltas, aggregate)
+        norms, drifts = update_distances(deltas, aggregate, scores.get("norm"))
         for i, c in enumerate(members):
             row = {f"score_{name}": float(v[i]) for name, v in scores.items()}
             row |= {"update_norm": norms[i], "client_drift": drifts[i]}
@@ -1644,10 +1644,10 @@ class _Loop:
 
 
 def update_distances(
-    deltas: torch.Tensor, aggregate: torch.Tensor
+    deltas: torch.Tensor, aggregate: torch.Tensor, norms: torch.Tensor | None = None
 ) -> tuple[list[float], list[float]]:
     """Monitoring: how far each client's local model went (``update_norm``) and how far it
-    ends from the round's aggregate (``client_drift``).
+    ends from the round's aggregate (``client_drift``); ``norms``: the rows' norms if known.
 
     The distances are taken a block of rows at a time through one buffer of at most
     ``DRIFT_BLOCK_ELEMENTS``: the whole ``deltas - aggregate`` would be a second (K, d)
@@ -1666,7 +1666,7 @@ def update_distances(
         end = min(k, start + rows)
         torch.sub(deltas[start:end], aggregate.to(deltas.dtype), out=block[: end - start])
         drifts[start:end] = row_norms(block[: end - start])
-    return row_norms(deltas).tolist(), drifts.tolist()
+    return (row_norms(deltas) if norms is None else norms).tolist(), drifts.tolist()
 
 
 def _contributions(
@@ -1685,7 +1685,15 @@ def _contributions(
 
 
 def _norm(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t.double()))
+    """The L2 norm of ``t``, in its own dtype unless that overflows (then in float64): a
+    float64 copy of every update is 0.5 s a round for 200 updates of a 1.66 M-parameter CNN.
+
+    Example:
+        >>> _norm(torch.tensor([3.0, 4.0])), _norm(torch.tensor([3e30, 4e30]))
+        (5.0, 4.999999984567896e+30)
+    """
+    norm = float(torch.linalg.vector_norm(t))
+    return norm if math.isfinite(norm) else float(torch.linalg.vector_norm(t.double()))
 
 
 def _is_number(v: object) -> bool:
