@@ -26,6 +26,15 @@ from potluck.deploy.certs_cli import certs_app
 from potluck.report.progress import RoundProgress
 from potluck.report.progress import fmt as _fmt
 from potluck.rollout.cli import models_app
+from potluck.server_options import (
+    CertOpt,
+    ClientCaOpt,
+    InsecureOpt,
+    KeyOpt,
+    ListenOpt,
+    RevokedOpt,
+    server_tls,
+)
 
 if TYPE_CHECKING:
     from potluck.orchestrator import Experiment, RunResult
@@ -745,32 +754,22 @@ def server(
     exp: ExpArg = None,
     set_: SetOpt = None,
     store: StoreOpt = None,
-    listen: Annotated[str | None, typer.Option(help="HOST:PORT (default: deploy.listen)")] = None,
-    cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
-    key: Annotated[Path | None, typer.Option(help="server private key (PEM)")] = None,
-    client_ca: Annotated[
-        Path | None, typer.Option(help="CA that signs client certificates")
-    ] = None,
-    revoked: Annotated[
-        Path | None, typer.Option(help="revoked client names (the CA directory's revoked.txt)")
-    ] = None,
-    insecure: Annotated[bool, typer.Option(help="no TLS, no client authentication")] = False,
+    listen: ListenOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    client_ca: ClientCaOpt = None,
+    revoked: RevokedOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Coordinate an experiment with real clients over gRPC (mutual TLS unless --insecure)."""
-    from potluck.deployment import ServerTLS, rounds_done, run_server
+    from potluck.deployment import rounds_done, run_server
 
     _log_to_stderr()
     overrides = [*(set_ or []), *([f"deploy.listen={json.dumps(listen)}"] if listen else [])]
     cfg = _load_config(exp, overrides)
     if store is not None:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"store": str(store)})})
-    tls = None
-    if insecure:
-        err.print("[bold red]WARNING: --insecure: no TLS; anyone can join and read the model[/]")
-    elif cert is None or key is None or client_ca is None:
-        _fail("the server needs --cert, --key and --client-ca (or an explicit --insecure)")
-    else:
-        tls = ServerTLS(cert, key, client_ca)
+    tls = server_tls(cert, key, client_ca, insecure)
     with _refused(), _damage_reported(), _progress(cfg.rounds, rounds_done(cfg)) as on_round:
         result = run_server(cfg, tls=tls, revoked=revoked, on_round=on_round)
     _describe_end(result)

@@ -20,6 +20,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from potluck.server_options import (
+    CertOpt,
+    ClientCaOpt,
+    InsecureOpt,
+    KeyOpt,
+    ListenOpt,
+    RevokedOpt,
+    server_tls,
+)
+
 if TYPE_CHECKING:  # the registry imports torch: only when a command runs
     from potluck.rollout.registry import ModelRegistry, ModelVersion
 
@@ -199,20 +209,16 @@ def serve(
     follow: Annotated[
         bool, typer.Option(help="keep serving (later sites, later promotions) until Ctrl-C")
     ] = False,
-    listen: Annotated[str | None, typer.Option(help="HOST:PORT (default: deploy.listen)")] = None,
+    listen: ListenOpt = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", "-s", help="override a field, e.g. --set deploy.min_clients=5"),
     ] = None,
-    cert: Annotated[Path | None, typer.Option(help="server certificate (PEM)")] = None,
-    key: Annotated[Path | None, typer.Option(help="server private key (PEM)")] = None,
-    client_ca: Annotated[
-        Path | None, typer.Option(help="CA that signs client certificates")
-    ] = None,
-    revoked: Annotated[
-        Path | None, typer.Option(help="revoked client names (the CA directory's revoked.txt)")
-    ] = None,
-    insecure: Annotated[bool, typer.Option(help="no TLS, no client authentication")] = False,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    client_ca: ClientCaOpt = None,
+    revoked: RevokedOpt = None,
+    insecure: InsecureOpt = False,
     store: StoreOpt = None,
 ) -> None:
     """Serve a model's production version to deployed sites (``potluck client --model-out``)
@@ -221,21 +227,12 @@ def serve(
     import logging
     import threading
 
-    from potluck.deployment import ServerTLS
     from potluck.rollout.serving import CanaryPlan, serve_models
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")  # fmt: skip
     errors = Console(stderr=True)
-    tls = None
-    if insecure:
-        errors.print("[bold red]WARNING: --insecure: no TLS; anyone can join and read the model[/]")
-    elif cert is None or key is None or client_ca is None:
-        errors.print("[bold red]error:[/] the server needs --cert, --key and --client-ca "
-                     "(or an explicit --insecure)")  # fmt: skip
-        raise typer.Exit(2)
-    else:
-        tls = ServerTLS(cert, key, client_ca)
+    tls = server_tls(cert, key, client_ca, insecure)
     overrides = [*(set_ or []), *([f'deploy.listen="{listen}"'] if listen else [])]
     plan = None if canary is None else CanaryPlan(canary, fraction, threshold, seed)
     if ab is not None and ab != "personal" and not ab.isdigit():
