@@ -330,3 +330,18 @@ def _until(ok: object, timeout: float = 60) -> None:
     while not ok():  # type: ignore[operator]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def test_a_site_keeps_the_client_id_it_had_in_the_run(
+    registry: ModelRegistry, pki: PKI, tmp_path: Path
+) -> None:
+    """The ids come from the run's stored health (a deployed run's sites, by name), so a
+    site's stored client state is its own, whatever order the sites join in."""
+    run = registry.get("digits", 1).run_id
+    ids = {site: len(SITES) - 1 - i for i, site in enumerate(SITES)}
+    registry.store.update_health(run, [{"name": s, "client": c} for s, c in ids.items()])
+    served = _serve(registry, pki, tmp_path)
+    for site in SITES:
+        served.site(site, pki)
+    served.finish()
+    assert {s.name: s._program[1] for s in served.sites} == ids  # type: ignore[index]

@@ -53,7 +53,14 @@ from potluck.core.records import EVALUATE, ClientState, Reply, StageJob, by_name
 from potluck.deploy.client import config_id
 from potluck.deploy.guard import Guard
 from potluck.deploy.installed import INSTALL, weights_digest
-from potluck.deploy.server import Coordinator, GrpcEngine, Hub, Revocations, serve
+from potluck.deploy.server import (
+    ClientHealth,
+    Coordinator,
+    GrpcEngine,
+    Hub,
+    Revocations,
+    serve,
+)
 from potluck.deployment import ServerTLS
 from potluck.monitor.ab import ABResult, paired_test
 from potluck.rollout.registry import (
@@ -117,11 +124,15 @@ class ModelServer:
         self.result = ServeResult()
         dep = self.cfg.deploy
         config = json.dumps(experiment.config, sort_keys=True)
+        # a site keeps the client id it had in the run (its personal state is stored under it)
+        known = {row["name"]: ClientHealth(**row) for row in
+                 registry.store.health(production.run_id)}  # fmt: skip
         self.hub = Hub(
             config_id(f"{config}\nmodels/{name}"),
             self.cfg.data.num_clients,
             dep.admit,
             Revocations(revoked) if revoked else None,
+            known,
             liveness_s=2 * dep.poll_timeout_s + 5,
             reply_factor=dep.reply_factor,
         )
