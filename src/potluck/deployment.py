@@ -86,28 +86,8 @@ def run_server(
     store = RunStore(cfg.run.store)
     resume_id = _unfinished(store, cfg.run.name)
     health = _stored_health(store, resume_id)
-    hub = Hub(
-        config_id(config),
-        cfg.data.num_clients,
-        dep.admit,
-        Revocations(revoked) if revoked else None,
-        health,
-        liveness_s=2 * dep.poll_timeout_s + 5,
-        reply_factor=dep.reply_factor,
-    )
-    guard = Guard(
-        total=dep.max_streams or max(256, dep.max_streams_per_client * cfg.data.num_clients),
-        per_client=dep.max_streams_per_client,
-        timeout_s=dep.receive_timeout_s,
-    )
-    coordinator = Coordinator(
-        hub,
-        config,
-        insecure=tls is None,
-        poll_timeout_s=dep.poll_timeout_s,
-        max_bytes=int(dep.max_message_mb * 2**20),
-        guard=guard,
-    )
+    coordinator = coordinate(cfg, config_id(config), config, health, tls, revoked)
+    hub, guard = coordinator.hub, coordinator.guard
     if tls is None:
         log.warning("INSECURE: no TLS, clients are not authenticated (--insecure)")
     if dep.reuse_memory and reuse_freed_memory():  # before gRPC's threads start
@@ -147,6 +127,43 @@ def run_server(
         server.stop(grace=1.0).wait()
         guard.stop()
         store.close()
+
+
+def coordinate(
+    cfg: ExperimentConfig,
+    run_id: str,
+    config: str,
+    health: dict[str, ClientHealth],
+    tls: ServerTLS | None,
+    revoked: Path | None,
+) -> Coordinator:
+    """The coordinator of ``cfg``'s deployment (its ``Hub`` and ``Guard`` inside), telling
+    joining sites ``config``: ``run_id`` on the wire, ``health`` the sites known already
+    (their client ids kept), ``revoked`` a file of revoked names. Used by ``run_server`` and
+    by the model server (``rollout.serving``)."""
+    dep = cfg.deploy
+    hub = Hub(
+        run_id,
+        cfg.data.num_clients,
+        dep.admit,
+        Revocations(revoked) if revoked else None,
+        health,
+        liveness_s=2 * dep.poll_timeout_s + 5,
+        reply_factor=dep.reply_factor,
+    )
+    guard = Guard(
+        total=dep.max_streams or max(256, dep.max_streams_per_client * cfg.data.num_clients),
+        per_client=dep.max_streams_per_client,
+        timeout_s=dep.receive_timeout_s,
+    )
+    return Coordinator(
+        hub,
+        config,
+        insecure=tls is None,
+        poll_timeout_s=dep.poll_timeout_s,
+        max_bytes=int(dep.max_message_mb * 2**20),
+        guard=guard,
+    )
 
 
 def _stop_reason(exc: BaseException, started: bool) -> str:

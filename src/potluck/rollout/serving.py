@@ -51,17 +51,13 @@ from potluck.config import ExperimentConfig
 from potluck.core.message import Message, MessageError, Scalar
 from potluck.core.records import EVALUATE, ClientState, Reply, StageJob, by_namespace
 from potluck.deploy.client import config_id
-from potluck.deploy.guard import Guard
 from potluck.deploy.installed import INSTALL, weights_digest
 from potluck.deploy.server import (
     ClientHealth,
-    Coordinator,
     GrpcEngine,
-    Hub,
-    Revocations,
     serve,
 )
-from potluck.deployment import ServerTLS
+from potluck.deployment import ServerTLS, coordinate
 from potluck.monitor.ab import ABResult, paired_test
 from potluck.rollout.registry import (
     CanaryResult,
@@ -127,28 +123,9 @@ class ModelServer:
         # a site keeps the client id it had in the run (its personal state is stored under it)
         known = {row["name"]: ClientHealth(**row) for row in
                  registry.store.health(production.run_id)}  # fmt: skip
-        self.hub = Hub(
-            config_id(f"{config}\nmodels/{name}"),
-            self.cfg.data.num_clients,
-            dep.admit,
-            Revocations(revoked) if revoked else None,
-            known,
-            liveness_s=2 * dep.poll_timeout_s + 5,
-            reply_factor=dep.reply_factor,
-        )
-        self.guard = Guard(
-            total=dep.max_streams or max(256, dep.max_streams_per_client * self.hub.num_clients),
-            per_client=dep.max_streams_per_client,
-            timeout_s=dep.receive_timeout_s,
-        )
-        self.coordinator = Coordinator(
-            self.hub,
-            config,
-            insecure=tls is None,
-            poll_timeout_s=dep.poll_timeout_s,
-            max_bytes=int(dep.max_message_mb * 2**20),
-            guard=self.guard,
-        )
+        self.coordinator = coordinate(self.cfg, config_id(f"{config}\nmodels/{name}"),
+                                      config, known, tls, revoked)  # fmt: skip
+        self.hub, self.guard = self.coordinator.hub, self.coordinator.guard
         self.engine = GrpcEngine(self.program, self.hub, round_timeout_s=dep.round_timeout_s)
         self._server: object | None = None
         self._step = 0  # the wire's round number: one per stage
