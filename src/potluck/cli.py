@@ -806,11 +806,16 @@ def client(
         Path | None,
         typer.Option(help="where to keep the model a model server serves (potluck models serve)"),
     ] = None,
+    device: Annotated[
+        str, typer.Option(help='where this site trains and evaluates: "cpu", "cuda[:N]", "mps"')
+    ] = "cpu",
 ) -> None:
     """Join a potluck server and train on local data; reconnects until the run is done.
 
     With ``--attack`` the client is malicious, to test a federation's defences: it poisons
     its data or crafts its updates as the attack's attackers do in simulation."""
+    from potluck.client.program import ClientProgram
+    from potluck.core.device import resolve_device
     from potluck.deploy.client import ClientTLS, Site
     from potluck.deployment import load_site_data, load_task, site_program
 
@@ -831,13 +836,18 @@ def client(
         poison = _attack(attack, attack_param or [])
         if poison is not None:
             err.print(f"[bold red]WARNING: a malicious client: attack {attack}[/]")
+        placed = resolve_device(device)
+
+        def program_for(cfg: dict[str, Any], cid: int) -> ClientProgram:
+            program = site_program(cfg, cid, task=user_task, data=arrays, attack=poison)
+            program.place(placed)
+            return program
+
         site = Site(
             server_addr,
             name=who,
             tls=tls,
-            program_for=lambda cfg, cid: site_program(
-                cfg, cid, task=user_task, data=arrays, attack=poison
-            ),
+            program_for=program_for,
             server_name=server_name,
             backoff=(min(0.5, backoff_max), backoff_max),
             max_failures=max_failures,

@@ -308,8 +308,21 @@ class RunConfig(_Section):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (default: torch's, then recorded)"
     )
+    device: str = Field(
+        "cpu",
+        description='where the inline and vectorized engines train and evaluate: "cpu", '
+        '"cuda", "cuda:N" or "mps" (a deployed site: potluck client --device)',
+    )
     store: str = Field(default_factory=default_store, description="run store directory")
     name: str | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        from potluck.core.device import resolve_device
+
+        resolve_device(value)  # a device this machine has, before any data is loaded
+        return value
 
 
 class DeployConfig(_Section):
@@ -499,6 +512,7 @@ class ExperimentConfig(_Section):
             ray_address=run.ray_address,
             checkpoint_every=run.checkpoint_every,
             threads=run.threads,
+            device=run.device,
             min_updates=self.deploy.min_updates,
             max_update_norm=self.deploy.max_update_norm,
             max_weight=self.deploy.max_weight,
@@ -653,6 +667,7 @@ def describe_experiment(experiment: Experiment) -> dict[str, Any]:
         ray_address=experiment.ray_address,
         checkpoint_every=experiment.checkpoint_every,
         threads=experiment.threads,
+        device=experiment.device,
         name=experiment.name,
     )
     if experiment.privacy is not None:

@@ -285,10 +285,16 @@ def site_program(
     A site of the simulated federation (``data=None``) also undergoes the config's
     ``[drift]``; a site's own data drifts as it does.
 
+    The server's ``run.device`` is not the site's: a site trains where ``potluck client
+    --device`` (``ClientProgram.place``) puts it.
+
     With an ``attack`` the site is malicious (``potluck client --attack``): it poisons its
     data and crafts its updates as the attack's attackers do in simulation. An attack that
     needs the other clients' updates (a colluding one) is refused: a site sees only its own.
     """
+    if not isinstance(config, ExperimentConfig):  # a site trains where it was told to
+        run = {k: v for k, v in config.get("run", {}).items() if k != "device"}
+        config = {**config, "run": run} if "run" in config else config
     cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_dict(config)
     from potluck.data.federation import Federation
     from potluck.data.partition import Partition

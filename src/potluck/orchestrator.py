@@ -166,6 +166,7 @@ class Experiment:
     ray_address: str | None = None
     checkpoint_every: int = 1
     threads: int | None = None
+    device: str = "cpu"
     min_updates: int = 1
     max_update_norm: float | None = None
     max_weight: float | None = None
@@ -202,7 +203,9 @@ class Experiment:
                 f"algorithm must be a potluck Algorithm (e.g. potluck.algorithms.fedavg(...)),"
                 f" got {type(self.algorithm).__name__}"
             )
-        EngineOptions(self.workers, self.threads, self.ray_address)  # validates them
+        options = self.engine_options  # validates them
+        if self.engine in ("pool", "ray"):
+            options.host_only(self.engine)
         self.algorithm.sampler.cohort_size(self.federation.num_clients)
         if self.attack is not None:
             check_attack(self.attack)
@@ -236,7 +239,7 @@ class Experiment:
 
     @property
     def engine_options(self) -> EngineOptions:
-        return EngineOptions(self.workers, self.threads, self.ray_address)
+        return EngineOptions(self.workers, self.threads, self.ray_address, self.device)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able record of the experiment: its config, from which ``potluck resume``

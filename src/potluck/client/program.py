@@ -32,6 +32,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from potluck.client.pooling import channels_last_pooling
+from potluck.core.device import HOST, on_device, resolve_device
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
 from potluck.core.parts import (
@@ -180,7 +181,8 @@ class _Client:
     ) -> tuple[torch.Tensor, float, int]:
         cid = self.ctx.client if self.ctx.client is not None else 0
         gen = self.program.seeds.torch(stream, self.ctx.round, cid)
-        return self.program._local_steps(w, correct, self.x, self.y, self.steps, gen)
+        host = _on_host(correct, self.program.device)
+        return self.program._local_steps(w, host, self.x, self.y, self.steps, gen)
 
 
 @dataclass
@@ -268,6 +270,7 @@ class ClientProgram:
         if finetune_epochs:
             self.finetune = replace(self.optimizer, epochs=finetune_epochs, max_steps=None)  # type: ignore[type-var]
         self._w0 = self.spec.from_module_values(self.model)
+        self.device = HOST  # where the local steps and evaluations run (``place``)
         self._cached: tuple[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._request: tuple[Message, tuple[int, torch.Tensor]] | None = None  # summarize
         self._check_task()
@@ -277,6 +280,23 @@ class ClientProgram:
     def initial_weights(self) -> torch.Tensor:
         """The global model at round 0 (a copy; deterministic in the run seed)."""
         return self._w0.clone()
+
+    def place(self, device: str | torch.device) -> None:
+        """Run the local steps and the evaluations on ``device`` (``run.device``): the model
+        (its buffers) moves there, and each client's weights, optimizer and term state and
+        data for its steps; what goes in and comes out stays on CPU.
+
+        Example:
+            >>> from potluck.algorithms import fedavg
+            >>> from potluck.data import Federation
+            >>> fed = Federation.from_client_data([(torch.randn(4, 2), torch.arange(4) % 2)])
+            >>> program = ClientProgram(Task(lambda: torch.nn.Linear(2, 2)), fed, fedavg())
+            >>> program.place("cpu")
+            >>> program.device
+            device(type='cpu')
+        """
+        self.device = resolve_device(device)
+        self.model.to(self.device)
 
     # ---- stages --------------------------------------------------------------------------
 
@@ -423,13 +443,13 @@ class ClientProgram:
         prep = self.prepare(cid, round, w_global, broadcasts or {}, state or {}, payload)
         x, y = self._data(cid, round)
         gen = self.seeds.torch("batch", round, cid)
-        correct = self.correction(prep.works)
+        correct = self.correction([on_device(work, self.device) for work in prep.works])
         attack = self.attack
         if attack is not None and self.steered(cid):
-            honest = correct
+            honest, anchor = correct, w_global.to(self.device)
 
             def correct(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-                return attack.gradient(w, honest(w, g), w_global)
+                return attack.gradient(w, honest(w, g), anchor)
 
         example = self.example_step(prep)
         w, loss_sum, seen = self._local_steps(
@@ -443,7 +463,7 @@ class ClientProgram:
             return None
         i = self.reducer
         gen = prep.views[i].ctx.generator("draw")
-        return ExampleStep(self.terms[i], prep.works[i], gen)
+        return ExampleStep(self.terms[i], on_device(prep.works[i], self.device), gen)
 
     def batches(
         self, n: int, total: int, gen: torch.Generator, optimizer: LocalOptimizer | None = None
@@ -478,12 +498,13 @@ class ClientProgram:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A step's gradient from the per-example gradients of batch ``(x, y)`` as the
         reducing term makes it, and the batch's mean loss."""
-        grads, loss = self.example_gradients(self.spec.unflatten(w), x, y, torch.ones(len(y)))
+        real = torch.ones(len(y), device=w.device)
+        grads, loss = self.example_gradients(self.spec.unflatten(w), x, y, real)
         spec = self.spec
         pairs = zip(spec.names, spec.numels, strict=True)
         flat = torch.cat([grads[n].reshape(len(y), k) for n, k in pairs], 1)
-        draw = example.term.draw(example.gen, self.spec.size)
-        return example.term.reduce(w, flat, torch.ones(len(y)), draw, example.work), loss
+        draw = example.term.draw(example.gen, self.spec.size).to(w.device)  # drawn on CPU
+        return example.term.reduce(w, flat, real, draw, example.work), loss
 
     def prepare(
         self,
@@ -642,9 +663,11 @@ class ClientProgram:
     ) -> tuple[torch.Tensor, float, int]:
         """``total`` mini-batch steps from ``w``, each gradient passed through ``correct``
         (made from per-example gradients by ``example``'s term if given); (weights, summed
-        batch loss, examples seen)."""
+        batch loss, examples seen). They run on ``self.device``; the weights come back on CPU."""
         n, opt = len(y), optimizer or self.optimizer
-        opt_state, loss_sum, seen = opt.init(w), 0.0, 0
+        w, x, y = w.to(self.device), x.to(self.device), y.to(self.device)
+        opt_state, seen = opt.init(w), 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         if example is None:
             batches = batch_order(n, opt.batch_len(n), total, gen)
         else:
@@ -655,9 +678,9 @@ class ClientProgram:
             else:
                 g, loss = self._example_grad(w, x[idx], y[idx], example)
             w, opt_state = opt.step(w, opt_state, correct(w, g))
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.double() * len(idx)  # no device sync per step
             seen += len(idx)
-        return w, loss_sum, seen
+        return w.to(HOST), float(loss_sum), seen
 
     def steered(self, cid: int) -> bool:
         """Whether client ``cid`` is an attacker that trains with the attack's own gradient."""
@@ -687,11 +710,11 @@ class ClientProgram:
         """Loss and correct-count sums of weights ``w`` on ``(x, y)`` (max-pooling in
         channels-last memory where that is faster: ``potluck.client.pooling``)."""
         self.model.eval()
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, w = 0.0, 0, w.to(self.device)
         with channels_last_pooling():
             for start in range(0, len(y), EVAL_BATCH):
-                xb = torch.from_numpy(x[start : start + EVAL_BATCH])
-                yb = torch.from_numpy(y[start : start + EVAL_BATCH])
+                xb = torch.from_numpy(x[start : start + EVAL_BATCH]).to(self.device)
+                yb = torch.from_numpy(y[start : start + EVAL_BATCH]).to(self.device)
                 logits = self._forward(w, xb)
                 loss_sum += float(self.task.loss_fn(logits, yb)) * len(yb)
                 correct += int(self.task.correct_fn(logits, yb))
@@ -800,6 +823,13 @@ def _check_labels(fed: Federation, outputs: int) -> None:
         f"{holder} has label {label} but the model has {outputs} outputs: give the "
         f"model at least {int(labels.max()) + 1} outputs (num_classes), or relabel the data"
     )
+
+
+def _on_host(correct: Correction, device: torch.device) -> Correction:
+    """A term's own correction (its state is on CPU) for local steps on ``device``."""
+    if device == HOST:
+        return correct
+    return lambda w, g: correct(w.to(HOST), g.to(HOST)).to(device)
 
 
 def _identity(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch.nn.modules.rnn import RNNBase
 
 from potluck.client.program import ClientProgram, EvalResult
 from potluck.core import registry
+from potluck.core.device import HOST, resolve_device
 from potluck.core.records import Reply, StageJob
 
 ENGINES = ("inline", "vectorized", "pool", "ray")
@@ -55,17 +56,33 @@ class Engine(Protocol):
 class EngineOptions:
     """How an engine runs: ``workers`` (pool and ray; default one per core), the torch
     ``threads`` budget of the run (pool workers get ``threads // workers`` each, at least 1),
-    and a Ray cluster's ``ray_address`` (default: start a local Ray)."""
+    a Ray cluster's ``ray_address`` (default: start a local Ray) and the ``device`` the
+    inline and vectorized engines train and evaluate on (``run.device``)."""
 
     workers: int | None = None
     threads: int | None = None
     ray_address: str | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for key in ("workers", "threads"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"engine option {key} must be >= 1, got {value}")
+        resolve_device(self.device)
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the run trains on the CPU."""
+        return resolve_device(self.device) == HOST
+
+    def host_only(self, engine: str) -> None:
+        """Refuse an accelerator for ``engine``, whose workers train on CPU."""
+        if not self.on_host:
+            raise ValueError(
+                f"run.device = {self.device!r}: engine {engine!r} trains in CPU worker "
+                'processes; use engine = "vectorized" or "inline" (or "auto") on an accelerator'
+            )
 
     def per_worker_threads(self, workers: int) -> int:
         return max(1, (self.threads or torch.get_num_threads()) // workers)
@@ -95,6 +112,7 @@ def make_engine(name: str, program: ClientProgram, options: EngineOptions | None
 def _inline(program: ClientProgram, options: EngineOptions) -> Engine:
     from potluck.engines.inline import InlineEngine
 
+    program.place(options.device)
     return InlineEngine(program)
 
 
@@ -102,6 +120,7 @@ def _inline(program: ClientProgram, options: EngineOptions) -> Engine:
 def _vectorized(program: ClientProgram, options: EngineOptions) -> Engine:
     from potluck.engines.vectorized import VectorizedEngine
 
+    program.place(options.device)
     return VectorizedEngine(program)
 
 
@@ -109,6 +128,7 @@ def _vectorized(program: ClientProgram, options: EngineOptions) -> Engine:
 def _pool(program: ClientProgram, options: EngineOptions) -> Engine:
     from potluck.engines.pool import PoolEngine, usable_cores
 
+    options.host_only("pool")
     workers = options.workers or usable_cores()
     return PoolEngine(program, workers, threads=options.per_worker_threads(workers))
 
@@ -117,6 +137,7 @@ def _pool(program: ClientProgram, options: EngineOptions) -> Engine:
 def _ray(program: ClientProgram, options: EngineOptions) -> Engine:
     from potluck.engines.ray import RayEngine
 
+    options.host_only("ray")
     return RayEngine(program, options)
 
 
@@ -156,6 +177,8 @@ def choose_engine(
         return "ray", f"a Ray cluster address was given ({options.ray_address})"
     if cohort_size < 2:
         return "inline", "one client per round: there is nothing to run side by side"
+    if not options.on_host:
+        return _accelerated(program, cohort_size, options.device)
     model = program.model
     convs = [n for n, m in model.named_modules() if isinstance(m, _ConvNd | RNNBase)]
     short = run_steps is not None and run_steps < VECTORIZE_MIN_STEPS
@@ -182,3 +205,15 @@ def choose_engine(
     if workers >= 2:
         return "pool", f"not vectorized: {why_not}; {workers} worker processes train side by side"
     return "inline", f"not vectorized: {why_not}; one core, so no pool"
+
+
+def _accelerated(program: ClientProgram, cohort_size: int, device: str) -> tuple[str, str]:
+    """``auto`` on an accelerator: the vectorized engine where it can batch the cohort
+    (convolutions too: ``vmap`` makes them grouped convolutions, which a GPU runs as one
+    kernel), else inline; the pool and Ray train on CPU."""
+    from potluck.engines.vectorized import vectorizing_problem
+
+    problem = vectorizing_problem(program, probe=True)
+    if problem is None:
+        return "vectorized", f"{cohort_size} clients per round train as one batched {device} step"
+    return "inline", f"not vectorized: {problem}; one client at a time on {device}"

@@ -71,6 +71,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from potluck.client.program import ClientProgram, Prepared, with_state
 from potluck.client.sgd import OptState
+from potluck.core.device import HOST, on_device
 from potluck.core.parts import Need, State, describe_part, needs
 from potluck.core.records import TRAIN, Reply, StageJob
 from potluck.engines.inline import InlineEngine
@@ -138,11 +139,15 @@ def _probe(program: ClientProgram) -> str | None:
         with torch.random.fork_rng():
             prep = program.prepare(cid, 0, w, _zero_broadcasts(program, w), {})
             x_all, y_all = program._data(cid, 0)
-            x = torch.stack([x_all[:2], x_all[:2]])
-            y = torch.stack([y_all[:2], y_all[:2]])
-            mask = torch.ones(y.shape)
-            stacked_w = torch.stack([prep.w_start, prep.w_start])
-            works = [{k: torch.stack([v, v]) for k, v in work.items()} for work in prep.works]
+            dev = program.device
+            x = torch.stack([x_all[:2], x_all[:2]]).to(dev)
+            y = torch.stack([y_all[:2], y_all[:2]]).to(dev)
+            mask = torch.ones(y.shape, device=dev)
+            stacked_w = torch.stack([prep.w_start, prep.w_start]).to(dev)
+            works = [
+                on_device({k: torch.stack([v, v]) for k, v in work.items()}, dev)
+                for work in prep.works
+            ]
             gens = [torch.Generator().manual_seed(0)] * 2
             g, _ = engine._gradient(stacked_w, x, y, mask, works, gens)
             engine._correct(stacked_w, g, works)
@@ -193,6 +198,11 @@ class _Cohort:
     index: torch.Tensor
     mask: torch.Tensor
     active: list[int]
+
+    def to(self, device: torch.device) -> _Cohort:
+        """The cohort with its data and batch schedule on ``device``."""
+        moved = {key: getattr(self, key).to(device) for key in ("x", "y", "index", "mask")}
+        return replace(self, **moved)
 
 
 class VectorizedEngine(InlineEngine):
@@ -291,16 +301,22 @@ class VectorizedEngine(InlineEngine):
             )
             for k in chunk
         }
-        cohort = self._schedule(job, preps)
-        w = torch.stack([preps[k].w_start for k in cohort.positions])
+        dev = program.device
+        cohort = self._schedule(job, preps).to(dev)
+        w = torch.stack([preps[k].w_start for k in cohort.positions]).to(dev)
         works = [
-            {key: torch.stack([preps[k].works[t][key] for k in cohort.positions]) for key in work}
+            {
+                key: torch.stack([preps[k].works[t][key] for k in cohort.positions]).to(dev)
+                for key in work
+            }
             for t, work in enumerate(preps[chunk.start].works)
         ]
         steps = [program.example_step(preps[k]) for k in cohort.positions]
         gens = [step.gen for step in steps if step is not None]
         steered = torch.tensor([program.steered(preps[k].cid) for k in cohort.positions])
-        w, loss_sums, seen = self._steps(w, works, cohort, gens, (steered, w_global))
+        steer = (steered.to(dev), w_global.to(dev))
+        w, loss_sums, seen = self._steps(w, works, cohort, gens, steer)
+        w = w.to(HOST)
         return {
             k: program.conclude(preps[k], w[row], loss_sums[row], seen[row])
             for row, k in enumerate(cohort.positions)
@@ -341,7 +357,7 @@ class VectorizedEngine(InlineEngine):
         attack = self.program.attack if bool(steered.any()) else None
         opt = self.program.optimizer
         opt_state = opt.init(w)
-        step_losses = torch.zeros(cohort.index.shape[:2], dtype=torch.float64)
+        step_losses = torch.zeros(cohort.index.shape[:2], dtype=torch.float64, device=w.device)
         for s, a in enumerate(cohort.active):
             idx, m = cohort.index[s, :a], cohort.mask[s, :a]
             w_a, state_a = w[:a], {key: v[:a] for key, v in opt_state.items()}
@@ -376,7 +392,7 @@ class VectorizedEngine(InlineEngine):
             [grads[n].reshape(a, b, k) for n, k in zip(spec.names, spec.numels, strict=True)], 2
         )
         term = self.program.terms[self.reducer]
-        draws = torch.stack([term.draw(gen, spec.size) for gen in gens])
+        draws = torch.stack([term.draw(gen, spec.size) for gen in gens]).to(w.device)
         return self._reduce(w, per_example, mask, draws, works[self.reducer]), loss
 
     def _params(self, w: torch.Tensor) -> State:

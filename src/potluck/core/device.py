@@ -1,0 +1,69 @@
+"""``run.device``: where a simulation's clients train and the model is evaluated.
+
+Everything that crosses the client/server boundary stays a CPU float32 vector (what a
+deployed site would send); an engine that runs on an accelerator moves a client's (or a
+vectorized cohort's) weights, optimizer state, term working state and data there for the
+local steps and brings the trained weights back, and the centralised and federated
+evaluations run there too. Random draws (batch orders, DP noise, dropout seeds) stay on
+CPU generators, so a run draws the same numbers on every device; results then agree with
+CPU within float tolerance (kernels sum in other orders).
+
+Example:
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("tpu")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: run.device = 'tpu': ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+HOST = torch.device("cpu")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``name`` ("cpu", "cuda", "cuda:1", "mps") as a device this machine has, or a
+    ``ValueError`` saying what is missing."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"run.device = {name!r}: not a device name ({exc})") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(
+            f"run.device = {name!r}: potluck trains on {', '.join(DEVICE_TYPES)}, not "
+            f"{device.type!r}"
+        )
+    if device.type == "cuda":
+        _check_cuda(name, device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"run.device = {name!r}: this torch sees no MPS device")
+    return device
+
+
+def _check_cuda(name: str | torch.device, device: torch.device) -> None:
+    if not torch.cuda.is_available():
+        build = torch.__version__
+        raise ValueError(
+            f"run.device = {name!r}: this torch ({build}) sees no CUDA device "
+            "(torch.cuda.is_available() is False); install a CUDA build of torch on a machine "
+            'with a GPU, or use run.device = "cpu"'
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"run.device = {name!r}: this machine has {count} CUDA device(s)")
+
+
+def on_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``tensors`` moved to ``device`` (the same tensors where they already are).
+
+    Example:
+        >>> on_device({"w": torch.ones(2)}, HOST)["w"].device
+        device(type='cpu')
+    """
+    return {key: value.to(device) for key, value in tensors.items()}

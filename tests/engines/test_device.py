@@ -1,0 +1,217 @@
+"""``run.device``: the inline and vectorized engines train and evaluate on an accelerator
+with CPU's results within float tolerance; what cannot run there is refused up front.
+
+The tests marked ``cuda`` run only where torch sees a CUDA device (none on this project's CI
+machine: there they are skipped, and the accelerator path is untested)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import potluck.core.device as device_module
+from potluck.algorithms import fedavg
+from potluck.cli import app
+from potluck.client import ClientProgram, FedProx, Scaffold
+from potluck.config import ExperimentConfig
+from potluck.core.device import resolve_device
+from potluck.core.message import Message
+from potluck.core.records import TRAIN, StageJob
+from potluck.core.task import Task
+from potluck.data import Federation
+from potluck.engines.base import EngineOptions, choose_engine, make_engine
+from potluck.models.zoo import small_cnn
+from potluck.privacy.dp_sgd import DpSgd
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+def cnn() -> nn.Module:
+    return small_cnn((1, 28, 28), 10)
+
+
+def images(clients: int, n: int, seed: int = 0) -> Federation:
+    g = torch.Generator().manual_seed(seed)
+    data = [
+        (
+            torch.randn(n + 3 * c, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (n + 3 * c,), generator=g),
+        )
+        for c in range(clients)
+    ]
+    return Federation.from_client_data(data, test_fraction=0.25)
+
+
+def digits(engine: str, device: str, store: str) -> ExperimentConfig:
+    return ExperimentConfig.from_dict(
+        {
+            "rounds": 2,
+            "data": {"dataset": "digits", "num_clients": 10},
+            "model": {"name": "mlp"},
+            "sampler": {"clients_per_round": 4},
+            "run": {"engine": engine, "device": device, "threads": 1, "store": store},
+        }
+    )
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let "cuda" resolve on a machine without one, for what is decided before anything
+    runs there (the engine choice, the refusals)."""
+    monkeypatch.setattr(device_module, "_check_cuda", lambda name, device: None)
+
+
+@no_cuda
+def test_cuda_without_a_gpu_is_refused_with_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"run.device = 'cuda'.*sees no CUDA device"):
+        digits("inline", "cuda", str(tmp_path)).build()
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--set",
+            "data.dataset='digits'",
+            "--set",
+            "run.device='cuda'",
+            "--set",
+            f"run.store='{tmp_path}'",
+            "--set",
+            "rounds=1",
+        ],
+    )
+    assert result.exit_code != 0
+    assert "sees no CUDA device" in " ".join(result.output.split())
+    assert not list(tmp_path.glob("*/*"))  # nothing stored
+
+
+@pytest.mark.parametrize("name", ["tpu", "meta", "cuda:x", ""])
+def test_unknown_devices_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=r"run\.device"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize("engine", ["pool", "ray"])
+def test_engines_of_cpu_workers_refuse_an_accelerator(
+    engine: str, tmp_path: Path, fake_cuda: None
+) -> None:
+    with pytest.raises(ValueError, match=rf"engine '{engine}' trains in CPU worker processes"):
+        digits(engine, "cuda", str(tmp_path)).build()
+    program = ClientProgram(Task(cnn), images(2, 8), fedavg())
+    with pytest.raises(ValueError, match="CPU worker processes"):
+        make_engine(engine, program, EngineOptions(device="cuda"))
+
+
+def test_auto_on_an_accelerator_vectorizes_convolutions_and_never_picks_the_pool(
+    fake_cuda: None,
+) -> None:
+    program = ClientProgram(Task(cnn), images(3, 8), fedavg())
+    options = EngineOptions(workers=2, device="cuda")
+    name, why = choose_engine(program, 10, options, run_steps=10)
+    assert name == "vectorized" and "cuda" in why
+    dropout = lambda: nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(784, 10))  # noqa: E731
+    name, why = choose_engine(ClientProgram(Task(dropout), images(3, 8), fedavg()), 10, options)
+    assert name == "inline" and "one client at a time on cuda" in why
+    cpu = choose_engine(program, 10, EngineOptions(workers=2), run_steps=10)[0]
+    assert cpu == "pool"  # convolutions on CPU: the pool, as before
+
+
+def test_an_explicit_cpu_device_is_the_default_bit_for_bit(tmp_path: Path) -> None:
+    from potluck.orchestrator import run_experiment
+
+    runs = [
+        run_experiment(digits("inline", device, str(tmp_path / device)).build(), progress=False)
+        for device in ("cpu", "cpu:0")
+    ]
+    assert torch.equal(runs[0].weights, runs[1].weights)
+    timeless = [
+        [{k: v for k, v in r.items() if "seconds" not in k} for r in run.history] for run in runs
+    ]
+    assert timeless[0] == timeless[1]
+
+
+def _train_job(program: ClientProgram, k: int, w: torch.Tensor) -> StageJob:
+    payloads = tuple(Message() for _ in range(k))
+    return StageJob(
+        TRAIN, 1, Message({"w": w}), np.arange(k), payloads, tuple({} for _ in range(k))
+    )
+
+
+def _replies(term: object, engine: str, device: str) -> tuple[list[dict[str, torch.Tensor]], float]:
+    terms = () if term is None else (term,)
+    program = ClientProgram(Task(cnn), images(4, 10), fedavg(terms=terms), seed=5)
+    eng = make_engine(engine, program, EngineOptions(device=device))
+    w = program.initial_weights()
+    replies = eng.run_stage(_train_job(program, 4, w))
+    arrays = [
+        {**r.message.arrays, "loss": torch.tensor(r.message.scalars["train_loss"])}
+        for r in replies
+        if r is not None
+    ]
+    for a in arrays:
+        assert all(v.device.type == "cpu" for v in a.values())  # the boundary stays on CPU
+    return arrays, eng.evaluate_test(w).loss_sum
+
+
+@cuda
+@pytest.mark.parametrize("engine", ["inline", "vectorized"])
+@pytest.mark.parametrize(
+    "term",
+    [None, FedProx(mu=0.1), Scaffold(), DpSgd(clip=1.0, noise_multiplier=0.5)],
+    ids=["fedavg", "fedprox", "scaffold", "dp_sgd"],
+)
+def test_training_on_cuda_equals_cpu_within_float_tolerance(term: object, engine: str) -> None:
+    ref, ref_eval = _replies(term, engine, "cpu")
+    got, got_eval = _replies(term, engine, "cuda")
+    assert len(got) == len(ref) == 4
+    for a, b in zip(got, ref, strict=True):
+        assert a.keys() == b.keys()
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+    assert got_eval == pytest.approx(ref_eval, rel=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("engine", ["inline", "vectorized", "auto"])
+def test_a_run_on_cuda_ends_where_the_cpu_run_does(engine: str, tmp_path: Path) -> None:
+    from potluck.orchestrator import resolve_engine, run_experiment
+
+    def final(device: str) -> torch.Tensor:
+        exp, _ = resolve_engine(digits(engine, device, str(tmp_path / device)).build())
+        return run_experiment(exp, progress=False).weights
+
+    torch.testing.assert_close(final("cuda"), final("cpu"), atol=1e-4, rtol=1e-4)
+
+
+@no_cuda
+def test_a_site_chooses_its_own_device(tmp_path: Path) -> None:
+    from potluck.deployment import site_program
+
+    config = digits("inline", "cpu", str(tmp_path)).to_dict()
+    config["run"]["device"] = "cuda"  # the server's choice, not this site's
+    program = site_program(config, 0)
+    assert program.device == torch.device("cpu")
+    result = CliRunner().invoke(
+        app,
+        [
+            "client",
+            "--server",
+            "127.0.0.1:1",
+            "--data",
+            "federation",
+            "--insecure",
+            "--name",
+            "site-0",
+            "--device",
+            "cuda",
+            "--max-failures",
+            "1",
+        ],
+    )
+    assert result.exit_code != 0
+    assert "sees no CUDA device" in " ".join(result.output.split())
