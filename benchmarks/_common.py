@@ -14,7 +14,8 @@ import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,19 @@ def header(benchmark: str) -> dict[str, Any]:
         "machine": machine(),
         "source": source_state(),
     }
+
+
+def call_seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn()``, after one warm-up call unless
+    ``warm_up`` is False (a call too large to make twice)."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

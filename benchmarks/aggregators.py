@@ -46,13 +46,12 @@ import dataclasses
 import gc
 import resource
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from _common import cpu_times, header, own_cpu_s, write_result
+from _common import call_seconds, cpu_times, header, own_cpu_s, write_result
 
 from potluck.aggregate import (
     Bulyan,
@@ -110,15 +109,6 @@ def make_stack(k: int, d: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
     return deltas, weights
 
 
-def timings(fn: Callable[[], object], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def bandwidth(deltas: torch.Tensor) -> dict[str, Any]:
     """The single passes over the stack: best seconds and GB/s of each."""
     out = {}
@@ -127,8 +117,7 @@ def bandwidth(deltas: torch.Tensor) -> dict[str, Any]:
         ("sum_all", lambda: deltas.sum()),
         ("mean0", lambda: torch.mean(deltas, 0)),
     ):
-        fn()
-        times = timings(fn, REPEATS)
+        times = call_seconds(fn, REPEATS)
         out[name] = {"best_s": min(times), "times_s": times, "gbps": gb(deltas) / min(times)}
     return out
 
@@ -138,11 +127,11 @@ def previous_kernels(deltas: torch.Tensor, weights: torch.Tensor) -> dict[str, A
     ``w @ deltas`` (best of ``REPEATS``) and the coordinate median's sort of the whole stack
     along the clients (once; it needs three times the stack)."""
     w = (weights / weights.sum()).float()
-    w @ deltas
-    times = timings(lambda: w @ deltas, REPEATS)
+    times = call_seconds(lambda: w @ deltas, REPEATS)
     out: dict[str, Any] = {"w_at_deltas": {"best_s": min(times), "times_s": times}}
     try:
-        out["sort_median"] = {"best_s": timings(lambda: deltas.sort(dim=0).values, 1)[0]}
+        (once,) = call_seconds(lambda: deltas.sort(dim=0).values, 1, warm_up=False)
+        out["sort_median"] = {"best_s": once}
     except RuntimeError as err:  # an allocation over the address-space cap
         out["sort_median"] = {"error": str(err).splitlines()[0][:300]}
     gc.collect()

@@ -85,7 +85,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_times, header, summary, write_result
+from _common import call_seconds, cpu_times, header, summary, write_result
 
 CALL = "/potluck.v1.Coordinator/Call"
 CHUNK = 1 << 20  # wire.DEFAULT_CHUNK_BYTES (the light clients do not import wire: it needs torch)
@@ -1115,13 +1115,7 @@ def raw_transfer(total: int, pki: Path, repeats: int) -> dict[str, Any]:
 
 def _timed(fn: Callable[[], object], repeats: int = 9) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def stage_profile(size: int, clients: int, body: bytes) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import header, write_result
+from _common import call_seconds, header, write_result
 
 import potluck.client.program as program_module
 from potluck.algorithms import fedavg
@@ -43,13 +43,7 @@ SHAPES = [
 
 
 def best_ms(f: Callable[[], object], reps: int) -> float:
-    f()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * min(call_seconds(f, reps))
 
 
 def kernels() -> list[dict[str, Any]]:
