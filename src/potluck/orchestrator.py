@@ -52,6 +52,7 @@ from potluck.algorithms.base import Algorithm
 from potluck.attacks.poisoning import Attack, attack_context, check_attack
 from potluck.client.program import ClientProgram, EvalResult, parse_evaluation
 from potluck.core.clock import KEPT, ClockPolicy
+from potluck.core.device import HOST, aggregation_device, on_device, resolve_device
 from potluck.core.message import Message, MessageError
 from potluck.core.params import ParamSpec
 from potluck.core.parts import (
@@ -651,7 +652,6 @@ class _Loop:
         self.terms = list(zip(program.term_ns, program.terms, strict=True))
         self.transforms = list(zip(program.transform_ns, program.transforms, strict=True))
         self.upload_arrays, self.upload_numbers, self.upload_dtypes = self._expected_upload()
-        self.stack = StackBuffer()  # the round's (K, d) updates, in memory reused each round
         self.num_clients = exp.federation.num_clients
         self.staged = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "before_train")]
         self.finishing = [(ns, p) for ns, p in self.parts.items() if hasattr(p, "after_train")]
@@ -668,6 +668,8 @@ class _Loop:
         # a simulation, where it stands for the site's own memory)
         self.site_kept = {ns for ns, p in self.parts.items() if getattr(p, "site_state", False)}
         self.aggregator, self.ledger = self._private_aggregation()
+        # the round's (K, d) updates, in memory reused each round, where they are aggregated
+        self.stack = StackBuffer(aggregation_device(self.aggregator, resolve_device(exp.device)))
         root, train = getattr(self.aggregator, "root_examples", 0), exp.federation.source.train
         if root > len(train.y):
             raise ValueError(
@@ -1277,18 +1279,7 @@ class _Loop:
             return _State(rnd, state.w, slots)  # the model does not move
         before = dict(slots)
         algo = self.exp.algorithm
-        rows = [u.message.arrays["delta"] for u in updates]
-        deltas = self.stack.stack(rows) if rows else state.w.new_zeros((0, state.w.numel()))
-        members = tuple(u.client for u in updates)
-        ctx = replace(
-            self._ctx("aggregator", rnd, inbox=self._aggregator_inbox(stages, state.w)),
-            members=members,
-        )
-        aggregate, slots["aggregator"] = self.aggregator.aggregate(
-            deltas, weights, slots.get("aggregator", {}), ctx
-        )
-        if self.upload_dtypes["delta"] == torch.float32:  # individual updates to score
-            self._score(stages, members, deltas, aggregate, slots, ctx)
+        aggregate = self._aggregated(stages, state.w, updates, weights, slots)
         for ns, transform in reversed(
             list(zip(self.program.transform_ns, self.program.transforms, strict=True))
         ):
@@ -1317,6 +1308,33 @@ class _Loop:
         slots["server"] = server_state
         return _State(rnd, w, {ns: s for ns, s in slots.items() if s})
 
+    def _aggregated(
+        self,
+        stages: RoundStages,
+        w: torch.Tensor,
+        updates: list[_Update],
+        weights: torch.Tensor,
+        slots: dict[str, State],
+    ) -> torch.Tensor:
+        """The aggregator over the round's (K, d) stack, with the anomaly scores, on the
+        aggregation device (``aggregation_device``: the stack, weights, the aggregator's
+        state and inbox moved there); the aggregate and the new state come back to the host."""
+        dev = self.stack.device
+        rows = [u.message.arrays["delta"] for u in updates]
+        deltas = self.stack.stack(rows) if rows else w.new_zeros((0, w.numel()), device=dev)
+        inbox = self._aggregator_inbox(stages, w)
+        if inbox is not None:
+            inbox = Message(on_device(inbox.arrays, dev), inbox.scalars)
+        members = tuple(u.client for u in updates)
+        ctx = replace(self._ctx("aggregator", stages.round, inbox=inbox), members=members)
+        aggregate, state = self.aggregator.aggregate(
+            deltas, weights.to(dev), on_device(slots.get("aggregator", {}), dev), ctx
+        )
+        slots["aggregator"] = on_device(state, HOST)
+        if self.upload_dtypes["delta"] == torch.float32:  # individual updates to score
+            self._score(stages, members, deltas, aggregate, slots, ctx)
+        return aggregate.to(HOST)
+
     def _score(
         self,
         stages: RoundStages,
@@ -1335,6 +1353,7 @@ class _Loop:
         own = getattr(self.aggregator, "update_scores", None)  # a rule's own (FLTrust's trust)
         if own is not None:
             scores.update(own(deltas, ctx))
+        scores = on_device(scores, HOST)
         flagged = det.flagged(scores, len(members))
         norms, drifts = update_distances(deltas, aggregate, scores.get("norm"))
         for i, c in enumerate(members):
@@ -1663,8 +1682,8 @@ def update_distances(
     """
     k, d = deltas.shape
     rows = max(1, min(k, DRIFT_BLOCK_ELEMENTS // max(d, 1)))
-    block = torch.empty(rows, d, dtype=deltas.dtype)
-    drifts = torch.empty(k, dtype=torch.float64)
+    block = deltas.new_empty((rows, d))
+    drifts = deltas.new_empty(k, dtype=torch.float64)
     for start in range(0, k, rows):
         end = min(k, start + rows)
         torch.sub(deltas[start:end], aggregate.to(deltas.dtype), out=block[: end - start])

@@ -35,6 +35,7 @@ from potluck.core.parts import Context, Need, RoundAborted, State
 
 ROBUST_NEEDS = frozenset({Need.INDIVIDUAL_UPDATES})
 ROBUST_GIVES = frozenset({Need.EQUAL_WEIGHTS})
+ON_DEVICE_ROBUST = ROBUST_GIVES | {Need.ON_DEVICE}  # ours, checked on the fake accelerator
 
 
 def check_byzantine(setting: str, value: int | float) -> None:
@@ -153,7 +154,7 @@ def by_coordinates(
         tensor([3., 5.])
     """
     k, d = deltas.shape
-    out = torch.empty(d, dtype=dtype or deltas.dtype)
+    out = deltas.new_empty(d, dtype=dtype or deltas.dtype)
     step = max(1, BLOCK // k)
     for start in range(0, d, step):
         out[start : start + step] = rule(deltas[:, start : start + step].T.contiguous())

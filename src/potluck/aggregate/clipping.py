@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 
 from potluck.aggregate.byzantine import (
-    ROBUST_GIVES,
+    ON_DEVICE_ROBUST,
     ROBUST_NEEDS,
     ByzantineRobust,
     check_positive,
@@ -74,6 +74,7 @@ class CenteredClipping(ByzantineRobust):
     iterations: int = 1
     byzantine: int | float = 0
     rule: ClassVar[str] = "f <= 0.1 n"
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,7 +102,7 @@ class NormBounding:
     bound: float = 1.0
     noise_std: float = 0.0
     needs: ClassVar[frozenset[str]] = ROBUST_NEEDS
-    gives: ClassVar[frozenset[str]] = ROBUST_GIVES
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
 
     def __post_init__(self) -> None:
         check_positive("bound", self.bound)
@@ -117,5 +118,5 @@ class NormBounding:
         check_stack(deltas, weights)
         total = clipped_sum(deltas, clip_scales(row_norms(deltas), self.bound))
         mean = total / deltas.shape[0]
-        mean += gaussian_noise(mean.shape[0], self.noise_std, "seed", ctx)
+        mean += gaussian_noise(mean.shape[0], self.noise_std, "seed", ctx).to(mean.device)
         return mean.to(deltas.dtype), state

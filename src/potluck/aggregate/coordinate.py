@@ -25,7 +25,12 @@ from typing import ClassVar
 
 import torch
 
-from potluck.aggregate.byzantine import ByzantineRobust, by_coordinates, coordinate_median
+from potluck.aggregate.byzantine import (
+    ON_DEVICE_ROBUST,
+    ByzantineRobust,
+    by_coordinates,
+    coordinate_median,
+)
 from potluck.core.parts import State
 from potluck.core.registry import register
 
@@ -38,6 +43,7 @@ class CoordinateMedian(ByzantineRobust):
 
     byzantine: int | float = 0
     rule: ClassVar[str] = "n >= 2f + 1"
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
 
     def needed(self, f: int) -> int:
         return 2 * f + 1
@@ -56,6 +62,7 @@ class TrimmedMean(ByzantineRobust):
 
     trim: int | float = 0.1
     rule: ClassVar[str] = "2 trim < n"
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
     setting: ClassVar[str] = "trim"
 
     def __post_init__(self) -> None:

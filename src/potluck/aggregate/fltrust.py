@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import torch
 
-from potluck.aggregate.byzantine import ROBUST_GIVES, ROBUST_NEEDS, check_positive_int
+from potluck.aggregate.byzantine import ON_DEVICE_ROBUST, ROBUST_NEEDS, check_positive_int
 from potluck.aggregate.mean import check_stack
 from potluck.core.parts import Context, State
 from potluck.core.registry import register
@@ -95,7 +95,7 @@ class FLTrust:
 
     root_examples: int = 100
     needs: ClassVar[frozenset[str]] = ROBUST_NEEDS
-    gives: ClassVar[frozenset[str]] = ROBUST_GIVES
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
 
     def __post_init__(self) -> None:
         check_positive_int("root_examples", self.root_examples)

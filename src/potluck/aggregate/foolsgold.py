@@ -53,7 +53,7 @@ from typing import ClassVar
 import torch
 
 from potluck.aggregate.byzantine import (
-    ROBUST_GIVES,
+    ON_DEVICE_ROBUST,
     ROBUST_NEEDS,
     check_positive,
     check_positive_int,
@@ -130,7 +130,7 @@ class FoolsGold:
     kappa: float = 1.0
     max_history_bytes: int = 2 * 1024**3
     needs: ClassVar[frozenset[str]] = ROBUST_NEEDS
-    gives: ClassVar[frozenset[str]] = ROBUST_GIVES
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
 
     def __post_init__(self) -> None:
         check_positive("kappa", self.kappa)
@@ -143,7 +143,7 @@ class FoolsGold:
         self, deltas: torch.Tensor, weights: torch.Tensor, state: State, ctx: Context
     ) -> tuple[torch.Tensor, State]:
         check_stack(deltas, weights)
-        ids = check_members(ctx.members, deltas.shape[0], ctx.num_clients)
+        ids = check_members(ctx.members, deltas.shape[0], ctx.num_clients).to(deltas.device)
         clients, history = self.updated_history(state, ids, deltas, ctx.num_clients)
         rows = torch.searchsorted(clients, ids)
         alpha = foolsgold_weights(history[rows], self.kappa)
@@ -160,7 +160,7 @@ class FoolsGold:
         """The sorted ids of the clients seen, and their histories with this round's
         updates added (a new tensor: the state passed in is left as it was)."""
         d = deltas.shape[1]
-        seen = state.get("clients", torch.zeros(0, dtype=torch.int64))
+        seen = state.get("clients", ids.new_zeros(0))
         old = state.get("history", deltas.new_zeros((0, d)))
         if old.shape != (seen.numel(), d):
             raise ValueError(

@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from potluck.aggregate.byzantine import (
+    ON_DEVICE_ROBUST,
     ByzantineRobust,
     check_positive,
     check_positive_int,
@@ -68,6 +69,7 @@ class GeometricMedian(ByzantineRobust):
     iterations: int = 10
     smoothing: float = 1e-6
     rule: ClassVar[str] = "n >= 2f + 1"
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -37,6 +37,7 @@ from typing import ClassVar
 import torch
 
 from potluck.aggregate.byzantine import (
+    ON_DEVICE_ROBUST,
     ByzantineRobust,
     by_coordinates,
     check_positive_int,
@@ -75,6 +76,7 @@ class Krum(ByzantineRobust):
 
     byzantine: int | float = 1
     rule: ClassVar[str] = "n >= 2f + 3"
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
 
     def needed(self, f: int) -> int:
         return 2 * f + 3
@@ -92,6 +94,7 @@ class MultiKrum(ByzantineRobust):
     byzantine: int | float = 1
     selected: int | None = None
     rule: ClassVar[str] = "n >= 2f + 3 and m <= n - f"
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,7 +118,7 @@ def bulyan_selection(d2: torch.Tensor, f: int, theta: int) -> torch.Tensor:
         >>> bulyan_selection(d2, 0, 3).tolist()
         [1, 2, 0]
     """
-    left = torch.arange(d2.shape[0])
+    left = torch.arange(d2.shape[0], device=d2.device)
     chosen = []
     for _ in range(theta):
         r = left.numel()
@@ -126,7 +129,7 @@ def bulyan_selection(d2: torch.Tensor, f: int, theta: int) -> torch.Tensor:
         best = int(krum_scores(sub, min(max(r - f - 2, 2), r - 1)).argmin())
         chosen.append(int(left[best]))
         left = torch.cat([left[:best], left[best + 1 :]])
-    return torch.tensor(chosen, dtype=torch.int64)
+    return torch.tensor(chosen, dtype=torch.int64, device=d2.device)
 
 
 def closest_to_median_mean(selected: torch.Tensor, beta: int) -> torch.Tensor:
@@ -148,6 +151,7 @@ class Bulyan(ByzantineRobust):
 
     byzantine: int | float = 1
     rule: ClassVar[str] = "n >= 4f + 3"
+    gives: ClassVar[frozenset[str]] = ON_DEVICE_ROBUST
 
     def needed(self, f: int) -> int:
         return 4 * f + 3

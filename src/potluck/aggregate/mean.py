@@ -72,7 +72,7 @@ def weighted_sum(w: torch.Tensor, deltas: torch.Tensor, batched: int = BATCHED) 
 class WeightedMean:
     """``sum_k w_k delta_k / sum_k w_k``, weights usually the clients' example counts."""
 
-    gives: ClassVar[frozenset[str]] = frozenset({Need.LINEAR_AGGREGATE})
+    gives: ClassVar[frozenset[str]] = frozenset({Need.LINEAR_AGGREGATE, Need.ON_DEVICE})
 
     def init(self, w: torch.Tensor) -> State:
         return {}

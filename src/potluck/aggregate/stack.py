@@ -3,7 +3,8 @@
 A fresh (K, d) tensor every round is paid in first-touch page faults on every page: for
 200 updates of the McMahan CNN (1.33 GB) that was 0.6 s of a deployed round's 0.8 s of
 stacking and averaging (BENCHMARKS.md §9), and more where the host reclaims freed pages.
-Writing into the same buffer each round touches memory that is already mapped.
+Writing into the same buffer each round touches memory that is already mapped. The buffer
+may live on an accelerator (``device``): the rows are then copied there one by one.
 
 Example:
     >>> import torch
@@ -22,12 +23,16 @@ from collections.abc import Sequence
 
 import torch
 
+from potluck.core.device import HOST
+
 
 class StackBuffer:
-    """Stacks equal-length 1-D rows into a reused buffer. The returned (K, d) tensor is a
-    view of the buffer: valid until the next ``stack`` call."""
+    """Stacks equal-length 1-D rows into a reused buffer on ``device`` (the host by
+    default). The returned (K, d) tensor is a view of the buffer: valid until the next
+    ``stack`` call."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device = HOST) -> None:
+        self.device = device
         self._buffer: torch.Tensor | None = None
 
     def stack(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -40,7 +45,11 @@ class StackBuffer:
         k, d = len(rows), first.numel()
         buf = self._buffer
         if buf is None or buf.shape[1] != d or buf.dtype != first.dtype or buf.shape[0] < k:
-            buf = self._buffer = torch.empty(k, d, dtype=first.dtype)
+            buf = self._buffer = torch.empty(k, d, dtype=first.dtype, device=self.device)
         out = buf[:k]
-        torch.stack(list(rows), out=out)
+        if self.device == first.device:
+            torch.stack(list(rows), out=out)
+        else:
+            for i, row in enumerate(rows):
+                out[i].copy_(row)
         return out

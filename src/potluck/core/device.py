@@ -4,9 +4,12 @@ Everything that crosses the client/server boundary stays a CPU float32 vector (w
 deployed site would send); an engine that runs on an accelerator moves a client's (or a
 vectorized cohort's) weights, optimizer state, term working state and data there for the
 local steps and brings the trained weights back, and the centralised and federated
-evaluations run there too. Random draws (batch orders, DP noise, dropout seeds) stay on
-CPU generators, so a run draws the same numbers on every device; results then agree with
-CPU within float tolerance (kernels sum in other orders).
+evaluations run there too. A round's updates are stacked and aggregated there when the
+aggregator says it runs on the updates' device (``Need.ON_DEVICE``; on CUDA only:
+``aggregation_device``), and the aggregate comes back to the host. Random draws (batch
+orders, DP noise, dropout seeds) stay on CPU generators, so a run draws the same numbers on
+every device; results then agree with CPU within float tolerance (kernels sum in other
+orders).
 
 Example:
     >>> resolve_device("cpu")
@@ -22,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
+from potluck.core.parts import Need, gives
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 HOST = torch.device("cpu")
@@ -67,3 +72,19 @@ def on_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict
         device(type='cpu')
     """
     return {key: value.to(device) for key, value in tensors.items()}
+
+
+def aggregation_device(aggregator: object, device: torch.device) -> torch.device:
+    """Where a round's updates are stacked and aggregated: ``device`` if it is a CUDA
+    device and ``aggregator`` gives ``Need.ON_DEVICE``; the host otherwise (MPS has no
+    float64, which weights and scores are computed in; an aggregator that does not say it
+    runs on the device, a user's among them, is never moved).
+
+    Example:
+        >>> from potluck.aggregate import WeightedMean
+        >>> aggregation_device(WeightedMean(), HOST)
+        device(type='cpu')
+    """
+    if device.type == "cuda" and str(Need.ON_DEVICE) in gives(aggregator):
+        return device
+    return HOST

@@ -76,6 +76,7 @@ class Need(StrEnum):
     CIPHERTEXT_UPDATES = "updates encrypted with CKKS (transform ckks)"
     LINEAR_AGGREGATE = "a linear aggregate (the weighted mean: a mean of sketches is a sketch)"
     LAST_DOWNLINK = "to be the last downlink transform (one after it would see only its encoding)"
+    ON_DEVICE = "torch operations on the updates' own device (aggregation on run.device)"
 
 
 class RoundAborted(Exception):

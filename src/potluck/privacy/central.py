@@ -133,7 +133,7 @@ def clipped_sum(deltas: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``sum_k scales_k deltas_k`` (float64), one fused reduction over the stack as in
     FedAvg's weighted mean (no clipped copy of the stack)."""
     if deltas.shape[0] == 0:
-        return torch.zeros(deltas.shape[1], dtype=torch.float64)
+        return deltas.new_zeros(deltas.shape[1], dtype=torch.float64)
     return (scales.to(deltas.dtype) @ deltas).double()
 
 
