@@ -1,6 +1,8 @@
 """Helpers for testing parts: a run interrupted after a round and resumed as ``potluck
-resume`` does, to check that a part (a user's too) keeps all it needs in its state, and a
-run's metrics without the wall-clock ones, to compare two runs.
+resume`` does, to check that a part (a user's too) keeps all it needs in its state, a
+run's metrics without the wall-clock ones, to compare two runs, and a fake accelerator
+(``FakeAccelerator``, ``FAKE``) to check that a part which says it runs on the updates'
+device (``Need.ON_DEVICE``) does so without a GPU.
 
 Example:
     >>> import tempfile
@@ -18,8 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from potluck.config import ExperimentConfig
+from potluck.core.fake_device import FAKE, FakeAccelerator
 from potluck.orchestrator import TIMING_METRICS, RunResult, resume_experiment, run_experiment
 from potluck.store.sqlite import RunStore
+
+__all__ = ["FAKE", "FakeAccelerator", "Interrupted", "interrupted_and_resumed", "learning"]
 
 
 class Interrupted(Exception):
