@@ -41,7 +41,7 @@ from potluck.aggregate import (
 from potluck.aggregate.anomaly import anomaly_scores
 from potluck.core.device import HOST
 from potluck.core.parts import part_context
-from potluck.orchestrator import update_distances
+from potluck.monitor.distances import update_distances
 
 CNN_D = 1_663_370
 TOLERANCE = 1e-4
@@ -115,7 +115,7 @@ def side(
 
 def score(deltas: torch.Tensor, aggregate: torch.Tensor) -> object:
     scores = anomaly_scores(deltas, aggregate, ("norm", "cosine"))
-    return update_distances(deltas, aggregate, scores["norm"].to(HOST))
+    return update_distances(deltas, aggregate, scores["norm"])
 
 
 def checked(got: torch.Tensor, want: torch.Tensor) -> dict[str, Any]:

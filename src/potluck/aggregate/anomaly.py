@@ -39,16 +39,24 @@ MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its std
 
 
 def anomaly_scores(
-    deltas: torch.Tensor, aggregate: torch.Tensor, names: tuple[str, ...], f: int = 0
+    deltas: torch.Tensor,
+    aggregate: torch.Tensor,
+    names: tuple[str, ...],
+    f: int = 0,
+    *,
+    norms: torch.Tensor | None = None,
+    dots: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The ``names`` scores (of ``SCORES``) of each row of a (K, d) stack of updates."""
+    """The ``names`` scores (of ``SCORES``) of each row of a (K, d) stack of updates; the
+    rows' ``norms`` and dot products with the aggregate (``dots``, float64) where known."""
     out: dict[str, torch.Tensor] = {}
     # float32 passes over the stack (no float64 copy of it), results in float64
-    norms = torch.linalg.vector_norm(deltas, dim=1).double()
+    norms = torch.linalg.vector_norm(deltas, dim=1).double() if norms is None else norms
     if "norm" in names:
         out["norm"] = norms
     if "cosine" in names:
-        dots = (deltas @ aggregate.to(deltas.dtype)).double()
+        if dots is None:
+            dots = (deltas @ aggregate.to(deltas.dtype)).double()
         out["cosine"] = dots / (norms * float(aggregate.norm())).clamp(min=1e-30)
     if "krum" in names and len(deltas) >= 2:
         k = len(deltas)
