@@ -11,11 +11,14 @@ measured in the same run. The clients are
 *light*: a few processes (``--procs``) each run ``clients / procs`` clients as threads, each
 with its own gRPC channel (its own TCP and TLS connection). They do not train and never
 import torch: they join, long-poll, read each task (the header is parsed, every byte is
-received, none is checked) and answer it with the same real reply, so that the server and the
-protocol are what is measured. That reply is computed once, in the driver (``reply_body``):
-client 0 of the experiment trained for round 1 by the program a ``potluck client`` site runs,
-from the initial weights as the server broadcasts them, its upload encoded by the
-experiment's transforms and packed with its new client state as a site packs it
+received, none is checked) and answer it with a real reply, so that the server and the
+protocol are what is measured. The replies are computed once, in the driver (``reply_body``),
+one per light-client process (``--distinct-updates``, the default; with
+``--no-distinct-updates`` every process sends client 0's, as all did before 2026-12-03:
+every update then equalled the round's aggregate, a client drift of 0 for all): client ``i``
+of the experiment, for process ``i``, trained for round 1 by the program a ``potluck
+client`` site runs, from the initial weights as the server broadcasts them, its upload
+encoded by the experiment's transforms and packed with its new client state as a site packs it
 (``0/m/delta``, ``0/s/<part>/<name>``, the scalars ``num_examples``, ``num_steps``,
 ``weight``, ``train_loss``); it is serialized by ``wire.encode`` and each light client only
 appends the routing fields (the driver checks that the result reassembles into that reply
@@ -31,12 +34,11 @@ reply. The stateful schemes' client state (error-feedback residual, PowerSGD's `
 on each site, as a ``potluck client`` keeps a ``site_state`` part's state: it travels
 neither down with the tasks nor up with the replies, so the light clients' reply holds only
 the upload (before that was built, the state lived on the server and travelled both ways:
-the first run of this benchmark, BENCHMARKS §24). Every light client sends the
-same update (the server cannot tell). Per setting: round 1 and the median of the later rounds
-of the round time, the run store's ``bytes_up`` and ``bytes_down``, the gRPC bytes the clients
-sent and received, the bytes on loopback and the server's CPU, their ratios to ``none`` in
-the same run, and whether the server accepted every update (``updates`` = the clients, none
-failed or refused).
+the first run of this benchmark, BENCHMARKS §24). Per setting: round 1 and the median of the
+later rounds of the round time, the run store's ``bytes_up`` and ``bytes_down``, the gRPC
+bytes the clients sent and received, the bytes on loopback and the server's CPU, their
+ratios to ``none`` in the same run, and whether the server accepted every update
+(``updates`` = the clients, none failed or refused).
 
 Measured per round: the server's ``round_seconds`` (run store); the gRPC message bytes the
 clients received and sent, and the bytes on the loopback interface (whole machine, TLS,
@@ -502,7 +504,7 @@ class Setup:
     perf: bool = False
     poll_timeout_s: float = 20.0
     compression: str = "none"  # a key of ``chains``
-    update: Path | None = None  # the light clients' reply body (``reply_body``)
+    updates: tuple[Path, ...] = ()  # the light clients' reply bodies (``reply_body``)
 
     @property
     def names(self) -> list[str]:
@@ -558,10 +560,10 @@ def experiment_toml(setup: Setup, store: Path, reuse_memory: bool = True) -> str
     return str(experiment_config(setup, store, reuse_memory).to_toml())
 
 
-def reply_body(setup: Setup, path: Path) -> dict[str, Any]:
+def reply_body(setup: Setup, path: Path, client: int = 0) -> dict[str, Any]:
     """Write to ``path`` the body of a real client's reply to round 1 of ``setup``'s
     experiment (its envelope without the routing fields, as ``wire.encode`` writes it) and
-    describe it: client 0 trained by the program a site runs (``site_program``) from the
+    describe it: ``client`` trained by the program a site runs (``site_program``) from the
     initial weights as the server broadcasts them (encoded by the downlink, decoded by the
     client), its upload encoded by the transforms, packed with the new client state a site
     sends (none of a ``site_state`` or ``secret_state`` part's, which a site keeps).
@@ -575,16 +577,16 @@ def reply_body(setup: Setup, path: Path) -> dict[str, Any]:
     from potluck.deploy import wire
     from potluck.deployment import site_program
 
-    program = site_program(experiment_config(setup, setup.work / "no-store"), 0)
+    program = site_program(experiment_config(setup, setup.work / "no-store"), client)
     shared = Message({"w": program.initial_weights()})
     for down in program.algorithm.downlink:
         shared = down.encode(shared)
     job = records.StageJob(
-        "train", 1, shared, np.array([0]), (Message(scalars={"work": 1.0}),), ({},)
+        "train", 1, shared, np.array([client]), (Message(scalars={"work": 1.0}),), ({},)
     )
     reply = program.run_stage(job)[0]
     if reply is None:
-        raise RuntimeError(f"{setup.compression}: client 0 dropped out of round 1")
+        raise RuntimeError(f"{setup.compression}: client {client} dropped out of round 1")
     kept = {
         ns
         for ns, part in program.parts.items()
@@ -733,7 +735,7 @@ def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
     """One deployment run; everything it measured. ``mode``: "tls" or "insecure", with
     "+glibc" for a server that leaves glibc's malloc as it is (``deploy.reuse_memory``), or
     "floor-tls" / "floor-insecure" for the bare grpcio server (``grpc_floor.py``). The
-    light clients answer with ``setup.update``."""
+    light clients of process ``i`` answer with ``setup.updates[i]`` (or the last one)."""
     run_dir = setup.work / f"{mode}-{setup.compression}"
     logs = run_dir / "logs"
     logs.mkdir(parents=True)
@@ -765,7 +767,7 @@ def deploy(setup: Setup, mode: str, pki: Path) -> dict[str, Any]:
                 "server": f"127.0.0.1:{port}",
                 "names": names[i * per : (i + 1) * per],
                 "pki": str(pki) if "tls" in mode else None,
-                "update": str(setup.update),
+                "update": str(setup.updates[min(i, len(setup.updates) - 1)]),
                 "poll_timeout_s": setup.poll_timeout_s,
                 "out": str(out_path),
             }
@@ -1421,7 +1423,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--stages-only", action="store_true", help="only the stage profiles (no deployment)"
     )
     parser.add_argument("--keep", type=Path, help="keep the work directory (logs, store) here")
+    parser.add_argument(
+        "--distinct-updates",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each light-client process sends its own client's reply (--no-distinct-updates: "
+        "all send client 0's)",
+    )
     args = parser.parse_args(argv)
+    distinct = args.procs if args.distinct_updates else 1
     settings = args.compression.split(",") if args.compression else ["none"]
     default_modes = "tls" if args.compression else "tls,insecure,floor-tls,floor-insecure"
     modes = [] if args.stages_only else (args.modes or default_modes).split(",")
@@ -1449,9 +1459,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"PKI: {args.clients} client certificates in {pki_s:.1f} s", flush=True)
         what = f"{args.clients} clients, {args.model} ({size:,} parameters)"
         for setting in settings if modes else []:
-            body = work / f"reply-{setting}.bin"
-            setup = replace(base, compression=setting, update=body)
-            replies[setting] = reply_body(setup, body)
+            bodies = tuple(work / f"reply-{setting}-{i}.bin" for i in range(distinct))
+            setup = replace(base, compression=setting, updates=bodies)
+            described = [reply_body(setup, body, i) for i, body in enumerate(bodies)]
+            replies[setting] = {**described[0], "distinct_updates": distinct}
             print(
                 f"{setting}: the reply is {replies[setting]['envelope_bytes']:,} bytes "
                 f"(upload {replies[setting]['upload_wire_bytes']:,}, client state "

@@ -75,7 +75,6 @@ from potluck.monitor import DriftScenario, Monitoring, ShiftTracker, drift, roun
 from potluck.monitor.distances import update_distances
 from potluck.monitor.rounds import summarises, summary_options
 from potluck.privacy import ledger as privacy
-from potluck.privacy.central import row_norms
 from potluck.privacy.distributed import DistributedLedger
 from potluck.privacy.ledger import PrivacyBudget
 from potluck.privacy.participation import ParticipationLedger
@@ -325,12 +324,14 @@ class _State:
 
 @dataclass(frozen=True)
 class _Update:
-    """One accepted update, decoded and checked."""
+    """One accepted update, decoded and checked, with the L2 norm of each uploaded array
+    (``norms``: taken once, for finiteness, the bounds, the cohort and the scores)."""
 
     client: int
     message: Message
     weight: float
     metrics: dict[str, float]
+    norms: dict[str, float]
 
 
 def resolve_engine(experiment: Experiment) -> tuple[Experiment, str]:
@@ -1153,9 +1154,8 @@ class _Loop:
                              rnd)  # fmt: skip
                 out[i] = None
                 continue
-            out[i] = replace(
-                u, message=Message({**u.message.arrays, "delta": row}, u.message.scalars)
-            )
+            message = Message({**u.message.arrays, "delta": row}, u.message.scalars)
+            out[i] = replace(u, message=message, norms={**u.norms, "delta": _norm(row)})
         return [u for u in out if u is not None]
 
     def _batch_sizes(self, members: np.ndarray) -> dict[int, int]:
@@ -1332,7 +1332,8 @@ class _Loop:
         )
         slots["aggregator"] = on_device(state, HOST)
         if self.upload_dtypes["delta"] == torch.float32:  # individual updates to score
-            self._score(stages, members, deltas, aggregate, slots, ctx)
+            norms = torch.tensor([u.norms["delta"] for u in updates], dtype=torch.float64)
+            self._score(stages, members, deltas, norms.to(dev), aggregate, slots, ctx)
         return aggregate.to(HOST)
 
     def _score(
@@ -1340,16 +1341,18 @@ class _Loop:
         stages: RoundStages,
         members: tuple[int, ...],
         deltas: torch.Tensor,
+        norms: torch.Tensor,
         aggregate: torch.Tensor,
         slots: dict[str, State],
         ctx: Context,
     ) -> None:
         """The round's anomaly scores and flags, per client (``stages.scores``), with the
         aggregator's own (its ``update_scores(deltas, ctx)``, e.g. FLTrust's trust), and a
-        flagged client's strike (server state ``quarantine/strikes``) under quarantine."""
+        flagged client's strike (server state ``quarantine/strikes``) under quarantine;
+        ``norms``: the rows' L2 norms (float64, on the stack's device)."""
         det = self.exp.detection
         f = byzantine_count(getattr(self.aggregator, "byzantine", 0), len(members))
-        norms, dots = row_norms(deltas), (deltas @ aggregate.to(deltas.dtype)).double()
+        dots = (deltas @ aggregate.to(deltas.dtype)).double()
         scores = anomaly_scores(deltas, aggregate, det.scores, f, norms=norms, dots=dots)
         own = getattr(self.aggregator, "update_scores", None)  # a rule's own (FLTrust's trust)
         if own is not None:
@@ -1478,8 +1481,7 @@ class _Loop:
         ratio, weight_ratio = self.exp.max_norm_ratio, self.exp.max_weight_ratio
         if ratio is not None:
             norms = {
-                name: np.array([_norm(u.message.arrays[name]) for u in updates])
-                for name in self.upload_arrays
+                name: np.array([u.norms[name] for u in updates]) for name in self.upload_arrays
             }
             reasons = cohort.norm_outliers(norms, ratio)
             for u, why in zip(updates, reasons, strict=True):
@@ -1526,10 +1528,14 @@ class _Loop:
         for ns, transform in reversed(self.transforms):
             msg = transform.decode(msg, self._ctx(ns, rnd, cid, left.get(ns)))
         expected, numbers = self.upload_arrays, self.upload_numbers
-        msg.validate(expected, source=source, dtypes=self.upload_dtypes)
+        msg.validate(expected, source=source, dtypes=self.upload_dtypes, finite=False)
         if len(msg.arrays) != len(expected):
             extra = sorted(set(msg.arrays) - set(expected))
             raise MessageError(f"{source}: unexpected arrays {extra[:5]}")
+        norms = {name: _norm(msg.arrays[name]) for name in expected}
+        for name, norm in norms.items():  # a finite norm proves every element finite
+            if not math.isfinite(norm):
+                raise MessageError(f"{source}: array {name!r} contains NaN or Inf")
         values = {key: msg.scalar(key, source=source) for key in numbers}
         for key, value in values.items():
             if not math.isfinite(value) or (value < 0 and key in _COUNTS):
@@ -1537,21 +1543,20 @@ class _Loop:
         for key, v in msg.scalars.items():  # metrics too: a NaN loss is no report
             if isinstance(v, float) and not math.isfinite(v):
                 raise MessageError(f"{source}: scalar {key!r} is NaN or Inf ({v})")
-        self._check_bounds(source, msg, values["weight"])
+        self._check_bounds(source, norms, values["weight"])
         metrics = {k: float(v) for k, v in msg.scalars.items() if _is_number(v)}
         if metrics.get("weight") == metrics.get("num_examples"):
             del metrics["weight"]  # the default weight: recorded only where a part sets it
-        return _Update(cid, msg, values["weight"], metrics)
+        return _Update(cid, msg, values["weight"], metrics, norms)
 
-    def _check_bounds(self, source: str, msg: Message, weight: float) -> None:
+    def _check_bounds(self, source: str, norms: Mapping[str, float], weight: float) -> None:
         """The server's own bounds on an update: ``deploy.max_update_norm`` on the L2 norm of
         each uploaded array (the delta, and what the terms upload, e.g. SCAFFOLD's
         ``delta_c``), ``deploy.max_weight`` on its aggregation weight. A member's claims are
         not trusted."""
         bound, cap = self.exp.max_update_norm, self.exp.max_weight
         if bound is not None:
-            for name in self.upload_arrays:
-                norm = _norm(msg.arrays[name])
+            for name, norm in norms.items():
                 if not norm <= bound:
                     raise MessageError(
                         f"{source}: {name!r} has L2 norm {norm:.6g}, above "

@@ -58,9 +58,11 @@ class Message:
         expected: Mapping[str, int],
         source: str = "message",
         dtypes: Mapping[str, torch.dtype] | None = None,
+        finite: bool = True,
     ) -> None:
         """Check that every expected array is present, 1-D of its length, of its dtype in
-        ``dtypes`` (default float32) and, if floating point, finite."""
+        ``dtypes`` (default float32) and, if floating point and ``finite``, finite (a caller
+        that takes each array's norm anyway checks that instead: ``finite=False``)."""
         for name, length in expected.items():
             if name not in self.arrays:
                 raise MessageError(f"{source}: missing array {name!r}")
@@ -75,7 +77,7 @@ class Message:
                 raise MessageError(
                     f"{source}: array {name!r} has shape {tuple(arr.shape)}, expected ({length},)"
                 )
-            if arr.is_floating_point() and not _all_finite(arr):
+            if finite and arr.is_floating_point() and not _all_finite(arr):
                 raise MessageError(f"{source}: array {name!r} contains NaN or Inf")
         for key, value in self.scalars.items():
             if isinstance(value, float) and value != value:  # NaN

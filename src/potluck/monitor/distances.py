@@ -45,27 +45,32 @@ def update_distances(
     a_sq = float(torch.linalg.vector_norm(aggregate.double())) ** 2
     sq = norms.square() - 2 * dots + a_sq
     drifts = sq.clamp(min=0).sqrt()
-    near = torch.nonzero(sq < WELL_CONDITIONED * (norms.square() + a_sq)).flatten()
-    if near.numel():
-        drifts[near] = direct_distances(deltas, a, near)
+    near = sq < WELL_CONDITIONED * (norms.square() + a_sq)
+    if bool(near.any()):
+        direct = direct_distances(deltas, a, near)
+        drifts = torch.where(near, direct, drifts)
     return norms.tolist(), drifts.tolist()
 
 
 def direct_distances(deltas: torch.Tensor, a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``|deltas[rows] - a|`` (float64), a block of rows at a time.
+    """``|deltas[k] - a|`` (float64) for at least the rows ``k`` where the boolean ``rows``
+    is true, a block of consecutive rows at a time: a block without such a row is skipped (0
+    there), one with any is computed whole (no gathered copy of the rows).
 
     Example:
         >>> x = torch.tensor([[1.0, 1.0], [3.0, 5.0]])
-        >>> direct_distances(x, torch.tensor([0.0, 1.0]), torch.tensor([1])).tolist()
-        [5.0]
+        >>> direct_distances(x, torch.tensor([0.0, 1.0]), torch.tensor([False, True])).tolist()
+        [1.0, 5.0]
     """
-    d = deltas.shape[1]
-    step = max(1, min(rows.numel(), BLOCK_ELEMENTS // max(d, 1)))
+    k, d = deltas.shape
+    step = max(1, min(k, BLOCK_ELEMENTS // max(d, 1)))
     block = deltas.new_empty((step, d))
-    out = deltas.new_empty(rows.numel(), dtype=torch.float64)
-    for start in range(0, rows.numel(), step):
-        chunk = rows[start : start + step]
-        part = block[: chunk.numel()]
-        torch.index_select(deltas, 0, chunk, out=part)
-        out[start : start + chunk.numel()] = row_norms(part.sub_(a))
+    out = deltas.new_zeros(k, dtype=torch.float64)
+    wanted = rows.tolist()
+    for start in range(0, k, step):
+        end = min(k, start + step)
+        if any(wanted[start:end]):
+            part = block[: end - start]
+            torch.sub(deltas[start:end], a, out=part)
+            out[start:end] = row_norms(part)
     return out
