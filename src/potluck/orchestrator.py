@@ -324,14 +324,21 @@ class _State:
 
 @dataclass(frozen=True)
 class _Update:
-    """One accepted update, decoded and checked, with the L2 norm of each uploaded array
-    (``norms``: taken once, for finiteness, the bounds, the cohort and the scores)."""
+    """One accepted update, decoded and checked, with the L2 norms of its uploaded arrays
+    (``norms``: each floating one's taken once at validation, for finiteness, the bounds,
+    the cohort and the scores; an integer one's when a bound first asks, ``norm``)."""
 
     client: int
     message: Message
     weight: float
     metrics: dict[str, float]
     norms: dict[str, float]
+
+    def norm(self, name: str) -> float:
+        """The L2 norm of the uploaded array ``name``."""
+        if name not in self.norms:
+            self.norms[name] = _norm(self.message.arrays[name])
+        return self.norms[name]
 
 
 def resolve_engine(experiment: Experiment) -> tuple[Experiment, str]:
@@ -1332,7 +1339,7 @@ class _Loop:
         )
         slots["aggregator"] = on_device(state, HOST)
         if self.upload_dtypes["delta"] == torch.float32:  # individual updates to score
-            norms = torch.tensor([u.norms["delta"] for u in updates], dtype=torch.float64)
+            norms = torch.tensor([u.norm("delta") for u in updates], dtype=torch.float64)
             self._score(stages, members, deltas, norms.to(dev), aggregate, slots, ctx)
         return aggregate.to(HOST)
 
@@ -1480,9 +1487,7 @@ class _Loop:
         capped at ``max_weight_ratio`` times their median."""
         ratio, weight_ratio = self.exp.max_norm_ratio, self.exp.max_weight_ratio
         if ratio is not None:
-            norms = {
-                name: np.array([u.norms[name] for u in updates]) for name in self.upload_arrays
-            }
+            norms = {name: np.array([u.norm(name) for u in updates]) for name in self.upload_arrays}
             reasons = cohort.norm_outliers(norms, ratio)
             for u, why in zip(updates, reasons, strict=True):
                 if why is not None:
@@ -1532,8 +1537,9 @@ class _Loop:
         if len(msg.arrays) != len(expected):
             extra = sorted(set(msg.arrays) - set(expected))
             raise MessageError(f"{source}: unexpected arrays {extra[:5]}")
-        norms = {name: _norm(msg.arrays[name]) for name in expected}
-        for name, norm in norms.items():  # a finite norm proves every element finite
+        floats = [name for name in expected if msg.arrays[name].is_floating_point()]
+        update = _Update(cid, msg, 0.0, {}, {name: _norm(msg.arrays[name]) for name in floats})
+        for name, norm in update.norms.items():  # a finite norm proves every element finite
             if not math.isfinite(norm):
                 raise MessageError(f"{source}: array {name!r} contains NaN or Inf")
         values = {key: msg.scalar(key, source=source) for key in numbers}
@@ -1543,20 +1549,21 @@ class _Loop:
         for key, v in msg.scalars.items():  # metrics too: a NaN loss is no report
             if isinstance(v, float) and not math.isfinite(v):
                 raise MessageError(f"{source}: scalar {key!r} is NaN or Inf ({v})")
-        self._check_bounds(source, norms, values["weight"])
+        self._check_bounds(source, update, values["weight"])
         metrics = {k: float(v) for k, v in msg.scalars.items() if _is_number(v)}
         if metrics.get("weight") == metrics.get("num_examples"):
             del metrics["weight"]  # the default weight: recorded only where a part sets it
-        return _Update(cid, msg, values["weight"], metrics, norms)
+        return replace(update, weight=values["weight"], metrics=metrics)
 
-    def _check_bounds(self, source: str, norms: Mapping[str, float], weight: float) -> None:
+    def _check_bounds(self, source: str, update: _Update, weight: float) -> None:
         """The server's own bounds on an update: ``deploy.max_update_norm`` on the L2 norm of
         each uploaded array (the delta, and what the terms upload, e.g. SCAFFOLD's
         ``delta_c``), ``deploy.max_weight`` on its aggregation weight. A member's claims are
         not trusted."""
         bound, cap = self.exp.max_update_norm, self.exp.max_weight
         if bound is not None:
-            for name, norm in norms.items():
+            for name in self.upload_arrays:
+                norm = update.norm(name)
                 if not norm <= bound:
                     raise MessageError(
                         f"{source}: {name!r} has L2 norm {norm:.6g}, above "
