@@ -83,11 +83,14 @@ def test_fedasync_mixes_the_stale_clients_model_into_the_current_one() -> None:
     driver.policy = policy
     w_old, w_now, delta = torch.zeros(3), torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 0, 0])
     driver.versions = {0: {"w": w_old}}
-    update = _Update(5, Message({"delta": delta}, {"num_examples": 1}), 1.0, {})
+    validated = {"delta": float(delta.norm())}  # the norm taken at validation
+    update = _Update(5, Message({"delta": delta}, {"num_examples": 1}), 1.0, {}, validated)
     flight = Flight(0, 5, 0, 0.0, update=update)
-    got = driver._weighed(Buffered(flight, staleness=1), w_now).message.arrays["delta"]
+    weighed = driver._weighed(Buffered(flight, staleness=1), w_now)
+    got = weighed.message.arrays["delta"]
     x = w_old + delta
     assert torch.equal(got, 0.5 * (x - w_now))  # s(1) = 1 / (1 + 1)
+    assert weighed.norm("delta") == float(torch.linalg.vector_norm(got))  # not the stale one
     alpha = 0.3
     assert torch.allclose(w_now + alpha * got, (1 - alpha * 0.5) * w_now + alpha * 0.5 * x)
 

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from potluck.core.clock import KEPT
-from potluck.core.message import Message
 from potluck.core.parts import Context, State
 from potluck.core.records import TRAIN, Reply, StageJob
 from potluck.sampling.asynchrony import Asynchrony
@@ -333,9 +332,7 @@ class AsyncDriver:
         delta = u.message.arrays["delta"]
         if self.policy.mix == "model":
             delta = self.versions[b.flight.version]["w"] + delta - w
-        scaled = delta * self.policy.weight(b.staleness)
-        arrays = {**u.message.arrays, "delta": scaled}
-        return replace(u, message=Message(arrays, u.message.scalars))
+        return u.with_arrays({"delta": delta * self.policy.weight(b.staleness)})
 
     # ---- server state ----------------------------------------------------------------------
 

@@ -332,7 +332,15 @@ class _Update:
     message: Message
     weight: float
     metrics: dict[str, float]
-    norms: dict[str, float]
+    norms: dict[str, float] = field(default_factory=dict)
+
+    def with_arrays(self, arrays: Mapping[str, torch.Tensor]) -> _Update:
+        """This update with ``arrays`` in place of its own of those names (their norms taken
+        again when asked: a crafted or rescaled delta is not the one validated)."""
+        message = Message({**self.message.arrays, **arrays}, self.message.scalars)
+        return replace(
+            self, message=message, norms={k: v for k, v in self.norms.items() if k not in arrays}
+        )
 
     def norm(self, name: str) -> float:
         """The L2 norm of the uploaded array ``name``."""
@@ -1161,8 +1169,7 @@ class _Loop:
                              rnd)  # fmt: skip
                 out[i] = None
                 continue
-            message = Message({**u.message.arrays, "delta": row}, u.message.scalars)
-            out[i] = replace(u, message=message, norms={**u.norms, "delta": _norm(row)})
+            out[i] = u.with_arrays({"delta": row})
         return [u for u in out if u is not None]
 
     def _batch_sizes(self, members: np.ndarray) -> dict[int, int]:
