@@ -20,6 +20,7 @@ from potluck.cli import app
 from potluck.client import ClientProgram, FedProx, Scaffold
 from potluck.config import ExperimentConfig
 from potluck.core.device import resolve_device
+from potluck.core.fake_device import FAKE, FakeAccelerator
 from potluck.core.message import Message
 from potluck.core.records import TRAIN, StageJob
 from potluck.core.task import Task
@@ -136,10 +137,14 @@ def test_an_explicit_cpu_device_is_the_default_bit_for_bit(tmp_path: Path) -> No
 
 
 def _train_job(program: ClientProgram, k: int, w: torch.Tensor) -> StageJob:
+    """Round 1's train stage for clients 0..k-1: the weights and each term's broadcast from
+    its initial server state (SCAFFOLD's ``c``)."""
+    shared = {"w": w}
+    for ns, term in zip(program.term_ns, program.terms, strict=True):
+        server = term.server_init(w)
+        shared.update({f"{ns}/{key}": v for key, v in term.broadcast(server).items()})
     payloads = tuple(Message() for _ in range(k))
-    return StageJob(
-        TRAIN, 1, Message({"w": w}), np.arange(k), payloads, tuple({} for _ in range(k))
-    )
+    return StageJob(TRAIN, 1, Message(shared), np.arange(k), payloads, tuple({} for _ in range(k)))
 
 
 def _replies(term: object, engine: str, device: str) -> tuple[list[dict[str, torch.Tensor]], float]:
@@ -156,6 +161,33 @@ def _replies(term: object, engine: str, device: str) -> tuple[list[dict[str, tor
     for a in arrays:
         assert all(v.device.type == "cpu" for v in a.values())  # the boundary stays on CPU
     return arrays, eng.evaluate_test(w).loss_sum
+
+
+@pytest.mark.parametrize(
+    "term", [None, FedProx(mu=0.1), Scaffold()], ids=["fedavg", "fedprox", "scaffold"]
+)
+def test_inline_training_on_a_fake_device_equals_the_host_bit_for_bit(
+    term: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inline engine's device path (weights, optimizer and term state, data and batch
+    indices moved for the steps; the upload back on the host) on the fake accelerator, which
+    refuses a host tensor beside a device one as CUDA does and computes the same bits. The
+    model stays put (``small_cnn`` has no buffers: the steps take every parameter from the
+    moved weights); ``module.to`` and the ``torch.func`` transforms of DP-SGD and the
+    vectorized engine are beyond what the fake can follow (their outputs lose its tensor
+    class), so those run only in the ``cuda`` tests."""
+    ref, ref_eval = _replies(term, "inline", "cpu")
+
+    def place(program: ClientProgram, device: str | torch.device) -> None:
+        program.device = FAKE
+
+    monkeypatch.setattr(ClientProgram, "place", place)
+    with FakeAccelerator():
+        got, got_eval = _replies(term, "inline", "cpu")
+    assert len(got) == len(ref) == 4
+    for a, b in zip(got, ref, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in b)
+    assert got_eval == ref_eval
 
 
 @cuda

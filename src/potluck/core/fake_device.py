@@ -6,13 +6,18 @@ class ``OnFake`` that reports ``FAKE`` as its device, so the same kernels comput
 bits as on the host. The mode refuses what a real accelerator refuses, and a little more:
 
 - an operation mixing fake tensors with host tensors of one or more dimensions (0-dim host
-  tensors are allowed, as CUDA allows them; ``copy_`` may cross, as it does on CUDA);
+  tensors are allowed, as CUDA allows them; ``copy_`` may cross, and a fake tensor may be
+  indexed with host integer or boolean tensors, as on CUDA);
 - ``.numpy()`` of a fake tensor;
 - a host ``generator=`` for a tensor made on the fake device.
 
 A part that claims to run on ``run.device`` (an aggregator giving ``Need.ON_DEVICE``) is
 checked by running it here on fake tensors and comparing with the host run. A missing
 ``device=`` (a host tensor made beside fake ones) then fails as it would on a GPU.
+
+What it cannot follow: ``torch.func`` transforms (``vmap``, ``grad``) return plain tensors,
+which then look like host tensors, and ``module.to(FAKE)`` swaps parameters' data in place,
+which leaves them reporting the host; code using either is checked on a real GPU only.
 
 Example:
     >>> with FakeAccelerator():
@@ -92,11 +97,14 @@ class FakeAccelerator(TorchFunctionMode):
             raise TypeError(f"can't convert a tensor on {FAKE} to numpy: move it to the host")
         if func in _CROSSING:
             return func(*args, **kwargs)
-        host = [tuple(t.shape) for t in tensors if not isinstance(t, OnFake) and t.dim() > 0]
+        host = [t for t in tensors if not isinstance(t, OnFake) and t.dim() > 0]
+        if func is torch.Tensor.__getitem__:  # CUDA takes host indices
+            host = [t for t in host if t.is_floating_point() or t.is_complex()]
         if host:
+            shapes = [tuple(t.shape) for t in host]
             raise RuntimeError(
                 f"{_name(func)}: expected all tensors on one device, got host tensors of shapes "
-                f"{host} beside tensors on {FAKE}"
+                f"{shapes} beside tensors on {FAKE}"
             )
         return _on_fake(func(*args, **kwargs))
 
