@@ -118,6 +118,12 @@ def score(deltas: torch.Tensor, aggregate: torch.Tensor) -> object:
     return update_distances(deltas, aggregate, scores["norm"])
 
 
+def round_s(side: dict[str, Any], name: str) -> float:
+    """The round's aggregation on one side: stack, aggregate, scores, aggregate to host."""
+    row = side["rows"][name]
+    return side["stack_s"] + row["aggregate_s"] + row["scores_s"] + row["to_host_s"]
+
+
 def checked(got: torch.Tensor, want: torch.Tensor) -> dict[str, Any]:
     scale = float(want.abs().max())
     error = float((got - want).abs().max())
@@ -150,9 +156,7 @@ def main() -> None:
         for name, row in dev["rows"].items():
             row["check"] = checked(dev["aggregates"][name], host["aggregates"][name])
             row["host_over_device"] = host["rows"][name]["aggregate_s"] / row["aggregate_s"]
-            round_s = dev["stack_s"] + row["aggregate_s"] + row["scores_s"] + row["to_host_s"]
-            host_s = host["rows"][name]["aggregate_s"] + host["rows"][name]["scores_s"]
-            row["round_host_over_device"] = host_s / round_s
+            row["round_host_over_device"] = round_s(host, name) / round_s(dev, name)
     busy, mine = cpu_times()["busy_s"] - cpu0["busy_s"], own_cpu_s() - own0
     wall = time.perf_counter() - t0
     payload["cpu_s"] = {"wall": wall, "this_benchmark": mine, "others": busy - mine}

@@ -109,7 +109,7 @@ def test_engines_of_cpu_workers_refuse_an_accelerator(
 
 
 def test_auto_on_an_accelerator_vectorizes_convolutions_and_never_picks_the_pool(
-    fake_cuda: None,
+    fake_cuda: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     program = ClientProgram(Task(cnn), images(3, 8), fedavg())
     options = EngineOptions(workers=2, device="cuda")
@@ -118,8 +118,22 @@ def test_auto_on_an_accelerator_vectorizes_convolutions_and_never_picks_the_pool
     dropout = lambda: nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(784, 10))  # noqa: E731
     name, why = choose_engine(ClientProgram(Task(dropout), images(3, 8), fedavg()), 10, options)
     assert name == "inline" and "one client at a time on cuda" in why
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # as on a CPU machine
     cpu = choose_engine(program, 10, EngineOptions(workers=2), run_steps=10)[0]
     assert cpu == "pool"  # convolutions on CPU: the pool, as before
+
+
+def test_a_process_that_used_cuda_gets_no_forked_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's autograd does not run in a process forked after CUDA's threads started (on
+    an H200, ``auto`` picked the pool for a CPU run after a CUDA run in the same process,
+    and every worker raised), so ``auto`` does not pick the pool there and an explicit pool
+    is refused before it forks."""
+    program = ClientProgram(Task(cnn), images(3, 8), fedavg())
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    name, why = choose_engine(program, 10, EngineOptions(workers=2), run_steps=10)
+    assert name == "inline" and "no pool: this process has used CUDA" in why
+    with pytest.raises(ValueError, match=r"engine 'pool' forks its workers, and this process"):
+        make_engine("pool", program, EngineOptions(workers=2))
 
 
 def test_an_explicit_cpu_device_is_the_default_bit_for_bit(tmp_path: Path) -> None:
@@ -190,7 +204,19 @@ def test_inline_training_on_a_fake_device_equals_the_host_bit_for_bit(
     assert got_eval == ref_eval
 
 
+@pytest.fixture
+def float32_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full float32 on CUDA. PyTorch runs cuDNN convolutions in TF32 (a 10-bit mantissa) by
+    default; on an H200 that moved SCAFFOLD's control-variate update, which is in gradient
+    units (the weight delta over K lr, here 100 times the delta), by up to 6e-4 on the
+    vectorized engine, while every weight delta stayed within 1e-4 (TF32 is the likely
+    cause: its unit roundoff is 4.9e-4)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 @cuda
+@pytest.mark.usefixtures("float32_on_cuda")
 @pytest.mark.parametrize("engine", ["inline", "vectorized"])
 @pytest.mark.parametrize(
     "term",
@@ -209,6 +235,7 @@ def test_training_on_cuda_equals_cpu_within_float_tolerance(term: object, engine
 
 
 @cuda
+@pytest.mark.usefixtures("float32_on_cuda")
 @pytest.mark.parametrize("engine", ["inline", "vectorized", "auto"])
 def test_a_run_on_cuda_ends_where_the_cpu_run_does(engine: str, tmp_path: Path) -> None:
     from potluck.orchestrator import resolve_engine, run_experiment

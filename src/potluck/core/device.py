@@ -64,6 +64,24 @@ def _check_cuda(name: str | torch.device, device: torch.device) -> None:
         raise ValueError(f"run.device = {name!r}: this machine has {count} CUDA device(s)")
 
 
+def fork_problem() -> str | None:
+    """Why worker processes forked from this one could not train, or ``None``. Once a
+    process has used CUDA, PyTorch's autograd refuses to run in a child forked from it
+    (its CUDA threads do not survive ``fork``), also for a child that trains on CPU.
+
+    Example:
+        >>> why = fork_problem()  # None in a process that has not used CUDA
+        >>> why is None or why.startswith("this process has used CUDA")
+        True
+    """
+    if torch.cuda.is_initialized():
+        return (
+            "this process has used CUDA (torch.cuda.is_initialized()), and PyTorch's autograd "
+            "does not run in processes forked after that"
+        )
+    return None
+
+
 def on_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """``tensors`` moved to ``device`` (the same tensors where they already are).
 

@@ -25,7 +25,7 @@ from torch.nn.modules.rnn import RNNBase
 
 from potluck.client.program import ClientProgram, EvalResult
 from potluck.core import registry
-from potluck.core.device import HOST, resolve_device
+from potluck.core.device import HOST, fork_problem, resolve_device
 from potluck.core.records import Reply, StageJob
 
 ENGINES = ("inline", "vectorized", "pool", "ray")
@@ -101,8 +101,6 @@ def make_engine(name: str, program: ClientProgram, options: EngineOptions | None
     }.get(name)
     if hint is not None:
         raise ValueError(f"engine {name!r} cannot be made here{hint}")
-    if name == "ray" and "ray" not in available_engines():
-        raise ValueError('engine "ray" needs the ray package: pip install "potluck[ray]"')
     factory = registry.lookup("engine", name, "run.engine")
     engine: Engine = factory(program, options or EngineOptions())
     return engine
@@ -135,9 +133,11 @@ def _pool(program: ClientProgram, options: EngineOptions) -> Engine:
 
 @registry.register("engine", "ray")
 def _ray(program: ClientProgram, options: EngineOptions) -> Engine:
+    options.host_only("ray")  # refused on an accelerator whether or not ray is installed
+    if "ray" not in available_engines():
+        raise ValueError('engine "ray" needs the ray package: pip install "potluck[ray]"')
     from potluck.engines.ray import RayEngine
 
-    options.host_only("ray")
     return RayEngine(program, options)
 
 
@@ -202,9 +202,11 @@ def choose_engine(
             f"engine's start (about 1 s; it pays from {VECTORIZE_MIN_STEPS:,})"
         )
     workers = options.workers or usable_cores()
-    if workers >= 2:
-        return "pool", f"not vectorized: {why_not}; {workers} worker processes train side by side"
-    return "inline", f"not vectorized: {why_not}; one core, so no pool"
+    if workers < 2:
+        return "inline", f"not vectorized: {why_not}; one core, so no pool"
+    if (unforkable := fork_problem()) is not None:
+        return "inline", f"not vectorized: {why_not}; no pool: {unforkable}"
+    return "pool", f"not vectorized: {why_not}; {workers} worker processes train side by side"
 
 
 def _accelerated(program: ClientProgram, cohort_size: int, device: str) -> tuple[str, str]:

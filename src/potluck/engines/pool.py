@@ -64,6 +64,7 @@ import torch
 import torch.multiprocessing  # registers shared-tensor pickling for the pipes
 
 from potluck.client.program import EVAL_BATCH, ClientProgram, EvalResult
+from potluck.core.device import fork_problem
 from potluck.core.message import Message
 from potluck.core.records import (
     Packed,
@@ -155,6 +156,11 @@ class PoolEngine:
     remote = False
 
     def __init__(self, program: ClientProgram, workers: int | None = None, threads: int = 1):
+        if (unforkable := fork_problem()) is not None:
+            raise ValueError(
+                f"engine 'pool' forks its workers, and {unforkable}; use engine = \"inline\" "
+                'or "vectorized" here, or start the pool in a fresh process'
+            )
         self.program = program
         self.workers = workers or usable_cores()
         if self.workers < 1 or threads < 1:
