@@ -14,6 +14,9 @@ whole run. Each round:
    into its output slab (``records.pack_replies``);
 4. over the pipe go only commands, slab layouts (names, dtypes, shapes, offsets) and scalars.
 
+A process that has used CUDA is refused (``core.device.fork_problem``): PyTorch's autograd
+does not run in workers forked after CUDA's threads started, even on CPU.
+
 A slab that is too small is replaced by a larger one (the worker says how large). A worker
 that raises reports its traceback; a worker that dies is reported with its exit code and
 clients, and the engine is then closed. Workers use ``threads`` torch threads each (1 by
