@@ -8,6 +8,10 @@ from it; the handlers would reset gRPC's event engine in each child, which abort
 The workers never call gRPC.
 
 Decoded datasets are cached in a temporary directory of the test session's own.
+
+Tests marked ``cuda`` are skipped where torch sees no CUDA device, and run last where it
+does: a process that has used CUDA cannot fork the pool's workers
+(``potluck.core.device.fork_problem``), and the pool's tests and doctest fork.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 # decoded datasets go to a cache of this session's own (``potluck.data.sources.cache_dir``):
 # the tests neither read nor fill the user's ~/.cache/potluck
@@ -25,3 +31,14 @@ os.environ.setdefault("POTLUCK_CACHE", tempfile.mkdtemp(prefix="potluck-test-cac
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="no CUDA device here")
+        for item in items:
+            if item.get_closest_marker("cuda") is not None:
+                item.add_marker(skip)
+    items.sort(key=lambda item: item.get_closest_marker("cuda") is not None)  # stable

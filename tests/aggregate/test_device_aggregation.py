@@ -31,7 +31,7 @@ from potluck.privacy.central import GaussianMean
 from potluck.store.sqlite import RunStore
 from potluck.testing import interrupted_and_resumed, learning
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+cuda = pytest.mark.cuda  # skipped without CUDA, run last with it (conftest.py)
 FAST = settings(max_examples=10, deadline=None, derandomize=True)
 ON_DEVICE = sorted(
     name

@@ -29,7 +29,7 @@ from potluck.engines.base import EngineOptions, choose_engine, make_engine
 from potluck.models.zoo import small_cnn
 from potluck.privacy.dp_sgd import DpSgd
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+cuda = pytest.mark.cuda  # skipped without CUDA, run last with it (conftest.py)
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 
