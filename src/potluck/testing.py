@@ -2,7 +2,8 @@
 resume`` does, to check that a part (a user's too) keeps all it needs in its state, a
 run's metrics without the wall-clock ones, to compare two runs, and a fake accelerator
 (``FakeAccelerator``, ``FAKE``) to check that a part which says it runs on the updates'
-device (``Need.ON_DEVICE``) does so without a GPU.
+device (``Need.ON_DEVICE``) does so without a GPU, and ``full_float32`` to compare a CUDA
+run with a CPU one at float32 tolerance (TF32 off).
 
 Example:
     >>> import tempfile
@@ -20,11 +21,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from potluck.config import ExperimentConfig
+from potluck.core.device import full_float32
 from potluck.core.fake_device import FAKE, FakeAccelerator
 from potluck.orchestrator import TIMING_METRICS, RunResult, resume_experiment, run_experiment
 from potluck.store.sqlite import RunStore
 
-__all__ = ["FAKE", "FakeAccelerator", "Interrupted", "interrupted_and_resumed", "learning"]
+__all__ = [
+    "FAKE",
+    "FakeAccelerator",
+    "Interrupted",
+    "full_float32",
+    "interrupted_and_resumed",
+    "learning",
+]
 
 
 class Interrupted(Exception):

@@ -6,6 +6,7 @@ machine: there they are skipped, and the accelerator path is untested)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from potluck.algorithms import fedavg
 from potluck.cli import app
 from potluck.client import ClientProgram, FedProx, Scaffold
 from potluck.config import ExperimentConfig
-from potluck.core.device import resolve_device
+from potluck.core.device import full_float32, resolve_device
 from potluck.core.fake_device import FAKE, FakeAccelerator
 from potluck.core.message import Message
 from potluck.core.records import TRAIN, StageJob
@@ -205,14 +206,14 @@ def test_inline_training_on_a_fake_device_equals_the_host_bit_for_bit(
 
 
 @pytest.fixture
-def float32_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def float32_on_cuda() -> Iterator[None]:
     """Full float32 on CUDA. PyTorch runs cuDNN convolutions in TF32 (a 10-bit mantissa) by
     default; on an H200 that moved SCAFFOLD's control-variate update, which is in gradient
     units (the weight delta over K lr, here 100 times the delta), by up to 6e-4 on the
     vectorized engine, while every weight delta stayed within 1e-4 (TF32 is the likely
     cause: its unit roundoff is 4.9e-4)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    with full_float32():
+        yield
 
 
 @cuda

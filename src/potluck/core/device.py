@@ -22,7 +22,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -80,6 +81,25 @@ def fork_problem() -> str | None:
             "does not run in processes forked after that"
         )
     return None
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions in full float32 inside the block, the previous
+    settings restored after (PyTorch runs cuDNN convolutions in TF32, a 10-bit mantissa, by
+    default): for comparing a run on CUDA with one on CPU at float32 tolerance.
+
+    Example:
+        >>> with full_float32():
+        ...     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        (False, False)
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def on_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
