@@ -11,6 +11,8 @@ with a finite, non-zero update over all of its examples.
 
     .venv/bin/python benchmarks/device_cohort.py                # cuda if present, else cpu
     .venv/bin/python benchmarks/device_cohort.py --device cpu --threads 2
+    python3 benchmarks/device_cohort.py --models small_cnn --engines vectorized \
+        --cudnn-benchmark --name device_cohort_cudnn_benchmark   # cuDNN autotuned
 """
 
 from __future__ import annotations
@@ -129,16 +131,29 @@ def main() -> None:
     parser.add_argument("--clients", default="50,200", help="cohort sizes, comma-separated")
     parser.add_argument("--engines", default="inline,vectorized")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--models", default=",".join(WORKLOADS), help="comma-separated")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN time its algorithms for each shape (torch.backends.cudnn.benchmark)",
+    )
+    parser.add_argument("--name", help="benchmarks/results/NAME.json (default: device_cohort)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     payload = header("device_cohort")
     payload.update(device=str(device), threads=args.threads, torch=torch.__version__)
+    payload["cudnn"] = {
+        "benchmark": torch.backends.cudnn.benchmark,
+        "allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
     if device.type == "cuda":
         payload["gpu"] = torch.cuda.get_device_name(device)
     peak = matmul_peak(device, 8192 if device.type == "cuda" else 2048)
     rows = []
-    for model_name in WORKLOADS:
+    for model_name in args.models.split(","):
         for clients in (int(c) for c in args.clients.split(",")):
             for engine in args.engines.split(","):
                 row = measure(model_name, engine, clients, args.device, args.reps)
@@ -156,7 +171,7 @@ def main() -> None:
     )
     payload["rows"] = rows
     suffix = "" if device.type == "cuda" else f"_{device.type}"
-    print(write_result(f"device_cohort{suffix}", payload))
+    print(write_result(args.name or f"device_cohort{suffix}", payload))
 
 
 if __name__ == "__main__":

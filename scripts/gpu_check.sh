@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device, in one go: the CUDA tests (training and whole runs on
-# the GPU against the CPU, aggregation there), the device benchmarks (cohort throughput and
-# aggregation against the GPU's measured peak) and a CLI run with run.device = "cuda".
+# the GPU against the CPU, aggregation there), the device benchmarks (cohort throughput, also
+# with cuDNN autotuning, and aggregation against the GPU's measured peak) and a CLI run with
+# run.device = "cuda".
 #
 #   bash scripts/gpu_check.sh OUT_DIR      # logs and the benchmarks' JSON land in OUT_DIR
 #
@@ -41,11 +42,13 @@ cat "$out/machine.log"
 step tests 180 "$py" -m pytest -p no:cacheprovider -q -rs \
   tests/engines/test_device.py tests/aggregate/test_device_aggregation.py
 step cohort 150 "$py" benchmarks/device_cohort.py --device cuda --clients 50,200,1000
+step cohort_tuned 90 "$py" benchmarks/device_cohort.py --device cuda --models small_cnn \
+  --engines vectorized --clients 200,1000 --cudnn-benchmark --name device_cohort_cudnn_benchmark
 step aggregation 100 "$py" benchmarks/device_aggregation.py --device cuda
 step cli 60 "$py" -c "from potluck.cli import main; main()" run examples/digits.toml \
   --set run.device=cuda --store "$out/store"
 rm -rf "$out/store"
-cp benchmarks/results/device_cohort.json benchmarks/results/device_aggregation.json "$out/" \
-  2>/dev/null
+cp benchmarks/results/device_cohort.json benchmarks/results/device_cohort_cudnn_benchmark.json \
+  benchmarks/results/device_aggregation.json "$out/" 2>/dev/null
 echo "failed steps: $failed"
 exit "$failed"
