@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import potluck.core.device as device_module
 from potluck.algorithms import fedavg
 from potluck.cli import app
-from potluck.client import ClientProgram, FedProx, Scaffold
+from potluck.client import QFFL, ClientProgram, Ditto, FedNova, FedProx, Scaffold
 from potluck.config import ExperimentConfig
 from potluck.core.device import full_float32, resolve_device
 from potluck.core.fake_device import FAKE, FakeAccelerator
@@ -169,17 +169,23 @@ def _replies(term: object, engine: str, device: str) -> tuple[list[dict[str, tor
     w = program.initial_weights()
     replies = eng.run_stage(_train_job(program, 4, w))
     arrays = [
-        {**r.message.arrays, "loss": torch.tensor(r.message.scalars["train_loss"])}
+        {
+            **r.message.arrays,
+            "loss": torch.tensor(r.message.scalars["train_loss"]),
+            **{f"state/{ns}/{k}": v for ns, st in r.state.items() for k, v in st.items()},
+        }
         for r in replies
         if r is not None
     ]
-    for a in arrays:
-        assert all(v.device.type == "cpu" for v in a.values())  # the boundary stays on CPU
+    for a in arrays:  # the boundary stays on CPU, a client's kept state too (Ditto's model)
+        assert all(v.device.type == "cpu" for v in a.values())
     return arrays, eng.evaluate_test(w).loss_sum
 
 
 @pytest.mark.parametrize(
-    "term", [None, FedProx(mu=0.1), Scaffold()], ids=["fedavg", "fedprox", "scaffold"]
+    "term",
+    [None, FedProx(mu=0.1), Scaffold(), FedNova(), QFFL(q=1.0), Ditto(lam=0.1)],
+    ids=["fedavg", "fedprox", "scaffold", "fednova", "qffl", "ditto"],
 )
 def test_inline_training_on_a_fake_device_equals_the_host_bit_for_bit(
     term: object, monkeypatch: pytest.MonkeyPatch
@@ -221,8 +227,16 @@ def float32_on_cuda() -> Iterator[None]:
 @pytest.mark.parametrize("engine", ["inline", "vectorized"])
 @pytest.mark.parametrize(
     "term",
-    [None, FedProx(mu=0.1), Scaffold(), DpSgd(clip=1.0, noise_multiplier=0.5)],
-    ids=["fedavg", "fedprox", "scaffold", "dp_sgd"],
+    [
+        None,
+        FedProx(mu=0.1),
+        Scaffold(),
+        FedNova(),
+        QFFL(q=1.0),
+        Ditto(lam=0.1),
+        DpSgd(clip=1.0, noise_multiplier=0.5),
+    ],
+    ids=["fedavg", "fedprox", "scaffold", "fednova", "qffl", "ditto", "dp_sgd"],
 )
 def test_training_on_cuda_equals_cpu_within_float_tolerance(term: object, engine: str) -> None:
     ref, ref_eval = _replies(term, engine, "cpu")
